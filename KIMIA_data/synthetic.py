@@ -1,0 +1,589 @@
+"""A built-in, Kimia-Path24-like data set of synthetic H&E tissue.
+
+No real data set can be downloaded here, so this generator stands in for Kimia Path24 in the tests
+and the demo. Each class is one synthetic whole-slide "scan" of one tissue texture; patches are cut
+from it the way Kimia Path24's were cut from its scans (SPEC.md section 1):
+
+- test patches come from axis-aligned squares of the scan (turned by a random quarter turn), and
+  those squares are whitened in the scan written to HDF5, as in the official file;
+- training patches come from the rest of the tissue, at a random position and rotation (a random
+  quarter turn plus up to +-15 degrees);
+- every patch gets its own stain intensity (hematoxylin and eosin amounts each scaled by 0.75-1.25).
+
+Classes differ in structure (nucleus density, size and shape; fibre period, direction and
+waviness; lumina; fat cells; gland-like rings; polygonal cells), not only in colour: the 24 classes
+share 4 stain palettes, 6 classes each. Structure sizes scale with the patch size, so a patch looks
+the same after data_process resizes it to 300 px whatever --patch-size was; the first 8 classes are
+the most distinct ones and stay separable at 64-96 px (what the CPU demo trains on).
+
+Writes the RGB folder release (`<out>/Training/<class>/*.jpg`, `<out>/RGBPatches-test/<class>/*.jpg`)
+and, with --hdf5, the official HDF5 layout (`/scan{id}/data`, `/scan{id}/thumbnail`,
+`/test_data/patches`, `/test_data/targets`). Deterministic for a given seed and settings, whatever
+the number of worker processes.
+
+    python3 KIMIA_data/synthetic.py [--out KIMIA_data/synthetic_source] [--classes 24]
+        [--train-per-class 40] [--test-per-class 10] [--patch-size 320] [--scan-size S]
+        [--hdf5 PATH] [--seed 0] [--contact-sheet PNG] [--workers N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from any directory
+import utils  # noqa: E402
+
+DEFAULT_OUT = utils.DATA_ROOT / "synthetic_source"
+MARKER_NAME = "synthetic.json"  # settings and file list of the last run, so a re-run may replace them
+REFERENCE_PATCH = 320  # structure sizes below are in pixels of a patch this big
+MAX_EXTRA_ROTATION = 15.0  # degrees, on top of a random quarter turn
+
+
+# ----------------------------------------------------------------------------- tissue classes
+@dataclass(frozen=True)
+class Nuclei:
+    """One layer of nuclei: at most one per lattice cell of `pitch` px, present with `presence`."""
+    pitch: float
+    presence: float
+    radius: float
+    elongation: float = 1.0  # major / minor axis
+    along_fibres: bool = False  # orient with the fibres instead of at random
+    darkness: float = 1.0
+
+
+@dataclass(frozen=True)
+class Fibres:
+    period: float
+    angle: float  # degrees
+    strength: float
+    waviness: float = 0.0  # amplitude in px of the sideways wave
+    wave_period: float = 60.0
+
+
+@dataclass(frozen=True)
+class Cells:
+    """A mosaic of polygonal cells (Voronoi): fat when `interior` is 0, else epithelium-like."""
+    size: float
+    membrane: float  # width in px
+    interior: float  # eosin inside the cell
+    nucleus: float = 0.0  # radius of a nucleus at the cell's seed, 0 for none
+
+
+@dataclass(frozen=True)
+class Holes:
+    """Round white lumina, one per lattice cell at most; with `rim` > 0, gland-like rings of nuclei."""
+    pitch: float
+    presence: float
+    radius: float
+    rim: float = 0.0
+    beads: int = 0  # nuclei around the ring
+
+
+@dataclass(frozen=True)
+class TissueClass:
+    palette: int
+    stroma: float  # eosin of the connective tissue
+    nuclei: tuple[Nuclei, ...] = ()
+    fibres: Fibres | None = None
+    cells: Cells | None = None
+    holes: Holes | None = None
+
+
+# hematoxylin and eosin optical-density vectors (R, G, B) and gains; after Ruifrok & Johnston (2001)
+PALETTES = (
+    ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), 1.6, 0.9),  # classic H&E
+    ((0.85, 0.55, 0.20), (0.12, 0.85, 0.35), 1.5, 0.7),  # blue hematoxylin, pale eosin
+    ((0.55, 0.80, 0.35), (0.05, 0.95, 0.45), 1.8, 1.1),  # dark purple, magenta-red eosin
+    ((0.60, 0.72, 0.48), (0.22, 0.88, 0.62), 1.3, 0.8),  # pale, brownish
+)
+
+# The first 8 are the most distinct structures (the demo's classes); the rest vary them, as the
+# real scans of one organ do. Palettes are shared: class i uses palette i % 4.
+TISSUE_CLASSES = (
+    TissueClass(0, 0.25, nuclei=(Nuclei(9, 0.9, 3.2), Nuclei(13, 0.5, 3.5))),  # lymphoid
+    TissueClass(1, 0.5, cells=Cells(34, 1.6, 0.55, nucleus=5.0)),  # hepatocyte plates
+    TissueClass(2, 0.55, fibres=Fibres(7, 0, 0.7), nuclei=(Nuclei(22, 0.6, 2.6, 3.5, True),)),  # muscle
+    TissueClass(3, 0.6, cells=Cells(70, 2.5, 0.0), nuclei=(Nuclei(45, 0.25, 3.0),)),  # fat
+    TissueClass(0, 0.45, holes=Holes(110, 0.9, 24, rim=13, beads=14), nuclei=(Nuclei(30, 0.3, 2.5),)),  # glands
+    TissueClass(1, 0.65, fibres=Fibres(11, 45, 0.8, 6, 60), nuclei=(Nuclei(40, 0.3, 2.5, 2.5, True),)),  # collagen
+    TissueClass(2, 0.45, holes=Holes(58, 0.75, 15), nuclei=(Nuclei(16, 0.6, 3.0),)),  # lumina
+    TissueClass(3, 0.4, nuclei=(Nuclei(32, 0.8, 8.0, 1.6, darkness=0.8),)),  # large pleomorphic nuclei
+    TissueClass(0, 0.4, nuclei=(Nuclei(14, 0.8, 4.5),)),
+    TissueClass(1, 0.6, fibres=Fibres(12, 45, 0.6)),
+    TissueClass(2, 0.55, cells=Cells(42, 2.0, 0.0), nuclei=(Nuclei(18, 0.5, 3.0),)),
+    TissueClass(3, 0.45, cells=Cells(50, 2.2, 0.35)),
+    TissueClass(0, 0.5, holes=Holes(70, 0.85, 13, rim=9, beads=10)),
+    TissueClass(1, 0.5, fibres=Fibres(8, 0, 0.6, 4, 40), nuclei=(Nuclei(12, 0.6, 2.6),)),
+    TissueClass(2, 0.55, holes=Holes(100, 0.6, 30), fibres=Fibres(9, 30, 0.3)),
+    TissueClass(3, 0.35, nuclei=(Nuclei(12, 0.7, 3.0),), fibres=Fibres(10, 60, 0.3)),
+    TissueClass(0, 0.5, nuclei=(Nuclei(14, 0.8, 2.4, 4.0, True),), fibres=Fibres(6, 30, 0.4)),  # spindle
+    TissueClass(1, 0.5, cells=Cells(60, 2.0, 0.0), nuclei=(Nuclei(10, 0.7, 3.0),)),
+    TissueClass(2, 0.5, cells=Cells(28, 1.4, 0.5, nucleus=4.0), holes=Holes(90, 0.7, 18)),
+    TissueClass(3, 0.55, holes=Holes(80, 0.8, 20, rim=8, beads=18), fibres=Fibres(10, 0, 0.3)),
+    TissueClass(0, 0.6, fibres=Fibres(14, 0, 0.8, 10, 90)),
+    TissueClass(1, 0.3, nuclei=(Nuclei(24, 0.8, 6.0, 1.3), Nuclei(10, 0.5, 2.5))),
+    TissueClass(2, 0.45, nuclei=(Nuclei(20, 0.7, 4.0, 2.0),), fibres=Fibres(9, 60, 0.5, 3, 30)),
+    TissueClass(3, 0.5, cells=Cells(36, 1.8, 0.45, nucleus=3.0), fibres=Fibres(8, 45, 0.25)),
+)
+MAX_CLASSES = len(TISSUE_CLASSES)
+
+
+# ----------------------------------------------------------------------------- rendering
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, scale: float) -> np.ndarray:
+    """A smooth random field in about [-1, 1] that varies over `scale` px."""
+    step = max(int(scale), 1)
+    coarse = rng.uniform(-1.0, 1.0, (h // step + 3, w // step + 3)).astype(np.float32)
+    big = Image.fromarray(coarse).resize((coarse.shape[1] * step, coarse.shape[0] * step), Image.BICUBIC)
+    return np.asarray(big)[step:step + h, step:step + w]
+
+
+class _Lattice:
+    """Per-pixel geometry of a lattice of `pitch`-px cells, in a (rows, pitch, cols, pitch) view.
+
+    Per-cell values broadcast against that view with `cell(a)`, which avoids a per-pixel gather;
+    `image(x)` turns the view back into an h x w image.
+    """
+
+    def __init__(self, h: int, w: int, pitch: float) -> None:
+        self.h, self.w, self.pitch = h, w, max(int(round(pitch)), 2)
+        self.rows, self.cols = -(-h // self.pitch), -(-w // self.pitch)
+        local = np.arange(self.pitch, dtype=np.float32) + 0.5
+        self.ly = local[None, :, None, None]
+        self.lx = local[None, None, None, :]
+
+    def cell(self, values: np.ndarray) -> np.ndarray:
+        return values.astype(np.float32)[:, None, :, None]
+
+    def image(self, view: np.ndarray) -> np.ndarray:
+        full = np.broadcast_to(view, (self.rows, self.pitch, self.cols, self.pitch))
+        return full.reshape(self.rows * self.pitch, self.cols * self.pitch)[:self.h, :self.w]
+
+    def centres(self, rng: np.random.Generator, margin: float) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel offsets to one random centre per cell, kept `margin` px from the cell's edges."""
+        span = max(self.pitch - 2.0 * margin, 0.0)
+        low = (self.pitch - span) / 2.0
+        cy = low + span * rng.random((self.rows, self.cols))
+        cx = low + span * rng.random((self.rows, self.cols))
+        return self.ly - self.cell(cy), self.lx - self.cell(cx)
+
+
+def _soft_disc(distance: np.ndarray, edge: float = 0.25) -> np.ndarray:
+    """1 inside distance < 1, 0 outside, with a soft edge; `distance` is in radii."""
+    return np.clip((1.0 - distance) / edge, 0.0, 1.0)
+
+
+def _render_nuclei(rng: np.random.Generator, h: int, w: int, layer: Nuclei, unit: float,
+                   fibre_angle: float | None) -> np.ndarray:
+    lattice = _Lattice(h, w, layer.pitch * unit)
+    major = layer.radius * unit * math.sqrt(layer.elongation)
+    minor = layer.radius * unit / math.sqrt(layer.elongation)
+    # a margin below the radius lets nuclei cross cell edges (clipped there), hiding the lattice
+    dy, dx = lattice.centres(rng, min(major + 1.0, 0.3 * lattice.pitch))
+    shape = (lattice.rows, lattice.cols)
+    if layer.along_fibres and fibre_angle is not None:
+        angle = np.deg2rad(fibre_angle) + rng.normal(0.0, 0.15, shape)
+    else:
+        angle = rng.uniform(0.0, np.pi, shape)
+    size = rng.uniform(0.8, 1.2, shape)
+    cos, sin = lattice.cell(np.cos(angle) / size), lattice.cell(np.sin(angle) / size)
+    u = (dx * cos + dy * sin) / major
+    v = (dy * cos - dx * sin) / minor
+    amount = (rng.random(shape) < layer.presence) * rng.uniform(0.75, 1.0, shape) * layer.darkness
+    return lattice.image(_soft_disc(np.sqrt(u * u + v * v)) * lattice.cell(amount))
+
+
+def _fibre_pattern(rng: np.random.Generator, h: int, w: int, fibres: Fibres, unit: float) -> np.ndarray:
+    angle = np.deg2rad(fibres.angle)
+    y = np.arange(h, dtype=np.float32)[:, None]
+    x = np.arange(w, dtype=np.float32)[None, :]
+    across = x * np.float32(math.cos(angle)) + y * np.float32(math.sin(angle))
+    along = y * np.float32(math.cos(angle)) - x * np.float32(math.sin(angle))
+    wave = fibres.waviness * unit * np.sin(along * np.float32(2 * np.pi / (fibres.wave_period * unit)))
+    drift = 0.6 * fibres.period * unit * _smooth_noise(rng, h, w, 8 * fibres.period * unit)
+    phase = (across + wave + drift) * np.float32(2 * np.pi / (fibres.period * unit))
+    breaks = np.clip(0.6 + _smooth_noise(rng, h, w, 3 * fibres.period * unit), 0.0, 1.0)
+    return ((0.5 + 0.5 * np.sin(phase)) ** 3) * breaks
+
+
+def _render_cells(rng: np.random.Generator, h: int, w: int, cells: Cells, unit: float
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Membrane, interior and seed-nucleus maps of a Voronoi mosaic (3 x 3 neighbour search)."""
+    lattice = _Lattice(h, w, cells.size * unit)
+    pitch = lattice.pitch
+    seeds_y = rng.uniform(0.1, 0.9, (lattice.rows + 2, lattice.cols + 2)) * pitch
+    seeds_x = rng.uniform(0.1, 0.9, (lattice.rows + 2, lattice.cols + 2)) * pitch
+    nearest = second = np.float32(np.inf)
+    for di in (-1, 0, 1):
+        for dj in (-1, 0, 1):
+            window = (slice(1 + di, 1 + di + lattice.rows), slice(1 + dj, 1 + dj + lattice.cols))
+            dy = lattice.ly - lattice.cell(seeds_y[window] + di * pitch)
+            dx = lattice.lx - lattice.cell(seeds_x[window] + dj * pitch)
+            distance = np.sqrt(dy * dy + dx * dx)
+            second = np.minimum(second, np.maximum(nearest, distance))
+            nearest = np.minimum(nearest, distance)
+    membrane = lattice.image(np.clip(1.0 - (second - nearest) / (cells.membrane * unit), 0.0, 1.0))
+    interior = lattice.image(np.clip((second - nearest) / (2.0 * cells.membrane * unit), 0.0, 1.0))
+    nucleus = lattice.image(_soft_disc(nearest / (cells.nucleus * unit))) if cells.nucleus else None
+    return membrane, interior, nucleus
+
+
+def _render_holes(rng: np.random.Generator, h: int, w: int, holes: Holes, unit: float
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lumen (1 = empty), epithelial rim and rim-nuclei maps."""
+    lattice = _Lattice(h, w, holes.pitch * unit)
+    shape = (lattice.rows, lattice.cols)
+    outer = (holes.radius + holes.rim) * unit
+    dy, dx = lattice.centres(rng, outer * 1.2 + 1.0)
+    radius = lattice.cell(holes.radius * unit * rng.uniform(0.75, 1.15, shape))
+    present = lattice.cell((rng.random(shape) < holes.presence).astype(np.float32))
+    squash = lattice.cell(rng.uniform(0.8, 1.0, shape))
+    distance = np.sqrt(dy * dy * squash + dx * dx / squash)
+    lumen = lattice.image(_soft_disc(distance / radius) * present)
+    if not holes.rim:
+        return lumen, None, None
+    rim_width = holes.rim * unit
+    across_rim = (distance - radius) / rim_width  # 0 at the lumen, 1 at the outer edge
+    rim = np.clip(1.0 - np.abs(across_rim - 0.5) * 2.0, 0.0, 1.0) * present
+    turn = lattice.cell(rng.uniform(0, 2 * np.pi, shape))
+    beads = np.clip(np.cos(np.arctan2(dy, dx) * holes.beads + turn), 0.0, 1.0) ** 2
+    nuclei = np.clip(1.0 - np.abs(across_rim - 0.5) * 3.0, 0.0, 1.0) * beads * present
+    return lumen, lattice.image(np.minimum(rim * 1.5, 1.0)), lattice.image(nuclei)
+
+
+def render_tissue(tissue: TissueClass, h: int, w: int, unit: float, rng: np.random.Generator
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Hematoxylin and eosin amounts (h x w float32, about 0..1.5) of one class's tissue."""
+    grain = rng.uniform(0.92, 1.08, (h, w)).astype(np.float32)
+    eosin = np.full((h, w), tissue.stroma, np.float32)
+    eosin *= 1.0 + 0.2 * _smooth_noise(rng, h, w, 40 * unit)
+    hema = np.full((h, w), 0.05, np.float32)  # the counterstain's faint background
+    if tissue.fibres is not None:
+        pattern = _fibre_pattern(rng, h, w, tissue.fibres, unit)
+        eosin *= 1.0 - tissue.fibres.strength + 1.8 * tissue.fibres.strength * pattern
+    if tissue.cells is not None:
+        membrane, interior, nucleus = _render_cells(rng, h, w, tissue.cells, unit)
+        eosin = eosin * (1.0 - interior) * 0.9 + tissue.cells.interior * interior + 0.8 * membrane
+        if nucleus is not None:
+            np.maximum(hema, nucleus, out=hema)
+    for layer in tissue.nuclei:
+        fibre_angle = tissue.fibres.angle if tissue.fibres is not None else None
+        nuclei = _render_nuclei(rng, h, w, layer, unit, fibre_angle)
+        if tissue.cells is not None and not tissue.cells.interior:
+            nuclei = nuclei * membrane  # fat: nuclei only sit in the thin septa
+        np.maximum(hema, nuclei, out=hema)
+    if tissue.holes is not None:
+        lumen, rim, rim_nuclei = _render_holes(rng, h, w, tissue.holes, unit)
+        if rim is not None:
+            eosin = eosin * (1.0 - rim) + 0.6 * rim
+            np.maximum(hema, rim_nuclei, out=hema)
+        keep = 1.0 - lumen
+        eosin *= keep
+        hema *= keep
+    hema *= grain
+    eosin *= grain
+    return hema, eosin
+
+
+def colorize(hema: np.ndarray, eosin: np.ndarray, palette: int, hema_gain: float = 1.0,
+             eosin_gain: float = 1.0) -> np.ndarray:
+    """Beer-Lambert: RGB = 255 exp(-(H h_vec + E e_vec)), as uint8."""
+    h_vec, e_vec, h_scale, e_scale = PALETTES[palette]
+    density = (hema[..., None] * (hema_gain * h_scale * np.asarray(h_vec, np.float32))
+               + eosin[..., None] * (eosin_gain * e_scale * np.asarray(e_vec, np.float32)) + 0.03)
+    return (255.0 * np.exp(-density) + 0.5).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- scan layout
+def _inside_tissue(y: np.ndarray, x: np.ndarray, size: int) -> np.ndarray:
+    """The tissue is a wobbly rounded square; the corners of the scan are bare glass."""
+    u, v = (x - size / 2) / (0.47 * size), (y - size / 2) / (0.47 * size)
+    angle = np.arctan2(v, u)
+    wobble = 1.0 + 0.03 * np.sin(3 * angle + 0.7) + 0.02 * np.sin(5 * angle + 2.1)
+    return (np.abs(u) ** 4 + np.abs(v) ** 4) ** 0.25 < wobble
+
+
+@dataclass
+class ScanLayout:
+    size: int
+    patch: int
+    test_corners: list[tuple[int, int]]  # top-left (y, x) of each test square
+    train_area: np.ndarray = field(repr=False)  # (k, 2) candidate training-patch centres
+
+
+def plan_scan(size: int, patch: int, test_count: int) -> ScanLayout | None:
+    """Test squares fill lattice cells from the bottom of the tissue up; training patches (any
+    rotation, so a circle of radius patch/sqrt(2)) come from the tissue left above them.
+    None if the scan is too small for that."""
+    pitch = patch + patch // 8
+    rows, cols = size // pitch, size // pitch
+    offset = (size - np.array([rows, cols]) * pitch) // 2 + patch // 16  # not aligned with tiles
+    corners = []
+    for r in range(rows - 1, -1, -1):
+        for c in range(cols):
+            y, x = offset[0] + r * pitch, offset[1] + c * pitch
+            ys, xs = np.array([y, y, y + patch, y + patch]), np.array([x, x + patch, x, x + patch])
+            if len(corners) < test_count and _inside_tissue(ys, xs, size).all():
+                corners.append((int(y), int(x)))
+    if len(corners) < test_count:
+        return None
+    radius = patch / math.sqrt(2) + 2
+    step = max(patch // 16, 1)
+    cy, cx = np.meshgrid(np.arange(radius, size - radius, step), np.arange(radius, size - radius, step),
+                         indexing="ij")
+    cy, cx = cy.ravel(), cx.ravel()
+    around = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+    ok = _inside_tissue(cy[:, None] + radius * np.sin(around), cx[:, None] + radius * np.cos(around),
+                        size).all(axis=1)
+    half = patch / 2
+    for y, x in corners:
+        gap_y = np.maximum(np.abs(cy - (y + half)) - half, 0)
+        gap_x = np.maximum(np.abs(cx - (x + half)) - half, 0)
+        ok &= np.hypot(gap_y, gap_x) > radius
+    if ok.sum() < 16:  # too little room: training patches would nearly repeat
+        return None
+    return ScanLayout(size, patch, corners, np.stack([cy[ok], cx[ok]], axis=1))
+
+
+def auto_scan_size(patch: int, test_count: int) -> int:
+    """The smallest scan (in steps of patch/4) that holds the test squares and a training area."""
+    size = 2 * patch
+    while plan_scan(size, patch, test_count) is None:
+        size += max(patch // 4, 1)
+    return size
+
+
+# ----------------------------------------------------------------------------- one class
+@dataclass(frozen=True)
+class Settings:
+    out_dir: str
+    num_classes: int
+    patch_size: int
+    train_per_class: int
+    test_per_class: int
+    scan_size: int
+    seed: int
+    want_scan: bool
+    thumbnails: int
+
+
+def _stain_gains(rng: np.random.Generator) -> tuple[float, float]:
+    return float(rng.uniform(0.75, 1.25)), float(rng.uniform(0.75, 1.25))
+
+
+def _save_jpeg(image: np.ndarray, path: Path) -> None:
+    utils.atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="JPEG", quality=92))
+
+
+def make_class(settings: Settings, index: int) -> dict:
+    """Render class `index`'s scan, write its patches, and return what the HDF5 file and the contact
+    sheet need. Seeded by (seed, index) alone, so workers may run classes in any order."""
+    rng = np.random.default_rng([settings.seed, index])
+    tissue = TISSUE_CLASSES[index]
+    name = f"s{index}"
+    patch, size = settings.patch_size, settings.scan_size
+    layout = plan_scan(size, patch, settings.test_per_class)
+    unit = patch / REFERENCE_PATCH
+    hema, eosin = render_tissue(tissue, size, size, unit, rng)
+    out = Path(settings.out_dir)
+    written = []
+
+    tests = []
+    for k, (y, x) in enumerate(layout.test_corners):
+        window = (slice(y, y + patch), slice(x, x + patch))
+        rgb = colorize(hema[window], eosin[window], tissue.palette, *_stain_gains(rng))
+        rgb = np.ascontiguousarray(np.rot90(rgb, int(rng.integers(4))))
+        tests.append(rgb)
+        path = out / "RGBPatches-test" / name / f"test_{k}.jpg"
+        _save_jpeg(rgb, path)
+        written.append(path)
+
+    thumbnails = []
+    tilt = math.radians(MAX_EXTRA_ROTATION)
+    reach = int(math.ceil(patch / 2 * (math.cos(tilt) + math.sin(tilt)))) + 3  # half a window the turn fits in
+    picks = rng.choice(len(layout.train_area), settings.train_per_class,
+                       replace=settings.train_per_class > len(layout.train_area))
+    for k, pick in enumerate(picks):
+        cy, cx = (int(round(c)) for c in layout.train_area[pick])
+        window = (slice(max(cy - reach, 0), cy + reach), slice(max(cx - reach, 0), cx + reach))
+        region = Image.fromarray(colorize(hema[window], eosin[window], tissue.palette, *_stain_gains(rng)))
+        angle = rng.uniform(-MAX_EXTRA_ROTATION, MAX_EXTRA_ROTATION)
+        region = region.rotate(angle, resample=Image.BICUBIC,
+                               center=(cx - window[1].start, cy - window[0].start))
+        left, top = cx - window[1].start - patch // 2, cy - window[0].start - patch // 2
+        rgb = np.asarray(region.crop((left, top, left + patch, top + patch)))
+        rgb = np.ascontiguousarray(np.rot90(rgb, int(rng.integers(4))))
+        path = out / "Training" / name / f"train_{k}.jpg"
+        _save_jpeg(rgb, path)
+        written.append(path)
+        if k < settings.thumbnails:
+            thumbnails.append(rgb)
+
+    scan = None
+    if settings.want_scan:
+        glass = ~_inside_tissue(np.arange(size)[:, None], np.arange(size)[None, :], size)
+        hema[glass] = 0.0
+        eosin[glass] = 0.0
+        scan = colorize(hema, eosin, tissue.palette)
+        for y, x in layout.test_corners:
+            scan[y:y + patch, x:x + patch] = 255  # whitened test regions, as in the official file
+    return {"index": index, "files": [str(p) for p in written], "tests": tests, "scan": scan,
+            "thumbnails": thumbnails}
+
+
+# ----------------------------------------------------------------------------- outputs
+def write_hdf5(path: str | os.PathLike, scans: list[np.ndarray], test_patches: list[np.ndarray],
+               test_targets: list[int], grayscale: bool = False) -> None:
+    """The official Kimia_Path24.h5 layout (SPEC.md section 1): `/scan{id}/data`,
+    `/scan{id}/thumbnail`, `/test_data/patches` (n x P x P[ x 3]) and `/test_data/targets`.
+    `grayscale` drops the channel axis, as some copies of the official file have it."""
+    import h5py
+
+    def gray(image: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(image).convert("L")) if grayscale else image
+
+    def write(tmp: str) -> None:
+        with h5py.File(tmp, "w") as f:
+            for scan_id, scan in enumerate(scans):
+                scan = gray(scan)
+                chunk = (min(256, scan.shape[0]), min(256, scan.shape[1])) + scan.shape[2:]
+                group = f.create_group(f"scan{scan_id}")
+                group.create_dataset("data", data=scan, chunks=chunk, compression="gzip", compression_opts=1)
+                step = max(scan.shape[0] // 64, 1)
+                group.create_dataset("thumbnail", data=scan[::step, ::step])
+            patches = np.stack([gray(p) for p in test_patches])
+            f.create_dataset("test_data/patches", data=patches, chunks=(1,) + patches.shape[1:],
+                             compression="gzip", compression_opts=1)
+            f.create_dataset("test_data/targets", data=np.asarray(test_targets, np.int64))
+
+    utils.atomic_write(path, write)
+
+
+def contact_sheet(thumbnails: list[list[np.ndarray]], path: str | os.PathLike, tile: int = 80,
+                  classes_per_row: int = 4) -> None:
+    """A PNG with a few patches of every class, labelled s0, s1, ..."""
+    per_class = max(len(t) for t in thumbnails)
+    label_height, gap = 14, 8
+    block_w, block_h = per_class * tile + gap, tile + label_height + gap
+    rows = -(-len(thumbnails) // classes_per_row)
+    sheet = Image.new("RGB", (min(len(thumbnails), classes_per_row) * block_w + gap, rows * block_h + gap),
+                      "white")
+    draw = ImageDraw.Draw(sheet)
+    for index, patches in enumerate(thumbnails):
+        left = gap + (index % classes_per_row) * block_w
+        top = gap + (index // classes_per_row) * block_h
+        draw.text((left, top), f"s{index} (palette {TISSUE_CLASSES[index].palette})", fill="black")
+        for k, patch in enumerate(patches):
+            small = Image.fromarray(patch).resize((tile, tile), Image.BICUBIC)
+            sheet.paste(small, (left + k * tile, top + label_height))
+    utils.atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG", optimize=True))
+
+
+def _replace_previous_run(out: Path) -> None:
+    """Remove the files a previous run listed in its marker; refuse a non-empty folder without one,
+    since it may hold real data."""
+    marker = out / MARKER_NAME
+    if marker.exists():
+        previous = json.loads(marker.read_text(encoding="utf-8"))
+        for name in previous.get("files", []):
+            (out / name).unlink(missing_ok=True)
+    elif out.exists() and any(out.iterdir()):
+        raise utils.UserError(f"--out {out}: folder is not empty and was not made by synthetic.py; "
+                              "choose a new or empty folder")
+
+
+def make_rgb_release(out_dir: str | os.PathLike, num_classes: int = MAX_CLASSES, patch_size: int = 320,
+                     train_per_class: int = 40, test_per_class: int = 10, seed: int = 0,
+                     scan_size: int | None = None, hdf5: str | os.PathLike | None = None,
+                     contact_sheet_path: str | os.PathLike | None = None, workers: int | None = None,
+                     thumbnails_per_class: int = 3) -> dict:
+    """Write the synthetic RGB folder release under `out_dir` (and the HDF5 form if `hdf5`).
+
+    Returns the settings written to `out_dir/synthetic.json`.
+    """
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise utils.UserError(f"--classes must be between 1 and {MAX_CLASSES}, got {num_classes}")
+    if patch_size < 16:
+        raise utils.UserError(f"--patch-size must be at least 16, got {patch_size}")
+    if train_per_class < 1 or test_per_class < 1:
+        raise utils.UserError("--train-per-class and --test-per-class must be at least 1")
+    if scan_size is None:
+        scan_size = auto_scan_size(patch_size, test_per_class)
+    elif plan_scan(scan_size, patch_size, test_per_class) is None:
+        raise utils.UserError(f"--scan-size {scan_size} is too small for {test_per_class} test patches of "
+                              f"{patch_size} px plus a training area; use at least "
+                              f"{auto_scan_size(patch_size, test_per_class)} or leave it out")
+    out = Path(out_dir)
+    _replace_previous_run(out)
+    settings = Settings(str(out), num_classes, patch_size, train_per_class, test_per_class, scan_size, seed,
+                        want_scan=hdf5 is not None,
+                        thumbnails=thumbnails_per_class if contact_sheet_path is not None else 0)
+    workers = min(workers or os.cpu_count() or 1, num_classes)
+    jobs = [(settings, i) for i in range(num_classes)]
+    if workers > 1:
+        with Pool(workers) as pool:
+            results = pool.starmap(make_class, jobs, chunksize=1)
+    else:
+        results = [make_class(*job) for job in jobs]
+
+    if hdf5 is not None:
+        write_hdf5(hdf5, [r["scan"] for r in results], [p for r in results for p in r["tests"]],
+                   [r["index"] for r in results for _ in r["tests"]])
+    if contact_sheet_path is not None:
+        contact_sheet([r["thumbnails"] for r in results], contact_sheet_path)
+    record = {key: value for key, value in vars(settings).items() if key not in ("want_scan", "thumbnails")}
+    record.update(command=utils.command_line(), classes=[f"s{i}" for i in range(num_classes)],
+                  hdf5=None if hdf5 is None else str(hdf5),
+                  files=[os.path.relpath(f, out) for r in results for f in r["files"]])
+    utils.atomic_write_text(out / MARKER_NAME, json.dumps(record, indent=1) + "\n")
+    return record
+
+
+# ----------------------------------------------------------------------------- command line
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Generate a synthetic Kimia-Path24-like data set.")
+    parser.add_argument("--out", default=str(DEFAULT_OUT),
+                        help="folder for the RGB release (default: KIMIA_data/synthetic_source)")
+    parser.add_argument("--classes", type=int, default=MAX_CLASSES,
+                        help=f"number of classes s0, s1, ... (default: {MAX_CLASSES}, the most)")
+    parser.add_argument("--train-per-class", type=int, default=40, help="training patches per class (default: 40)")
+    parser.add_argument("--test-per-class", type=int, default=10, help="test patches per class (default: 10)")
+    parser.add_argument("--patch-size", type=int, default=320,
+                        help="patch side in px (default: 320; Kimia Path24's are 1000)")
+    parser.add_argument("--scan-size", type=int, default=None,
+                        help="scan side in px (default: the smallest that fits the test patches)")
+    parser.add_argument("--hdf5", default=None,
+                        help="also write the official HDF5 layout to this file (default: none)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--contact-sheet", default=None,
+                        help="also write a PNG with a few patches per class (default: none)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    return parser
+
+
+@utils.exit_on_user_error
+def main(args: argparse.Namespace) -> dict:
+    record = make_rgb_release(args.out, num_classes=args.classes, patch_size=args.patch_size,
+                              train_per_class=args.train_per_class, test_per_class=args.test_per_class,
+                              seed=args.seed, scan_size=args.scan_size, hdf5=args.hdf5,
+                              contact_sheet_path=args.contact_sheet, workers=args.workers)
+    print(f"wrote {len(record['files'])} patches of {args.classes} classes "
+          f"({args.train_per_class} train + {args.test_per_class} test each, {args.patch_size} px, "
+          f"scans of {record['scan_size']} px) to {args.out}")
+    if args.hdf5:
+        print(f"wrote the HDF5 form to {args.hdf5}")
+    if args.contact_sheet:
+        print(f"wrote the contact sheet to {args.contact_sheet}")
+    return record
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,67 @@
+"""Run every benchmark and print one Markdown table for the README.
+
+    python3 bench/run_all.py [--quick] [--out bench/results.md]
+
+Each bench/<name>.py has `main(argv) -> list[dict]` whose rows hold `benchmark`, `case`, `ours`,
+`baseline`, `unit` and `speedup` (plus anything else); this script runs them in turn on this
+machine and writes the table with the machine's CPU and GPU names.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils import atomic_write_text, command_line  # noqa: E402
+
+BENCHMARKS = ("data_process", "losses", "models", "evaluate")
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
+
+
+def format_table(rows: list[dict]) -> str:
+    header = "| benchmark | case | ours | baseline | unit | speed-up |\n|---|---|---|---|---|---|\n"
+    body = "".join(
+        f"| {r['benchmark']} | {r['case']} | {r['ours']} | {r.get('baseline', '')} | {r['unit']} | {r.get('speedup', '')} |\n"
+        for r in rows)
+    return header + body
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smallest settings of every benchmark (default: off)")
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS),
+                        help="benchmarks to run (default: all)")
+    parser.add_argument("--out", default="bench/results.md", help="Markdown file to write (default: bench/results.md)")
+    args = parser.parse_args(argv)
+
+    rows: list[dict] = []
+    for name in args.only:
+        started = time.time()
+        print(f"--- bench/{name}.py", flush=True)
+        rows += importlib.import_module(f"bench.{name}").main(["--quick"] if args.quick else [])
+        print(f"--- bench/{name}.py took {time.time() - started:.0f} s", flush=True)
+    text = f"Machine: {machine_description()}\n\nCommand: `{command_line()}`\n\n{format_table(rows)}"
+    atomic_write_text(args.out, text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

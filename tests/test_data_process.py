@@ -1,0 +1,312 @@
+"""KIMIA_data/data_process.py: the three source layouts, every image kind, the HDF5 tile rule,
+corrupt files, re-runs and bad arguments."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from KIMIA_data import data_process, synthetic  # noqa: E402
+
+SIZE = 32  # outputs this small keep the tests quick; the code path is the one --size 300 takes
+
+
+def texture(seed: int, size: int = 48) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC))
+
+
+def run(source: Path, out: Path, *extra: str) -> dict:
+    args = data_process.get_args_parser().parse_args([str(source), "--out", str(out), "--size", str(SIZE),
+                                                      "--workers", "1", *extra])
+    return data_process.main(args)
+
+
+def read_manifest(out: Path) -> list[dict]:
+    with open(out / "manifest.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def outputs(out: Path) -> list[str]:
+    return sorted(p.relative_to(out).as_posix() for p in out.glob("*/*/*.png"))
+
+
+@pytest.fixture
+def own_folders(tmp_path: Path) -> Path:
+    """Layout 3 with every accepted image kind, plus files that must be ignored."""
+    src = tmp_path / "own"
+    for split in ("train", "test"):
+        for name in ("s0", "s2", "s10"):
+            (src / split / name).mkdir(parents=True)
+    rgb = texture(0)
+    train = src / "train"
+    Image.fromarray(rgb).save(train / "s0" / "a.jpg")
+    Image.fromarray(rgb).save(train / "s0" / "b.JPEG", format="JPEG")
+    Image.fromarray(rgb).save(train / "s0" / "c.PNG", format="PNG")
+    Image.fromarray(rgb).save(train / "s2" / "d.tif")
+    Image.fromarray(rgb).save(train / "s2" / "e.TIFF", format="TIFF")
+    Image.fromarray(rgb).save(train / "s2" / "f.bmp")
+    Image.fromarray(rgb).convert("L").save(train / "s10" / "gray.png")
+    rgba = np.dstack([rgb, np.zeros(rgb.shape[:2], np.uint8)])  # fully transparent
+    Image.fromarray(rgba, "RGBA").save(train / "s10" / "clear.png")
+    cv2.imwrite(str(train / "s10" / "deep.png"), np.full((48, 48), 65535 // 2, np.uint16))  # 16-bit grey
+    cv2.imwrite(str(train / "s10" / "deep16.tif"), np.full((48, 48, 3), 65535, np.uint16))  # 16-bit colour
+    Image.fromarray(rgb).save(train / "s10" / ".hidden.png")
+    (train / "s10" / "notes.txt").write_text("not an image")
+    for name in ("s0", "s2", "s10"):
+        Image.fromarray(texture(1)).save(src / "test" / name / "q.png")
+    return src
+
+
+def test_own_folders_every_image_kind(own_folders: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    record = run(own_folders, out)
+    assert "image folders (train/, test/)" in capsys.readouterr().out
+    assert outputs(out) == sorted([
+        "train/s0/s0_a.png", "train/s0/s0_b.png", "train/s0/s0_c.png",
+        "train/s2/s2_d.png", "train/s2/s2_e.png", "train/s2/s2_f.png",
+        "train/s10/s10_gray.png", "train/s10/s10_clear.png", "train/s10/s10_deep.png", "train/s10/s10_deep16.png",
+        "test/s0/s0_q.png", "test/s2/s2_q.png", "test/s10/s10_q.png"])
+    for path in out.glob("*/*/*.png"):
+        with Image.open(path) as image:
+            assert (image.format, image.mode, image.size) == ("PNG", "RGB", (SIZE, SIZE))
+    assert record["classes"] == ["s0", "s2", "s10"]  # natural order
+    assert record["counts"]["train"] == {"s0": 3, "s2": 3, "s10": 4}
+    assert record["counts"]["test"] == {"s0": 1, "s2": 1, "s10": 1}
+    # transparency becomes white (no tissue); 16-bit values are rescaled, not clipped
+    assert np.asarray(Image.open(out / "train/s10/s10_clear.png")).min() == 255
+    assert np.asarray(Image.open(out / "train/s10/s10_deep.png")).mean() == pytest.approx(127.5, abs=1)
+    assert np.asarray(Image.open(out / "train/s10/s10_deep16.png")).min() == 255
+    rows = read_manifest(out)
+    assert [(r["split"], r["class"]) for r in rows][:4] == [("train", "s0")] * 3 + [("train", "s2")]
+    assert {r["output"] for r in rows} == set(outputs(out))
+    assert {Path(r["source"]).name for r in rows if r["class"] == "s2" and r["split"] == "train"} == {
+        "d.tif", "e.TIFF", "f.bmp"}
+
+
+def test_two_inputs_with_one_output_name_are_refused(own_folders: Path, tmp_path: Path, capsys) -> None:
+    Image.fromarray(texture(3)).save(own_folders / "train" / "s10" / "deep.jpg")  # deep.png exists
+    with pytest.raises(SystemExit) as exit_info:
+        run(own_folders, tmp_path / "out")
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "deep.png" in message and "deep.jpg" in message and "rename one" in message
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- the other layouts
+@pytest.fixture(scope="module")
+def synthetic_source(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny synthetic RGB release and its HDF5 form: 3 classes, 3 train + 2 test patches of 64 px,
+    scans of 5 x 5 tiles whose glass corners the tile rule drops."""
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic.make_rgb_release(root / "release", num_classes=3, patch_size=64, train_per_class=3,
+                               test_per_class=2, scan_size=320, hdf5=root / "Kimia_Path24.h5", workers=1)
+    return root / "release", root / "Kimia_Path24.h5"
+
+
+def test_rgb_release(synthetic_source, tmp_path: Path, capsys) -> None:
+    release, _ = synthetic_source
+    out = tmp_path / "out"
+    record = run(release, out)
+    assert "RGB folder release" in capsys.readouterr().out
+    assert record["counts"] == {"train": {"s0": 3, "s1": 3, "s2": 3}, "test": {"s0": 2, "s1": 2, "s2": 2}}
+    assert "train/s1/s1_train_2.png" in outputs(out) and "test/s2/s2_test_1.png" in outputs(out)
+    assert len(read_manifest(out)) == 15
+
+
+def test_hdf5_test_patches_and_tiles(synthetic_source, tmp_path: Path, capsys) -> None:
+    _, h5_path = synthetic_source
+    out = tmp_path / "out"
+    record = run(h5_path.parent, out)  # a folder holding Kimia_Path24.h5 works too
+    assert "HDF5 file (Kimia_Path24.h5)" in capsys.readouterr().out
+    with h5py.File(h5_path, "r") as h5:
+        targets = list(h5["test_data/targets"][()])
+        scan = h5["scan1/data"][()]
+        test_patch = h5["test_data/patches"][2]
+    assert record["counts"]["test"] == {f"s{i}": targets.count(i) for i in range(3)}
+    # exactly the tiles the rule keeps are written
+    tile = 64
+    kept = [(r, c) for r in range(scan.shape[0] // tile) for c in range(scan.shape[1] // tile)
+            if not data_process.is_blank_tile(scan[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile])]
+    assert 0 < len(kept) < (scan.shape[0] // tile) ** 2  # the glass corners are dropped
+    assert sorted(p.name for p in (out / "train/s1").iterdir()) == sorted(f"s1_tile_r{r}_c{c}.png" for r, c in kept)
+    assert record["tile_rule"]["dropped"]["s1"] == (scan.shape[0] // tile) ** 2 - len(kept)
+    rows = read_manifest(out)
+    assert f"{h5_path}:test_data/patches[2]" in {r["source"] for r in rows}
+    expected = np.asarray(Image.fromarray(test_patch).resize((SIZE, SIZE), Image.BICUBIC))
+    assert np.array_equal(np.asarray(Image.open(out / "test/s1/s1_test_2.png")), expected)
+
+
+def test_hdf5_without_channel_axis(synthetic_source, tmp_path: Path) -> None:
+    """Copies of the official file store grey patches (n x H x W); they become grey RGB PNGs."""
+    _, h5_path = synthetic_source
+    with h5py.File(h5_path, "r") as h5:
+        scans = [h5[f"scan{i}/data"][()] for i in range(3)]
+        patches, targets = list(h5["test_data/patches"][()]), list(h5["test_data/targets"][()])
+    grey_path = tmp_path / "grey.h5"
+    synthetic.write_hdf5(grey_path, scans, patches, targets, grayscale=True)
+    with h5py.File(grey_path, "r") as h5:
+        assert h5["test_data/patches"].ndim == 3 and h5["scan0/data"].ndim == 2
+    record = run(grey_path, tmp_path / "out")
+    assert sum(record["counts"]["test"].values()) == 6 and sum(record["counts"]["train"].values()) > 0
+    grey = np.asarray(Image.open(next((tmp_path / "out/test/s0").iterdir())))
+    assert np.array_equal(grey[..., 0], grey[..., 2])
+
+
+def test_tile_rule() -> None:
+    tissue = np.full((64, 64, 3), (200, 120, 170), np.uint8)
+    assert not data_process.is_blank_tile(tissue)
+    whitened = tissue.copy()
+    whitened[:40] = 255  # 5 of 8 block rows: 62.5% of the blocks blank
+    assert data_process.is_blank_tile(whitened)
+    whitened = tissue.copy()
+    whitened[:24] = 255  # 37.5%
+    assert not data_process.is_blank_tile(whitened)
+    rng = np.random.default_rng(0)
+    glass = rng.integers(228, 250, (64, 64, 3)).astype(np.uint8)
+    assert data_process.is_blank_tile(glass)
+    fat = np.full((64, 64, 3), 240, np.uint8)  # white cells with a membrane every 16 px
+    fat[::16] = tissue[0, 0]
+    fat[:, ::16] = tissue[0, 0]
+    assert not data_process.is_blank_tile(fat)  # only 25% of the blocks hold no membrane
+
+
+def test_jpeg_draft_decoding_stays_faithful(tmp_path: Path) -> None:
+    """The reduced-size JPEG decode is as close to the uncompressed image, once resized to 300 px,
+    as a full decode is: the output stays a faithful bicubic resize."""
+    source = texture(5, size=1000)
+    path = tmp_path / "big.jpg"
+    Image.fromarray(source).save(path, quality=90)
+    assert data_process.load_image(path, 300).size == (500, 500)  # decoded at half size
+
+    def resized(image: Image.Image) -> np.ndarray:
+        return np.asarray(image.convert("RGB").resize((300, 300), Image.BICUBIC), np.float64)
+
+    truth = resized(Image.fromarray(source))
+    ours = resized(data_process.load_image(path, 300))
+    with Image.open(path) as full:
+        full_decode = resized(full)
+    assert np.abs(ours - full_decode).mean() < 2.0
+    assert np.abs(ours - truth).mean() <= np.abs(full_decode - truth).mean() + 0.25
+
+
+# ----------------------------------------------------------------------------- failures and re-runs
+def test_corrupt_images_are_reported_after_the_others(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "src"
+    for split in ("train", "test"):
+        (src / split / "s0").mkdir(parents=True)
+        Image.fromarray(texture(2)).save(src / split / "s0" / "good.png")
+    data = (src / "train/s0/good.png").read_bytes()
+    (src / "train/s0/truncated.png").write_bytes(data[: len(data) // 2])
+    (src / "train/s0/garbage.jpg").write_bytes(b"not a jpeg at all")
+    before = sorted((p.name, p.read_bytes()) for p in (src / "train/s0").iterdir())
+    with pytest.raises(SystemExit) as exit_info:
+        run(src, tmp_path / "out")
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "2 images could not be read" in err
+    assert str(src / "train/s0/truncated.png") in err and str(src / "train/s0/garbage.jpg") in err
+    assert outputs(tmp_path / "out") == ["test/s0/s0_good.png", "train/s0/s0_good.png"]
+    assert len(read_manifest(tmp_path / "out")) == 2
+    assert sorted((p.name, p.read_bytes()) for p in (src / "train/s0").iterdir()) == before  # source untouched
+
+
+def test_rerun_skips_complete_outputs_and_redoes_broken_ones(synthetic_source, tmp_path: Path, capsys) -> None:
+    release, _ = synthetic_source
+    out = tmp_path / "out"
+    run(release, out)
+    capsys.readouterr()
+    broken = out / "train/s0/s0_train_0.png"
+    broken.write_bytes(broken.read_bytes()[:50])  # as if an older tool had died mid-write
+    stamp = (out / "train/s1/s1_train_0.png").stat().st_mtime_ns
+    run(release, out)
+    assert "1 written, 14 already complete (skipped)" in capsys.readouterr().out
+    assert (out / "train/s1/s1_train_0.png").stat().st_mtime_ns == stamp
+    assert data_process.is_complete(broken, SIZE)
+    run(release, out, "--overwrite")
+    assert "15 written, 0 already complete" in capsys.readouterr().out
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_parallel_workers_give_the_same_outputs(synthetic_source, tmp_path: Path) -> None:
+    release, _ = synthetic_source
+    run(release, tmp_path / "one")
+    args = data_process.get_args_parser().parse_args(
+        [str(release), "--out", str(tmp_path / "two"), "--size", str(SIZE), "--workers", "2"])
+    data_process.main(args)
+    for name in outputs(tmp_path / "one"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+# ----------------------------------------------------------------------------- bad input
+def bad_run(capsys, source: Path, out: Path, *extra: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run(source, out, *extra)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
+
+
+def test_missing_and_unrecognised_sources(tmp_path: Path, capsys) -> None:
+    err = bad_run(capsys, tmp_path / "nowhere", tmp_path / "out")
+    assert "nowhere: no such file or folder" in err and "RGBPatches-test" in err and "train/" in err
+    (tmp_path / "mixed" / "images").mkdir(parents=True)
+    err = bad_run(capsys, tmp_path / "mixed", tmp_path / "out")
+    assert "unrecognised layout" in err and "Kimia_Path24.h5" in err
+    (tmp_path / "fake.h5").write_text("not hdf5")
+    assert "not an HDF5 file" in bad_run(capsys, tmp_path / "fake.h5", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_default_source_says_how_to_make_the_synthetic_one(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(data_process, "DEFAULT_SOURCE", tmp_path / "KIMIAPath24_RGB")
+    args = data_process.get_args_parser().parse_args(["--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit):
+        data_process.main(args)
+    assert "python3 KIMIA_data/synthetic.py" in capsys.readouterr().err
+
+
+def test_class_names_with_underscores_are_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "src"
+    for split in ("train", "test"):
+        (src / split / "liver_a").mkdir(parents=True)
+        Image.fromarray(texture(0)).save(src / split / "liver_a" / "x.png")
+    err = bad_run(capsys, src, tmp_path / "out")
+    assert "liver_a" in err and "'_'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_inside_the_source_is_refused(own_folders: Path, capsys) -> None:
+    err = bad_run(capsys, own_folders, own_folders)
+    assert "overlaps SOURCE" in err
+
+
+def test_bad_numbers(own_folders: Path, tmp_path: Path, capsys) -> None:
+    assert "--size" in bad_run(capsys, own_folders, tmp_path / "out", "--size", "0")
+    assert "--workers" in bad_run(capsys, own_folders, tmp_path / "out", "--workers", "0")
+
+
+# ----------------------------------------------------------------------------- the script itself
+@pytest.mark.slow
+def test_script_runs_from_any_directory(synthetic_source, tmp_path: Path) -> None:
+    release, _ = synthetic_source
+    script = REPO_ROOT / "KIMIA_data" / "data_process.py"
+    done = subprocess.run([sys.executable, str(script), str(release), "--out", "out", "--size", str(SIZE),
+                           "--workers", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "found: RGB folder release" in done.stdout and "s2" in done.stdout
+    assert len(outputs(tmp_path / "out")) == 15
