@@ -1,0 +1,193 @@
+"""Forward + backward time of the three losses against a per-anchor Python loop like the reference's.
+
+    python3 bench/losses.py            # n = 60, 240; M = 1, 4; CPU and, when present, CUDA
+    python3 bench/losses.py --quick    # n = 60, M = 1, CPU only, few repeats
+
+The baseline follows SPEC.md section 3 literally, as the reference code does: a Python loop over
+anchors and learners, each anchor's positives and negatives picked with boolean masks (the self pair
+dropped by index). Embeddings are unit vectors of total size 512 split over the M learners, labels
+drawn from 24 classes, as in training with batch 60.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from losses import LOSS_NAMES, build_loss, canonical_loss_name  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- per-anchor baseline
+def _anchor_pairs(sim: Tensor, labels: Tensor, j: int) -> tuple[Tensor, Tensor]:
+    same = labels == labels[j]
+    same[j] = False
+    return sim[j][same], sim[j][labels != labels[j]]
+
+
+def _contrastive_anchor(pos: Tensor, neg: Tensor) -> Tensor | None:
+    return F.relu(neg - 0.5).mean() - pos.mean()
+
+
+def _abe_anchor(pos: Tensor, neg: Tensor) -> Tensor | None:
+    return F.relu(0.5 - pos).mean() + neg.mean()
+
+
+def _ms_anchor(pos: Tensor, neg: Tensor) -> Tensor | None:
+    mined_neg = neg[neg + 0.2 > torch.min(pos)]
+    mined_pos = pos[pos - 0.2 < torch.max(neg)]
+    if len(mined_neg) < 1 or len(mined_pos) < 1:
+        return None
+    pos_loss = 1.0 / 2.0 * torch.log(1 + torch.sum(torch.exp(-2.0 * (mined_pos - 0.5))))
+    neg_loss = 1.0 / 5.0 * torch.log(1 + torch.sum(torch.exp(5.0 * (mined_neg - 0.5))))
+    return pos_loss + neg_loss
+
+
+_ANCHOR_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor | None]] = {
+    "ContrastiveLoss": _contrastive_anchor,
+    "ABELoss": _abe_anchor,
+    "MSLoss": _ms_anchor,
+}
+
+
+def per_anchor_loss(name: str, embeddings: list[Tensor], labels: Tensor) -> Tensor:
+    """The reference's way: one learner, one anchor at a time, host decisions on every anchor."""
+    anchor_loss = _ANCHOR_LOSSES[name]
+    learner_losses = []
+    for x in embeddings:
+        sim = x @ x.t()
+        anchor_losses = []
+        for j in range(len(labels)):
+            pos, neg = _anchor_pairs(sim, labels, j)
+            if len(pos) < 1 or len(neg) < 1:
+                continue
+            value = anchor_loss(pos, neg)
+            if value is not None:
+                anchor_losses.append(value)
+        learner_losses.append(sum(anchor_losses) / len(anchor_losses) if anchor_losses else x.sum() * 0)
+    loss = sum(learner_losses) / len(learner_losses)
+    if name == "ABELoss" and len(embeddings) > 1:
+        divergence = [
+            F.relu((embeddings[a] * embeddings[b]).sum(1) - 0.2).mean()
+            for a in range(len(embeddings))
+            for b in range(a + 1, len(embeddings))
+        ]
+        loss = loss + 0.05 * sum(divergence) / len(divergence)
+    return loss
+
+
+# ----------------------------------------------------------------------------- timing
+def _time_ms(step: Callable[[], None], device: torch.device, repeats: int, warmup: int) -> float:
+    """Median wall time of one step in ms, synchronising CUDA around each step."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _batch(n: int, num_learners: int, embedding_dim: int, num_classes: int, device: torch.device, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(num_learners, n, embedding_dim // num_learners, generator=g), dim=-1)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    return x.to(device).requires_grad_(), labels.to(device)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--losses", nargs="+", default=list(LOSS_NAMES), help=f"losses to time (default: {' '.join(LOSS_NAMES)})")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[60, 240], help="batch sizes n (default: 60 240)")
+    parser.add_argument("--learners", nargs="+", type=int, default=[1, 4], help="numbers of learners M (default: 1 4)")
+    parser.add_argument("--embedding-dim", type=int, default=512, help="total embedding size, split over the learners (default: 512)")
+    parser.add_argument("--classes", type=int, default=24, help="number of classes labels are drawn from (default: 24)")
+    parser.add_argument("--devices", nargs="+", default=None, help="devices to time on (default: cpu, plus cuda when present)")
+    parser.add_argument("--repeats", type=int, default=50, help="timed steps per measurement, median reported (default: 50)")
+    parser.add_argument("--baseline-repeats", type=int, default=10, help="timed steps of the per-anchor baseline (default: 10)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each measurement (default: 5)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own choice)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the slow per-anchor baseline (default: run it)")
+    parser.add_argument("--quick", action="store_true", help="n = 60, M = 1, CPU only, 20 repeats: a smoke run (default: off)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random batches (default: 0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch_sizes, args.learners, args.devices = [60], [1], ["cpu"]
+        args.repeats, args.baseline_repeats, args.warmup = 20, 3, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        names = [canonical_loss_name(name) for name in args.losses]
+    except ValueError as err:
+        parser.error(f"--losses: {err}")
+    devices = [torch.device(d) for d in (args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))]
+    if any(d.type == "cuda" for d in devices) and not torch.cuda.is_available():
+        parser.error("--devices: cuda was asked for but torch sees no CUDA device")
+
+    rows = []
+    for device in devices:
+        for num_learners in args.learners:
+            for n in args.batch_sizes:
+                x, labels = _batch(n, num_learners, args.embedding_dim, args.classes, device, args.seed)
+                for name in names:
+                    loss_fn = build_loss(name)
+
+                    def vectorised() -> None:
+                        loss_fn(list(x.unbind(0)), labels).backward()
+
+                    def baseline() -> None:
+                        per_anchor_loss(name, list(x.unbind(0)), labels).backward()
+
+                    ours = _time_ms(vectorised, device, args.repeats, args.warmup)
+                    row = {
+                        "benchmark": "losses",
+                        "case": f"{name} fwd+bwd, {device.type}, M={num_learners}, n={n}",
+                        "ours": round(ours, 3),
+                        "unit": "ms",
+                        "loss": name,
+                        "device": device.type,
+                        "M": num_learners,
+                        "n": n,
+                    }
+                    if not args.no_baseline:
+                        reference = _time_ms(baseline, device, args.baseline_repeats, min(args.warmup, 2))
+                        row |= {"baseline": round(reference, 3), "speedup": round(reference / ours, 1)}
+                    rows.append(row)
+    print(_markdown(rows, threads=torch.get_num_threads()))
+    return rows
+
+
+def _markdown(rows: list[dict], threads: int) -> str:
+    lines = [
+        f"Forward + backward, median ms per call (torch {torch.__version__}, {threads} CPU threads)",
+        "",
+        "| loss | device | M | n | ours (ms) | per-anchor loop (ms) | speed-up |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        reference = f"{r['baseline']:.3f}" if "baseline" in r else "-"
+        speedup = f"{r['speedup']:.0f}x" if "speedup" in r else "-"
+        lines.append(f"| {r['loss']} | {r['device']} | {r['M']} | {r['n']} | {r['ours']:.3f} | {reference} | {speedup} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

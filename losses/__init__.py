@@ -1,0 +1,40 @@
+"""Metric losses of the reproduction: Contrastive, ABE and Multi-Similarity (SPEC.md section 3).
+
+    loss = build_loss("MSLoss")                     # the reference code's hyper-parameters
+    loss = build_loss("msloss", beta=50, eps=0.1)   # the MS paper's own
+    value = loss(model(images), labels)             # a list of M n x d tensors, or one n x d tensor
+    loss.stats                                      # {"anchors": ..., "pairs": ...}, 0-dim tensors
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .abe import ABELoss
+from .base import MetricLoss
+from .contrastive import ContrastiveLoss
+from .ms import MSLoss
+
+_BUILDERS: dict[str, Callable[..., MetricLoss]] = {
+    "ContrastiveLoss": ContrastiveLoss,
+    "ABELoss": ABELoss,
+    "MSLoss": MSLoss,
+}
+LOSS_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+# Case-insensitive lookup also accepts the reference code's spelling `MsLoss`.
+_BY_LOWER = {name.lower(): name for name in LOSS_NAMES}
+
+
+def canonical_loss_name(name: str) -> str:
+    """The canonical spelling of a loss name (case-insensitive, aliases resolved); ValueError if unknown."""
+    try:
+        return _BY_LOWER[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}") from None
+
+
+def build_loss(name: str, **options: Any) -> MetricLoss:
+    """Build a loss by name with keyword hyper-parameters (defaults: the reference code's)."""
+    return _BUILDERS[canonical_loss_name(name)](**options)
+
+
+__all__ = ["ABELoss", "ContrastiveLoss", "LOSS_NAMES", "MSLoss", "MetricLoss", "build_loss", "canonical_loss_name"]

@@ -1,0 +1,301 @@
+"""The three metric losses against the reference's numbers and against a naive per-anchor version.
+
+`naive_loss` below is SPEC.md section 3 written out one learner and one anchor at a time, with
+Python lists of indices, so that it is easy to check by eye; the fast losses must agree with it in
+value, gradient and usage counts on hundreds of random batches, the awkward ones included.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import losses
+from losses import ABELoss, ContrastiveLoss, MSLoss, build_loss
+
+FIXTURES = Path(__file__).parent / "data" / "fixtures_seed1.pt"
+DEFAULTS = {
+    "ContrastiveLoss": {"margin": 0.5},
+    "ABELoss": {"lambda_div": 0.05, "margin_c": 0.5, "margin_div": 0.2},
+    "MSLoss": {"alpha": 2.0, "beta": 5.0, "lam": 0.5, "eps": 0.2},
+}
+
+
+# ----------------------------------------------------------------------------- naive reference
+def _anchor_term(name: str, pos: torch.Tensor, neg: torch.Tensor, hp: dict) -> tuple[torch.Tensor, int] | None:
+    """One anchor's loss and the number of pairs it used, or None if it is skipped."""
+    if name == "ContrastiveLoss":
+        return torch.relu(neg - hp["margin"]).mean() - pos.mean(), len(pos) + len(neg)
+    if name == "ABELoss":
+        return torch.relu(hp["margin_c"] - pos).mean() + neg.mean(), len(pos) + len(neg)
+    mined_neg = neg[neg + hp["eps"] > pos.min()]
+    mined_pos = pos[pos - hp["eps"] < neg.max()]
+    if len(mined_pos) == 0 or len(mined_neg) == 0:
+        return None
+    alpha, beta, lam = hp["alpha"], hp["beta"], hp["lam"]
+    value = (
+        torch.log(1 + torch.exp(-alpha * (mined_pos - lam)).sum()) / alpha
+        + torch.log(1 + torch.exp(beta * (mined_neg - lam)).sum()) / beta
+    )
+    return value, len(mined_pos) + len(mined_neg)
+
+
+def naive_loss(name: str, embeddings: torch.Tensor, labels: list[int], **options) -> tuple[torch.Tensor, int, int]:
+    """(loss, anchors used, pairs used) for M x n x d embeddings, one anchor at a time."""
+    hp = DEFAULTS[name] | options
+    num_learners, n, _ = embeddings.shape
+    learner_losses, anchors, pairs = [], 0, 0
+    for x in embeddings:
+        sim = x @ x.t()
+        anchor_losses = []
+        for j in range(n):
+            pos = [k for k in range(n) if k != j and labels[k] == labels[j]]
+            neg = [k for k in range(n) if labels[k] != labels[j]]
+            if not pos or not neg:
+                continue
+            term = _anchor_term(name, sim[j, pos], sim[j, neg], hp)
+            if term is not None:
+                anchor_losses.append(term[0])
+                anchors += 1
+                pairs += term[1]
+        learner_losses.append(sum(anchor_losses) / len(anchor_losses) if anchor_losses else embeddings.sum() * 0)
+    loss = sum(learner_losses) / num_learners
+    if name == "ABELoss" and num_learners > 1 and anchors > 0:
+        divergence = [
+            torch.relu((embeddings[a] * embeddings[b]).sum(1) - hp["margin_div"]).mean()
+            for a in range(num_learners)
+            for b in range(a + 1, num_learners)
+        ]
+        loss = loss + hp["lambda_div"] * sum(divergence) / len(divergence)
+    return loss, anchors, pairs
+
+
+# ----------------------------------------------------------------------------- random batches
+KINDS = ["random", "singletons", "one_class", "no_positives", "duplicates", "well_separated"]
+
+
+def make_batch(kind: str, num_learners: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(2, 13, (1,), generator=g))
+    d = 8
+    x = torch.randn(num_learners, n, d, generator=g, dtype=torch.float64)
+    if kind == "random":
+        labels = torch.randint(0, max(1, n // 3), (n,), generator=g)
+    elif kind == "singletons":  # every other sample alone in its class
+        labels = torch.tensor([k if k % 2 else 0 for k in range(n)])
+    elif kind == "one_class":
+        labels = torch.zeros(n, dtype=torch.long)
+    elif kind == "no_positives":
+        labels = torch.randperm(n, generator=g)
+    elif kind == "duplicates":  # copies of one row, inside and across classes: s = 1 pairs that are not self pairs
+        labels = torch.randint(0, 3, (n,), generator=g)
+        x[:, n // 2 :] = x[:, : n - n // 2].clone()
+    else:  # tight, far apart classes: MS mining keeps nothing for many anchors
+        labels = torch.randint(0, 3, (n,), generator=g)
+        centres = torch.eye(d, dtype=torch.float64)[labels] * 10
+        x = centres + 0.05 * x
+    return F.normalize(x, dim=-1).to(dtype), labels
+
+
+def _fast(name: str, x: torch.Tensor, labels: torch.Tensor, **options):
+    leaf = x.detach().clone().requires_grad_()
+    loss_fn = build_loss(name, **options)
+    value = loss_fn(list(leaf.unbind(0)), labels)
+    (grad,) = torch.autograd.grad(value, leaf)
+    return value, grad, loss_fn.stats
+
+
+def _naive(name: str, x: torch.Tensor, labels: torch.Tensor, **options):
+    leaf = x.detach().clone().requires_grad_()
+    value, anchors, pairs = naive_loss(name, leaf, labels.tolist(), **options)
+    (grad,) = torch.autograd.grad(value, leaf, allow_unused=True)
+    return value, torch.zeros_like(leaf) if grad is None else grad, anchors, pairs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("num_learners", [1, 4])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+def test_matches_naive_per_anchor_loss_on_random_batches(name, kind, num_learners, dtype):
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for seed in range(8):
+        x, labels = make_batch(kind, num_learners, dtype, seed)
+        value, grad, stats = _fast(name, x, labels)
+        ref_value, ref_grad, ref_anchors, ref_pairs = _naive(name, x, labels)
+        context = f"{name} {kind} M={num_learners} seed={seed} labels={labels.tolist()}"
+        assert value.dtype == dtype, context
+        assert value.item() == pytest.approx(ref_value.item(), abs=tol), context
+        torch.testing.assert_close(grad, ref_grad, atol=tol, rtol=0, msg=context)
+        assert (stats["anchors"].item(), stats["pairs"].item()) == (ref_anchors, ref_pairs), context
+
+
+def test_degenerate_kinds_really_are_degenerate():
+    """Guards the random-batch test: its awkward kinds must produce the cases they are named after."""
+    for seed in range(8):
+        for kind in ("one_class", "no_positives"):
+            x, labels = make_batch(kind, 4, torch.float32, seed)
+            assert naive_loss("ContrastiveLoss", x, labels.tolist())[1] == 0
+    skipped_by_mining = 0
+    for seed in range(8):
+        x, labels = make_batch("well_separated", 1, torch.float64, seed)
+        skipped_by_mining += naive_loss("ContrastiveLoss", x, labels.tolist())[1] - naive_loss("MSLoss", x, labels.tolist())[1]
+    assert skipped_by_mining > 0
+
+
+@pytest.mark.parametrize("num_learners", [1, 4])
+def test_ms_paper_settings_match_naive(num_learners):
+    options = {"beta": 50.0, "eps": 0.1}
+    for seed in range(8):
+        x, labels = make_batch("random", num_learners, torch.float64, 100 + seed)
+        value, grad, _ = _fast("MSLoss", x, labels, **options)
+        ref_value, ref_grad, _, _ = _naive("MSLoss", x, labels, **options)
+        assert value.item() == pytest.approx(ref_value.item(), abs=1e-10)
+        torch.testing.assert_close(grad, ref_grad, atol=1e-10, rtol=0)
+
+
+# ----------------------------------------------------------------------------- reference fixtures
+def _fixture_cases() -> list:
+    cases = torch.load(FIXTURES, weights_only=False)["losses"]
+    return [
+        pytest.param(case, name, id=f"case{index}-M{case['m']}-n{case['n']}-{name}")
+        for index, case in enumerate(cases)
+        for name in case["expected"]
+    ]
+
+
+@pytest.mark.parametrize("case,name", _fixture_cases())
+def test_matches_reference_fixtures(case, name):
+    embeddings = case["embeddings"].clone().requires_grad_()
+    value = build_loss(name)(list(embeddings.unbind(0)), case["labels"])
+    (grad,) = torch.autograd.grad(value, embeddings)
+    expected = case["expected"][name]
+    assert value.item() == pytest.approx(expected["loss"].item(), abs=1e-5)
+    torch.testing.assert_close(grad, expected["grads"], atol=1e-5, rtol=0)
+
+
+def test_fixtures_cover_every_loss_both_learner_counts_and_the_degenerate_batch():
+    cases = torch.load(FIXTURES, weights_only=False)["losses"]
+    assert {name for case in cases for name in case["expected"]} == set(losses.LOSS_NAMES)
+    assert {case["m"] for case in cases} == {1, 4}
+    assert any(len(set(case["labels"].tolist())) == case["n"] for case in cases)
+
+
+# ----------------------------------------------------------------------------- degenerate batches
+@pytest.mark.parametrize("num_learners", [1, 4])
+@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+def test_batch_without_positives_gives_zero_loss_zero_grads_and_zero_anchors(name, num_learners):
+    x = F.normalize(torch.randn(num_learners, 6, 16), dim=-1).requires_grad_()
+    loss_fn = build_loss(name)
+    value = loss_fn(list(x.unbind(0)), torch.arange(6))
+    value.backward()
+    assert value.item() == 0.0
+    assert torch.isfinite(x.grad).all() and x.grad.abs().max().item() == 0.0
+    assert loss_fn.stats["anchors"].item() == 0 and loss_fn.stats["pairs"].item() == 0
+
+
+def test_stats_count_anchors_and_pairs_of_a_known_batch():
+    # Classes 0 0 0 1 1 2: the sample of class 2 has no positive; five anchors with five pairs each.
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    x = F.normalize(torch.randn(4, 6, 8), dim=-1)
+    loss_fn = ContrastiveLoss()
+    loss_fn(list(x.unbind(0)), labels)
+    assert loss_fn.stats["anchors"].item() == 5 * 4
+    assert loss_fn.stats["pairs"].item() == 5 * 5 * 4
+    assert all(t.dim() == 0 and t.device == x.device for t in loss_fn.stats.values())
+
+
+def test_stats_before_any_call_raise_a_clear_error():
+    with pytest.raises(RuntimeError, match="call the loss on a batch first"):
+        MSLoss().stats
+
+
+# ----------------------------------------------------------------------------- interface
+def test_build_loss_names_aliases_and_options():
+    assert losses.LOSS_NAMES == ("ContrastiveLoss", "ABELoss", "MSLoss")
+    assert isinstance(build_loss("msloss"), MSLoss)
+    assert isinstance(build_loss("MsLoss"), MSLoss)  # the reference's spelling
+    assert isinstance(build_loss("abeloss"), ABELoss)
+    assert isinstance(build_loss("CONTRASTIVELOSS"), ContrastiveLoss)
+    assert losses.canonical_loss_name("MsLoss") == "MSLoss"
+    paper = build_loss("MSLoss", beta=50, eps=0.1)
+    assert (paper.alpha, paper.beta, paper.lam, paper.eps) == (2.0, 50, 0.5, 0.1)
+    assert build_loss("ContrastiveLoss", margin=0.3).margin == 0.3
+    with pytest.raises(TypeError):
+        build_loss("MSLoss", margin=0.3)
+
+
+def test_unknown_loss_name_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown loss 'TripletLoss'; choose one of ContrastiveLoss, ABELoss, MSLoss"):
+        build_loss("TripletLoss")
+
+
+def test_defaults_are_the_reference_settings():
+    for name, defaults in DEFAULTS.items():
+        loss_fn = build_loss(name)
+        assert {key: getattr(loss_fn, key) for key in defaults} == defaults
+
+
+@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+def test_single_tensor_is_one_learner_and_no_grad_gives_the_same_value(name):
+    x, labels = make_batch("random", 1, torch.float32, 3)
+    loss_fn = build_loss(name)
+    as_list = loss_fn([x[0]], labels)
+    as_tensor = loss_fn(x[0], labels)
+    with torch.no_grad():
+        evaluated = loss_fn(x[0], labels)
+    assert as_list.item() == as_tensor.item() == evaluated.item()
+
+
+@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+def test_bad_inputs_raise_errors_naming_the_argument(name):
+    loss_fn = build_loss(name)
+    x = F.normalize(torch.randn(6, 8), dim=-1)
+    with pytest.raises(ValueError, match="labels: expected a 1-D tensor of 6 labels"):
+        loss_fn(x, torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="embeddings: expected n x d tensors of one shape"):
+        loss_fn([x, x[:, :4]], torch.zeros(6, dtype=torch.long))
+    with pytest.raises(ValueError, match="embeddings: expected a tensor or a non-empty list"):
+        loss_fn([], torch.zeros(6, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+def test_computes_in_float32_under_autocast_and_for_half_inputs(name):
+    x, labels = make_batch("random", 4, torch.float32, 5)
+    loss_fn = build_loss(name)
+    expected = loss_fn(list(x.unbind(0)), labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = loss_fn(list(x.unbind(0)), labels)
+    assert under_autocast.dtype == torch.float32
+    assert under_autocast.item() == pytest.approx(expected.item(), abs=1e-6)
+    from_bfloat16 = loss_fn(list(x.to(torch.bfloat16).unbind(0)), labels)
+    assert from_bfloat16.dtype == torch.float32
+    assert math.isfinite(from_bfloat16.item())
+
+
+@pytest.mark.parametrize("num_learners", [1, 4])
+@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+def test_forward_backward_and_stats_need_no_host_synchronisation(name, num_learners):
+    # Meta tensors have no data: any .item(), bool() or Python branch on a value would raise.
+    x = torch.empty(num_learners, 60, 128, device="meta", requires_grad=True)
+    labels = torch.empty(60, dtype=torch.long, device="meta")
+    loss_fn = build_loss(name)
+    value = loss_fn(list(x.unbind(0)), labels)
+    value.backward()
+    assert value.shape == () and x.grad.shape == x.shape
+    assert all(t.shape == () and t.device.type == "meta" for t in loss_fn.stats.values())
+
+
+def test_benchmark_baseline_computes_the_same_losses():
+    """bench/losses.py times against its own per-anchor loop: that loop must compute these losses."""
+    from bench.losses import main, per_anchor_loss
+
+    for case in torch.load(FIXTURES, weights_only=False)["losses"]:
+        for name, expected in case["expected"].items():
+            value = per_anchor_loss(name, list(case["embeddings"].unbind(0)), case["labels"])
+            assert float(value) == pytest.approx(expected["loss"].item(), abs=1e-5), name
+    rows = main(["--batch-sizes", "8", "--learners", "2", "--devices", "cpu", "--repeats", "1", "--baseline-repeats", "1", "--warmup", "0"])
+    assert [(r["loss"], r["M"], r["n"]) for r in rows] == [(name, 2, 8) for name in losses.LOSS_NAMES]
+    assert all(r["benchmark"] == "losses" and r["unit"] == "ms" and r["ours"] > 0 and r["baseline"] > 0 for r in rows)
