@@ -1,0 +1,45 @@
+"""Print a model's layers, output shapes and parameter count: `python3 -m models se_resnet50`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # utils.py, also when run from elsewhere
+
+from models import MODEL_NAMES, build_model, summary  # noqa: E402
+from utils import UserError, exit_on_user_error  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python3 -m models", description=__doc__)
+    parser.add_argument("model", help=f"model name, one of {', '.join(MODEL_NAMES)} (case-insensitive)")
+    parser.add_argument("--embedding-dim", type=int, default=None,
+                        help="total embedding size, split over the learners (default: 512)")
+    parser.add_argument("--num-learners", type=int, default=None,
+                        help="number of learners M (default: 1 for se_resnet50, 4 for resnet50 and ABE_M)")
+    parser.add_argument("--no-attention", action="store_true",
+                        help="se_resnet50 without its attention branch, the paper's ablation (default: off)")
+    parser.add_argument("--crop-size", type=int, default=224, help="input image side in pixels (default: 224)")
+    parser.add_argument("--depth", type=int, default=3, help="nesting depth of the table (default: 3)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> str:
+    options = {"embedding_dim": args.embedding_dim, "num_learners": args.num_learners}
+    if args.no_attention:
+        options["attention"] = False
+    options = {key: value for key, value in options.items() if value is not None}
+    if args.crop_size < 64:
+        raise UserError(f"--crop-size {args.crop_size}: the models need at least 64x64 pixels")
+    try:
+        model = build_model(args.model, **options)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    text = summary(model, crop_size=args.crop_size, depth=args.depth)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)(get_args_parser().parse_args())

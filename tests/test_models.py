@@ -1,0 +1,263 @@
+"""The three backbones against the reference code's outputs (tests/data/fixtures_seed1.pt) and layout
+(tests/data/state_dict_layout.json), plus the registry, options, sizes, gradients, autocast and summary."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import MODEL_NAMES, build_model, canonical_model_name, summary
+
+DATA = Path(__file__).resolve().parent / "data"
+REPO = Path(__file__).resolve().parent.parent
+TOLERANCE = 1e-4  # SPEC.md: right implementations differ from the fixtures by ~1e-7
+
+# Variant names of the fixture and layout files -> (model name, build options).
+VARIANTS = {
+    "se_resnet50": ("se_resnet50", {}),
+    "se_resnet50_no_attention": ("se_resnet50", {"attention": False}),
+    "resnet50": ("resnet50", {}),
+    "ABE_M": ("ABE_M", {}),
+}
+# The attention trunk's first BatchNorm, which the reference runs once per head.
+TRUNK_BATCHNORM = {"resnet50": "att_layer.0.bn1", "ABE_M": "att_a4.b1.1", "se_resnet50": "att_layer.0.bn1"}
+
+
+def filled_state_dict(template: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """SPEC.md's fill rule: deterministic values keyed by parameter name and shape only."""
+    out = {}
+    for key, tensor in template.items():
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+        leaf = key.rsplit(".", 1)[-1]
+        shape = tuple(tensor.shape)
+        if leaf == "num_batches_tracked":
+            out[key] = torch.zeros_like(tensor)
+        elif leaf == "running_mean":
+            out[key] = torch.zeros(shape)
+        elif leaf == "running_var":
+            out[key] = torch.ones(shape)
+        elif leaf == "weight" and len(shape) == 1:
+            out[key] = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        elif leaf == "bias":
+            out[key] = 0.1 * torch.randn(shape, generator=generator)
+        else:
+            fan_in = torch.Size(shape[1:]).numel()
+            out[key] = torch.randn(shape, generator=generator) * (2.0 / fan_in) ** 0.5
+    return out
+
+
+def layout_template(variant: str) -> dict[str, torch.Tensor]:
+    """An empty state_dict with the reference's keys, in its order, and shapes."""
+    entries = LAYOUT[variant]["state_dict"]
+    return {key: torch.zeros(shape, dtype=torch.long if key.endswith("num_batches_tracked") else torch.float32)
+            for key, shape in entries}
+
+
+LAYOUT = json.loads((DATA / "state_dict_layout.json").read_text())
+FIXTURES = torch.load(DATA / "fixtures_seed1.pt", weights_only=False)
+
+
+def dropout_to_eval(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.eval()
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def reference_run(request: pytest.FixtureRequest) -> dict:
+    """One model per variant with the fixture's weights: its eval and train embeddings and running stats."""
+    variant = request.param
+    name, options = VARIANTS[variant]
+    model = build_model(name, **options)
+    expected = FIXTURES["models"][variant]
+    model.load_state_dict(filled_state_dict(model.state_dict(), expected["seed"]), strict=True)
+    images = FIXTURES["input"]
+    with torch.no_grad():
+        model.eval()
+        eval_embeddings = model(images)
+        model.train()
+        dropout_to_eval(model)
+        train_embeddings = model(images)
+    return {"variant": variant, "model": model, "expected": expected,
+            "eval": eval_embeddings, "train": train_embeddings}
+
+
+# ----------------------------------------------------------------------------- the reference's numbers
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fill_rule_matches_reference_sums(variant: str) -> None:
+    expected = FIXTURES["models"][variant]
+    values = [t.double() for t in filled_state_dict(layout_template(variant), expected["seed"]).values()]
+    assert sum(v.sum().item() for v in values) == pytest.approx(expected["filled_sum"], rel=1e-9)
+    assert sum(v.square().sum().item() for v in values) == pytest.approx(expected["filled_sum_sq"], rel=1e-9)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_state_dict_layout_and_parameter_count(variant: str) -> None:
+    name, options = VARIANTS[variant]
+    model = build_model(name, **options)
+    ours = [[key, list(tensor.shape)] for key, tensor in model.state_dict().items()]
+    assert ours == LAYOUT[variant]["state_dict"]
+    assert sum(p.numel() for p in model.parameters()) == LAYOUT[variant]["parameters"]
+    # A state_dict written by the reference (its layout, its values) loads strictly.
+    reference = filled_state_dict(layout_template(variant), seed=7)
+    model.load_state_dict(reference, strict=True)
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in reference.items())
+
+
+def test_eval_embeddings_match_reference(reference_run: dict) -> None:
+    expected = reference_run["expected"]["eval_embeddings"]
+    ours = torch.stack(reference_run["eval"])
+    assert ours.shape == expected.shape
+    assert (ours - expected).abs().max().item() < TOLERANCE
+
+
+def test_train_embeddings_match_reference(reference_run: dict) -> None:
+    expected = reference_run["expected"]["train_embeddings"]
+    ours = torch.stack(reference_run["train"])
+    assert (ours - expected).abs().max().item() < TOLERANCE
+    # Batch statistics instead of running ones: train and eval outputs differ, so both checks count.
+    assert (ours - torch.stack(reference_run["eval"])).abs().max().item() > 100 * TOLERANCE
+
+
+def test_running_statistics_match_reference_after_one_train_forward(reference_run: dict) -> None:
+    expected = reference_run["expected"]["running_stats_after_train_forward"]
+    state = reference_run["model"].state_dict()
+    assert set(expected) == {key for key in state if ".running_" in key}
+    worst = max((state[key] - value).abs().max().item() for key, value in expected.items())
+    assert worst < TOLERANCE
+    model = reference_run["model"]
+    if model.num_learners > 1:
+        # The fixture tells the trunk's momentum 1 - 0.9**M from the default 0.1: running means started at
+        # zero, so one update left momentum * batch mean, and 0.1 would leave 0.1 / momentum of that.
+        key = TRUNK_BATCHNORM[reference_run["variant"]] + ".running_mean"
+        with_default_momentum = state[key] * (0.1 / (1 - 0.9 ** model.num_learners))
+        assert (with_default_momentum - expected[key]).abs().max().item() > 100 * TOLERANCE
+
+
+# ----------------------------------------------------------------------------- registry and options
+def test_names_are_case_insensitive_with_reference_alias() -> None:
+    assert MODEL_NAMES == ("se_resnet50", "resnet50", "ABE_M")
+    assert canonical_model_name("SE_ResNet") == "se_resnet50"
+    assert canonical_model_name("abe_m") == "ABE_M"
+    assert canonical_model_name("RESNET50") == "resnet50"
+
+
+def test_unknown_name_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="unknown model 'vgg16'; choose one of se_resnet50, resnet50, ABE_M"):
+        build_model("vgg16")
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("resnet50", {"attention": False}, "model resnet50 has no option attention"),
+    ("ABE_M", {"embedding_dim": 510}, r"embedding_dim \(510\) must be a positive multiple of num_learners \(4\)"),
+    ("resnet50", {"num_learners": 0}, "num_learners must be at least 1"),
+    ("se_resnet", {"num_learners": 2}, "se_resnet50 has one learner"),
+])
+def test_bad_options_are_rejected(name: str, options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_model(name, **options)
+
+
+@pytest.mark.parametrize("name, options, num_learners, width", [
+    ("se_resnet50", {}, 1, 512),
+    ("resnet50", {}, 4, 128),
+    ("ABE_M", {}, 4, 128),
+    ("resnet50", {"num_learners": 2, "embedding_dim": 256}, 2, 128),
+    ("ABE_M", {"num_learners": 1}, 1, 512),
+])
+def test_options_set_learners_and_widths(name: str, options: dict, num_learners: int, width: int) -> None:
+    model = build_model(name, **options)
+    assert model.num_learners == num_learners
+    assert model.embedding_dim == num_learners * width
+    assert len(model.attention_heads()) == num_learners
+    trunk_momentum = dict(model.named_modules())[TRUNK_BATCHNORM[canonical_model_name(name)]].momentum
+    assert trunk_momentum == pytest.approx(1 - 0.9 ** num_learners)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 64, 64))
+    assert [tuple(e.shape) for e in out] == [(1, width)] * num_learners
+
+
+def test_only_the_trunk_takes_the_repeated_update_momentum() -> None:
+    model = build_model("resnet50")
+    momenta = {name: module.momentum for name, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)}
+    trunk = [m for name, m in momenta.items() if name.startswith("att_layer.")]
+    rest = [m for name, m in momenta.items() if not name.startswith("att_layer.")]
+    assert len(trunk) == 3 * 3 + 1 and trunk == pytest.approx([0.3439] * len(trunk))
+    assert rest and set(rest) == {0.1}
+
+
+# ----------------------------------------------------------------------------- sizes, gradients, precision
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_any_input_from_64_pixels_gives_unit_embeddings(variant: str) -> None:
+    name, options = VARIANTS[variant]
+    model = build_model(name, **options).eval()
+    width = model.embedding_dim // model.num_learners
+    with torch.no_grad():
+        for size in [(64, 64), (72, 88)]:
+            out = model(torch.rand(2, 3, *size))
+            assert len(out) == model.num_learners
+            for embedding in out:
+                assert embedding.shape == (2, width) and embedding.dtype == torch.float32
+                torch.testing.assert_close(embedding.norm(dim=1), torch.ones(2))
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_parameter_gets_a_finite_gradient(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name).train()
+    out = model(torch.rand(2, 3, 64, 64))
+    assert all(torch.isfinite(e).all() for e in out)
+    # Pull the two images apart in every learner, as a metric loss would.
+    sum((e[0] * e[1]).sum() for e in out).backward()
+    for key, parameter in model.named_parameters():
+        assert parameter.grad is not None, key
+        assert torch.isfinite(parameter.grad).all(), key
+        if parameter.dim() > 1:  # conv and linear weights; biases just before a BatchNorm get zero by design
+            assert parameter.grad.abs().sum() > 0, key
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_bfloat16_autocast_and_channels_last_keep_float32_embeddings(name: str) -> None:
+    model = build_model(name)
+    model.load_state_dict(filled_state_dict(model.state_dict(), seed=1))
+    model.eval()
+    images = FIXTURES["input"][:2, :, :64, :64]
+    with torch.no_grad():
+        reference = model(images)
+        model = model.to(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = model(images.contiguous(memory_format=torch.channels_last))
+    for low, high in zip(ours, reference):
+        assert low.dtype == torch.float32
+        torch.testing.assert_close(low.norm(dim=1), torch.ones(2))
+        assert F.cosine_similarity(low, high).min() > 0.999
+
+
+# ----------------------------------------------------------------------------- summary
+def test_summary_counts_shared_layers_once_and_leaves_the_model_alone() -> None:
+    model = build_model("ABE_M").train()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    text = summary(model, crop_size=64)
+    assert "Total params: 10,534,720" in text  # torchsummary would say 35.3 M
+    assert model.training
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_command_line_summary_and_bad_name() -> None:
+    ok = subprocess.run([sys.executable, "-m", "models", "se_resnet", "--no-attention", "--crop-size", "64",
+                         "--depth", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert f"Total params: {LAYOUT['se_resnet50_no_attention']['parameters']:,}" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "models", "vgg16"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: unknown model 'vgg16'; choose one of se_resnet50, resnet50, ABE_M"
