@@ -22,6 +22,8 @@ from torchvision import transforms
 
 REPO_ROOT = Path(__file__).resolve().parent
 DATA_ROOT = REPO_ROOT / "KIMIA_data"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
 
 
@@ -77,6 +79,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -213,3 +216,6 @@ def select_device(name: str | None = None) -> torch.device:
             raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
         return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+from metrics import combine_learners, kimia_accuracy, map_at_r, recall_at_k, retrieval_metrics, topk_similar  # noqa: E402,F401

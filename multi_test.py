@@ -1,0 +1,464 @@
+"""Evaluate every checkpoint in a folder with the Kimia Path24 metrics.
+
+    python3 multi_test.py model/ [--data-dir KIMIA_data] [--protocol test|train|both]
+
+Protocols (every output names the one that produced it):
+- test (default, the reference's): leave-one-out retrieval inside the test set; each test patch
+  is predicted by the class of its most similar other test patch.
+- train (Kimia Path24's own): each test patch is searched against the training set.
+
+Each `.pth` file of the folder, sorted by name, is either a checkpoint written by train.py
+(architecture, embedding size, crop size and class names read from it) or a bare state_dict
+written by the reference code (architecture from the file-name prefix ABE_M_, se_resnet_,
+se_resnet50_ or resnet50_, attention from its keys, crop 224). A file that cannot be evaluated is
+reported with the reason and the sweep goes on; the exit status is 1 if any file failed.
+
+Outputs, beside the checkpoints unless --output-dir says otherwise:
+- <model>_results.txt: one line per checkpoint and protocol in the reference's format,
+  `<file>[(eta_p, 'np'), (eta_W, 'nw'), (eta_total, 'n_total')]`, followed by `# protocol=...`;
+- results.csv: every metric, the settings, the class list and the command, one row per
+  checkpoint and protocol;
+- confusion/<checkpoint>_<protocol>.csv and .png: the confusion matrix (rows true class,
+  columns predicted class).
+Images are decoded and centre-cropped once per run and crop size, then reused for every
+checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+import models
+from utils import (KimiaDataset, UserError, append_csv_row, atomic_write, atomic_write_text, command_line,
+                   exit_on_user_error, load_rgb, natural_sorted, select_device)
+from metrics import RECALL_KS, combine_learners, retrieval_metrics
+
+PROTOCOLS = ("test", "train")
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+REFERENCE_CROP_SIZE = 224
+# File-name prefixes of the reference's bare state_dicts (an optional training-set ratio may precede them).
+REFERENCE_PREFIX = re.compile(r"^(?:\d+(?:\.\d+)?_?)?(ABE_M|se_resnet50|se_resnet|resnet50)_")
+# Per-learner heads whose count gives M in a bare state_dict, and the final linear layer.
+REFERENCE_HEADS = {"resnet50": ("att_branches.", "last_linear.weight"), "ABE_M": ("att_conv_branches.", "linear.weight")}
+
+
+class CheckpointError(UserError):
+    """A checkpoint file that cannot be evaluated (corrupt, not a checkpoint, wrong architecture)."""
+
+
+# ----------------------------------------------------------------------------- checkpoints
+@dataclass
+class LoadedModel:
+    """A model ready for evaluation, with what its file says about it."""
+
+    model: nn.Module
+    path: str
+    model_name: str
+    model_options: dict
+    crop_size: int
+    class_names: list[str] | None  # None for a bare reference state_dict
+    loss_name: str | None
+    source: str  # "checkpoint" (train.py) or "reference state_dict"
+    seed: int | None
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", crop_size: int | None = None) -> LoadedModel:
+    """Build the model stored in `path`, in eval mode on `device`.
+
+    Accepts a checkpoint written by train.py or a bare reference state_dict. Raises CheckpointError
+    (one line naming the file) when the file is unreadable, not a checkpoint, or does not fit.
+    """
+    name = os.path.basename(path)
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for damaged or foreign files
+        raise CheckpointError(f"{name}: cannot be read as a torch file ({_one_line(err)})") from None
+    if not isinstance(content, dict) or not content:
+        raise CheckpointError(f"{name}: not a checkpoint (holds a {type(content).__name__}, expected a dict)")
+    if "model" in content and "model_name" in content and "model_options" in content:
+        try:
+            model_name = models.canonical_model_name(content["model_name"])
+        except ValueError as err:
+            raise CheckpointError(f"{name}: {_one_line(err)}") from None
+        state_dict, options = content["model"], dict(content["model_options"])
+        if not isinstance(state_dict, dict):
+            raise CheckpointError(f"{name}: its 'model' entry is a {type(state_dict).__name__}, not a state_dict")
+        details = {"crop_size": int(content.get("crop_size", REFERENCE_CROP_SIZE)),
+                   "class_names": list(content.get("class_names") or []) or None,
+                   "loss_name": content.get("loss_name"), "source": "checkpoint", "seed": content.get("seed")}
+    elif all(isinstance(v, torch.Tensor) for v in content.values()):
+        match = REFERENCE_PREFIX.match(name)
+        if match is None:
+            raise CheckpointError(f"{name}: a bare state_dict whose name does not start with ABE_M_, se_resnet_, "
+                                  "se_resnet50_ or resnet50_; rename it after its architecture")
+        state_dict, model_name = content, models.canonical_model_name(match.group(1))
+        options = _reference_options(model_name, state_dict)
+        details = {"crop_size": REFERENCE_CROP_SIZE, "class_names": None, "loss_name": None,
+                   "source": "reference state_dict", "seed": None}
+    else:
+        raise CheckpointError(f"{name}: not a checkpoint (neither a dict with 'model', 'model_name' and "
+                              "'model_options' written by train.py, nor a bare state_dict)")
+    try:
+        with torch.device("meta"):  # skips the random initialisation that the checkpoint overwrites
+            model = models.build_model(model_name, **options)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{name}: cannot build {model_name} with {options} ({_one_line(err)})") from None
+    mismatch = _state_dict_mismatch(model.state_dict(), state_dict)
+    if mismatch:
+        raise CheckpointError(f"{name}: does not fit {model_name} {options}: {mismatch}")
+    model.load_state_dict(state_dict, assign=True)
+    if crop_size is not None:
+        details["crop_size"] = crop_size
+    return LoadedModel(model.to(device).eval(), os.fspath(path), model_name, options, **details)
+
+
+def _reference_options(model_name: str, state_dict: dict[str, torch.Tensor]) -> dict:
+    """build_model options of a bare reference state_dict, read from its keys and shapes."""
+    if model_name == "se_resnet50":
+        linear = state_dict.get("last_linear.weight")
+        return {"embedding_dim": int(linear.shape[0]) if linear is not None else 512, "num_learners": 1,
+                "attention": any(k.startswith("att_layer.") for k in state_dict)}
+    head_prefix, linear_key = REFERENCE_HEADS[model_name]
+    heads = {k[len(head_prefix):].split(".")[0] for k in state_dict if k.startswith(head_prefix)}
+    num_learners = len(heads) or 4
+    linear = state_dict.get(linear_key)
+    per_learner = int(linear.shape[0]) if linear is not None else 128
+    return {"embedding_dim": per_learner * num_learners, "num_learners": num_learners}
+
+
+def _state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, Any]) -> str:
+    """'' when `found` has exactly the keys and shapes of `expected`, else a short description."""
+    problems = []
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in found and isinstance(found[k], torch.Tensor) and found[k].shape != v.shape]
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)):
+        if items:
+            problems.append(f"{len(items)} {label} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})")
+    return "; ".join(problems)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# ----------------------------------------------------------------------------- images and embeddings
+class _CenterCrops(Dataset):
+    """uint8 centre crops (3 x c x c) of image files; an unreadable file yields its error instead."""
+
+    def __init__(self, paths: Sequence[str], crop_size: int) -> None:
+        self.paths = list(paths)
+        # CenterCrop then PILToTensor, divided by 255 later, equals the reference's eval transform.
+        self.transform = transforms.Compose([transforms.CenterCrop(crop_size), transforms.PILToTensor()])
+        self.crop_size = crop_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        try:
+            return self.transform(load_rgb(self.paths[index])), ""
+        except Exception as err:  # PIL raises many types for damaged files
+            return torch.zeros(3, self.crop_size, self.crop_size, dtype=torch.uint8), _one_line(err)
+
+
+@dataclass
+class ImageSet:
+    """Decoded centre crops of a list of images, kept in memory as uint8 (N x 3 x c x c)."""
+
+    images: torch.Tensor
+    paths: list[str]
+    class_names: list[str | None]  # per image; None where unknown
+    failed: list[tuple[str, str]]  # (path, reason) of the files that could not be decoded
+
+
+def iter_decoded(paths: Sequence[str], crop_size: int, workers: int = 0,
+                 batch_size: int = 64) -> Iterator[tuple[torch.Tensor, list[int], list[tuple[str, str]]]]:
+    """Decode and centre-crop `paths` in batches: yields (uint8 crops of the readable files, their
+    indices in `paths`, (path, reason) of the unreadable ones)."""
+    loader = DataLoader(_CenterCrops(paths, crop_size), batch_size=batch_size, num_workers=workers)
+    start = 0
+    for images, errors in loader:
+        keep = [i for i, error in enumerate(errors) if not error]
+        yield (images[keep], [start + i for i in keep],
+               [(paths[start + i], error) for i, error in enumerate(errors) if error])
+        start += len(errors)
+
+
+def decode_images(paths: Sequence[str], class_names: Sequence[str | None], crop_size: int,
+                  workers: int = 0) -> ImageSet:
+    """Decode and centre-crop `paths` once; unreadable files are left out and listed in `failed`."""
+    batches, kept, failed = [torch.zeros(0, 3, crop_size, crop_size, dtype=torch.uint8)], [], []
+    for images, indices, failures in iter_decoded(paths, crop_size, workers):
+        batches.append(images)
+        kept += indices
+        failed += failures
+    return ImageSet(torch.cat(batches), [paths[i] for i in kept], [class_names[i] for i in kept], failed)
+
+
+def embed(model: nn.Module, images: torch.Tensor, batch_size: int = 32, device: torch.device | str = "cpu",
+          amp: str = "off") -> torch.Tensor:
+    """Embeddings n x (M*d) of uint8 images (see metrics.combine_learners), float32 on `device`."""
+    device = torch.device(device)
+    dtype = AMP_DTYPES[amp]
+    parts = []
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        for start in range(0, images.shape[0], batch_size):
+            batch = images[start:start + batch_size].to(device, non_blocking=True).float().div_(255)
+            parts.append(combine_learners(model(batch)))
+    if not parts:
+        raise UserError("no images to embed")
+    return torch.cat(parts)
+
+
+def list_split(root: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """(paths, class names) of the images of `root/<class>/<image>`, in natural order."""
+    dataset = KimiaDataset(root)
+    return [path for path, _ in dataset.samples], [dataset.classes[label] for _, label in dataset.samples]
+
+
+class Evaluator:
+    """Scores models on a data folder, decoding each split once per crop size."""
+
+    def __init__(self, data_dir: str | os.PathLike = "KIMIA_data", batch_size: int = 32, amp: str = "off",
+                 device: torch.device | str | None = None, workers: int = 0) -> None:
+        if amp not in AMP_DTYPES:
+            raise UserError(f"--amp {amp}: choose one of {sorted(AMP_DTYPES)}")
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        self.data_dir = Path(data_dir)
+        self.batch_size, self.amp, self.workers = batch_size, amp, workers
+        self.device = device if isinstance(device, torch.device) else select_device(device)
+        self._images: dict[tuple[str, int], ImageSet] = {}
+
+    def images(self, split: str, crop_size: int) -> ImageSet:
+        key = (split, crop_size)
+        if key not in self._images:
+            paths, names = list_split(self.data_dir / split)
+            started = time.time()
+            self._images[key] = decode_images(paths, names, crop_size, self.workers)
+            images = self._images[key]
+            print(f"decoded {len(images.paths)} {split} images at {crop_size} px in {time.time() - started:.1f} s "
+                  f"({images.images.numel() / 2**20:.0f} MiB kept)", flush=True)
+            if not images.paths:
+                raise UserError(f"{self.data_dir / split}: none of its images could be decoded")
+        return self._images[key]
+
+    @property
+    def failed_images(self) -> list[tuple[str, str]]:
+        return sorted({failure for images in self._images.values() for failure in images.failed})
+
+    def evaluate(self, loaded: LoadedModel, protocols: Sequence[str] = ("test",)) -> list[dict]:
+        """Every metric of `loaded` under each protocol ('test': leave-one-out in the test set;
+        'train': test images searched against the training set), one dict per protocol.
+
+        The test images are embedded once for all protocols; labels index the class names of the
+        splits used, in natural order.
+        """
+        unknown = [p for p in protocols if p not in PROTOCOLS]
+        if unknown or not protocols:
+            raise UserError(f"--protocol {' '.join(unknown)}: choose one of {', '.join(PROTOCOLS)} (or both)")
+        started = time.time()
+        splits = ("test", "train") if "train" in protocols else ("test",)
+        image_sets = {split: self.images(split, loaded.crop_size) for split in splits}
+        class_names = natural_sorted({name for images in image_sets.values() for name in images.class_names})
+        index = {name: i for i, name in enumerate(class_names)}
+        labels = {split: [index[name] for name in images.class_names] for split, images in image_sets.items()}
+        embeddings = {split: embed(loaded.model, images.images, self.batch_size, self.device, self.amp)
+                      for split, images in image_sets.items()}
+        results = []
+        for protocol in protocols:
+            gallery = "train" if protocol == "train" else None
+            result = retrieval_metrics(embeddings["test"], labels["test"], embeddings.get(gallery), labels.get(gallery),
+                                       num_classes=len(class_names))
+            result.update({
+                "protocol": protocol, "checkpoint": os.path.basename(loaded.path), "checkpoint_path": loaded.path,
+                "source": loaded.source, "model": loaded.model_name, "loss": loaded.loss_name or "",
+                "model_options": loaded.model_options, "crop_size": loaded.crop_size, "seed": loaded.seed,
+                "class_names": class_names,
+                "checkpoint_classes_match": loaded.class_names is None or loaded.class_names == class_names,
+                "data_dir": str(self.data_dir), "amp": self.amp, "device": str(self.device),
+                "batch_size": self.batch_size, "seconds": time.time() - started,
+            })
+            results.append(result)
+        return results
+
+
+def evaluate_checkpoint(path: str | os.PathLike, data_dir: str | os.PathLike = "KIMIA_data", protocol: str = "test",
+                        batch_size: int = 32, amp: str = "off", device: torch.device | str | None = None,
+                        crop_size: int | None = None, workers: int = 0) -> dict:
+    """Metrics of one checkpoint (ours or a bare reference state_dict) under one protocol.
+
+    Returns eta_p, eta_w, eta_total, correct, num_queries, confusion (rows true, columns
+    predicted), per_class_recall, recall@1/2/4/8, map@r, class_names, the settings used, ...
+    """
+    evaluator = Evaluator(data_dir, batch_size, amp, device, workers)
+    return evaluator.evaluate(load_model(path, evaluator.device, crop_size), (protocol,))[0]
+
+
+# ----------------------------------------------------------------------------- outputs
+def reference_line(result: dict) -> str:
+    """The reference's results.txt line, followed by the protocol that produced it."""
+    scores = [(result["eta_p"], "np"), (result["eta_w"], "nw"), (result["eta_total"], "n_total")]
+    return f"{result['checkpoint']}{scores}  # protocol={result['protocol']}\n"
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append a line to a text file through a temp file and a rename (never a torn line)."""
+    old = Path(path).read_text(encoding="utf-8") if Path(path).exists() else ""
+    atomic_write_text(path, old + line)
+
+
+def write_confusion_csv(path: str | os.PathLike, confusion: np.ndarray, class_names: Sequence[str], note: str) -> None:
+    lines = [f"# {note}", "true \\ predicted," + ",".join(class_names)]
+    lines += [f"{name}," + ",".join(str(int(v)) for v in row) for name, row in zip(class_names, confusion)]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def plot_confusion(path: str | os.PathLike, confusion: np.ndarray, class_names: Sequence[str], title: str) -> None:
+    """The confusion matrix as in the paper's figure: counts in the cells, class names on both axes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(4.0, 0.42 * len(class_names) + 2.0)
+    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    ax.imshow(confusion, cmap="Blues")
+    ticks = np.arange(len(class_names))
+    ax.set_xticks(ticks, labels=class_names, rotation=90)
+    ax.set_yticks(ticks, labels=class_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=9)
+    threshold = confusion.max() / 2 if confusion.size else 0
+    for (row, col), count in np.ndenumerate(confusion):
+        if count:
+            ax.text(col, row, str(count), ha="center", va="center", fontsize=7,
+                    color="white" if count > threshold else "black")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def write_outputs(result: dict, output_dir: str | os.PathLike, command: str) -> dict:
+    """Append the result to the text and CSV files and write its confusion matrix; returns the CSV row."""
+    output_dir = Path(output_dir)
+    stem = f"{Path(result['checkpoint']).stem}_{result['protocol']}"
+    confusion_csv = output_dir / "confusion" / f"{stem}.csv"
+    note = (f"{result['checkpoint']}, protocol {result['protocol']}, rows true class, columns predicted class; "
+            f"eta_p {result['eta_p']:.4f} eta_W {result['eta_w']:.4f} eta_total {result['eta_total']:.4f}")
+    write_confusion_csv(confusion_csv, result["confusion"], result["class_names"], note)
+    plot_confusion(confusion_csv.with_suffix(".png"), result["confusion"], result["class_names"], note)
+    append_line(output_dir / f"{result['model']}_results.txt", reference_line(result))
+    row = {key: result[key] for key in ("protocol", "checkpoint", "model", "loss", "source", "crop_size", "eta_p",
+                                        "eta_w", "eta_total", "correct", "num_queries", "num_gallery")}
+    row.update({f"recall@{k}": result[f"recall@{k}"] for k in RECALL_KS})
+    row.update({
+        "map@r": result["map@r"], "num_lone_queries": result["num_lone_queries"],
+        "model_options": json.dumps(result["model_options"], sort_keys=True), "seed": result["seed"],
+        "amp": result["amp"], "device": result["device"], "batch_size": result["batch_size"],
+        "data_dir": result["data_dir"], "classes": " ".join(result["class_names"]),
+        "checkpoint_classes_match": result["checkpoint_classes_match"],
+        "confusion_csv": os.path.relpath(confusion_csv, output_dir), "seconds": round(result["seconds"], 2),
+        "command": command, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    })
+    append_csv_row(output_dir / "results.csv", row)
+    return row
+
+
+def ranking_table(rows: Sequence[dict]) -> str:
+    """Markdown table of the results, best eta_total first."""
+    lines = ["| rank | checkpoint | model | protocol | eta_p | eta_W | eta_total | R@1 | mAP@R |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for rank, row in enumerate(sorted(rows, key=lambda r: -r["eta_total"]), 1):
+        lines.append(f"| {rank} | {row['checkpoint']} | {row['model']} | {row['protocol']} | {row['eta_p']:.4f} | "
+                     f"{row['eta_w']:.4f} | {row['eta_total']:.4f} | {row['recall@1']:.4f} | {row['map@r']:.4f} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- script
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("weight_folder", help="folder whose .pth files are evaluated")
+    parser.add_argument("--data-dir", default="KIMIA_data",
+                        help="folder holding test/<class>/ and, for protocol train, train/<class>/ (default: KIMIA_data)")
+    parser.add_argument("--protocol", choices=("test", "train", "both"), default="test",
+                        help="test: leave-one-out in the test set (the reference's); train: test patches searched "
+                             "against the training set (Kimia Path24's); both (default: test)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off",
+                        help="autocast dtype of the forward pass; embeddings stay float32 (default: off)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
+    parser.add_argument("--crop-size", type=int, default=None,
+                        help="centre crop for every checkpoint (default: each checkpoint's own; 224 for bare "
+                             "reference state_dicts)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help=f"image-decoding processes (default: {min(4, os.cpu_count() or 1)})")
+    parser.add_argument("--output-dir", default=None, help="where results go (default: the weight folder)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    """Evaluate every .pth of args.weight_folder; returns the exit status (1 if any file failed)."""
+    folder = Path(args.weight_folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder; pass the folder holding the .pth checkpoints")
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".pth" and p.is_file())
+    if not files:
+        raise UserError(f"{folder}: no .pth files in it; pass the folder train.py wrote (default model/)")
+    if args.crop_size is not None and args.crop_size < 1:
+        raise UserError(f"--crop-size must be positive, got {args.crop_size}")
+    output_dir = Path(args.output_dir) if args.output_dir else folder
+    protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
+    evaluator = Evaluator(args.data_dir, args.batch_size, args.amp, args.device, args.workers)
+    command = command_line()
+    rows, failures = [], []
+    for path in files:
+        try:
+            loaded = load_model(path, evaluator.device, args.crop_size)
+        except CheckpointError as err:
+            failures.append(str(err))
+            print(f"FAILED {err}", flush=True)
+            continue
+        try:
+            results = evaluator.evaluate(loaded, protocols)
+        except RuntimeError as err:  # e.g. a crop too small for the architecture, out of GPU memory
+            failures.append(f"{path.name}: evaluation failed ({_one_line(err)})")
+            print(f"FAILED {failures[-1]}", flush=True)
+            continue
+        for result in results:
+            rows.append(write_outputs(result, output_dir, command))
+            warning = "" if result["checkpoint_classes_match"] else "  (its class list differs from the data's)"
+            print(f"{path.name} [{loaded.model_name}, protocol {result['protocol']}]: eta_p {result['eta_p']:.4f} "
+                  f"eta_W {result['eta_w']:.4f} eta_total {result['eta_total']:.4f} "
+                  f"({result['correct']}/{result['num_queries']}) in {result['seconds']:.1f} s{warning}", flush=True)
+        del loaded
+    if rows:
+        print("\n" + ranking_table(rows))
+        print(f"\nresults: {output_dir / 'results.csv'}, {output_dir}/<model>_results.txt, {output_dir / 'confusion'}/")
+    for path, reason in evaluator.failed_images:
+        print(f"unreadable image skipped: {path} ({reason})", file=sys.stderr)
+    if failures:
+        print(f"\n{len(failures)} of {len(files)} files failed:", file=sys.stderr)
+        for failure in failures:
+            print(f"  {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(exit_on_user_error(main)(get_args_parser().parse_args()))

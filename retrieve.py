@@ -1,0 +1,270 @@
+"""Search a collection of patches for the ones most similar to a query, with a trained model.
+
+    python3 retrieve.py index CHECKPOINT IMAGE_DIR --out index.pt
+    python3 retrieve.py query index.pt IMAGE_OR_FOLDER... --top-k 5 --out-dir retrieval/ [--faiss]
+
+`index` embeds every image under IMAGE_DIR (an image in a subfolder takes that top-level folder's
+name as its class, as in KIMIA_data/train/<class>/; images directly in IMAGE_DIR have none) and
+saves embeddings, paths and classes in one reusable file. `query` embeds the query images with the
+same checkpoint, prints the top-k matches with their similarity (the mean over the model's learners
+of the cosine similarities) and class, and writes one PNG grid per query (the query, then its
+matches, each labelled; green or red frames when the query's class is known, from its folder or
+its `<class>_` file-name prefix) and matches.csv. A query that is itself in the index is not
+returned as its own match.
+
+The search is exact: torch ranks in blocks by default; --faiss (needs `pip install faiss-cpu`)
+uses a faiss inner-product index instead, which is faster on large collections.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from metrics import topk_similar
+from multi_test import AMP_DTYPES, embed, iter_decoded, load_model
+from utils import (UserError, atomic_save, atomic_write, atomic_write_text, command_line, exit_on_user_error,
+                   is_image_file, load_rgb, natural_sorted, select_device)
+
+INDEX_FORMAT = 1
+INDEX_KEYS = ("format", "embeddings", "paths", "classes", "checkpoint", "model_name", "model_options", "crop_size")
+
+
+def find_images(root: str | os.PathLike) -> tuple[list[str], list[str | None]]:
+    """Image files under `root` in natural order, with their class (top-level subfolder) or None."""
+    root = Path(root)
+    paths, classes = [], []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = natural_sorted(d for d in subfolders if not d.startswith("."))
+        relative = Path(folder).relative_to(root)
+        for name in natural_sorted(f for f in files if is_image_file(f)):
+            paths.append(str(Path(folder) / name))
+            classes.append(relative.parts[0] if relative.parts else None)
+    return paths, classes
+
+
+def embed_files(model: torch.nn.Module, paths: Sequence[str], crop_size: int, batch_size: int, device: torch.device,
+                amp: str, workers: int) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
+    """Embeddings of the readable files (decoded batch by batch, so memory stays bounded), their
+    indices in `paths`, and (path, reason) of the unreadable ones."""
+    parts, kept, failed = [], [], []
+    for images, indices, failures in iter_decoded(paths, crop_size, workers, batch_size):
+        failed += failures
+        if indices:
+            parts.append(embed(model, images, batch_size, device, amp).cpu())
+            kept += indices
+    if not parts:
+        raise UserError(f"none of the {len(paths)} images could be read; first failure: {failed[0][0]}: {failed[0][1]}")
+    return torch.cat(parts), kept, failed
+
+
+def build_index(checkpoint: str | os.PathLike, image_dir: str | os.PathLike, batch_size: int = 32, amp: str = "off",
+                device: torch.device | str | None = None, crop_size: int | None = None, workers: int = 0) -> dict:
+    """The index of every image under `image_dir`, as saved by `retrieve.py index`."""
+    if not Path(image_dir).is_dir():
+        raise UserError(f"{image_dir}: no such folder; pass the folder of images to index")
+    paths, classes = find_images(image_dir)
+    if not paths:
+        raise UserError(f"{image_dir}: no image files (jpg, png, tif, bmp) in it or its subfolders")
+    device = select_device(device) if not isinstance(device, torch.device) else device
+    loaded = load_model(checkpoint, device, crop_size)
+    embeddings, kept, failed = embed_files(loaded.model, paths, loaded.crop_size, batch_size, device, amp, workers)
+    return {
+        "format": INDEX_FORMAT, "embeddings": embeddings, "paths": [os.path.abspath(paths[i]) for i in kept],
+        "classes": [classes[i] for i in kept], "checkpoint": os.path.abspath(checkpoint),
+        "model_name": loaded.model_name, "model_options": loaded.model_options, "crop_size": loaded.crop_size,
+        "image_dir": os.path.abspath(image_dir), "failed": [list(f) for f in failed], "command": command_line(),
+    }
+
+
+def load_index(path: str | os.PathLike) -> dict:
+    try:
+        index = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such index file; build one with `python3 retrieve.py index`") from None
+    except Exception as err:  # torch raises many types for damaged or foreign files
+        raise UserError(f"{path}: cannot be read as an index ({' '.join(str(err).split())[:200]})") from None
+    if not isinstance(index, dict) or any(key not in index for key in INDEX_KEYS):
+        raise UserError(f"{path}: not an index written by `python3 retrieve.py index`")
+    return index
+
+
+def search(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: torch.Tensor,
+           use_faiss: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k by inner product (scores, indices), never returning exclude[i] (-1: none) for query i."""
+    if not use_faiss:
+        return topk_similar(queries, gallery, k, exclude if (exclude >= 0).any() else None)
+    try:
+        import faiss  # optional: only --faiss needs it
+    except ImportError:
+        raise UserError("--faiss needs the faiss-cpu package: pip install faiss-cpu (or leave --faiss out)") from None
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    index.add(gallery.float().contiguous().numpy())
+    extra = int((exclude >= 0).any())
+    scores, indices = index.search(queries.float().contiguous().numpy(), k + extra)
+    scores, indices = torch.from_numpy(scores), torch.from_numpy(indices).long()
+    keep = indices != exclude[:, None]
+    # Rows that did not contain their excluded item drop their last (k+1-th) match instead.
+    keep &= keep.long().cumsum(dim=1) <= k
+    return scores[keep].view(-1, k), indices[keep].view(-1, k)
+
+
+def query_class(path: str, known: set[str]) -> str | None:
+    """The class of a query image: its folder's name or its `<class>_` file-name prefix, if the index knows it."""
+    folder, prefix = Path(path).parent.name, Path(path).name.split("_", 1)[0]
+    return folder if folder in known else prefix if prefix in known else None
+
+
+def draw_grid(path: str | os.PathLike, query_path: str, query_label: str | None, matches: Sequence[dict]) -> None:
+    """Query then matches in one row, each labelled; frames green/red when the query's class is known."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(matches) + 1, figsize=(2.2 * (len(matches) + 1), 2.7), squeeze=False)
+    panels = [(query_path, f"query\n{query_label or 'class unknown'}", "black")]
+    for match in matches:
+        colour = "black" if query_label is None else "green" if match["class"] == query_label else "red"
+        panels.append((match["path"], f"#{match['rank']}  {match['similarity']:.3f}\n{match['class'] or '?'}", colour))
+    for ax, (image_path, title, colour) in zip(axes[0], panels):
+        ax.imshow(load_rgb(image_path))
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_edgecolor(colour)
+            spine.set_linewidth(4 if colour != "black" else 1)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def run_query(index: dict, query_paths: Sequence[str], top_k: int = 5, out_dir: str | os.PathLike | None = "retrieval",
+              use_faiss: bool = False, checkpoint: str | None = None, batch_size: int = 32, amp: str = "off",
+              device: torch.device | str | None = None, workers: int = 0) -> list[dict]:
+    """Top-k matches of each query image (one dict per query); grids and matches.csv go to `out_dir`."""
+    if top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {top_k}")
+    device = select_device(device) if not isinstance(device, torch.device) else device
+    checkpoint = checkpoint or index["checkpoint"]
+    if not Path(checkpoint).is_file():
+        raise UserError(f"{checkpoint}: the index's checkpoint is missing; pass its new place with --checkpoint")
+    loaded = load_model(checkpoint, device, index["crop_size"])
+    if loaded.model_name != index["model_name"] or loaded.model_options != index["model_options"]:
+        raise UserError(f"{checkpoint}: a {loaded.model_name} {loaded.model_options}, but the index was built with "
+                        f"a {index['model_name']} {index['model_options']}; pass the index's checkpoint")
+    embeddings, kept, failed = embed_files(loaded.model, query_paths, index["crop_size"], batch_size, device, amp, workers)
+    for path, reason in failed:
+        print(f"unreadable query skipped: {path} ({reason})", file=sys.stderr)
+    query_paths = [query_paths[i] for i in kept]
+    position = {path: i for i, path in enumerate(index["paths"])}
+    exclude = torch.tensor([position.get(os.path.abspath(p), -1) for p in query_paths])
+    k = min(top_k, len(index["paths"]) - int((exclude >= 0).any()))
+    if k < 1:
+        raise UserError("the index holds no image besides the query; index a larger folder")
+    if k < top_k:
+        print(f"note: the index holds only {k} other images; showing {k} matches per query")
+    scores, indices = search(embeddings, index["embeddings"], k, exclude, use_faiss)
+    known = {c for c in index["classes"] if c is not None}
+    results = []
+    for query_number, query_path in enumerate(query_paths):
+        label = query_class(query_path, known)
+        matches = [{"rank": rank + 1, "similarity": float(score), "path": index["paths"][i], "class": index["classes"][i]}
+                   for rank, (score, i) in enumerate(zip(scores[query_number].tolist(), indices[query_number].tolist()))]
+        print(f"\nquery {query_path} (class {label or 'unknown'})")
+        for match in matches:
+            verdict = "" if label is None else "  right" if match["class"] == label else "  wrong"
+            print(f"  {match['rank']:>3}  {match['similarity']:.4f}  {match['class'] or '?':<10} {match['path']}{verdict}")
+        grid = None
+        if out_dir is not None:
+            grid = Path(out_dir) / f"{query_number:03d}_{Path(query_path).stem}.png"
+            draw_grid(grid, query_path, label, matches)
+        results.append({"query": query_path, "class": label, "matches": matches, "grid": str(grid) if grid else None})
+    if out_dir is not None:
+        write_matches_csv(Path(out_dir) / "matches.csv", results, command_line())
+        print(f"\ngrids and matches.csv written to {out_dir}")
+    return results
+
+
+def write_matches_csv(path: Path, results: Sequence[dict], command: str) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["query", "query_class", "rank", "similarity", "match", "match_class", "grid", "command"])
+    for result in results:
+        for match in result["matches"]:
+            writer.writerow([result["query"], result["class"] or "", match["rank"], f"{match['similarity']:.6f}",
+                             match["path"], match["class"] or "", result["grid"], command])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def collect_queries(items: Sequence[str]) -> list[str]:
+    paths = []
+    for item in items:
+        if Path(item).is_dir():
+            found, _ = find_images(item)
+            if not found:
+                raise UserError(f"{item}: no image files in this folder")
+            paths += found
+        elif Path(item).is_file():
+            paths.append(item)
+        else:
+            raise UserError(f"{item}: no such image or folder")
+    return paths
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    common.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off",
+                        help="autocast dtype of the forward pass; embeddings stay float32 (default: off)")
+    common.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
+    common.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help=f"image-decoding processes (default: {min(4, os.cpu_count() or 1)})")
+
+    index = commands.add_parser("index", parents=[common], help="embed a folder of images into an index file")
+    index.add_argument("checkpoint", help="checkpoint written by train.py, or a bare reference state_dict")
+    index.add_argument("image_dir", help="folder of images (class subfolders optional)")
+    index.add_argument("--out", default="index.pt", help="index file to write (default: index.pt)")
+    index.add_argument("--crop-size", type=int, default=None,
+                       help="centre crop (default: the checkpoint's; 224 for a bare reference state_dict)")
+
+    query = commands.add_parser("query", parents=[common], help="find the images of an index most similar to queries")
+    query.add_argument("index", help="index file written by `retrieve.py index`")
+    query.add_argument("images", nargs="+", help="query images or folders of them")
+    query.add_argument("--top-k", type=int, default=5, help="matches per query (default: 5)")
+    query.add_argument("--out-dir", default="retrieval", help="folder for the grid PNGs and matches.csv (default: retrieval)")
+    query.add_argument("--faiss", action="store_true", help="search with a faiss inner-product index (needs faiss-cpu; "
+                                                            "default: off, exact torch search)")
+    query.add_argument("--checkpoint", default=None, help="the index's checkpoint, if it moved (default: the path saved "
+                                                          "in the index)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.command == "index":
+        index = build_index(args.checkpoint, args.image_dir, args.batch_size, args.amp, args.device, args.crop_size,
+                            args.workers)
+        atomic_save(index, args.out)
+        known = sorted({c for c in index["classes"] if c is not None})
+        print(f"indexed {len(index['paths'])} images ({len(known)} classes) with {index['model_name']} into {args.out}")
+        for path, reason in index["failed"]:
+            print(f"unreadable image skipped: {path} ({reason})", file=sys.stderr)
+        return 0
+    index = load_index(args.index)
+    run_query(index, collect_queries(args.images), args.top_k, args.out_dir, args.faiss, args.checkpoint,
+              args.batch_size, args.amp, args.device, args.workers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(exit_on_user_error(main)(get_args_parser().parse_args()))

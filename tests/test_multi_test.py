@@ -1,0 +1,214 @@
+"""multi_test.py: checkpoint loading, both protocols, the folder sweep and its result files."""
+import csv
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import models
+import multi_test
+from metrics import kimia_accuracy
+from utils import KimiaDataset, eval_transform
+
+REPO = Path(__file__).resolve().parent.parent
+CLASSES = ("s0", "s1", "s2")
+CROP = 32
+
+
+def make_images(root: Path, per_class: dict[str, int], size: int = 40, seed: int = 0) -> None:
+    """Random-texture PNGs `root/<class>/<class>_<i>.png`, each class around its own colour."""
+    rng = np.random.default_rng(seed)
+    for number, name in enumerate(per_class):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        base = np.array([60 + 80 * number, 200 - 70 * number, 120], dtype=np.float64)
+        for i in range(per_class[name]):
+            pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{name}_{i}.png")
+
+
+def write_checkpoint(path: Path, model_name: str, crop_size: int = CROP, seed: int = 0, **options) -> None:
+    """A checkpoint laid out as train.py writes it (see the checkpoint interface)."""
+    torch.manual_seed(seed)
+    model = models.build_model(model_name, **options)
+    defaults = models.model_options(model_name)
+    defaults.update(options)
+    torch.save({
+        "model": model.state_dict(), "optimizer": {}, "lr_scheduler": {}, "scaler": None, "epoch": 0,
+        "args": {"model": model_name, "crop_size": crop_size, "seed": seed}, "model_name": model_name,
+        "loss_name": "MSLoss", "model_options": defaults, "class_names": list(CLASSES), "crop_size": crop_size,
+        "history": [], "val_loss": 0.5, "best_val_loss": 0.5, "seed": seed, "command": "python3 train.py",
+    }, path)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("kimia")
+    make_images(root / "test", {"s0": 4, "s1": 4, "s2": 1}, seed=1)  # s2: a class with one test image
+    make_images(root / "train", {"s0": 2, "s1": 2, "s2": 2}, seed=2)
+    return root
+
+
+def test_evaluation_matches_the_reference_pipeline(data_dir, tmp_path):
+    """The cached uint8 crops give the similarities of the reference's loader (eval_transform per
+    checkpoint), and every prediction is the class of a most similar other image."""
+    path = tmp_path / "se_resnet50_MSLoss_0.5000.pth"
+    write_checkpoint(path, "se_resnet50", crop_size=CROP, attention=False)
+    result = multi_test.evaluate_checkpoint(path, data_dir, protocol="test", batch_size=4, device="cpu")
+
+    loaded = multi_test.load_model(path)
+    dataset = KimiaDataset(data_dir / "test", eval_transform(CROP))
+    with torch.no_grad():
+        reference = loaded.model(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+    reference_similarity = sum(e @ e.T for e in reference) / len(reference)
+    cached = multi_test.Evaluator(data_dir, device="cpu").images("test", CROP)
+    ours = multi_test.embed(loaded.model, cached.images, batch_size=4)
+    torch.testing.assert_close(ours @ ours.T, reference_similarity, atol=1e-5, rtol=0)
+
+    reference_similarity.fill_diagonal_(float("-inf"))  # the query itself, excluded by index
+    best = reference_similarity.max(dim=1, keepdim=True).values
+    targets = torch.tensor(dataset.targets)
+    for query, predicted in enumerate(result["predicted"]):
+        near_best = reference_similarity[query] >= best[query] - 1e-5
+        assert predicted in targets[near_best].tolist()
+    expected = kimia_accuracy(dataset.targets, result["predicted"], num_classes=3)
+    np.testing.assert_array_equal(result["confusion"], expected["confusion"])
+    assert result["eta_total"] == pytest.approx(expected["eta_total"])
+    assert result["num_queries"] == 9 and result["num_gallery"] == 9 and result["protocol"] == "test"
+    assert result["num_lone_queries"] == 1  # s2's single image has nothing to find
+    assert result["crop_size"] == CROP and result["class_names"] == list(CLASSES)
+
+
+def test_train_protocol_searches_the_training_set(data_dir, tmp_path):
+    path = tmp_path / "resnet50_MSLoss_0.5000.pth"
+    write_checkpoint(path, "resnet50", crop_size=24, embedding_dim=64)
+    loaded = multi_test.load_model(path)
+    assert loaded.crop_size == 24 and loaded.model.num_learners == 4
+    test, train = multi_test.Evaluator(data_dir, batch_size=8, device="cpu").evaluate(loaded, ("test", "train"))
+    assert (test["protocol"], train["protocol"]) == ("test", "train")
+    assert train["num_queries"] == 9 and train["num_gallery"] == 6 and train["num_lone_queries"] == 0
+    assert train["confusion"].sum() == 9 and np.trace(train["confusion"]) == train["correct"]
+
+
+def test_bare_reference_state_dict_architecture_from_name_and_keys(tmp_path):
+    path = tmp_path / "se_resnet_MsLoss_0.7590.pth"
+    torch.save(models.build_model("se_resnet50", attention=False).state_dict(), path)
+    loaded = multi_test.load_model(path)
+    assert loaded.model_name == "se_resnet50" and loaded.source == "reference state_dict"
+    assert loaded.model_options == {"embedding_dim": 512, "num_learners": 1, "attention": False}
+    assert loaded.crop_size == 224 and loaded.class_names is None
+    assert multi_test.load_model(path, crop_size=64).crop_size == 64
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("broken.pth", b"\x00not a torch file", r"broken\.pth: cannot be read as a torch file"),
+    ("list.pth", [1, 2], r"list\.pth: not a checkpoint \(holds a list"),
+    ("weights.pth", {"w": torch.zeros(2)}, r"weights\.pth: a bare state_dict whose name does not start with ABE_M_"),
+    ("ABE_M_x.pth", {"w": torch.zeros(2)}, r"ABE_M_x\.pth: does not fit ABE_M .*missing keys"),
+])
+def test_unusable_files_are_named_with_the_reason(tmp_path, name, content, message):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(multi_test.CheckpointError, match=message):
+        multi_test.load_model(path)
+
+
+def test_sweep_over_a_folder_of_every_kind_of_file(data_dir, tmp_path, capsys):
+    weights = tmp_path / "model"
+    weights.mkdir()
+    write_checkpoint(weights / "ABE_M_ABELoss_0.4000.pth", "ABE_M", seed=1)
+    write_checkpoint(weights / "resnet50_ContrastiveLoss_0.3000.pth", "resnet50", seed=2)
+    write_checkpoint(weights / "se_resnet50_MSLoss_0.2000.pth", "se_resnet50", seed=3)
+    torch.save(models.build_model("se_resnet50", attention=False).state_dict(), weights / "se_resnet_MsLoss_0.7590.pth")
+    torch.save(models.build_model("ABE_M").state_dict(), weights / "resnet50_MsLoss_0.1000.pth")  # wrong prefix
+    (weights / "corrupt.pth").write_bytes(b"truncated")
+    (weights / "notes.txt").write_text("not a checkpoint, not a .pth: ignored")
+    data = tmp_path / "data"
+    make_images(data / "test", {"s0": 3, "s1": 3, "s2": 1}, seed=3)
+    make_images(data / "train", {"s0": 2, "s1": 2, "s2": 2}, seed=4)
+    (data / "test" / "s1" / "s1_broken.png").write_bytes(b"not a png")
+
+    args = multi_test.get_args_parser().parse_args(
+        [str(weights), "--data-dir", str(data), "--protocol", "both", "--crop-size", str(CROP), "--batch-size", "4",
+         "--device", "cpu", "--workers", "0"])
+    status = multi_test.main(args)
+    out, err = capsys.readouterr()
+
+    assert status == 1
+    assert "FAILED corrupt.pth: cannot be read as a torch file" in out
+    assert re.search(r"FAILED resnet50_MsLoss_0\.1000\.pth: does not fit resnet50 .*missing keys", out)
+    assert "2 of 6 files failed" in err and "s1_broken.png" in err
+    with open(weights / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["checkpoint"], r["protocol"]) for r in rows] == [
+        (name, protocol) for name in ("ABE_M_ABELoss_0.4000.pth", "resnet50_ContrastiveLoss_0.3000.pth",
+                                      "se_resnet50_MSLoss_0.2000.pth", "se_resnet_MsLoss_0.7590.pth")
+        for protocol in ("test", "train")]
+    assert {r["model"] for r in rows} == {"ABE_M", "resnet50", "se_resnet50"}
+    bare = [r for r in rows if r["checkpoint"] == "se_resnet_MsLoss_0.7590.pth"]
+    assert all(r["source"] == "reference state_dict" and '"attention": false' in r["model_options"] for r in bare)
+    for row in rows:
+        assert row["classes"] == "s0 s1 s2" and "multi_test" in row["command"] and row["crop_size"] == str(CROP)
+        assert row["num_queries"] == "7"  # the broken image is skipped, not fatal
+        assert row["num_gallery"] == ("7" if row["protocol"] == "test" else "6")
+        confusion = np.loadtxt(weights / row["confusion_csv"], delimiter=",", skiprows=2, dtype=object)[:, 1:]
+        confusion = confusion.astype(int)
+        assert confusion.sum() == 7 and np.trace(confusion) == int(row["correct"])
+        assert float(row["eta_p"]) == pytest.approx(int(row["correct"]) / 7)
+        assert (weights / row["confusion_csv"]).with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+    se_lines = (weights / "se_resnet50_results.txt").read_text().splitlines()
+    assert len(se_lines) == 4
+    line = re.compile(r"^(\S+\.pth)\[\(([\d.]+), 'np'\), \(([\d.]+), 'nw'\), \(([\d.]+), 'n_total'\)\]  # protocol=(test|train)$")
+    for text in se_lines:
+        match = line.match(text)
+        assert match, text
+        row = next(r for r in rows if (r["checkpoint"], r["protocol"]) == (match[1], match[5]))
+        assert float(match[4]) == pytest.approx(float(row["eta_total"]))
+    assert (weights / "ABE_M_results.txt").exists() and (weights / "resnet50_results.txt").exists()
+    ranking = out[out.index("| rank |"):].splitlines()[2:10]
+    totals = [float(r.split("|")[7]) for r in ranking]
+    assert len(totals) == 8 and totals == sorted(totals, reverse=True)
+
+
+@pytest.mark.slow
+def test_script_reports_a_missing_folder_in_one_line(tmp_path):
+    run = subprocess.run([sys.executable, "multi_test.py", str(tmp_path / "nowhere")], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such folder; pass the folder holding the .pth checkpoints"
+
+
+class _TwoLearners(torch.nn.Module):
+    """A tiny stand-in with the models' interface: a list of M unit-norm embeddings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.linear = torch.nn.Linear(8, 6)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        features = self.linear(self.conv(images).mean(dim=(2, 3)))
+        return [torch.nn.functional.normalize(part, dim=1) for part in features.split(3, dim=1)]
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_keeps_embeddings_float32_and_close(amp):
+    torch.manual_seed(0)
+    model = _TwoLearners().eval()
+    images = torch.randint(0, 256, (5, 3, 12, 12), dtype=torch.uint8)
+    exact = multi_test.embed(model, images, batch_size=2)
+    mixed = multi_test.embed(model, images, batch_size=2, amp=amp)
+    assert mixed.dtype == torch.float32 and mixed.shape == (5, 6)
+    torch.testing.assert_close(mixed.norm(dim=1), torch.ones(5))
+    torch.testing.assert_close(mixed, exact, atol=3e-2, rtol=0)
+    with torch.inference_mode():
+        learners = model(images.float() / 255)
+    torch.testing.assert_close(exact @ exact.T, sum(e @ e.T for e in learners) / 2)

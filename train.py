@@ -1,0 +1,647 @@
+"""Train a deep-metric-learning model on Kimia Path24 (the paper's recipe by default).
+
+    python3 train.py se_resnet50 MSLoss                          # the paper's model and loss, reference settings
+    python3 train.py ABE_M ABELoss --amp bf16 --channels-last    # faster on a recent GPU
+    python3 train.py se_resnet50 MSLoss --resume model/checkpoint.pth
+    torchrun --nproc_per_node=4 train.py se_resnet50 MSLoss --batch-size 15   # 4 GPUs, 60 images per step
+
+Every epoch writes `<output-dir>/checkpoint.pth` (for --resume) and, when the validation loss improves,
+`<output-dir>/<model>_<loss>_<val_loss:.4f>.pth`; both are dicts holding the model state_dict in the
+reference layout with everything needed to resume or evaluate it (see `checkpoint_dict`). The per-epoch
+figures go to `<output-dir>/<model>_<loss>_log.csv` and a loss-curve PNG beside it.
+
+Under torchrun the script runs DistributedDataParallel (NCCL on GPUs, gloo on CPU); --batch-size is
+per process, and only rank 0 prints and writes files.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+import losses
+import models
+from utils import (UserError, atomic_save, atomic_write, command_line, eval_transform, exit_on_user_error,
+                   KimiaDataset, seed_everything, select_device, split_train_val, train_transform)
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Loss keyword -> parser destination; only the chosen loss's own hyper-parameters are passed to it.
+LOSS_OPTIONS = {
+    "ContrastiveLoss": {"margin": "margin"},
+    "ABELoss": {"lambda_div": "lambda_div", "margin_c": "margin_c", "margin_div": "margin_div"},
+    "MSLoss": {"alpha": "ms_alpha", "beta": "ms_beta", "lam": "ms_lambda", "eps": "ms_eps"},
+}
+PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each one reads the loss from the device)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Every option but the model and loss names, shared with train_traindata.py.
+
+    Help strings use %(default)s so that a script changing a default with set_defaults shows its own.
+    """
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-dir", default="KIMIA_data/train", help="folder of class folders (default: %(default)s)")
+    data.add_argument("--output-dir", default="model", help="checkpoints, log and plot go here (default: %(default)s)")
+    data.add_argument("--val-ratio", type=float, default=0.1,
+                      help="share of the images held out for the validation loss, drawn with --seed (default: %(default)s)")
+    data.add_argument("--data-ratio", type=float, default=1.0,
+                      help="keep int(n_c * r) images of each class, drawn with --seed (default: %(default)s)")
+    data.add_argument("--crop-size", type=int, default=224,
+                      help="random (training) and centre (validation) crop of the images (default: %(default)s)")
+    data.add_argument("--workers", type=int, default=8, help="data-loading processes per training process (default: %(default)s)")
+    data.add_argument("--sampler", choices=("random", "pk"), default="random",
+                      help="random: shuffled batches as the reference; pk: P classes x K images per batch (default: %(default)s)")
+    data.add_argument("--samples-per-class", type=int, default=5,
+                      help="K of the pk sampler; --batch-size must be a multiple of it (default: %(default)s)")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=100, help="number of epochs (default: %(default)s)")
+    optim.add_argument("--batch-size", type=int, default=60,
+                       help="images per step and per process; the last partial batch is dropped (default: %(default)s)")
+    optim.add_argument("--lr", type=float, default=0.001, help="SGD learning rate (default: %(default)s)")
+    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    optim.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay (default: %(default)s)")
+    optim.add_argument("--lr-step", type=int, default=50, help="StepLR: epochs between decays (default: %(default)s)")
+    optim.add_argument("--lr-gamma", type=float, default=0.1, help="StepLR: decay factor (default: %(default)s)")
+    optim.add_argument("--seed", type=int, default=1,
+                       help="seeds the split, the weights, the data order and the augmentation (default: %(default)s)")
+    optim.add_argument("--gather-embeddings", action="store_true",
+                       help="under torchrun, compute the loss over the batches of all processes together, as the "
+                            "reference's DataParallel did, instead of within each process's batch (default: off)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--embedding-dim", type=int, default=512,
+                       help="total embedding size, split over the learners (default: %(default)s)")
+    model.add_argument("--num-learners", type=int, default=None,
+                       help="learners M (default: the model's own, 1 for se_resnet50 and 4 for the others)")
+    model.add_argument("--no-attention", action="store_true",
+                       help="se_resnet50 without its mixed-attention branch, the paper's ablation (default: off)")
+
+    loss = parser.add_argument_group("loss hyper-parameters (each used only by its loss; defaults are the reference's)")
+    loss.add_argument("--margin", type=float, default=0.5, help="ContrastiveLoss negative margin (default: %(default)s)")
+    loss.add_argument("--lambda-div", type=float, default=0.05, help="ABELoss divergence weight (default: %(default)s)")
+    loss.add_argument("--margin-c", type=float, default=0.5, help="ABELoss positive margin (default: %(default)s)")
+    loss.add_argument("--margin-div", type=float, default=0.2, help="ABELoss divergence margin (default: %(default)s)")
+    loss.add_argument("--ms-alpha", type=float, default=2.0, help="MSLoss positive scale alpha (default: %(default)s)")
+    loss.add_argument("--ms-beta", type=float, default=5.0, help="MSLoss negative scale beta (default: %(default)s)")
+    loss.add_argument("--ms-lambda", type=float, default=0.5, help="MSLoss similarity offset lambda (default: %(default)s)")
+    loss.add_argument("--ms-eps", type=float, default=0.2, help="MSLoss mining margin epsilon (default: %(default)s)")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    run.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off",
+                     help="mixed precision: bf16 (CUDA or CPU) or fp16 with loss scaling (CUDA) (default: %(default)s)")
+    run.add_argument("--channels-last", action="store_true", help="NHWC memory format, faster with --amp on GPUs (default: off)")
+    run.add_argument("--resume", default=None, metavar="PATH",
+                     help="continue from a checkpoint written by this script, at the epoch after it (default: none)")
+    run.add_argument("--summary", action="store_true", help="print the model's layers and parameter counts, then exit")
+    return parser
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train a deep-metric-learning model on Kimia Path24", add_help=add_help)
+    parser.add_argument("model", help=f"one of {', '.join(models.MODEL_NAMES)} (case-insensitive; se_resnet accepted)")
+    parser.add_argument("loss", help=f"one of {', '.join(losses.LOSS_NAMES)} (case-insensitive; MsLoss accepted)")
+    return add_training_arguments(parser)
+
+
+# ----------------------------------------------------------------------------- distributed
+def setup_distributed(device_name: str | None) -> tuple[torch.device, int, int]:
+    """(device, rank, world size), joining the torchrun process group when launched by torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return select_device(device_name), 0, 1
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = select_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device, rank, world_size
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along the batch; the backward pass sums every process's gradient of the gathered
+    tensor and returns this process's rows (gloo has no reduce_scatter, so all_reduce and slice)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = (dist.get_rank() * x.shape[0], x.shape[0])
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start, rows = ctx.rows
+        return grad[start:start + rows]
+
+
+def gather_with_grad(embeddings: list[torch.Tensor], labels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """All processes' embeddings and labels, so that each computes the loss of the whole global batch.
+
+    Every process back-propagates the same loss, so its own embeddings receive world_size times their
+    gradient; DDP's averaging over processes then leaves exactly the single-batch gradient.
+    All processes' batches must have the same size.
+    """
+    all_labels = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_labels, labels)
+    return [_GatherWithGrad.apply(x) for x in embeddings], torch.cat(all_labels)
+
+
+# ----------------------------------------------------------------------------- data
+class PKBatchSampler(Sampler[list[int]]):
+    """Batches of P = batch_size / K classes with K images each (Wang et al., Multi-Similarity, CVPR 2019).
+
+    Each batch draws P distinct classes among those with at least K images, and K images of each
+    without replacement until a class's shuffled pool runs out. An epoch has as many batches as
+    the random sampler would give; batches are dealt round-robin to the processes, and the order
+    depends only on (seed, epoch), so every process agrees on it (call set_epoch each epoch).
+    """
+
+    def __init__(self, labels: Sequence[int], batch_size: int, samples_per_class: int,
+                 num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        if samples_per_class < 2 or batch_size % samples_per_class:
+            raise UserError(f"--batch-size {batch_size} must be a multiple of --samples-per-class {samples_per_class} (>= 2)")
+        self.k = samples_per_class
+        self.p = batch_size // samples_per_class
+        by_class: dict[int, list[int]] = {}
+        for index, label in enumerate(labels):
+            by_class.setdefault(int(label), []).append(index)
+        self.pools = [indices for indices in by_class.values() if len(indices) >= self.k]
+        if self.p < 2 or self.p > len(self.pools):
+            raise UserError(f"--sampler pk needs 2 <= P <= {len(self.pools)} (the classes with at least "
+                            f"{self.k} training images), got P = {batch_size} / {self.k} = {self.p}; "
+                            "change --batch-size or --samples-per-class")
+        self.num_batches = len(labels) // (batch_size * num_replicas)
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        pools: list[list[int]] = [[] for _ in self.pools]
+        for batch_index in range(self.num_batches * self.num_replicas):
+            batch = []
+            for c in torch.randperm(len(self.pools), generator=generator)[: self.p].tolist():
+                if len(pools[c]) < self.k:
+                    pools[c] = [self.pools[c][i] for i in torch.randperm(len(self.pools[c]), generator=generator)]
+                batch += pools[c][: self.k]
+                del pools[c][: self.k]
+            if batch_index % self.num_replicas == self.rank:
+                yield batch
+
+
+class SkipUnreadable(Dataset):
+    """`dataset[indices[i]]`, or a marker for an image that cannot be decoded, which the collate
+    function drops from its batch and reports, so one corrupt file does not end a long run."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple:
+        try:
+            return self.dataset[self.indices[i]]
+        except OSError as err:  # what PIL raises for truncated, corrupt or foreign files
+            path = self.dataset.samples[self.indices[i]][0]
+            return None, None, f"{path} ({err})"
+
+
+def collate_readable(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(images, labels, unreadable-file descriptions) of a batch, without the unreadable ones."""
+    good = [s for s in samples if s[0] is not None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), [s[2] for s in samples]
+    return (torch.stack([s[0] for s in good]), torch.tensor([s[1] for s in good]),
+            [s[2] for s in samples if s[0] is None])
+
+
+def subsample_per_class(targets: Sequence[int], ratio: float, seed: int) -> list[int]:
+    """Indices of int(n_c * ratio) images of each class c, drawn with `seed` (train_traindata.py's cut)."""
+    generator = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(targets):
+        by_class.setdefault(label, []).append(index)
+    kept: list[int] = []
+    for indices in by_class.values():
+        order = torch.randperm(len(indices), generator=generator)[: int(len(indices) * ratio)]
+        kept += [indices[i] for i in sorted(order.tolist())]
+    return sorted(kept)
+
+
+def build_datasets(args: argparse.Namespace) -> tuple[KimiaDataset, list[int], list[int], int]:
+    """The data set and its (train, validation) indices after the --data-ratio cut; also the images used.
+
+    Raises UserError for a class too small for the cut or the split.
+    """
+    dataset = KimiaDataset(args.data_dir)
+    if not 0.0 < args.data_ratio <= 1.0:
+        raise UserError(f"--data-ratio must be in (0, 1], got {args.data_ratio}")
+    kept = subsample_per_class(dataset.targets, args.data_ratio, args.seed) if args.data_ratio < 1.0 else list(range(len(dataset)))
+    train_part, val_part = split_train_val(len(kept), args.val_ratio, args.seed)
+    train_indices, val_indices = [kept[i] for i in train_part], [kept[i] for i in val_part]
+    check_crop_size(dataset, args.crop_size)
+    if not val_indices:
+        raise UserError(f"--val-ratio {args.val_ratio} leaves no validation image among {len(kept)}; raise it")
+    train_counts = [0] * len(dataset.classes)
+    for index in train_indices:
+        train_counts[dataset.samples[index][1]] += 1
+    for name, count in zip(dataset.classes, train_counts):
+        if count < 2:
+            raise UserError(f"{Path(args.data_dir) / name}: {count} image(s) left for training after the "
+                            f"--data-ratio {args.data_ratio} cut and the --val-ratio {args.val_ratio} split; each "
+                            "class needs at least 2 to form positive pairs: add images or raise the ratios")
+    return dataset, train_indices, val_indices, len(kept)
+
+
+def check_crop_size(dataset: KimiaDataset, crop_size: int) -> None:
+    """Refuse a crop larger than the images (judged on the first readable one), which would
+    otherwise make every image fail in the loader."""
+    from PIL import Image
+
+    for path, _ in dataset.samples:
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except OSError:
+            continue
+        if crop_size > min(width, height):
+            raise UserError(f"--crop-size {crop_size} is larger than the images ({path} is {width}x{height}); "
+                            "lower --crop-size")
+        return
+
+
+def build_loaders(args: argparse.Namespace, dataset: KimiaDataset, train_indices: list[int], val_indices: list[int],
+                  device: torch.device, rank: int, world_size: int) -> tuple[DataLoader, DataLoader]:
+    """Training loader (random or P x K, sharded over processes) and validation loader.
+
+    Validation batches are the single-process ones (consecutive --batch-size chunks) dealt
+    round-robin to the processes, so the mean validation loss does not depend on the process count.
+    """
+    train_set = copy.copy(dataset)
+    train_set.transform = train_transform(args.crop_size)
+    val_set = copy.copy(dataset)
+    val_set.transform = eval_transform(args.crop_size)
+    common = dict(num_workers=args.workers, pin_memory=device.type == "cuda", collate_fn=collate_readable,
+                  persistent_workers=args.workers > 0)
+    train_data = SkipUnreadable(train_set, train_indices)
+    if args.sampler == "pk":
+        labels = [dataset.samples[i][1] for i in train_indices]
+        batch_sampler = PKBatchSampler(labels, args.batch_size, args.samples_per_class, world_size, rank, args.seed)
+        train_loader = DataLoader(train_data, batch_sampler=batch_sampler, **common)
+    else:
+        sampler = DistributedSampler(train_data, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+        train_loader = DataLoader(train_data, batch_size=args.batch_size, sampler=sampler, drop_last=True, **common)
+    if len(train_loader) == 0:
+        per_process = f" per process ({world_size} processes)" if world_size > 1 else ""
+        raise UserError(f"--batch-size {args.batch_size}{per_process} is larger than the {len(train_indices)} training "
+                        f"images{' shared among them' if world_size > 1 else ''}; lower --batch-size")
+    val_batches = [list(range(i, min(i + args.batch_size, len(val_indices)))) for i in range(0, len(val_indices), args.batch_size)]
+    val_loader = DataLoader(SkipUnreadable(val_set, val_indices), batch_sampler=val_batches[rank::world_size], **common)
+    return train_loader, val_loader
+
+
+# ----------------------------------------------------------------------------- model, loss, optimiser
+def resolve_names(args: argparse.Namespace) -> tuple[str, str, dict, dict]:
+    """(canonical model name, canonical loss name, build_model options, build_loss options), or UserError."""
+    try:
+        model_name = models.canonical_model_name(args.model)
+        loss_name = losses.canonical_loss_name(args.loss)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    options: dict[str, Any] = {"embedding_dim": args.embedding_dim}
+    if args.num_learners is not None:
+        options["num_learners"] = args.num_learners
+    if model_name == "se_resnet50":
+        options["attention"] = not args.no_attention
+    elif args.no_attention:
+        raise UserError(f"--no-attention applies to se_resnet50 only, not {model_name}")
+    loss_options = {key: getattr(args, dest) for key, dest in LOSS_OPTIONS[loss_name].items()}
+    return model_name, loss_name, options, loss_options
+
+
+def build_model(model_name: str, options: dict) -> tuple[nn.Module, dict]:
+    """The model and its complete build_model options (the learner count filled in from its default)."""
+    try:
+        model = models.build_model(model_name, **options)
+    except ValueError as err:
+        raise UserError(f"{model_name}: {err}") from None
+    return model, {**options, "num_learners": model.num_learners}
+
+
+def check_amp(amp: str, device: torch.device) -> None:
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError(f"--amp fp16 needs CUDA (device is {device}); use --amp bf16 or --amp off")
+
+
+# ----------------------------------------------------------------------------- one epoch
+def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+                    device: torch.device, args: argparse.Namespace, scaler: torch.amp.GradScaler | None,
+                    epoch: int, show_progress: bool) -> dict[str, Any]:
+    """One pass over the training batches; returns the epoch's figures summed over processes.
+
+    A batch whose loss used no anchor (no positive pair, or nothing mined) is not stepped. The counts
+    and loss sums stay on the device and are read once at the end of the epoch; the one per-step
+    read is the skip decision, copied to the host before the backward pass is queued and waited on
+    after it, so the device never idles for it.
+    """
+    model.train()
+    amp_dtype = AMP_DTYPES[args.amp]
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    loss_sum, skipped, nonfinite, images = totals.unbind()  # views: adding to them fills `totals`
+    unreadable: list[str] = []
+    started = time.perf_counter()
+    batches = loader
+    if show_progress:
+        from tqdm import tqdm
+
+        batches = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
+    for step, (x, labels, bad_files) in enumerate(batches):
+        unreadable += bad_files
+        if x.shape[0] == 0:  # every image of the batch was unreadable (under DDP the others would wait)
+            continue
+        x = x.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            embeddings = list(model(x))
+        embeddings = [e.float() for e in embeddings]
+        if args.gather_embeddings and dist.is_initialized():
+            embeddings, labels = gather_with_grad(embeddings, labels)
+        loss = criterion(embeddings, labels)
+        # Every process must take the same decision, or the DDP replicas would drift apart.
+        anchors = all_reduce_sum(criterion.stats["anchors"].detach().to(torch.float64))
+        skip = anchors == 0
+        skip_on_host = skip.to("cpu", non_blocking=True)
+        skip_ready = torch.cuda.Event() if device.type == "cuda" else None
+        if skip_ready is not None:
+            skip_ready.record()
+        optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if skip_ready is not None:
+            skip_ready.synchronize()
+        if not skip_on_host.item():
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+        detached = loss.detach()
+        loss_sum += detached
+        skipped += skip
+        nonfinite += ~torch.isfinite(detached)
+        images += x.shape[0]
+        if show_progress and step % PROGRESS_EVERY == 0:
+            batches.set_postfix(loss=f"{detached.item():.4f}")
+    totals = all_reduce_sum(totals).tolist()
+    steps = len(loader) * (dist.get_world_size() if dist.is_initialized() else 1)
+    return {"train_loss": totals[0] / steps, "skipped_batches": int(totals[1]), "train_batches": steps,
+            "nonfinite_batches": int(totals[2]), "images_per_s": totals[3] / (time.perf_counter() - started),
+            "unreadable": unreadable}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, criterion: nn.Module, loader: DataLoader, device: torch.device,
+             args: argparse.Namespace) -> tuple[float, list[str]]:
+    """Mean loss over all validation batches of all processes (a skipped batch counts as 0, as a
+    batch with nothing left to mine is one the loss has nothing against); also the unreadable files."""
+    model.eval()
+    amp_dtype = AMP_DTYPES[args.amp]
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, batches
+    unreadable: list[str] = []
+    for x, labels, bad_files in loader:
+        unreadable += bad_files
+        if x.shape[0] == 0:
+            continue
+        x = x.to(device, non_blocking=True)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            embeddings = [e.float() for e in model(x)]
+        totals[0] += criterion(embeddings, labels.to(device, non_blocking=True))
+        totals[1] += 1
+    loss_sum, batches = all_reduce_sum(totals).tolist()
+    return loss_sum / max(batches, 1), unreadable
+
+
+# ----------------------------------------------------------------------------- outputs
+def checkpoint_dict(model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any,
+                    scaler: torch.amp.GradScaler | None, epoch: int, args: argparse.Namespace, run: dict) -> dict:
+    """The checkpoint as documented in the README; loads with torch.load(weights_only=True)."""
+    return {
+        "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch,
+        "args": {key: os.fspath(value) if isinstance(value, os.PathLike) else value for key, value in vars(args).items()},
+        "model_name": run["model_name"],
+        "loss_name": run["loss_name"],
+        "model_options": run["model_options"],
+        "loss_options": run["loss_options"],
+        "class_names": run["class_names"],
+        "crop_size": args.crop_size,
+        "history": run["history"],
+        "val_loss": run["history"][-1]["val_loss"],
+        "best_val_loss": run["best_val_loss"],
+        "seed": args.seed,
+        "command": run["command"],
+    }
+
+
+def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
+    """Write all rows at once (header from the first), atomically.
+
+    The training log is rewritten from the history every epoch rather than appended to, so that
+    after a resume it holds exactly the checkpoint's epochs.
+    """
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def plot_losses(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [h["train_loss"] for h in history], marker=".", label="training")
+    ax.plot(epochs, [h["val_loss"] for h in history], marker=".", label="validation")
+    ax.set(xlabel="epoch", ylabel="loss", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def load_resume_checkpoint(path: str, run: dict) -> dict:
+    """The checkpoint to resume from, checked against this command's model, loss and data."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"--resume {path}: no such file") from None
+    except Exception as err:  # torch raises many types for damaged files
+        raise UserError(f"--resume {path}: cannot be read ({str(err).splitlines()[0]}); "
+                        "use the checkpoint.pth of an earlier run") from None
+    if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint:
+        raise UserError(f"--resume {path}: not a checkpoint written by train.py")
+    for key in ("model_name", "loss_name", "model_options", "class_names"):
+        if checkpoint.get(key) != run[key]:
+            raise UserError(f"--resume {path}: its {key} is {checkpoint.get(key)!r} but this run's is {run[key]!r}; "
+                            "resume with the same model, loss, options and data")
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------- main
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Train; returns {best_checkpoint, best_val_loss, history, output_dir, num_images, ...}.
+
+    Raises UserError for bad arguments or data before any training starts, and when the loss
+    becomes non-finite (the last good checkpoints are kept).
+    """
+    model_name, loss_name, model_options, loss_options = resolve_names(args)
+    if args.summary:
+        model, _ = build_model(model_name, model_options)
+        print(models.summary(model, args.crop_size))
+        return {}
+    for flag, value, minimum in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 2),
+                                 ("--crop-size", args.crop_size, 1), ("--workers", args.workers, 0)):
+        if value < minimum:
+            raise UserError(f"{flag} must be at least {minimum}, got {value}")
+    device, rank, world_size = setup_distributed(args.device)
+    check_amp(args.amp, device)
+    is_main = rank == 0
+    dataset, train_indices, val_indices, num_images = build_datasets(args)
+    train_loader, val_loader = build_loaders(args, dataset, train_indices, val_indices, device, rank, world_size)
+    epoch_sampler = train_loader.batch_sampler if args.sampler == "pk" else train_loader.sampler
+
+    output_dir = Path(args.output_dir)
+    prefix = f"{model_name}_{loss_name}"
+    seed_everything(args.seed)
+    model, model_options = build_model(model_name, model_options)
+    criterion = losses.build_loss(loss_name, **loss_options).to(device)
+    run = {"model_name": model_name, "loss_name": loss_name, "model_options": model_options,
+           "loss_options": loss_options, "class_names": list(dataset.classes), "history": [],
+           "best_val_loss": math.inf, "command": command_line()}
+    checkpoint = load_resume_checkpoint(args.resume, run) if args.resume else None
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step, gamma=args.lr_gamma)
+    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
+    start_epoch, best_path = 0, None
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        if scaler is not None and checkpoint["scaler"]:
+            scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch = checkpoint["epoch"] + 1
+        run["history"], run["best_val_loss"] = list(checkpoint["history"]), checkpoint["best_val_loss"]
+        best_path = next((str(output_dir / f"{prefix}_{h['val_loss']:.4f}.pth") for h in reversed(run["history"])
+                          if h["val_loss"] == run["best_val_loss"]), None)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    train_model = model
+    if world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if is_main:
+        print(f"{prefix}: {len(train_indices)} training / {len(val_indices)} validation images of "
+              f"{len(dataset.classes)} classes, {len(train_loader)} steps of {args.batch_size} x {world_size} "
+              f"process(es) per epoch, on {device}" + (f", resuming at epoch {start_epoch + 1}" if start_epoch else ""),
+              flush=True)
+        if start_epoch >= args.epochs:
+            print(f"{args.resume} already holds epoch {start_epoch} of {args.epochs}; raise --epochs to train on")
+    unreadable: set[str] = set()
+    for epoch in range(start_epoch, args.epochs):
+        # Each epoch's data order and augmentation depend only on (seed, epoch, rank): a resumed run
+        # repeats the epochs it continues (exactly so with --workers 0, whose augmentation runs here).
+        seed_everything(args.seed + epoch * world_size + rank)
+        epoch_sampler.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        show_progress = is_main and sys.stderr.isatty()
+        stats = train_one_epoch(train_model, criterion, optimizer, train_loader, device, args, scaler, epoch, show_progress)
+        val_loss, val_unreadable = evaluate(model, criterion, val_loader, device, args)
+        lr_scheduler.step()
+        unreadable.update(stats.pop("unreadable"), val_unreadable)
+        if stats["nonfinite_batches"] or not math.isfinite(val_loss):
+            last = f"; the last good checkpoint is {output_dir / 'checkpoint.pth'}" if epoch > start_epoch or args.resume else ""
+            raise UserError(f"epoch {epoch + 1}: the loss became non-finite ({stats['nonfinite_batches']} training "
+                            f"batches, validation loss {val_loss}){last}; lower --lr, or use --amp off")
+        run["history"].append({"epoch": epoch, "train_loss": stats["train_loss"], "val_loss": val_loss, "lr": lr,
+                               "images_per_s": stats["images_per_s"], "skipped_batches": stats["skipped_batches"],
+                               "train_batches": stats["train_batches"]})
+        improved = val_loss < run["best_val_loss"]
+        if improved:
+            run["best_val_loss"] = val_loss
+        if is_main:
+            state = checkpoint_dict(model, optimizer, lr_scheduler, scaler, epoch, args, run)
+            if improved:
+                best_path = str(output_dir / f"{prefix}_{val_loss:.4f}.pth")
+                atomic_save(state, best_path)
+            atomic_save(state, output_dir / "checkpoint.pth")
+            write_csv(run["history"], output_dir / f"{prefix}_log.csv")
+            plot_losses(run["history"], output_dir / f"{prefix}_loss.png", f"{model_name} + {loss_name}")
+            print(f"epoch {epoch + 1}/{args.epochs}  train loss {stats['train_loss']:.4f}  val loss {val_loss:.4f}  "
+                  f"lr {lr:.3g}  {stats['images_per_s']:.1f} img/s  skipped {stats['skipped_batches']}/"
+                  f"{stats['train_batches']}" + (f"  saved {best_path}" if improved else ""), flush=True)
+    if is_main and unreadable:
+        print(f"{len(unreadable)} unreadable image(s) were left out:", file=sys.stderr)
+        for description in sorted(unreadable):
+            print(f"  {description}", file=sys.stderr)
+    return {"best_checkpoint": best_path, "best_val_loss": run["best_val_loss"], "history": run["history"],
+            "output_dir": str(output_dir), "device": str(device), "num_images": num_images, "num_train_images": len(train_indices),
+            "num_val_images": len(val_indices), "class_names": run["class_names"], "unreadable": sorted(unreadable)}
+
+
+if __name__ == "__main__":
+    try:
+        exit_on_user_error(main)(get_args_parser().parse_args())
+    finally:
+        cleanup_distributed()
