@@ -11,7 +11,9 @@ paper's setting is what train.py and multi_test.py do without flags.
 from __future__ import annotations
 
 import argparse
+import csv
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -84,30 +86,39 @@ def main(args: argparse.Namespace) -> dict:
     trained = train.main(train.get_args_parser().parse_args(train_argv))
     best = Path(trained["best_checkpoint"])
 
-    test_argv = [str(model_dir), "--data-dir", str(data), "--protocol", "both", "--device", device]
+    # multi_test sweeps a whole folder; the demo gives it the best checkpoint alone.
+    best_dir = out / "best_model"
+    best_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(best, best_dir / best.name)
+    test_argv = [str(best_dir), "--data-dir", str(data), "--protocol", "both", "--device", device]
     announce("test", ["python3", "multi_test.py", *test_argv])
-    multi_test.main(multi_test.get_args_parser().parse_args(test_argv))
-    result = multi_test.evaluate_checkpoint(best, data_dir=data, protocol="test", device=device)
+    if multi_test.main(multi_test.get_args_parser().parse_args(test_argv)):
+        raise SystemExit("demo: multi_test.py failed; see the messages above")
+    with open(best_dir / "results.csv", newline="") as f:
+        result = next(row for row in reversed(list(csv.DictReader(f))) if row["protocol"] == "test")
 
     index_path = out / "synthetic_index.pt"
     index_argv = ["index", str(best), str(data / "train"), "--out", str(index_path), "--device", device]
     announce("index", ["python3", "retrieve.py", *index_argv])
-    retrieve.main(retrieve.get_args_parser().parse_args(index_argv))
+    if retrieve.main(retrieve.get_args_parser().parse_args(index_argv)):
+        raise SystemExit("demo: retrieve.py index failed; see the messages above")
 
     test_classes = natural_sorted(p.name for p in (data / "test").iterdir() if p.is_dir())
     queries = [str(sorted((data / "test" / c).iterdir())[0]) for c in test_classes[: args.queries]]
     query_argv = ["query", str(index_path), *queries, "--top-k", "5", "--out-dir", str(grids), "--device", device]
     announce("query", ["python3", "retrieve.py", *query_argv])
-    retrieve.main(retrieve.get_args_parser().parse_args(query_argv))
+    if retrieve.main(retrieve.get_args_parser().parse_args(query_argv)):
+        raise SystemExit("demo: retrieve.py query failed; see the messages above")
 
+    eta = {key: float(result[key]) for key in ("eta_p", "eta_w", "eta_total")}
     chance_p = 1.0 / args.classes
     print(f"\n=== result of {best.name} on the synthetic test set (leave-one-out, the paper's protocol)")
-    print(f"eta_p     {result['eta_p']:.4f}   (chance {chance_p:.4f})")
-    print(f"eta_W     {result['eta_w']:.4f}   (chance {chance_p:.4f})")
-    print(f"eta_total {result['eta_total']:.4f}   (chance {chance_p * chance_p:.4f})")
-    print(f"Outputs in {out}/: confusion matrices and results in model/, loss curve in model/, "
-          f"retrieval grids in retrieval/. Took {time.time() - started:.0f} s.")
-    return {"best_checkpoint": str(best), **{k: result[k] for k in ("eta_p", "eta_w", "eta_total")}}
+    print(f"eta_p     {eta['eta_p']:.4f}   (chance {chance_p:.4f})")
+    print(f"eta_W     {eta['eta_w']:.4f}   (chance {chance_p:.4f})")
+    print(f"eta_total {eta['eta_total']:.4f}   (chance {chance_p * chance_p:.4f})")
+    print(f"Outputs in {out}/: loss curve and checkpoints in model/, results and confusion matrices in "
+          f"best_model/, retrieval grids in retrieval/. Took {time.time() - started:.0f} s.")
+    return {"best_checkpoint": str(best), **eta}
 
 
 if __name__ == "__main__":

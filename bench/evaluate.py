@@ -4,7 +4,9 @@
 
 Baseline (the reference's multi_test): for every checkpoint, the model is built (randomly
 initialised) and loaded, a DataLoader decodes every test PNG anew through CenterCrop + ToTensor,
-the model embeds it under no_grad, and every row of the full similarity matrix is sorted.
+the model embeds it under no_grad the reference's way (resnet50 and ABE_M recompute their attention
+trunk for every head: bench/models.py's ReferenceStyle), and every row of the full similarity
+matrix is sorted.
 Ours (multi_test.Evaluator): the test images are decoded and centre-cropped once into uint8
 tensors; each model is built on the meta device (no random initialisation) and takes the
 checkpoint's tensors, embeds the crops in batches under inference_mode and ranks with a top-k.
@@ -18,11 +20,9 @@ returns its rows for bench/run_all.py.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import torch
@@ -31,9 +31,11 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import models  # noqa: E402
+from bench.models import ReferenceStyle  # noqa: E402
 import multi_test  # noqa: E402
 from KIMIA_data import data_process, synthetic  # noqa: E402
 from metrics import combine_learners, kimia_accuracy  # noqa: E402
+from tests.reference_fill import filled_state_dict  # noqa: E402
 from utils import KimiaDataset, eval_transform, select_device  # noqa: E402
 
 # Five checkpoints: the three architectures, the attention ablation and a second ABE_M.
@@ -69,26 +71,6 @@ def make_test_set(num_classes: int, per_class: int) -> Path:
     return out
 
 
-def filled_state_dict(template: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """SPEC.md's fill rule. Freshly initialised models in eval mode map every image to nearly the
-    same embedding (ABE_M's cosines are all 1.0 to 7 digits), which would make the ranking a tie."""
-    filled = {}
-    for key, value in template.items():
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-        kind = key.rsplit(".", 1)[-1]
-        if kind in ("num_batches_tracked", "running_mean"):
-            filled[key] = torch.zeros_like(value)
-        elif kind == "running_var":
-            filled[key] = torch.ones_like(value)
-        elif kind == "weight" and value.dim() == 1:
-            filled[key] = 1 + 0.1 * torch.randn(value.shape, generator=generator)
-        elif kind == "bias":
-            filled[key] = 0.1 * torch.randn(value.shape, generator=generator)
-        else:
-            filled[key] = torch.randn(value.shape, generator=generator) * math.sqrt(2 / math.prod(value.shape[1:]))
-    return filled
-
-
 def write_checkpoints(folder: Path, crop_size: int) -> list[Path]:
     paths = []
     for number, (name, options) in enumerate(CHECKPOINTS):
@@ -108,6 +90,8 @@ def reference_sweep(paths: list[Path], data_dir: Path, batch_size: int, workers:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         model = models.build_model(checkpoint["model_name"], **checkpoint["model_options"])
         model.load_state_dict(checkpoint["model"])
+        if model.num_learners > 1:  # the reference's forward: the attention trunk once per head
+            model = ReferenceStyle(model)
         model.to(device).eval()
         dataset = KimiaDataset(data_dir / "test", eval_transform(checkpoint["crop_size"]))
         parts = []

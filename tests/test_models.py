@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import MODEL_NAMES, build_model, canonical_model_name, summary
+from tests.reference_fill import filled_state_dict
 
 DATA = Path(__file__).resolve().parent / "data"
 REPO = Path(__file__).resolve().parent.parent
@@ -28,29 +28,6 @@ VARIANTS = {
 }
 # The attention trunk's first BatchNorm, which the reference runs once per head.
 TRUNK_BATCHNORM = {"resnet50": "att_layer.0.bn1", "ABE_M": "att_a4.b1.1", "se_resnet50": "att_layer.0.bn1"}
-
-
-def filled_state_dict(template: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """SPEC.md's fill rule: deterministic values keyed by parameter name and shape only."""
-    out = {}
-    for key, tensor in template.items():
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-        leaf = key.rsplit(".", 1)[-1]
-        shape = tuple(tensor.shape)
-        if leaf == "num_batches_tracked":
-            out[key] = torch.zeros_like(tensor)
-        elif leaf == "running_mean":
-            out[key] = torch.zeros(shape)
-        elif leaf == "running_var":
-            out[key] = torch.ones(shape)
-        elif leaf == "weight" and len(shape) == 1:
-            out[key] = 1.0 + 0.1 * torch.randn(shape, generator=generator)
-        elif leaf == "bias":
-            out[key] = 0.1 * torch.randn(shape, generator=generator)
-        else:
-            fan_in = torch.Size(shape[1:]).numel()
-            out[key] = torch.randn(shape, generator=generator) * (2.0 / fan_in) ** 0.5
-    return out
 
 
 def layout_template(variant: str) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from PIL import Image
 import models
 import multi_test
 from metrics import kimia_accuracy
-from utils import KimiaDataset, eval_transform
+from utils import KimiaDataset, command_line, eval_transform
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ("s0", "s1", "s2")
@@ -155,7 +155,8 @@ def test_sweep_over_a_folder_of_every_kind_of_file(data_dir, tmp_path, capsys):
     bare = [r for r in rows if r["checkpoint"] == "se_resnet_MsLoss_0.7590.pth"]
     assert all(r["source"] == "reference state_dict" and '"attention": false' in r["model_options"] for r in bare)
     for row in rows:
-        assert row["classes"] == "s0 s1 s2" and "multi_test" in row["command"] and row["crop_size"] == str(CROP)
+        # The command that started the process (here pytest's), as the reproducibility record.
+        assert row["classes"] == "s0 s1 s2" and row["command"] == command_line() and row["crop_size"] == str(CROP)
         assert row["num_queries"] == "7"  # the broken image is skipped, not fatal
         assert row["num_gallery"] == ("7" if row["protocol"] == "test" else "6")
         confusion = np.loadtxt(weights / row["confusion_csv"], delimiter=",", skiprows=2, dtype=object)[:, 1:]

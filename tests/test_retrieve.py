@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import retrieve
+from utils import command_line
 from test_multi_test import REPO, make_images, write_checkpoint
 
 
@@ -43,7 +44,7 @@ def test_index_round_trip(collection, capsys):
     assert index["embeddings"].shape == (7, 512) and index["embeddings"].dtype == torch.float32
     torch.testing.assert_close(index["embeddings"].norm(dim=1), torch.ones(7))
     assert index["model_name"] == "se_resnet50" and index["crop_size"] == 32
-    assert index["model_options"]["attention"] is False and "retrieve" in index["command"]
+    assert index["model_options"]["attention"] is False and index["command"] == command_line()
 
 
 def test_query_excludes_itself_ranks_by_similarity_and_writes_grids(collection, tmp_path):
@@ -73,7 +74,7 @@ def test_query_excludes_itself_ranks_by_similarity_and_writes_grids(collection, 
     with open(out_dir / "matches.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and [r["rank"] for r in rows[:3]] == ["1", "2", "3"]
-    assert rows[0]["query_class"] == "s0" and "retrieve" in rows[0]["command"]
+    assert rows[0]["query_class"] == "s0" and rows[0]["command"] == command_line()
 
 
 def test_grid_frames_right_matches_green_and_wrong_ones_red(collection, tmp_path):
