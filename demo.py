@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import shlex
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -48,8 +48,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default: 0.01; the paper uses 0.001)")
     parser.add_argument("--queries", type=int, default=3, help="test patches to draw retrieval grids for (default: 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default: 0)")
-    parser.add_argument("--workers", type=int, default=2, help="data-loading and preprocessing workers (default: 2)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="preprocessing and data-loading processes; 0 loads in the main process (default: 2)")
     return parser
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the file system allows it: a checkpoint is hundreds of MB."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def announce(step: str, ours: list[str]) -> None:
@@ -75,13 +85,14 @@ def main(args: argparse.Namespace) -> dict:
     print(f"    here:  {shlex.join(['python3', 'KIMIA_data/synthetic.py', *synthetic_argv])}", flush=True)
     synthetic.main(synthetic.get_args_parser().parse_args(synthetic_argv))
 
-    data_argv = [str(source), "--out", str(data), "--size", str(args.image_size), "--workers", str(args.workers)]
+    data_argv = [str(source), "--out", str(data), "--size", str(args.image_size), "--workers", str(max(1, args.workers))]
     announce("data", ["python3", "KIMIA_data/data_process.py", *data_argv])
     data_process.main(data_process.get_args_parser().parse_args(data_argv))
 
     train_argv = ["se_resnet50", "MSLoss", "--data-dir", str(data / "train"), "--output-dir", str(model_dir),
                   "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                  "--crop-size", str(args.crop_size), "--workers", str(args.workers), "--device", device]
+                  "--crop-size", str(args.crop_size), "--workers", str(args.workers), "--device", device,
+                  "--keep-best", "1"]
     announce("train", ["python3", "train.py", *train_argv])
     trained = train.main(train.get_args_parser().parse_args(train_argv))
     best = Path(trained["best_checkpoint"])
@@ -89,7 +100,7 @@ def main(args: argparse.Namespace) -> dict:
     # multi_test sweeps a whole folder; the demo gives it the best checkpoint alone.
     best_dir = out / "best_model"
     best_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(best, best_dir / best.name)
+    link_or_copy(best, best_dir / best.name)
     test_argv = [str(best_dir), "--data-dir", str(data), "--protocol", "both", "--device", device]
     announce("test", ["python3", "multi_test.py", *test_argv])
     if multi_test.main(multi_test.get_args_parser().parse_args(test_argv)):

@@ -103,6 +103,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     run.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off",
                      help="mixed precision: bf16 (CUDA or CPU) or fp16 with loss scaling (CUDA) (default: %(default)s)")
     run.add_argument("--channels-last", action="store_true", help="NHWC memory format, faster with --amp on GPUs (default: off)")
+    run.add_argument("--keep-best", type=int, default=0, metavar="K",
+                     help="keep only the K most recent best checkpoints this run wrote; 0 keeps them all, as the "
+                          "reference (default: %(default)s)")
     run.add_argument("--resume", default=None, metavar="PATH",
                      help="continue from a checkpoint written by this script, at the epoch after it (default: none)")
     run.add_argument("--summary", action="store_true", help="print the model's layers and parameter counts, then exit")
@@ -548,7 +551,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         print(models.summary(model, args.crop_size))
         return {}
     for flag, value, minimum in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 2),
-                                 ("--crop-size", args.crop_size, 1), ("--workers", args.workers, 0)):
+                                 ("--crop-size", args.crop_size, 1), ("--workers", args.workers, 0),
+                                 ("--keep-best", args.keep_best, 0)):
         if value < minimum:
             raise UserError(f"{flag} must be at least {minimum}, got {value}")
     device, rank, world_size = setup_distributed(args.device)
@@ -599,6 +603,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if start_epoch >= args.epochs:
             print(f"{args.resume} already holds epoch {start_epoch} of {args.epochs}; raise --epochs to train on")
     unreadable: set[str] = set()
+    saved_best = [best_path] if best_path else []  # best checkpoints of this run, oldest first (--keep-best)
     for epoch in range(start_epoch, args.epochs):
         # Each epoch's data order and augmentation depend only on (seed, epoch, rank): a resumed run
         # repeats the epochs it continues (exactly so with --workers 0, whose augmentation runs here).
@@ -625,6 +630,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if improved:
                 best_path = str(output_dir / f"{prefix}_{val_loss:.4f}.pth")
                 atomic_save(state, best_path)
+                saved_best = [p for p in saved_best if p != best_path] + [best_path]
+                if args.keep_best:
+                    for older in saved_best[:-args.keep_best]:
+                        Path(older).unlink(missing_ok=True)
+                    saved_best = saved_best[-args.keep_best:]
             atomic_save(state, output_dir / "checkpoint.pth")
             write_csv(run["history"], output_dir / f"{prefix}_log.csv")
             plot_losses(run["history"], output_dir / f"{prefix}_loss.png", f"{model_name} + {loss_name}")

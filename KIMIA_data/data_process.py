@@ -11,7 +11,8 @@ SOURCE (default: KIMIAPath24_RGB at the repository root, where the reference exp
 
 Every image becomes a size x size RGB PNG named <class>_<stem>.png in DIR/train/<class>/ and
 DIR/test/<class>/ (DIR defaults to the KIMIA_data folder). The resize is Pillow's antialiased
-bicubic, not the reference's cv2.resize(INTER_CUBIC), which skips low-pass filtering when it shrinks
+bicubic filter (computed with torch's faster uint8 kernels, within 1 grey level of Pillow's output),
+not the reference's cv2.resize(INTER_CUBIC), which skips low-pass filtering when it shrinks
 1000 to 300 px and so aliases fine texture (SPEC.md section 1). JPEGs are decoded at a reduced size
 first (Pillow's draft mode: the largest power-of-two reduction that stays at least the target size,
 done in the DCT domain), then go through the same bicubic resize.
@@ -44,6 +45,8 @@ from typing import Iterator
 
 import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -280,10 +283,19 @@ def is_complete(path: Path, size: int) -> bool:
         return False
 
 
-def save_png(image: Image.Image, path: Path) -> None:
+def resize_bicubic(image: Image.Image, size: int) -> np.ndarray:
+    """size x size x 3 uint8 array in OpenCV's BGR order: Pillow's antialiased bicubic filter,
+    computed by torch's uint8 kernels (torch's antialias=True follows Pillow's filter), about twice
+    as fast as Pillow's own; values differ from Pillow's by at most 1 (rounding)."""
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)  # 1 x 3 x H x W, channels last
+    planes = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0].numpy()
+    return cv2.merge((planes[2], planes[1], planes[0]))  # interleaves the planes, RGB to BGR on the way
+
+
+def save_png(bgr: np.ndarray, path: Path) -> None:
     """Encode with OpenCV's default PNG settings (the reference's), about 3x faster than Pillow's
     fastest level at the same size; written through a temp file and a rename."""
-    ok, data = cv2.imencode(".png", cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR))
+    ok, data = cv2.imencode(".png", bgr)
     if not ok:
         raise OSError(f"could not encode {path} as PNG")
     utils.atomic_write(path, lambda tmp: Path(tmp).write_bytes(data.tobytes()))
@@ -300,9 +312,11 @@ def convert(item: Item, size: int, overwrite: bool) -> tuple[Item, str, str]:
         image = load_item(item, size)
         if image is None:
             return item, "dropped", ""
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.BICUBIC)
-        save_png(image, item.output)
+        if image.size == (size, size):
+            bgr = cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR)
+        else:
+            bgr = resize_bicubic(image, size)
+        save_png(bgr, item.output)
         return item, "written", ""
     except Exception as err:  # noqa: BLE001 - see the docstring
         return item, "failed", f"{type(err).__name__}: {err}".splitlines()[0]
@@ -322,7 +336,7 @@ def run_items(items: list[Item], size: int, overwrite: bool, workers: int) -> It
                 _open_hdf5.popitem()[1].close()
         return
     chunk = max(1, min(16, len(jobs) // (workers * 8)))
-    with Pool(workers) as pool:
+    with Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
         yield from pool.imap_unordered(_convert_job, jobs, chunksize=chunk)
 
 
@@ -406,7 +420,7 @@ def main(args: argparse.Namespace) -> dict:
     print(count_table(counts, classes, dropped))
     utils.atomic_write_text(out / "manifest.csv", manifest_text(out, done))
     record = {"command": utils.command_line(), "source": str(source.resolve()), "layout": layout,
-              "size": args.size, "resize": "Pillow BICUBIC (antialiased); JPEG draft decoding",
+              "size": args.size, "resize": "antialiased bicubic (Pillow's filter, torch uint8 kernels); JPEG draft decoding",
               "classes": classes,
               "counts": {split: {c: counts[split, c] for c in classes} for split in SPLITS},
               "failed": [item.describe() for item, _ in failures]}

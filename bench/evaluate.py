@@ -7,7 +7,7 @@ initialised) and loaded, a DataLoader decodes every test PNG anew through Center
 the model embeds it under no_grad the reference's way (resnet50 and ABE_M recompute their attention
 trunk for every head: bench/models.py's ReferenceStyle), and every row of the full similarity
 matrix is sorted.
-Ours (multi_test.Evaluator): the test images are decoded and centre-cropped once into uint8
+Ours (multi_test.Evaluator, by default and with --channels-last): the test images are decoded and centre-cropped once into uint8
 tensors; each model is built on the meta device (no random initialisation) and takes the
 checkpoint's tensors, embeds the crops in batches under inference_mode and ranks with a top-k.
 Both use the same weights (random, drawn with SPEC.md's fill rule), batch size, decoding workers
@@ -23,6 +23,7 @@ import argparse
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -107,9 +108,11 @@ def reference_sweep(paths: list[Path], data_dir: Path, batch_size: int, workers:
     return totals
 
 
-def our_sweep(paths: list[Path], data_dir: Path, batch_size: int, workers: int, device: torch.device) -> list[float]:
-    evaluator = multi_test.Evaluator(data_dir, batch_size, "off", device, workers)
+def our_sweep(paths: list[Path], data_dir: Path, batch_size: int, workers: int, device: torch.device,
+              channels_last: bool = False) -> list[float]:
+    evaluator = multi_test.Evaluator(data_dir, batch_size, "off", device, workers, channels_last)
     return [evaluator.evaluate(multi_test.load_model(path, device))[0]["eta_total"] for path in paths]
+
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -126,24 +129,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with tempfile.TemporaryDirectory() as folder:
             paths = write_checkpoints(Path(folder), crop_size)
             timings, cpu_times, totals = {}, {}, {}
-            for name, sweep in (("baseline", reference_sweep), ("ours", our_sweep)):
+            for name, sweep in (("baseline", reference_sweep), ("ours", our_sweep),
+                                ("ours --channels-last", partial(our_sweep, channels_last=True))):
                 started, cpu_started = time.perf_counter(), time.process_time()
                 totals[name] = sweep(paths, data_dir, args.batch_size, args.workers, device)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 timings[name] = time.perf_counter() - started
                 cpu_times[name] = time.process_time() - cpu_started
-        difference = max(abs(a - b) for a, b in zip(totals["baseline"], totals["ours"]))
-        rows.append({
-            "benchmark": "evaluate",
-            "case": f"{len(paths)} checkpoints x {num_images} test images, crop {crop_size}, batch {args.batch_size}, "
-                    f"{args.workers} workers, {device.type}",
-            "ours": f"{timings['ours']:.1f}", "baseline": f"{timings['baseline']:.1f}", "unit": "s",
-            "speedup": f"{timings['baseline'] / timings['ours']:.2f}x",
-            "ours_cpu_s": f"{cpu_times['ours']:.1f}", "baseline_cpu_s": f"{cpu_times['baseline']:.1f}",
-            "cpu_speedup": f"{cpu_times['baseline'] / cpu_times['ours']:.2f}x",
-            "max_eta_total_difference": f"{difference:.2g}",
-        })
+        for name in ("ours", "ours --channels-last"):
+            difference = max(abs(a - b) for a, b in zip(totals["baseline"], totals[name]))
+            rows.append({
+                "benchmark": "evaluate",
+                "case": f"{len(paths)} checkpoints x {num_images} test images, crop {crop_size}, batch "
+                        f"{args.batch_size}, {args.workers} workers, {device.type}, {name}",
+                "ours": f"{timings[name]:.1f}", "baseline": f"{timings['baseline']:.1f}", "unit": "s",
+                "speedup": f"{timings['baseline'] / timings[name]:.2f}x",
+                "ours_cpu_s": f"{cpu_times[name]:.1f}", "baseline_cpu_s": f"{cpu_times['baseline']:.1f}",
+                "cpu_speedup": f"{cpu_times['baseline'] / cpu_times[name]:.2f}x",
+                "max_eta_total_difference": f"{difference:.2g}",
+            })
     # CPU time (this process only, so without --workers) is steadier than wall time on a shared machine.
     print("| case | ours (s) | baseline (s) | speed-up | CPU s ours / baseline | CPU speed-up | max eta_total difference |\n"
           "|---|---|---|---|---|---|---|")

@@ -11,9 +11,7 @@ drawn from 24 classes, as in training with batch 60.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +21,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import median_seconds  # noqa: E402
 from losses import LOSS_NAMES, build_loss, canonical_loss_name  # noqa: E402
 
 
@@ -85,22 +84,6 @@ def per_anchor_loss(name: str, embeddings: list[Tensor], labels: Tensor) -> Tens
 
 
 # ----------------------------------------------------------------------------- timing
-def _time_ms(step: Callable[[], None], device: torch.device, repeats: int, warmup: int) -> float:
-    """Median wall time of one step in ms, synchronising CUDA around each step."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def _batch(n: int, num_learners: int, embedding_dim: int, num_classes: int, device: torch.device, seed: int):
     g = torch.Generator().manual_seed(seed)
     x = F.normalize(torch.randn(num_learners, n, embedding_dim // num_learners, generator=g), dim=-1)
@@ -156,7 +139,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     def baseline() -> None:
                         per_anchor_loss(name, list(x.unbind(0)), labels).backward()
 
-                    ours = _time_ms(vectorised, device, args.repeats, args.warmup)
+                    ours = 1e3 * median_seconds(vectorised, device, args.repeats, args.warmup)
                     row = {
                         "benchmark": "losses",
                         "case": f"{name} fwd+bwd, {device.type}, M={num_learners}, n={n}",
@@ -168,7 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "n": n,
                     }
                     if not args.no_baseline:
-                        reference = _time_ms(baseline, device, args.baseline_repeats, min(args.warmup, 2))
+                        reference = 1e3 * median_seconds(baseline, device, args.baseline_repeats, min(args.warmup, 2))
                         row |= {"baseline": round(reference, 3), "speedup": round(reference / ours, 1)}
                     rows.append(row)
     print(_markdown(rows, threads=torch.get_num_threads()))

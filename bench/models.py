@@ -13,11 +13,8 @@ FLOPs come from torch.utils.flop_counter (convolutions and matrix products, 2 pe
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 # Repository root first, so that `models` is the package rather than this file.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import median_seconds  # noqa: E402
 from losses import build_loss  # noqa: E402
 from models import MODEL_NAMES, build_model, canonical_model_name  # noqa: E402
 from models.layers import AttentionEnsemble  # noqa: E402
@@ -56,21 +54,6 @@ def forward_gflops(model: nn.Module, crop_size: int) -> float:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.rand(1, 3, crop_size, crop_size))
     return counter.get_total_flops() / 1e9
-
-
-def median_seconds(step: Callable[[], None], device: torch.device, iterations: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iterations):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def images_per_second(model: nn.Module, args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None,

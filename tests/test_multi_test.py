@@ -68,6 +68,9 @@ def test_evaluation_matches_the_reference_pipeline(data_dir, tmp_path):
     cached = multi_test.Evaluator(data_dir, device="cpu").images("test", CROP)
     ours = multi_test.embed(loaded.model, cached.images, batch_size=4)
     torch.testing.assert_close(ours @ ours.T, reference_similarity, atol=1e-5, rtol=0)
+    nhwc = multi_test.embed(loaded.model, cached.images, batch_size=4, channels_last=True)
+    torch.testing.assert_close(nhwc, ours, atol=1e-5, rtol=0)  # --channels-last: the same to float rounding
+    loaded.model.to(memory_format=torch.contiguous_format)
 
     reference_similarity.fill_diagonal_(float("-inf"))  # the query itself, excluded by index
     best = reference_similarity.max(dim=1, keepdim=True).values

@@ -169,6 +169,18 @@ def test_killed_run_resumes_at_next_epoch_with_identical_state(data_root: Path, 
 
 
 @pytest.mark.slow
+def test_keep_best_removes_older_best_checkpoints_of_the_run(data_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    result = train.main(parse("ABE_M", "MSLoss", "--data-dir", data_root / "train", "--output-dir", out,
+                              "--epochs", "4", "--lr", "0.05", "--keep-best", "1", *QUICK))
+    val_losses = [h["val_loss"] for h in result["history"]]
+    improvements = sum(loss < min(val_losses[:i], default=float("inf")) for i, loss in enumerate(val_losses))
+    assert improvements >= 2, "this setting must improve twice to exercise the removal"
+    assert best_checkpoints(out) == [Path(result["best_checkpoint"])]
+    assert load(out / "checkpoint.pth")["best_val_loss"] == pytest.approx(min(val_losses))
+
+
+@pytest.mark.slow
 def test_torchrun_two_processes_on_gloo_with_pk_batches(data_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
