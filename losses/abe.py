@@ -1,10 +1,18 @@
 """ABE loss: contrastive loss per learner plus a divergence term between learners."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from torch import Tensor
 
-from .base import Embeddings, MetricLoss, full_precision, mean_over_anchors_weights, stack_learners
+from .base import Embeddings, MetricLoss, full_precision, mean_over_anchors_weights, num_learners, stack_learners
+
+
+@lru_cache(maxsize=16)
+def _learner_pairs(num_learners: int, device: torch.device) -> Tensor:
+    # The pairs a < b of learners depend on M only: build them once, not at every step.
+    return torch.triu_indices(num_learners, num_learners, offset=1, device=device)
 
 
 class ABELoss(MetricLoss):
@@ -35,23 +43,25 @@ class ABELoss(MetricLoss):
     def forward(self, embeddings: Embeddings, labels: Tensor) -> Tensor:
         x, labels = stack_learners(embeddings, labels)
         loss = self._loss_of_similarities(x, labels)
-        if x.shape[0] == 1:
+        if x.dim() == 2:  # one learner: no divergence
             return loss
         with full_precision(x.device):
             used_anchors = self._last_masks[0]
             return loss + self.lambda_div * self._divergence(x) * used_anchors.any()
 
     def similarity_loss(self, sim: Tensor, need_grad: bool, *, labels: Tensor) -> tuple[Tensor, Tensor | None]:
-        num_learners = sim.shape[0]
-        w_pos, w_neg, valid = mean_over_anchors_weights(labels, sim.dtype, num_learners)
-        self._remember(valid, (w_pos, w_neg), copies=num_learners)
-        loss = ((self.margin_c - sim).relu() * w_pos + sim * w_neg).sum()
+        learners = num_learners(sim)
+        w_pos, w_neg, valid = mean_over_anchors_weights(labels, sim.dtype, learners)
+        self._remember(valid, (w_pos, w_neg), copies=learners)
+        loss = (self.margin_c - sim).relu_().mul_(w_pos).add_(sim * w_neg).sum()
         return loss, (w_neg - (sim < self.margin_c) * w_pos) if need_grad else None
 
     def _divergence(self, x: Tensor) -> Tensor:
-        first, second = torch.triu_indices(x.shape[0], x.shape[0], offset=1, device=x.device)
+        first, second = _learner_pairs(x.shape[0], x.device)
         # Similarity of learner a's and learner b's embedding of the same sample, for every pair a < b.
-        cross = (x[first] * x[second]).sum(-1)
+        # index_select gathers the same rows as x[first], and its backward (index_add) is several
+        # times faster than that of advanced indexing (index_put with accumulation).
+        cross = (x.index_select(0, first) * x.index_select(0, second)).sum(-1)
         return (cross - self.margin_div).relu().mean()
 
     def extra_repr(self) -> str:

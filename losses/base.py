@@ -21,26 +21,40 @@ LossAndGrad = Callable[[Tensor, bool], tuple[Tensor, Tensor | None]]
 
 
 def stack_learners(embeddings: Embeddings, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Return the embeddings as one M x n x d tensor (at least float32) and the labels on its device.
+    """Return the embeddings as one tensor (at least float32) and the labels on its device: n x d
+    for one learner, M x n x d for M > 1 learners.
 
-    A single n x d tensor is one learner (M = 1). Half-precision inputs are promoted to float32
-    because exp(beta * s) and sums over the batch lose too much in 16 bits.
+    A single n x d tensor is one learner (M = 1); keeping it 2-D spares the batched product and an
+    autograd node. Half-precision inputs are promoted to float32 because exp(beta * s) and sums over
+    the batch lose too much in 16 bits.
     """
     if isinstance(embeddings, Tensor):
-        embeddings = [embeddings]
-    if len(embeddings) == 0:
-        raise ValueError("embeddings: expected a tensor or a non-empty list of n x d tensors, got an empty list")
-    shapes = {tuple(x.shape) for x in embeddings}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-        raise ValueError(f"embeddings: expected n x d tensors of one shape (one per learner), got shapes {sorted(shapes)}")
-    n = embeddings[0].shape[0]
+        x = embeddings
+        if x.dim() != 2:
+            raise ValueError(f"embeddings: expected n x d tensors of one shape (one per learner), got shapes {[tuple(x.shape)]}")
+    else:
+        if len(embeddings) == 0:
+            raise ValueError("embeddings: expected a tensor or a non-empty list of n x d tensors, got an empty list")
+        x = embeddings[0]
+        shape = x.shape
+        if len(shape) != 2 or any(e.shape != shape for e in embeddings):
+            shapes = {tuple(e.shape) for e in embeddings}
+            raise ValueError(f"embeddings: expected n x d tensors of one shape (one per learner), got shapes {sorted(shapes)}")
+        if len(embeddings) > 1:
+            x = torch.stack(list(embeddings))
+    n = x.shape[-2]
     if n == 0:
         raise ValueError("embeddings: the batch is empty")
     if labels.dim() != 1 or labels.shape[0] != n:
         raise ValueError(f"labels: expected a 1-D tensor of {n} labels (one per embedding row), got shape {tuple(labels.shape)}")
-    x = torch.stack(list(embeddings)) if len(embeddings) > 1 else embeddings[0].unsqueeze(0)
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    if not x.dtype.is_floating_point or x.dtype.itemsize < 4:
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
     return x, labels.to(x.device)
+
+
+def num_learners(sim: Tensor) -> int:
+    """M of an n x n (one learner) or M x n x n similarity tensor."""
+    return sim.shape[0] if sim.dim() == 3 else 1
 
 
 def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
@@ -51,16 +65,21 @@ def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 @lru_cache(maxsize=16)
-def _identity(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    # Batches keep one size for a whole run: build the n x n identity once, not at every step.
-    return torch.eye(n, dtype=dtype, device=device)
+def _pair_kinds(n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    # XOR-ed with `same`, these give stacked masks in one operation each: same ^ eye drops the self
+    # pairs (positives), same ^ True is the other classes (negatives). (positive, negative) and
+    # (negative, positive) as 2 x 1 x n x n, then (positive, negative) as 2 x n x n.
+    eye = torch.eye(n, dtype=torch.bool, device=device)
+    full = torch.ones(n, n, dtype=torch.bool, device=device)
+    pos_neg = torch.stack((eye, full))
+    return pos_neg.unsqueeze(1), torch.stack((full, eye)).unsqueeze(1), pos_neg
 
 
-def label_masks(labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Boolean n x n masks (positive, negative): same class minus the diagonal, and other class."""
-    same = labels[:, None] == labels[None, :]
-    # The diagonal of `same` is always True, so XOR with the identity drops exactly the self pairs.
-    return same ^ _identity(labels.shape[0], torch.bool, labels.device), ~same
+def stacked_label_masks(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Boolean 2 x 1 x n x n masks: (positive, negative) and the same two swapped, (negative, positive)."""
+    same = labels.unsqueeze(1) == labels
+    pos_neg, neg_pos, _ = _pair_kinds(labels.shape[0], labels.device)
+    return same ^ pos_neg, same ^ neg_pos
 
 
 def mean_over_anchors_weights(labels: Tensor, dtype: torch.dtype, num_learners: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -72,22 +91,22 @@ def mean_over_anchors_weights(labels: Tensor, dtype: torch.dtype, num_learners: 
     (likewise w_neg). Without such an anchor both weights are zero, so the loss is a zero that
     back-propagates zeros.
     """
-    same = (labels[:, None] == labels[None, :]).to(dtype)
-    positive = same - _identity(labels.shape[0], dtype, labels.device)
-    negative = 1 - same
-    pos_count = positive.sum(-1)
-    neg_count = negative.sum(-1)
-    valid = pos_count * neg_count > 0
-    anchor_weight = valid / (valid.sum(dtype=dtype).clamp(min=1) * num_learners)
-    w_pos = positive * (anchor_weight / pos_count.clamp(min=1)).unsqueeze(-1)
-    w_neg = negative * (anchor_weight / neg_count.clamp(min=1)).unsqueeze(-1)
-    return w_pos, w_neg, valid
+    # Positives and negatives stacked (2 x n x n): one operation for both at every step. The
+    # arithmetic is that of each kind on its own, so the weights are the same to the bit.
+    kinds = ((labels.unsqueeze(1) == labels) ^ _pair_kinds(labels.shape[0], labels.device)[2]).to(dtype)
+    counts = kinds.sum(-1)
+    valid = counts.prod(0) > 0
+    total = valid.sum(dtype=dtype).clamp_(min=1)
+    anchor_weight = valid / (total * num_learners if num_learners > 1 else total)
+    weights = kinds.mul_((anchor_weight / counts.clamp_(min=1)).unsqueeze(-1))
+    return weights[0], weights[1], valid
 
 
 class _SimilarityLoss(torch.autograd.Function):
     """A loss of the similarities S = X_i X_i^T, differentiated by hand.
 
-    `loss_and_grad(S, need_grad)` returns the loss and dloss/dS (or None). Then
+    `loss_and_grad(S, need_grad)` returns the loss and dloss/dS (or None), S n x n for an n x d X
+    (one learner: a plain matrix product, no batched one) and M x n x n for M x n x d. Then
     dloss/dX = (G + G^T) X, one matrix product: autograd would see X and X^T as two inputs and
     record every masked element-wise step, which at n = 60 costs more than the arithmetic.
     """
@@ -127,8 +146,9 @@ class MetricLoss(nn.Module):
             return _SimilarityLoss.apply(x, partial(self.similarity_loss, labels=labels))
 
     def similarity_loss(self, sim: Tensor, need_grad: bool, *, labels: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The loss of the M x n x n similarities and, if `need_grad`, its derivative with respect to
-        them. Implementations call `_remember`."""
+        """The loss of the similarities (n x n for one learner, M x n x n for M > 1; see
+        `num_learners`) and, if `need_grad`, its derivative with respect to them, of the same shape.
+        Implementations call `_remember`."""
         raise NotImplementedError
 
     def _remember(self, used_anchors: Tensor, pair_masks: tuple[Tensor, ...], copies: int = 1) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import MetricLoss, mean_over_anchors_weights
+from .base import MetricLoss, mean_over_anchors_weights, num_learners
 
 
 class ContrastiveLoss(MetricLoss):
@@ -24,10 +24,10 @@ class ContrastiveLoss(MetricLoss):
         self.margin = margin
 
     def similarity_loss(self, sim: Tensor, need_grad: bool, *, labels: Tensor) -> tuple[Tensor, Tensor | None]:
-        num_learners = sim.shape[0]
-        w_pos, w_neg, valid = mean_over_anchors_weights(labels, sim.dtype, num_learners)
-        self._remember(valid, (w_pos, w_neg), copies=num_learners)
-        loss = ((sim - self.margin).relu() * w_neg - sim * w_pos).sum()
+        learners = num_learners(sim)
+        w_pos, w_neg, valid = mean_over_anchors_weights(labels, sim.dtype, learners)
+        self._remember(valid, (w_pos, w_neg), copies=learners)
+        loss = (sim - self.margin).relu_().mul_(w_neg).sub_(sim * w_pos).sum()
         return loss, ((sim > self.margin) * w_neg - w_pos) if need_grad else None
 
     def extra_repr(self) -> str:
