@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     }
                     if not args.no_baseline:
                         reference = 1e3 * median_seconds(baseline, device, args.baseline_repeats, min(args.warmup, 2))
-                        row |= {"baseline": round(reference, 3), "speedup": round(reference / ours, 1)}
+                        row |= {"baseline": round(reference, 3), "speedup": f"{reference / ours:.1f}x"}
                     rows.append(row)
     print(_markdown(rows, threads=torch.get_num_threads()))
     return rows
@@ -167,7 +167,7 @@ def _markdown(rows: list[dict], threads: int) -> str:
     ]
     for r in rows:
         reference = f"{r['baseline']:.3f}" if "baseline" in r else "-"
-        speedup = f"{r['speedup']:.0f}x" if "speedup" in r else "-"
+        speedup = r.get("speedup", "-")
         lines.append(f"| {r['loss']} | {r['device']} | {r['M']} | {r['n']} | {r['ours']:.3f} | {reference} | {speedup} |")
     return "\n".join(lines)
 

@@ -297,6 +297,20 @@ def test_output_inside_the_source_is_refused(own_folders: Path, capsys) -> None:
 def test_bad_numbers(own_folders: Path, tmp_path: Path, capsys) -> None:
     assert "--size" in bad_run(capsys, own_folders, tmp_path / "out", "--size", "0")
     assert "--workers" in bad_run(capsys, own_folders, tmp_path / "out", "--workers", "0")
+    assert "--png-compression" in bad_run(capsys, own_folders, tmp_path / "out", "--png-compression", "10")
+
+
+def test_png_compression_changes_the_file_size_not_the_pixels(own_folders: Path, tmp_path: Path) -> None:
+    run(own_folders, tmp_path / "default")
+    record = run(own_folders, tmp_path / "stored", "--png-compression", "0")
+    assert record["png_compression"] == 0
+    names = outputs(tmp_path / "default")
+    assert names == outputs(tmp_path / "stored")
+    for name in names:
+        default, stored = tmp_path / "default" / name, tmp_path / "stored" / name
+        assert np.array_equal(np.asarray(Image.open(default)), np.asarray(Image.open(stored)))
+    total = {kind: sum((tmp_path / kind / name).stat().st_size for name in names) for kind in ("default", "stored")}
+    assert total["stored"] > 1.2 * total["default"]
 
 
 # ----------------------------------------------------------------------------- the script itself
