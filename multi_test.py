@@ -43,12 +43,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 import models
-from utils import (KimiaDataset, UserError, append_csv_row, atomic_write, atomic_write_text, command_line,
-                   exit_on_user_error, load_rgb, natural_sorted, select_device)
+from utils import (AMP_DTYPES, KimiaDataset, UserError, append_csv_row, atomic_write_text, command_line,
+                   exit_on_user_error, load_rgb, natural_sorted, pyplot, save_figure, select_device)
 from metrics import RECALL_KS, combine_learners, retrieval_metrics
 
 PROTOCOLS = ("test", "train")
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 REFERENCE_CROP_SIZE = 224
 # File-name prefixes of the reference's bare state_dicts (an optional training-set ratio may precede them).
 REFERENCE_PREFIX = re.compile(r"^(?:\d+(?:\.\d+)?_?)?(ABE_M|se_resnet50|se_resnet|resnet50)_")
@@ -341,12 +340,8 @@ def write_confusion_csv(path: str | os.PathLike, confusion: np.ndarray, class_na
 
 def plot_confusion(path: str | os.PathLike, confusion: np.ndarray, class_names: Sequence[str], title: str) -> None:
     """The confusion matrix as in the paper's figure: counts in the cells, class names on both axes."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     size = max(4.0, 0.42 * len(class_names) + 2.0)
-    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    fig, ax = pyplot().subplots(figsize=(size + 1.0, size))
     ax.imshow(confusion, cmap="Blues")
     ticks = np.arange(len(class_names))
     ax.set_xticks(ticks, labels=class_names, rotation=90)
@@ -360,8 +355,7 @@ def plot_confusion(path: str | os.PathLike, confusion: np.ndarray, class_names: 
             ax.text(col, row, str(count), ha="center", va="center", fontsize=7,
                     color="white" if count > threshold else "black")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def write_outputs(result: dict, output_dir: str | os.PathLike, command: str) -> dict:

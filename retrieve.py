@@ -28,9 +28,9 @@ from typing import Sequence
 import torch
 
 from metrics import topk_similar
-from multi_test import AMP_DTYPES, embed, iter_decoded, load_model
-from utils import (UserError, atomic_save, atomic_write, atomic_write_text, command_line, exit_on_user_error,
-                   is_image_file, load_rgb, natural_sorted, select_device)
+from multi_test import embed, iter_decoded, load_model
+from utils import (AMP_DTYPES, UserError, atomic_save, atomic_write_text, command_line,
+                   exit_on_user_error, is_image_file, load_rgb, natural_sorted, pyplot, save_figure, select_device)
 
 INDEX_FORMAT = 1
 INDEX_KEYS = ("format", "embeddings", "paths", "classes", "checkpoint", "model_name", "model_options", "crop_size")
@@ -123,11 +123,7 @@ def query_class(path: str, known: set[str]) -> str | None:
 
 def draw_grid(path: str | os.PathLike, query_path: str, query_label: str | None, matches: Sequence[dict]) -> None:
     """Query then matches in one row, each labelled; frames green/red when the query's class is known."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(matches) + 1, figsize=(2.2 * (len(matches) + 1), 2.7), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(matches) + 1, figsize=(2.2 * (len(matches) + 1), 2.7), squeeze=False)
     panels = [(query_path, f"query\n{query_label or 'class unknown'}", "black")]
     for match in matches:
         colour = "black" if query_label is None else "green" if match["class"] == query_label else "red"
@@ -141,8 +137,7 @@ def draw_grid(path: str | os.PathLike, query_path: str, query_label: str | None,
             spine.set_edgecolor(colour)
             spine.set_linewidth(4 if colour != "black" else 1)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_query(index: dict, query_paths: Sequence[str], top_k: int = 5, out_dir: str | os.PathLike | None = "retrieval",

@@ -32,10 +32,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 import losses
 import models
-from utils import (UserError, atomic_save, atomic_write, command_line, eval_transform, exit_on_user_error,
-                   KimiaDataset, seed_everything, select_device, split_train_val, train_transform)
+from utils import (AMP_DTYPES, UserError, atomic_save, atomic_write, command_line, eval_transform,
+                   exit_on_user_error, KimiaDataset, pyplot, save_figure, seed_everything, select_device,
+                   split_train_val, train_transform)
 
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Loss keyword -> parser destination; only the chosen loss's own hyper-parameters are passed to it.
 LOSS_OPTIONS = {
     "ContrastiveLoss": {"margin": "margin"},
@@ -501,14 +501,10 @@ def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
 
 
 def plot_losses(history: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] + 1 for h in history]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     ax.plot(epochs, [h["train_loss"] for h in history], marker=".", label="training")
     ax.plot(epochs, [h["val_loss"] for h in history], marker=".", label="validation")
     ax.set(xlabel="epoch", ylabel="loss", title=title)
@@ -516,8 +512,7 @@ def plot_losses(history: list[dict], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def load_resume_checkpoint(path: str, run: dict) -> dict:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 import train
 from multi_test import evaluate_checkpoint
-from utils import UserError, atomic_write, command_line, exit_on_user_error
+from utils import UserError, command_line, exit_on_user_error, pyplot, save_figure
 
 DEFAULT_RATIOS = (0.2, 0.4, 0.6, 0.8, 1.0)
 # The paper's figure (se_resnet50 + MSLoss), read off its bars, in percent: (eta_p, eta_W, eta_total).
@@ -50,13 +50,8 @@ def ratio_label(ratio: float) -> str:
 
 def plot_results(rows: Sequence[dict], path: Path, title: str) -> None:
     """Grouped bars of eta_p, eta_W and eta_total per ratio (ours), with the paper's values as ticks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     width = 0.27
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = pyplot().subplots(figsize=(7, 4.2))
     for k, (column, _) in enumerate(METRICS):
         positions = [i + (k - 1) * width for i in range(len(rows))]
         ours = [100 * row[column] for row in rows]
@@ -70,8 +65,7 @@ def plot_results(rows: Sequence[dict], path: Path, title: str) -> None:
     ax.set(xlabel="share of the training set", ylabel="percent", ylim=(0, 118), title=title)
     ax.legend(loc="upper center", ncol=4, fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -124,6 +124,22 @@ def append_csv_row(path: str | os.PathLike, row: dict[str, Any]) -> None:
     atomic_write(path, write)
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> None:
+    """Write a matplotlib figure as PNG through a temp file and a rename, then free it."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    pyplot().close(fig)
+
+
 def command_line() -> str:
     """The command that started this process, for saving beside results."""
     return " ".join([os.path.basename(sys.executable)] + sys.argv)
@@ -202,6 +218,9 @@ def split_train_val(num_items: int, val_ratio: float = 0.1, seed: int = 1) -> tu
 
 
 # ----------------------------------------------------------------------------- runtime
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the --amp choices
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
