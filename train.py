@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import math
 import os
 import sys
@@ -32,9 +31,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 import losses
 import models
-from utils import (AMP_DTYPES, UserError, atomic_save, atomic_write, command_line, eval_transform,
+from utils import (AMP_DTYPES, UserError, atomic_save, command_line, eval_transform,
                    exit_on_user_error, KimiaDataset, pyplot, save_figure, seed_everything, select_device,
-                   split_train_val, train_transform)
+                   split_train_val, train_transform, write_csv)
 
 # Loss keyword -> parser destination; only the chosen loss's own hyper-parameters are passed to it.
 LOSS_OPTIONS = {
@@ -485,21 +484,6 @@ def checkpoint_dict(model: nn.Module, optimizer: torch.optim.Optimizer, lr_sched
     }
 
 
-def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
-    """Write all rows at once (header from the first), atomically.
-
-    The training log is rewritten from the history every epoch rather than appended to, so that
-    after a resume it holds exactly the checkpoint's epochs.
-    """
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(path, write)
-
-
 def plot_losses(history: list[dict], path: Path, title: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -631,6 +615,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                         Path(older).unlink(missing_ok=True)
                     saved_best = saved_best[-args.keep_best:]
             atomic_save(state, output_dir / "checkpoint.pth")
+            # Rewritten from the history every epoch, not appended to, so that after a resume the log
+            # holds exactly the checkpoint's epochs.
             write_csv(run["history"], output_dir / f"{prefix}_log.csv")
             plot_losses(run["history"], output_dir / f"{prefix}_loss.png", f"{model_name} + {loss_name}")
             print(f"epoch {epoch + 1}/{args.epochs}  train loss {stats['train_loss']:.4f}  val loss {val_loss:.4f}  "

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 import train
 from multi_test import evaluate_checkpoint
-from utils import UserError, command_line, exit_on_user_error, pyplot, save_figure
+from utils import UserError, command_line, exit_on_user_error, pyplot, save_figure, write_csv
 
 DEFAULT_RATIOS = (0.2, 0.4, 0.6, 0.8, 1.0)
 # The paper's figure (se_resnet50 + MSLoss), read off its bars, in percent: (eta_p, eta_W, eta_total).
@@ -44,10 +44,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def ratio_label(ratio: float) -> str:
-    return str(ratio)
-
-
 def plot_results(rows: Sequence[dict], path: Path, title: str) -> None:
     """Grouped bars of eta_p, eta_W and eta_total per ratio (ours), with the paper's values as ticks."""
     width = 0.27
@@ -61,7 +57,7 @@ def plot_results(rows: Sequence[dict], path: Path, title: str) -> None:
         if paper:
             ax.scatter(*zip(*paper), marker="_", s=300, color="black", zorder=3,
                        label="paper (se_resnet50 + MSLoss)" if k == 0 else None)
-    ax.set_xticks(range(len(rows)), [ratio_label(row["ratio"]) for row in rows])
+    ax.set_xticks(range(len(rows)), [str(row["ratio"]) for row in rows])
     ax.set(xlabel="share of the training set", ylabel="percent", ylim=(0, 118), title=title)
     ax.legend(loc="upper center", ncol=4, fontsize=8)
     fig.tight_layout()
@@ -86,7 +82,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     for ratio in args.ratios:
         run_args = copy.copy(args)
         run_args.data_ratio = ratio
-        run_args.output_dir = str(output_dir / f"ratio_{ratio_label(ratio)}")
+        run_args.output_dir = str(output_dir / f"ratio_{ratio}")
         result = train.main(run_args)
         if dist.is_initialized() and dist.get_rank() != 0:
             dist.barrier()  # rank 0 evaluates and writes
@@ -98,9 +94,9 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
                      "protocol": "test", "best_val_loss": result["best_val_loss"],
                      "checkpoint": result["best_checkpoint"], "seed": args.seed,
                      "class_names": " ".join(result["class_names"]), "command": command_line()})
-        train.write_csv(rows, output_dir / "traindata_results.csv")
+        write_csv(rows, output_dir / "traindata_results.csv")
         plot_results(rows, output_dir / "traindata_results.png", f"{model_name} + {loss_name}: training-set size (test protocol)")
-        print(f"ratio {ratio_label(ratio)}: {result['num_images']} images, eta_p {rows[-1]['eta_p']:.4f} "
+        print(f"ratio {ratio}: {result['num_images']} images, eta_p {rows[-1]['eta_p']:.4f} "
               f"eta_W {rows[-1]['eta_W']:.4f} eta_total {rows[-1]['eta_total']:.4f}", flush=True)
         if dist.is_initialized():
             dist.barrier()

@@ -100,6 +100,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, write)
 
 
+def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike, fields: list[str] | None = None) -> None:
+    """Write all rows (columns `fields`, default the first row's keys) to a CSV file, atomically."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=fields or list(rows[0]), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
 def append_csv_row(path: str | os.PathLike, row: dict[str, Any]) -> None:
     """Append one row to a CSV file, writing the header when the file is new.
 
@@ -114,14 +125,7 @@ def append_csv_row(path: str | os.PathLike, row: dict[str, Any]) -> None:
             rows = list(reader)
             fields = list(reader.fieldnames or []) + [k for k in row if k not in (reader.fieldnames or [])]
     rows.append({k: row.get(k, "") for k in fields})
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(path, write)
+    write_csv(rows, path, fields)
 
 
 def pyplot():
