@@ -26,13 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.timing import median_seconds  # noqa: E402
 from losses import build_loss  # noqa: E402
 from models import MODEL_NAMES, build_model, canonical_model_name  # noqa: E402
-from models.layers import AttentionEnsemble  # noqa: E402
+from models.layers import AttentionEnsemble, StackedBatchNorm2d  # noqa: E402
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
 class ReferenceStyle(nn.Module):
-    """Benchmark-only: `model` run the reference's way, its attention trunk once per head.
+    """Benchmark-only: `model` run the reference's way, its attention trunk and its shared tail once per head.
 
     Outputs and gradients equal the model's own; only the cost differs (and, in training mode, the
     trunk's BatchNorm statistics, which this path updates M times, irrelevant to timing).
@@ -44,8 +44,17 @@ class ReferenceStyle(nn.Module):
 
     def forward(self, images: Tensor) -> list[Tensor]:
         model = self.model
-        features = model.forward_stem(images)
-        return [model.forward_tail(features * head(model.forward_trunk(features))) for head in model.attention_heads()]
+        stacked_norms = [module for module in model.modules() if isinstance(module, StackedBatchNorm2d)]
+        stacks = [norm.stacks for norm in stacked_norms]
+        for norm in stacked_norms:  # the tail sees one head's batch at a time
+            norm.stacks = 1
+        try:
+            features = model.forward_stem(images)
+            return [model.forward_tail(features * head(model.forward_trunk(features)))
+                    for head in model.attention_heads()]
+        finally:
+            for norm, count in zip(stacked_norms, stacks):
+                norm.stacks = count
 
 
 def forward_gflops(model: nn.Module, crop_size: int) -> float:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import AttentionEnsemble, check_embedding_split, pooled_embedding, repeated_update_momentum, \
-    set_batchnorm_momentum
+    NormLayer, set_batchnorm_momentum, stacked_batchnorm
 
 # GoogLeNet (Szegedy et al., CVPR 2015, table 1): in, #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj.
 INCEPTION_WIDTHS = {
@@ -29,10 +29,11 @@ FEATURE_CHANNELS = 1024  # 5b's output
 DROPOUT = 0.4
 
 
-def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> list[nn.Module]:
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 norm_layer: NormLayer = nn.BatchNorm2d) -> list[nn.Module]:
     return [
         nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2),
-        nn.BatchNorm2d(out_channels),
+        norm_layer(out_channels),
         nn.ReLU(inplace=True),
     ]
 
@@ -41,12 +42,15 @@ class Inception(nn.Module):
     """Four parallel branches concatenated: 1x1; 1x1 -> 3x3; 1x1 -> 5x5; 3x3 max-pool -> 1x1."""
 
     def __init__(self, in_channels: int, n1x1: int, n3x3_reduce: int, n3x3: int, n5x5_reduce: int, n5x5: int,
-                 pool_proj: int) -> None:
+                 pool_proj: int, norm_layer: NormLayer = nn.BatchNorm2d) -> None:
         super().__init__()
-        self.b1 = nn.Sequential(*conv_bn_relu(in_channels, n1x1, 1))
-        self.b2 = nn.Sequential(*conv_bn_relu(in_channels, n3x3_reduce, 1), *conv_bn_relu(n3x3_reduce, n3x3, 3))
-        self.b3 = nn.Sequential(*conv_bn_relu(in_channels, n5x5_reduce, 1), *conv_bn_relu(n5x5_reduce, n5x5, 5))
-        self.b4 = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1), *conv_bn_relu(in_channels, pool_proj, 1))
+        self.b1 = nn.Sequential(*conv_bn_relu(in_channels, n1x1, 1, norm_layer=norm_layer))
+        self.b2 = nn.Sequential(*conv_bn_relu(in_channels, n3x3_reduce, 1, norm_layer=norm_layer),
+                                *conv_bn_relu(n3x3_reduce, n3x3, 3, norm_layer=norm_layer))
+        self.b3 = nn.Sequential(*conv_bn_relu(in_channels, n5x5_reduce, 1, norm_layer=norm_layer),
+                                *conv_bn_relu(n5x5_reduce, n5x5, 5, norm_layer=norm_layer))
+        self.b4 = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1),
+                                *conv_bn_relu(in_channels, pool_proj, 1, norm_layer=norm_layer))
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([self.b1(x), self.b2(x), self.b3(x), self.b4(x)], dim=1)
@@ -76,7 +80,7 @@ class ABEM(AttentionEnsemble):
         self.att_conv_branches = nn.ModuleList(
             nn.Sequential(*conv_bn_relu(TRUNK_CHANNELS, MASKED_CHANNELS, 1)) for _ in range(num_learners))
         for name in STAGE4 + ("a5", "b5"):
-            setattr(self, name, Inception(*INCEPTION_WIDTHS[name]))
+            setattr(self, name, Inception(*INCEPTION_WIDTHS[name], norm_layer=stacked_batchnorm(num_learners)))
         self.dropout = nn.Dropout2d(DROPOUT)
         self.linear = nn.Linear(FEATURE_CHANNELS, learner_dim)
         for name in STAGE4:

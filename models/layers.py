@@ -1,11 +1,15 @@
 """Pieces shared by the three model families: the attention-ensemble forward pass and the embedding head."""
 from __future__ import annotations
 
-from typing import Sequence
+from functools import partial
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# Builds a normalisation layer for a number of channels, as torchvision's `norm_layer` arguments do.
+NormLayer = Callable[[int], nn.Module]
 
 # nn.BatchNorm2d's default momentum, the one the reference trains with.
 BATCHNORM_MOMENTUM = 0.1
@@ -35,6 +39,42 @@ def check_embedding_split(embedding_dim: int, num_learners: int) -> int:
     return embedding_dim // num_learners
 
 
+class StackedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d for a batch made of `stacks` equal sub-batches stacked along dimension 0.
+
+    In training mode each sub-batch is normalised with its own statistics, and the running statistics
+    are updated once per sub-batch, in order: exactly what `stacks` separate calls would do. This lets
+    the M masked copies of a batch go through the shared tail as one batch, where the reference runs the
+    tail once per head. In eval mode the running statistics serve every sub-batch alike, so it is a
+    plain BatchNorm2d.
+    """
+
+    def __init__(self, num_features: int, stacks: int = 1, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.stacks = stacks
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.stacks == 1:
+            return super().forward(x)
+        if x.shape[0] % self.stacks:
+            raise ValueError(f"StackedBatchNorm2d expects {self.stacks} equal sub-batches, got a batch of {x.shape[0]}")
+        outputs = []
+        for chunk in x.chunk(self.stacks):
+            momentum = 0.0 if self.momentum is None else self.momentum
+            if self.track_running_stats:
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:  # cumulative moving average, as nn.BatchNorm2d does it
+                    momentum = 1.0 / float(self.num_batches_tracked)
+            outputs.append(F.batch_norm(chunk, self.running_mean, self.running_var, self.weight, self.bias,
+                                        True, momentum, self.eps))
+        return torch.cat(outputs)
+
+
+def stacked_batchnorm(stacks: int) -> NormLayer:
+    """A `norm_layer` for the shared tail, which sees the M masked copies of a batch at once."""
+    return partial(StackedBatchNorm2d, stacks=stacks)
+
+
 def pooled_embedding(features: Tensor, linear: nn.Linear, dropout: nn.Module | None = None) -> Tensor:
     """Global average pool, optional dropout, linear projection and L2 normalisation, all in float32.
 
@@ -52,11 +92,15 @@ def pooled_embedding(features: Tensor, linear: nn.Linear, dropout: nn.Module | N
 
 class AttentionEnsemble(nn.Module):
     """stem -> attention trunk (once) -> M attention heads -> M masked copies of the stem's features
-    -> shared tail -> M unit embeddings.
+    -> shared tail (one batch of M x n) -> M unit embeddings.
 
     The reference recomputes the trunk for every head, although its input is the same each time; here
     it runs once and its BatchNorm layers take momentum 1 - 0.9**M, so that running statistics match
-    the reference's M updates with the same batch. Subclasses define the four parts below.
+    the reference's M updates with the same batch. The reference also runs the shared tail once per
+    head; here the M masked copies go through it as one stacked batch (larger, faster matrix products,
+    one weight gradient instead of M to add up), and its BatchNorm layers (StackedBatchNorm2d) keep
+    each copy's statistics apart in training mode, so outputs, gradients and running statistics stay
+    the reference's. Subclasses define the four parts below.
     """
 
     num_learners: int
@@ -73,7 +117,8 @@ class AttentionEnsemble(nn.Module):
         raise NotImplementedError
 
     def forward_tail(self, features: Tensor) -> Tensor:
-        """Masked features -> n x (embedding_dim / M) float32 unit rows."""
+        """The M masked copies stacked (M n x C x H x W; M = 1 without attention) -> M n x (embedding_dim / M)
+        float32 unit rows, copy by copy."""
         raise NotImplementedError
 
     def forward(self, images: Tensor) -> list[Tensor]:
@@ -82,4 +127,6 @@ class AttentionEnsemble(nn.Module):
         if not heads:
             return [self.forward_tail(features)]
         trunk = self.forward_trunk(features)
-        return [self.forward_tail(features * head(trunk)) for head in heads]
+        masked = [features * head(trunk) for head in heads]
+        stacked = masked[0] if len(masked) == 1 else torch.cat(masked)
+        return list(self.forward_tail(stacked).chunk(len(heads)))

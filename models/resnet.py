@@ -12,7 +12,8 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from .layers import AttentionEnsemble, check_embedding_split, pooled_embedding, repeated_update_momentum, \
-    set_batchnorm_momentum
+    NormLayer, set_batchnorm_momentum, stacked_batchnorm
+
 
 EXPANSION = 4
 STAGE_BLOCKS = (3, 4, 6, 3)
@@ -44,22 +45,23 @@ class Bottleneck(nn.Module):
     puts it on the first 1x1 conv instead, and the fixtures tell the two apart.
     """
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, se_reduction: int | None = None) -> None:
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, se_reduction: int | None = None,
+                 norm_layer: NormLayer = nn.BatchNorm2d) -> None:
         super().__init__()
         outplanes = planes * EXPANSION
         self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = norm_layer(planes)
         self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = norm_layer(planes)
         self.conv3 = nn.Conv2d(planes, outplanes, kernel_size=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(outplanes)
+        self.bn3 = norm_layer(outplanes)
         self.relu = nn.ReLU(inplace=True)
         self.se_module = SEModule(outplanes, se_reduction) if se_reduction else None
         self.downsample = None
         if stride != 1 or inplanes != outplanes:
             self.downsample = nn.Sequential(
                 nn.Conv2d(inplanes, outplanes, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(outplanes),
+                norm_layer(outplanes),
             )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -82,9 +84,10 @@ def make_layer0() -> nn.Sequential:
     ]))
 
 
-def make_stage(inplanes: int, planes: int, blocks: int, stride: int, se_reduction: int | None) -> nn.Sequential:
-    layers = [Bottleneck(inplanes, planes, stride, se_reduction)]
-    layers += [Bottleneck(planes * EXPANSION, planes, 1, se_reduction) for _ in range(blocks - 1)]
+def make_stage(inplanes: int, planes: int, blocks: int, stride: int, se_reduction: int | None,
+               norm_layer: NormLayer = nn.BatchNorm2d) -> nn.Sequential:
+    layers = [Bottleneck(inplanes, planes, stride, se_reduction, norm_layer)]
+    layers += [Bottleneck(planes * EXPANSION, planes, 1, se_reduction, norm_layer) for _ in range(blocks - 1)]
     return nn.Sequential(*layers)
 
 
@@ -117,7 +120,8 @@ class ResNetBackbone(AttentionEnsemble):
             inplanes = planes * EXPANSION
 
     def _build_tail(self, se_reduction: int | None, learner_dim: int) -> None:
-        self.layers4 = make_stage(STAGE3_CHANNELS, STAGE_PLANES[3], STAGE_BLOCKS[3], 2, se_reduction)
+        self.layers4 = make_stage(STAGE3_CHANNELS, STAGE_PLANES[3], STAGE_BLOCKS[3], 2, se_reduction,
+                                  stacked_batchnorm(self.num_learners))
         self.last_linear = nn.Linear(STAGE4_CHANNELS, learner_dim)
 
     def forward_stem(self, images: Tensor) -> Tensor:

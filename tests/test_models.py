@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import MODEL_NAMES, build_model, canonical_model_name, summary
+from models.abe_m import STAGE4
+from models.layers import StackedBatchNorm2d, pooled_embedding
 from tests.reference_fill import filled_state_dict
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -116,6 +118,78 @@ def test_running_statistics_match_reference_after_one_train_forward(reference_ru
         key = TRUNK_BATCHNORM[reference_run["variant"]] + ".running_mean"
         with_default_momentum = state[key] * (0.1 / (1 - 0.9 ** model.num_learners))
         assert (with_default_momentum - expected[key]).abs().max().item() > 100 * TOLERANCE
+
+
+# ----------------------------------------------------------------------------- the stacked tail
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_stacked_batchnorm_equals_one_call_per_sub_batch(momentum: float | None,
+                                                         memory_format: torch.memory_format) -> None:
+    torch.manual_seed(0)
+    stacked = StackedBatchNorm2d(6, stacks=3, momentum=momentum)
+    separate = nn.BatchNorm2d(6, momentum=momentum)
+    for norm in (stacked, separate):
+        nn.init.uniform_(norm.weight)
+        nn.init.uniform_(norm.bias)
+    separate.load_state_dict(stacked.state_dict())
+    # Sub-batches with different means and spreads, so that pooled statistics would show.
+    x = (torch.randn(12, 6, 5, 5) * torch.arange(1, 13).view(12, 1, 1, 1) + torch.arange(12).view(12, 1, 1, 1))
+    x = x.contiguous(memory_format=memory_format)
+    grad = torch.randn(12, 6, 5, 5)
+    x_stacked, x_separate = x.clone().requires_grad_(), x.clone().requires_grad_()
+    for _ in range(2):
+        out_stacked = stacked(x_stacked)
+        out_separate = torch.cat([separate(chunk) for chunk in x_separate.chunk(3)])
+    assert out_stacked.is_contiguous(memory_format=memory_format)
+    torch.testing.assert_close(out_stacked, out_separate, rtol=0, atol=1e-6)
+    out_stacked.backward(grad)
+    out_separate.backward(grad)
+    torch.testing.assert_close(x_stacked.grad, x_separate.grad, rtol=0, atol=1e-6)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(stacked, name).grad, getattr(separate, name).grad, rtol=0, atol=1e-5)
+    for key, value in separate.state_dict().items():
+        torch.testing.assert_close(stacked.state_dict()[key], value, rtol=0, atol=1e-6)
+    assert stacked.num_batches_tracked.item() == 6
+    stacked.eval(), separate.eval()
+    torch.testing.assert_close(stacked(x), separate(x), rtol=0, atol=1e-6)
+
+
+def test_stacked_batchnorm_rejects_a_batch_it_cannot_split() -> None:
+    with pytest.raises(ValueError, match="4 equal sub-batches, got a batch of 6"):
+        StackedBatchNorm2d(3, stacks=4)(torch.rand(6, 3, 2, 2))
+
+
+def test_tail_batchnorm_counts_one_update_per_head() -> None:
+    model = build_model("resnet50").train()
+    model(torch.rand(2, 3, 64, 64))
+    assert model.layers4[0].bn1.num_batches_tracked.item() == 4
+    assert model.layers0.bn1.num_batches_tracked.item() == 1
+
+
+def test_abe_m_dropout_draws_the_reference_masks() -> None:
+    """In training mode, with dropout on, the stacked tail gives the reference's per-head embeddings for the
+    same seed: torch draws a Bernoulli mask for M x n rows as the M masks of n rows it draws one after
+    the other."""
+    torch.manual_seed(0)
+    model = build_model("ABE_M").train()
+    images = torch.rand(2, 3, 64, 64)
+    torch.manual_seed(1)
+    ours = model(images)
+    for module in model.modules():
+        if isinstance(module, StackedBatchNorm2d):
+            module.stacks = 1
+    torch.manual_seed(1)
+    features = model.forward_stem(images)
+    trunk = model.forward_trunk(features)
+    reference = []
+    for head in model.attention_heads():
+        x = features * head(trunk)
+        for name in STAGE4:
+            x = getattr(model, name)(x)
+        x = model.b5(model.a5(model.maxpool(x)))
+        reference.append(pooled_embedding(x, model.linear, model.dropout))
+    assert max((a - b).abs().max().item() for a, b in zip(ours, reference)) < 1e-5
+    assert (ours[0] - ours[1]).abs().max().item() > 1e-3
 
 
 # ----------------------------------------------------------------------------- registry and options
