@@ -4,15 +4,17 @@
                                        # channels_last
     python3 bench/models.py --quick    # 1 warm-up and 2 timed steps per figure
 
-For resnet50 and ABE_M the baseline is "reference-style": the same modules, but the attention trunk
-recomputed for every head, as the reference code does (SPEC.md section 2); se_resnet50 has one head,
-so the reference runs its trunk once too and there is no separate baseline. A training step is
+For resnet50 and ABE_M the baseline is "reference-style": the same modules, but the attention trunk and
+the shared tail run once for every head, as the reference code does (SPEC.md section 2), and every 1x1
+convolution through nn.Conv2d; se_resnet50 has one head, so the reference runs its trunk once too and
+there is no separate baseline. The last rows time PointwiseConv2d against nn.Conv2d alone. A training step is
 forward, loss, backward and an SGD step (lr 0.001, momentum 0.9, as the reference trains).
 FLOPs come from torch.utils.flop_counter (convolutions and matrix products, 2 per multiply-add).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -26,35 +28,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.timing import median_seconds  # noqa: E402
 from losses import build_loss  # noqa: E402
 from models import MODEL_NAMES, build_model, canonical_model_name  # noqa: E402
-from models.layers import AttentionEnsemble, StackedBatchNorm2d  # noqa: E402
+from models.layers import AttentionEnsemble, PointwiseConv2d, StackedBatchNorm2d  # noqa: E402
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
 class ReferenceStyle(nn.Module):
-    """Benchmark-only: `model` run the reference's way, its attention trunk and its shared tail once per head.
+    """Benchmark-only: a copy of `model` run the reference's way: its attention trunk and its shared tail
+    once per head, every 1x1 convolution through nn.Conv2d.
 
-    Outputs and gradients equal the model's own; only the cost differs (and, in training mode, the
-    trunk's BatchNorm statistics, which this path updates M times, irrelevant to timing).
+    Outputs and gradients equal the model's own to float rounding; only the cost differs (and, in
+    training mode, the trunk's BatchNorm statistics, which this path updates M times, irrelevant to timing).
     """
 
     def __init__(self, model: AttentionEnsemble) -> None:
         super().__init__()
-        self.model = model
+        self.model = copy.deepcopy(model)
+        for module in self.model.modules():
+            if isinstance(module, StackedBatchNorm2d):
+                module.stacks = 1  # the tail sees one head's batch at a time
+            elif isinstance(module, PointwiseConv2d):
+                module.__class__ = nn.Conv2d  # same parameters, the convolution kernel
 
     def forward(self, images: Tensor) -> list[Tensor]:
         model = self.model
-        stacked_norms = [module for module in model.modules() if isinstance(module, StackedBatchNorm2d)]
-        stacks = [norm.stacks for norm in stacked_norms]
-        for norm in stacked_norms:  # the tail sees one head's batch at a time
-            norm.stacks = 1
-        try:
-            features = model.forward_stem(images)
-            return [model.forward_tail(features * head(model.forward_trunk(features)))
-                    for head in model.attention_heads()]
-        finally:
-            for norm, count in zip(stacked_norms, stacks):
-                norm.stacks = count
+        features = model.forward_stem(images)
+        return [model.forward_tail(features * head(model.forward_trunk(features))) for head in model.attention_heads()]
 
 
 def forward_gflops(model: nn.Module, crop_size: int) -> float:
@@ -90,6 +89,30 @@ def images_per_second(model: nn.Module, args: argparse.Namespace, device: torch.
     model.train(train)
     seconds = median_seconds(training_step if train else inference, device, args.iterations, args.warmup)
     return args.batch_size / seconds
+
+
+# resnet50's widest 1x1 convolutions at batch 8: (in, out, side, batch), the tail's at 4 x 8.
+POINTWISE_SHAPES = ((1024, 256, 14, 8), (2048, 1024, 14, 8), (1024, 512, 14, 32), (512, 2048, 7, 32),
+                    (2048, 512, 7, 32))
+
+
+def pointwise_rows(args: argparse.Namespace) -> list[dict]:
+    """Forward + backward of PointwiseConv2d (a matrix product on CPU) against nn.Conv2d, channels_last float32."""
+    rows = []
+    for in_channels, out_channels, side, batch in POINTWISE_SHAPES:
+        torch.manual_seed(args.seed)
+        ours = PointwiseConv2d(in_channels, out_channels).to(memory_format=torch.channels_last)
+        conv = nn.Conv2d(in_channels, out_channels, 1, bias=False).to(memory_format=torch.channels_last)
+        x = torch.randn(batch, in_channels, side, side).contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        grad = torch.randn(batch, out_channels, side, side).contiguous(memory_format=torch.channels_last)
+        seconds = {key: median_seconds(lambda: layer(x).backward(grad), torch.device("cpu"), args.iterations,
+                                       args.warmup) * 1e3
+                   for key, layer in (("ours", ours), ("reference-style", conv))}
+        case = (f"1x1 conv {in_channels}->{out_channels} at {batch}x{side}x{side} fwd+bwd, cpu ({args.threads} "
+                f"threads), float32: PointwiseConv2d vs nn.Conv2d")
+        rows.append(_row(case, seconds, "ms", lower_is_better=True))
+    return rows
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -136,7 +159,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         flops = {key: forward_gflops(variant, args.flops_size) for key, variant in variants.items()}
         rows.append(_row(f"{name} forward @{args.flops_size}", flops, "GFLOP/image", lower_is_better=True))
         for device in devices:
-            model.to(device, memory_format=MEMORY_FORMATS[args.memory_format])
+            for variant in variants.values():
+                variant.to(device, memory_format=MEMORY_FORMATS[args.memory_format])
             where = (f"{device.type} ({args.threads} threads)" if device.type == "cpu"
                      else torch.cuda.get_device_name(device))
             float32_train = None
@@ -155,7 +179,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                      "case": f"{name} train step, {where}, {precision} vs float32",
                                      "ours": round(speeds["ours"], 2), "baseline": round(float32_train, 2),
                                      "unit": "images/s", "speedup": f"{speeds['ours'] / float32_train:.2f}x"})
-            model.to("cpu")
+            for variant in variants.values():
+                variant.to("cpu")
+    if any(device.type == "cpu" for device in devices) and "float32" in args.precisions:
+        rows += pointwise_rows(args)
     print(_markdown(rows))
     return rows
 

@@ -11,8 +11,8 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-from .layers import AttentionEnsemble, check_embedding_split, pooled_embedding, repeated_update_momentum, \
-    NormLayer, set_batchnorm_momentum, stacked_batchnorm
+from .layers import AttentionEnsemble, NormLayer, PointwiseConv2d, check_embedding_split, pooled_embedding, \
+    repeated_update_momentum, set_batchnorm_momentum, stacked_batchnorm
 
 
 EXPANSION = 4
@@ -49,18 +49,18 @@ class Bottleneck(nn.Module):
                  norm_layer: NormLayer = nn.BatchNorm2d) -> None:
         super().__init__()
         outplanes = planes * EXPANSION
-        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
+        self.conv1 = PointwiseConv2d(inplanes, planes)
         self.bn1 = norm_layer(planes)
         self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
         self.bn2 = norm_layer(planes)
-        self.conv3 = nn.Conv2d(planes, outplanes, kernel_size=1, bias=False)
+        self.conv3 = PointwiseConv2d(planes, outplanes)
         self.bn3 = norm_layer(outplanes)
         self.relu = nn.ReLU(inplace=True)
         self.se_module = SEModule(outplanes, se_reduction) if se_reduction else None
         self.downsample = None
         if stride != 1 or inplanes != outplanes:
             self.downsample = nn.Sequential(
-                nn.Conv2d(inplanes, outplanes, kernel_size=1, stride=stride, bias=False),
+                PointwiseConv2d(inplanes, outplanes, stride=stride),
                 norm_layer(outplanes),
             )
 
@@ -99,7 +99,7 @@ def make_attention_trunk_blocks(se_reduction: int | None) -> list[nn.Module]:
 def make_attention_head(activation: nn.Module) -> nn.Sequential:
     """1x1 conv 2048 -> 1024 (no bias), BN and `activation`: a mask for stage 3's output."""
     return nn.Sequential(
-        nn.Conv2d(STAGE4_CHANNELS, STAGE3_CHANNELS, kernel_size=1, bias=False),
+        PointwiseConv2d(STAGE4_CHANNELS, STAGE3_CHANNELS),
         nn.BatchNorm2d(STAGE3_CHANNELS),
         activation,
     )

@@ -14,7 +14,7 @@ from torch import nn
 
 from models import MODEL_NAMES, build_model, canonical_model_name, summary
 from models.abe_m import STAGE4
-from models.layers import StackedBatchNorm2d, pooled_embedding
+from models.layers import PointwiseConv2d, StackedBatchNorm2d, pooled_embedding
 from tests.reference_fill import filled_state_dict
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -120,7 +120,44 @@ def test_running_statistics_match_reference_after_one_train_forward(reference_ru
         assert (with_default_momentum - expected[key]).abs().max().item() > 100 * TOLERANCE
 
 
-# ----------------------------------------------------------------------------- the stacked tail
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_channels_last_matches_reference(variant: str) -> None:
+    """channels_last takes other kernels (PointwiseConv2d's matrix products among them): same numbers."""
+    name, options = VARIANTS[variant]
+    model = build_model(name, **options)
+    expected = FIXTURES["models"][variant]
+    model.load_state_dict(filled_state_dict(model.state_dict(), expected["seed"]), strict=True)
+    model = model.to(memory_format=torch.channels_last)
+    images = FIXTURES["input"].contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        eval_embeddings = torch.stack(model.eval()(images))
+        model.train()
+        dropout_to_eval(model)
+        train_embeddings = torch.stack(model(images))
+    assert (eval_embeddings - expected["eval_embeddings"]).abs().max().item() < TOLERANCE
+    assert (train_embeddings - expected["train_embeddings"]).abs().max().item() < TOLERANCE
+
+
+# ----------------------------------------------------------------------------- exact speed-ups
+@pytest.mark.parametrize("stride, bias", [(1, False), (2, False), (1, True)])
+@pytest.mark.parametrize("in_channels, out_channels", [(256, 512), (2048, 256)])
+def test_pointwise_conv_equals_conv2d(stride: int, bias: bool, in_channels: int, out_channels: int) -> None:
+    torch.manual_seed(0)
+    pointwise = PointwiseConv2d(in_channels, out_channels, stride=stride, bias=bias)
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=bias)
+    conv.load_state_dict(pointwise.state_dict())
+    x = torch.randn(3, in_channels, 7, 6).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(3, out_channels, (7 - 1) // stride + 1, (6 - 1) // stride + 1)
+    outputs = []
+    for layer in (pointwise, conv):
+        x_copy = x.clone().requires_grad_()
+        out = layer(x_copy)
+        out.backward(grad)
+        outputs.append((out, x_copy.grad, *(p.grad for p in layer.parameters())))
+    for ours, theirs in zip(*outputs):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
+    assert outputs[0][0].is_contiguous(memory_format=torch.channels_last)
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_stacked_batchnorm_equals_one_call_per_sub_batch(momentum: float | None,
@@ -312,3 +349,27 @@ def test_command_line_summary_and_bad_name() -> None:
                          timeout=300)
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: unknown model 'vgg16'; choose one of se_resnet50, resnet50, ABE_M"
+
+
+# ----------------------------------------------------------------------------- benchmark baseline
+@pytest.mark.parametrize("name", ["resnet50", "ABE_M"])
+def test_benchmark_baseline_computes_the_same_embeddings_and_gradients(name: str) -> None:
+    """bench/models.py times against a reference-style copy (trunk and tail once per head, nn.Conv2d for
+    1x1): it must compute what the model computes. In float64, because BatchNorm over the few values of
+    a small input's last stages turns float32 rounding into percent-size gradient differences."""
+    from bench.models import ReferenceStyle
+    torch.manual_seed(0)
+    model = build_model(name).train().double().to(memory_format=torch.channels_last)
+    dropout_to_eval(model)
+    baseline = ReferenceStyle(model)
+    assert not any(isinstance(m, PointwiseConv2d) for m in baseline.modules())
+    images = torch.rand(4, 3, 64, 64, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    results = []
+    for variant in (model, baseline):
+        out = variant(images)
+        sum((e[0] * e[1] - e[2] * e[3]).sum() for e in out).backward()
+        results.append((out, dict(variant.named_parameters())))
+    (ours, our_parameters), (theirs, their_parameters) = results
+    assert max((a - b).abs().max().item() for a, b in zip(ours, theirs)) < 1e-10
+    for key, parameter in our_parameters.items():
+        torch.testing.assert_close(parameter.grad, their_parameters["model." + key].grad, rtol=1e-7, atol=1e-9)
