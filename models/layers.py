@@ -90,7 +90,8 @@ class PointwiseConv2d(nn.Conv2d):
                 or not x.is_contiguous(memory_format=torch.channels_last)):
             return super().forward(x)
         if self.stride != (1, 1):
-            x = x[:, :, ::self.stride[0], ::self.stride[1]]
+            # Contiguous again, or matmul would see a batch of matrices and copy the weight for each one.
+            x = x[:, :, ::self.stride[0], ::self.stride[1]].contiguous(memory_format=torch.channels_last)
         # N x C x H x W in channels_last is N x H x W x C in memory: a linear layer over the last dimension.
         return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from models import MODEL_NAMES, build_model, canonical_model_name, summary
 from models.abe_m import STAGE4
@@ -157,6 +158,19 @@ def test_pointwise_conv_equals_conv2d(stride: int, bias: bool, in_channels: int,
     for ours, theirs in zip(*outputs):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
     assert outputs[0][0].is_contiguous(memory_format=torch.channels_last)
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("grad, dtype", [(True, None), (False, None), (False, torch.bfloat16)])
+def test_pointwise_conv_is_one_matrix_product(stride: int, grad: bool, dtype: torch.dtype | None) -> None:
+    """Not a batch of them: for a strided input and a weight without gradient (autocast's bfloat16 copy
+    at inference, a frozen layer) matmul would copy the weight once per row of pixels."""
+    layer = PointwiseConv2d(256, 512, stride=stride).to(memory_format=torch.channels_last).requires_grad_(grad)
+    x = torch.randn(2, 256, 8, 8).contiguous(memory_format=torch.channels_last)
+    with (torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None),
+          FlopCounterMode(display=False) as counter):
+        layer(x)
+    assert {str(op) for op in counter.get_flop_counts()["Global"]} == {"aten.mm"}
+
 
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
