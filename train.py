@@ -101,7 +101,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     run.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off",
                      help="mixed precision: bf16 (CUDA or CPU) or fp16 with loss scaling (CUDA) (default: %(default)s)")
-    run.add_argument("--channels-last", action="store_true", help="NHWC memory format, faster with --amp on GPUs (default: off)")
+    run.add_argument("--channels-last", action="store_true",
+                     help="NHWC memory format: the same results to float rounding, faster on CPUs and with --amp "
+                          "on GPUs (default: off)")
     run.add_argument("--keep-best", type=int, default=0, metavar="K",
                      help="keep only the K most recent best checkpoints this run wrote; 0 keeps them all, as the "
                           "reference (default: %(default)s)")
