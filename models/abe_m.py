@@ -7,8 +7,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .layers import AttentionEnsemble, check_embedding_split, pooled_embedding, repeated_update_momentum, \
-    NormLayer, set_batchnorm_momentum, stacked_batchnorm
+from .layers import AttentionEnsemble, NormLayer, check_embedding_split, pooled_embedding, repeated_update_momentum, \
+    set_batchnorm_momentum, stacked_batchnorm
 
 # GoogLeNet (Szegedy et al., CVPR 2015, table 1): in, #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj.
 INCEPTION_WIDTHS = {

@@ -57,7 +57,8 @@ class StackedBatchNorm2d(nn.BatchNorm2d):
         if not self.training or self.stacks == 1:
             return super().forward(x)
         if x.shape[0] % self.stacks:
-            raise ValueError(f"StackedBatchNorm2d expects {self.stacks} equal sub-batches, got a batch of {x.shape[0]}")
+            raise ValueError(f"StackedBatchNorm2d expects {self.stacks} equal sub-batches, "
+                             f"got a batch of {x.shape[0]}")
         outputs = []
         for chunk in x.chunk(self.stacks):
             momentum = 0.0 if self.momentum is None else self.momentum

@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from .layers import AttentionEnsemble, NormLayer, PointwiseConv2d, check_embedding_split, pooled_embedding, \
     repeated_update_momentum, set_batchnorm_momentum, stacked_batchnorm
 
-
 EXPANSION = 4
 STAGE_BLOCKS = (3, 4, 6, 3)
 STAGE_PLANES = (64, 128, 256, 512)

@@ -159,6 +159,7 @@ def test_pointwise_conv_equals_conv2d(stride: int, bias: bool, in_channels: int,
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
     assert outputs[0][0].is_contiguous(memory_format=torch.channels_last)
 
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("grad, dtype", [(True, None), (False, None), (False, torch.bfloat16)])
 def test_pointwise_conv_is_one_matrix_product(stride: int, grad: bool, dtype: torch.dtype | None) -> None:
@@ -166,8 +167,8 @@ def test_pointwise_conv_is_one_matrix_product(stride: int, grad: bool, dtype: to
     at inference, a frozen layer) matmul would copy the weight once per row of pixels."""
     layer = PointwiseConv2d(256, 512, stride=stride).to(memory_format=torch.channels_last).requires_grad_(grad)
     x = torch.randn(2, 256, 8, 8).contiguous(memory_format=torch.channels_last)
-    with (torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None),
-          FlopCounterMode(display=False) as counter):
+    autocast = torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    with torch.set_grad_enabled(grad), autocast, FlopCounterMode(display=False) as counter:
         layer(x)
     assert {str(op) for op in counter.get_flop_counts()["Global"]} == {"aten.mm"}
 
@@ -201,7 +202,8 @@ def test_stacked_batchnorm_equals_one_call_per_sub_batch(momentum: float | None,
     for key, value in separate.state_dict().items():
         torch.testing.assert_close(stacked.state_dict()[key], value, rtol=0, atol=1e-6)
     assert stacked.num_batches_tracked.item() == 6
-    stacked.eval(), separate.eval()
+    stacked.eval()
+    separate.eval()
     torch.testing.assert_close(stacked(x), separate(x), rtol=0, atol=1e-6)
 
 
