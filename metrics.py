@@ -1,6 +1,6 @@
 """Kimia Path24 accuracies, retrieval metrics and blockwise similarity ranking.
 
-Definitions (../shared/reference/SPEC.md section 5, Babaie et al. CVPRW 2017):
+Definitions (docs/reproduction.md, "Metrics"; Babaie et al. CVPRW 2017):
 - eta_p: share of queries whose nearest neighbour has the query's class (patch-to-scan accuracy).
 - eta_W: mean over classes of C_cc / sum_k C_ck with C the confusion matrix (rows true, columns
   predicted), i.e. the mean per-class recall, like the reference code and the official MATLAB

@@ -1,6 +1,6 @@
 """Evaluate every checkpoint in a folder with the Kimia Path24 metrics.
 
-    python3 multi_test.py model/ [--data-dir KIMIA_data] [--protocol test|train|both]
+    python3 multi_test.py model/ [--data-dir KIMIA_data] [--protocol test|train|both] [--results-mode overwrite|append]
 
 Protocols (every output names the one that produced it):
 - test (default, the reference's): leave-one-out retrieval inside the test set; each test patch
@@ -13,11 +13,18 @@ written by the reference code (architecture from the file-name prefix ABE_M_, se
 se_resnet50_ or resnet50_, attention from its keys, crop 224). A file that cannot be evaluated is
 reported with the reason and the sweep goes on; the exit status is 1 if any file failed.
 
+Each run's result is the file its validation loss selected (selection.py): per `<model>_<loss>`,
+the best-validation file with the lowest validation loss, i.e. the newest best; checkpoint.pth is
+the last epoch, not a selection. The console summary shows those first; the ranking of all files
+by test score that follows selects on the test set and is no result to report.
+
 Outputs, beside the checkpoints unless --output-dir says otherwise:
 - <model>_results.txt: one line per checkpoint and protocol in the reference's format,
   `<file>[(eta_p, 'np'), (eta_W, 'nw'), (eta_total, 'n_total')]`, followed by `# protocol=...`;
-- results.csv: every metric, the settings, the class list and the command, one row per
-  checkpoint and protocol;
+- results.csv: every metric, the validation loss, `selected_by` (validation, last_epoch or empty),
+  the settings, the class list and the command, one row per checkpoint and protocol;
+- both rewritten with this sweep's rows only (--results-mode overwrite, the reference's), or
+  with them added after earlier sweeps' (append);
 - confusion/<checkpoint>_<protocol>.csv and .png: the confusion matrix (rows true class,
   columns predicted class).
 Images are decoded and centre-cropped once per run and crop size, then reused for every
@@ -43,11 +50,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 import models
+from selection import LAST_EPOCH, VALIDATION, describe_checkpoint, select
 from utils import (AMP_DTYPES, KimiaDataset, UserError, append_csv_row, atomic_write_text, command_line,
-                   exit_on_user_error, load_rgb, natural_sorted, pyplot, save_figure, select_device)
+                   exit_on_user_error, load_rgb, natural_sorted, pyplot, save_figure, select_device, write_csv)
 from metrics import RECALL_KS, combine_learners, retrieval_metrics
 
 PROTOCOLS = ("test", "train")
+RESULTS_MODES = ("overwrite", "append")
 REFERENCE_CROP_SIZE = 224
 # File-name prefixes of the reference's bare state_dicts (an optional training-set ratio may precede them).
 REFERENCE_PREFIX = re.compile(r"^(?:\d+(?:\.\d+)?_?)?(ABE_M|se_resnet50|se_resnet|resnet50)_")
@@ -358,18 +367,52 @@ def plot_confusion(path: str | os.PathLike, confusion: np.ndarray, class_names: 
     save_figure(fig, path, dpi=120)
 
 
-def write_outputs(result: dict, output_dir: str | os.PathLike, command: str) -> dict:
-    """Append the result to the text and CSV files and write its confusion matrix; returns the CSV row."""
-    output_dir = Path(output_dir)
+class ResultFiles:
+    """The sweep's <model>_results.txt and results.csv, written atomically after every checkpoint.
+
+    overwrite (the reference's): a file's first row of this sweep replaces it, so it ends holding
+    this sweep's rows only; append: rows go after those of earlier sweeps.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, mode: str = "overwrite") -> None:
+        if mode not in RESULTS_MODES:
+            raise UserError(f"--results-mode {mode}: choose one of {', '.join(RESULTS_MODES)}")
+        self.output_dir, self.mode = Path(output_dir), mode
+        self._written: set[Path] = set()
+
+    def _fresh(self, path: Path) -> bool:
+        fresh = self.mode == "overwrite" and path not in self._written
+        self._written.add(path)
+        return fresh
+
+    def add_line(self, name: str, line: str) -> None:
+        path = self.output_dir / name
+        if self._fresh(path):
+            atomic_write_text(path, line)
+        else:
+            append_line(path, line)
+
+    def add_row(self, name: str, row: dict) -> None:
+        path = self.output_dir / name
+        if self._fresh(path):
+            write_csv([row], path)
+        else:
+            append_csv_row(path, row)
+
+
+def write_outputs(result: dict, files: ResultFiles, command: str) -> dict:
+    """Add the result to the text and CSV files and write its confusion matrix; returns the CSV row."""
+    output_dir = files.output_dir
     stem = f"{Path(result['checkpoint']).stem}_{result['protocol']}"
     confusion_csv = output_dir / "confusion" / f"{stem}.csv"
     note = (f"{result['checkpoint']}, protocol {result['protocol']}, rows true class, columns predicted class; "
             f"eta_p {result['eta_p']:.4f} eta_W {result['eta_w']:.4f} eta_total {result['eta_total']:.4f}")
     write_confusion_csv(confusion_csv, result["confusion"], result["class_names"], note)
     plot_confusion(confusion_csv.with_suffix(".png"), result["confusion"], result["class_names"], note)
-    append_line(output_dir / f"{result['model']}_results.txt", reference_line(result))
-    row = {key: result[key] for key in ("protocol", "checkpoint", "model", "loss", "source", "crop_size", "eta_p",
-                                        "eta_w", "eta_total", "correct", "num_queries", "num_gallery")}
+    files.add_line(f"{result['model']}_results.txt", reference_line(result))
+    row = {key: result.get(key, "") for key in ("protocol", "checkpoint", "selected_by", "val_loss", "run", "model",
+                                                "loss", "source", "crop_size", "eta_p", "eta_w", "eta_total",
+                                                "correct", "num_queries", "num_gallery")}
     row.update({f"recall@{k}": result[f"recall@{k}"] for k in RECALL_KS})
     row.update({
         "map@r": result["map@r"], "num_lone_queries": result["num_lone_queries"],
@@ -380,18 +423,50 @@ def write_outputs(result: dict, output_dir: str | os.PathLike, command: str) -> 
         "confusion_csv": os.path.relpath(confusion_csv, output_dir), "seconds": round(result["seconds"], 2),
         "command": command, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     })
-    append_csv_row(output_dir / "results.csv", row)
+    files.add_row("results.csv", row)
     return row
 
 
-def ranking_table(rows: Sequence[dict]) -> str:
-    """Markdown table of the results, best eta_total first."""
-    lines = ["| rank | checkpoint | model | protocol | eta_p | eta_W | eta_total | R@1 | mAP@R |",
+def _scores(row: dict) -> str:
+    return (f"{row['eta_p']:.4f} | {row['eta_w']:.4f} | {row['eta_total']:.4f} | {row['recall@1']:.4f} | "
+            f"{row['map@r']:.4f} |")
+
+
+def selected_table(rows: Sequence[dict]) -> str:
+    """Markdown table of the validation-selected rows, one per run and protocol, by run name."""
+    lines = ["| run | checkpoint | val_loss | protocol | eta_p | eta_W | eta_total | R@1 | mAP@R |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for rank, row in enumerate(sorted(rows, key=lambda r: -r["eta_total"]), 1):
-        lines.append(f"| {rank} | {row['checkpoint']} | {row['model']} | {row['protocol']} | {row['eta_p']:.4f} | "
-                     f"{row['eta_w']:.4f} | {row['eta_total']:.4f} | {row['recall@1']:.4f} | {row['map@r']:.4f} |")
+    chosen = sorted((r for r in rows if r["selected_by"] == VALIDATION), key=lambda r: (r["run"], r["protocol"]))
+    for row in chosen:
+        lines.append(f"| {row['run']} | {row['checkpoint']} | {row['val_loss']:.4f} | {row['protocol']} | "
+                     f"{_scores(row)}")
     return "\n".join(lines)
+
+
+def ranking_table(rows: Sequence[dict]) -> str:
+    """Markdown table of all the results, best eta_total first (a selection on the test set)."""
+    lines = ["| rank | checkpoint | selected_by | model | protocol | eta_p | eta_W | eta_total | R@1 | mAP@R |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for rank, row in enumerate(sorted(rows, key=lambda r: -r["eta_total"]), 1):
+        lines.append(f"| {rank} | {row['checkpoint']} | {row['selected_by']} | {row['model']} | {row['protocol']} | "
+                     f"{_scores(row)}")
+    return "\n".join(lines)
+
+
+def print_summary(rows: Sequence[dict], unevaluated: Sequence[str]) -> None:
+    """The validation-selected results first, then every file ranked by its test score.
+
+    `unevaluated`: validation-selected files that failed, whose run therefore has no result.
+    """
+    print("\nselected by validation (per run, the newest best-validation file: the result to report)")
+    if any(r["selected_by"] == VALIDATION for r in rows):
+        print(selected_table(rows))
+    else:
+        print("none: no best-validation file with a readable validation loss was evaluated")
+    for name in unevaluated:
+        print(f"{name}: selected by validation but could not be evaluated, so its run has no result")
+    print("\nall files, best on the test set first (selection on the test set: not a result to report)")
+    print(ranking_table(rows))
 
 
 # ----------------------------------------------------------------------------- script
@@ -416,6 +491,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help=f"image-decoding processes (default: {min(4, os.cpu_count() or 1)})")
     parser.add_argument("--output-dir", default=None, help="where results go (default: the weight folder)")
+    parser.add_argument("--results-mode", choices=RESULTS_MODES, default="overwrite",
+                        help="overwrite: <model>_results.txt and results.csv hold this sweep's rows only, as the "
+                             "reference's; append: add them after earlier sweeps' (default: overwrite)")
     return parser
 
 
@@ -432,30 +510,33 @@ def main(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir) if args.output_dir else folder
     protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
     evaluator = Evaluator(args.data_dir, args.batch_size, args.amp, args.device, args.workers, args.channels_last)
+    result_files = ResultFiles(output_dir, args.results_mode)
+    described = {path: describe_checkpoint(path) for path in files}
+    selection = select(described.values())
     command = command_line()
-    rows, failures = [], []
+    rows, failures, unevaluated = [], [], []
     for path in files:
         try:
             loaded = load_model(path, evaluator.device, args.crop_size)
-        except CheckpointError as err:
-            failures.append(str(err))
-            print(f"FAILED {err}", flush=True)
-            continue
-        try:
             results = evaluator.evaluate(loaded, protocols)
-        except RuntimeError as err:  # e.g. a crop too small for the architecture, out of GPU memory
-            failures.append(f"{path.name}: evaluation failed ({_one_line(err)})")
+        except (CheckpointError, RuntimeError) as err:  # RuntimeError: e.g. a crop too small, out of GPU memory
+            failures.append(str(err) if isinstance(err, CheckpointError)
+                            else f"{path.name}: evaluation failed ({_one_line(err)})")
             print(f"FAILED {failures[-1]}", flush=True)
+            if selection[path] == VALIDATION:
+                unevaluated.append(path.name)
             continue
+        tag = {VALIDATION: ", selected by validation", LAST_EPOCH: ", last epoch"}.get(selection[path], "")
         for result in results:
-            rows.append(write_outputs(result, output_dir, command))
+            result.update(selected_by=selection[path], val_loss=described[path].val_loss, run=described[path].run)
+            rows.append(write_outputs(result, result_files, command))
             warning = "" if result["checkpoint_classes_match"] else "  (its class list differs from the data's)"
-            print(f"{path.name} [{loaded.model_name}, protocol {result['protocol']}]: eta_p {result['eta_p']:.4f} "
+            print(f"{path.name} [{loaded.model_name}, protocol {result['protocol']}{tag}]: eta_p {result['eta_p']:.4f} "
                   f"eta_W {result['eta_w']:.4f} eta_total {result['eta_total']:.4f} "
                   f"({result['correct']}/{result['num_queries']}) in {result['seconds']:.1f} s{warning}", flush=True)
         del loaded
     if rows:
-        print("\n" + ranking_table(rows))
+        print_summary(rows, unevaluated)
         print(f"\nresults: {output_dir / 'results.csv'}, {output_dir}/<model>_results.txt, {output_dir / 'confusion'}/")
     for path, reason in evaluator.failed_images:
         print(f"unreadable image skipped: {path} ({reason})", file=sys.stderr)

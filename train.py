@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -37,10 +39,14 @@ from utils import (AMP_DTYPES, UserError, atomic_save, command_line, eval_transf
 
 # Loss keyword -> parser destination; only the chosen loss's own hyper-parameters are passed to it.
 LOSS_OPTIONS = {
-    "ContrastiveLoss": {"margin": "margin"},
-    "ABELoss": {"lambda_div": "lambda_div", "margin_c": "margin_c", "margin_div": "margin_div"},
-    "MSLoss": {"alpha": "ms_alpha", "beta": "ms_beta", "lam": "ms_lambda", "eps": "ms_eps"},
+    "ContrastiveLoss": {"margin": "margin", "self_pair": "self_pair"},
+    "ABELoss": {"lambda_div": "lambda_div", "margin_c": "margin_c", "margin_div": "margin_div", "self_pair": "self_pair"},
+    "MSLoss": {"alpha": "ms_alpha", "beta": "ms_beta", "lam": "ms_lambda", "eps": "ms_eps", "self_pair": "self_pair"},
 }
+# Settings a resumed run must share with its checkpoint's (argument destinations); --epochs may grow, and
+# the runtime ones (device, precision, memory format, workers) only change rounding.
+RESUME_SETTINGS = ("seed", "val_ratio", "val_batches", "data_ratio", "batch_size", "sampler", "samples_per_class",
+                   "crop_size", "lr", "momentum", "weight_decay", "lr_step", "lr_gamma", "lr_step_at")
 PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each one reads the loss from the device)
 
 
@@ -58,7 +64,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                       help="keep int(n_c * r) images of each class, drawn with --seed (default: %(default)s)")
     data.add_argument("--crop-size", type=int, default=224,
                       help="random (training) and centre (validation) crop of the images (default: %(default)s)")
-    data.add_argument("--workers", type=int, default=8, help="data-loading processes per training process (default: %(default)s)")
+    data.add_argument("--workers", type=int, default=8,
+                      help="data-loading processes per training process; their seeds derive from --seed and the "
+                           "epoch, so a resumed run with the same --workers repeats the augmentation (default: %(default)s)")
+    data.add_argument("--val-batches", choices=("reference", "fixed"), default="reference",
+                      help="reference: the validation images reshuffled each epoch (seeded) and the last partial batch "
+                           "dropped, as the reference's loader; fixed: the same batches every epoch, the last one "
+                           "partial, so that the validation loss compares across epochs (default: %(default)s)")
     data.add_argument("--sampler", choices=("random", "pk"), default="random",
                       help="random: shuffled batches as the reference; pk: P classes x K images per batch (default: %(default)s)")
     data.add_argument("--samples-per-class", type=int, default=5,
@@ -73,6 +85,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     optim.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay (default: %(default)s)")
     optim.add_argument("--lr-step", type=int, default=50, help="StepLR: epochs between decays (default: %(default)s)")
     optim.add_argument("--lr-gamma", type=float, default=0.1, help="StepLR: decay factor (default: %(default)s)")
+    optim.add_argument("--lr-step-at", choices=("end", "start"), default="end",
+                       help="when StepLR steps: end of each epoch, which gives the paper's schedule (and the reference "
+                            "code's on PyTorch < 1.1); start of each epoch, which gives the reference code's schedule "
+                            "on PyTorch >= 1.1, one epoch earlier per decay (default: %(default)s)")
     optim.add_argument("--seed", type=int, default=1,
                        help="seeds the split, the weights, the data order and the augmentation (default: %(default)s)")
     optim.add_argument("--gather-embeddings", action="store_true",
@@ -88,6 +104,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                        help="se_resnet50 without its mixed-attention branch, the paper's ablation (default: off)")
 
     loss = parser.add_argument_group("loss hyper-parameters (each used only by its loss; defaults are the reference's)")
+    loss.add_argument("--self-pair", choices=("reference", "exclude"), default="reference",
+                      help="reference: an anchor's positives are its class's similarities below 1, as the reference "
+                           "code tests, so about half the anchors keep themselves; exclude: the anchor itself is "
+                           "dropped by index, the clean rule (default: %(default)s)")
     loss.add_argument("--margin", type=float, default=0.5, help="ContrastiveLoss negative margin (default: %(default)s)")
     loss.add_argument("--lambda-div", type=float, default=0.05, help="ABELoss divergence weight (default: %(default)s)")
     loss.add_argument("--margin-c", type=float, default=0.5, help="ABELoss positive margin (default: %(default)s)")
@@ -107,8 +127,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     run.add_argument("--keep-best", type=int, default=0, metavar="K",
                      help="keep only the K most recent best checkpoints this run wrote; 0 keeps them all, as the "
                           "reference (default: %(default)s)")
+    run.add_argument("--save-bare-state-dict", action="store_true",
+                     help="write the best-validation files as bare state_dicts, as the reference does, so that the "
+                          "reference's multi_test.py reads them; checkpoint.pth keeps everything (default: off)")
     run.add_argument("--resume", default=None, metavar="PATH",
-                     help="continue from a checkpoint written by this script, at the epoch after it (default: none)")
+                     help="continue from a checkpoint written by this script, at the epoch after it; refused when "
+                          "its settings or training files differ from this command's, but --epochs may grow "
+                          "(default: none)")
     run.add_argument("--summary", action="store_true", help="print the model's layers and parameter counts, then exit")
     return parser
 
@@ -225,6 +250,35 @@ class PKBatchSampler(Sampler[list[int]]):
                 yield batch
 
 
+class ValidationBatches(Sampler[list[int]]):
+    """Batches of positions 0 .. size-1 of the validation set, dealt round-robin to the processes, so
+    that the mean validation loss does not depend on the process count.
+
+    mode "reference": a new shuffle every epoch, drawn from (seed, epoch), and the last partial batch
+    dropped, as the reference's shuffled drop_last loader (which drew from the global RNG instead).
+    mode "fixed": consecutive chunks, the last one partial, the same every epoch.
+    """
+
+    def __init__(self, size: int, batch_size: int, mode: str, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        self.size, self.batch_size, self.mode, self.seed = size, batch_size, mode, seed
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        self.stop = size - size % batch_size if mode == "reference" else size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(range(self.rank, math.ceil(self.stop / self.batch_size), self.num_replicas))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.mode == "reference":
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.size))
+        batches = [order[i:i + self.batch_size] for i in range(0, self.stop, self.batch_size)]
+        yield from batches[self.rank::self.num_replicas]
+
+
 class SkipUnreadable(Dataset):
     """`dataset[indices[i]]`, or a marker for an image that cannot be decoded, which the collate
     function drops from its batch and reports, so one corrupt file does not end a long run."""
@@ -309,31 +363,36 @@ def check_crop_size(dataset: KimiaDataset, crop_size: int) -> None:
 
 def build_loaders(args: argparse.Namespace, dataset: KimiaDataset, train_indices: list[int], val_indices: list[int],
                   device: torch.device, rank: int, world_size: int) -> tuple[DataLoader, DataLoader]:
-    """Training loader (random or P x K, sharded over processes) and validation loader.
+    """Training loader (random or P x K, sharded over processes) and validation loader (ValidationBatches).
 
-    Validation batches are the single-process ones (consecutive --batch-size chunks) dealt
-    round-robin to the processes, so the mean validation loss does not depend on the process count.
+    Workers are started anew each epoch with seeds drawn from the loader's generator, which the
+    epoch loop seeds from (seed, epoch, rank): persistent workers would carry their random streams
+    from one epoch into the next, and a resumed run would not repeat them.
     """
     train_set = copy.copy(dataset)
     train_set.transform = train_transform(args.crop_size)
     val_set = copy.copy(dataset)
     val_set.transform = eval_transform(args.crop_size)
-    common = dict(num_workers=args.workers, pin_memory=device.type == "cuda", collate_fn=collate_readable,
-                  persistent_workers=args.workers > 0)
+    common = dict(num_workers=args.workers, pin_memory=device.type == "cuda", collate_fn=collate_readable)
     train_data = SkipUnreadable(train_set, train_indices)
     if args.sampler == "pk":
         labels = [dataset.samples[i][1] for i in train_indices]
         batch_sampler = PKBatchSampler(labels, args.batch_size, args.samples_per_class, world_size, rank, args.seed)
-        train_loader = DataLoader(train_data, batch_sampler=batch_sampler, **common)
+        train_loader = DataLoader(train_data, batch_sampler=batch_sampler, generator=torch.Generator(), **common)
     else:
         sampler = DistributedSampler(train_data, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-        train_loader = DataLoader(train_data, batch_size=args.batch_size, sampler=sampler, drop_last=True, **common)
+        train_loader = DataLoader(train_data, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                  generator=torch.Generator(), **common)
     if len(train_loader) == 0:
         per_process = f" per process ({world_size} processes)" if world_size > 1 else ""
         raise UserError(f"--batch-size {args.batch_size}{per_process} is larger than the {len(train_indices)} training "
                         f"images{' shared among them' if world_size > 1 else ''}; lower --batch-size")
-    val_batches = [list(range(i, min(i + args.batch_size, len(val_indices)))) for i in range(0, len(val_indices), args.batch_size)]
-    val_loader = DataLoader(SkipUnreadable(val_set, val_indices), batch_sampler=val_batches[rank::world_size], **common)
+    val_batches = ValidationBatches(len(val_indices), args.batch_size, args.val_batches, args.seed, world_size, rank)
+    if val_batches.stop == 0:
+        raise UserError(f"--val-batches reference drops the last partial batch, and the {len(val_indices)} validation "
+                        f"images make no full batch of {args.batch_size}; raise --val-ratio, lower --batch-size or "
+                        "use --val-batches fixed")
+    val_loader = DataLoader(SkipUnreadable(val_set, val_indices), batch_sampler=val_batches, **common)
     return train_loader, val_loader
 
 
@@ -482,6 +541,7 @@ def checkpoint_dict(model: nn.Module, optimizer: torch.optim.Optimizer, lr_sched
         "val_loss": run["history"][-1]["val_loss"],
         "best_val_loss": run["best_val_loss"],
         "seed": args.seed,
+        "train_files": run["train_files"],
         "command": run["command"],
     }
 
@@ -501,8 +561,9 @@ def plot_losses(history: list[dict], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
-def load_resume_checkpoint(path: str, run: dict) -> dict:
-    """The checkpoint to resume from, checked against this command's model, loss and data."""
+def load_resume_checkpoint(path: str, run: dict, args: argparse.Namespace) -> dict:
+    """The checkpoint to resume from, refused (one line naming every difference) when its model, loss,
+    classes, settings or training files are not this command's."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -516,7 +577,36 @@ def load_resume_checkpoint(path: str, run: dict) -> dict:
         if checkpoint.get(key) != run[key]:
             raise UserError(f"--resume {path}: its {key} is {checkpoint.get(key)!r} but this run's is {run[key]!r}; "
                             "resume with the same model, loss, options and data")
+    saved_args = checkpoint.get("args") or {}
+    differences = [f"--{dest.replace('_', '-')} ({saved_args[dest]} in the checkpoint, {getattr(args, dest)} here)"
+                   for dest in RESUME_SETTINGS if dest in saved_args and saved_args[dest] != getattr(args, dest)]
+    differences += [f"loss option {key} ({value} in the checkpoint, {run['loss_options'].get(key)} here)"
+                    for key, value in (checkpoint.get("loss_options") or {}).items() if run["loss_options"].get(key) != value]
+    saved_files = checkpoint.get("train_files")
+    if saved_files and saved_files != run["train_files"]:
+        differences.append(f"the training files ({saved_files['count']} in the checkpoint, "
+                           f"{run['train_files']['count']} here, or the same number with other names)")
+    if differences:
+        raise UserError(f"--resume {path}: this command differs from the checkpoint's run in " + ", ".join(differences)
+                        + "; resume with the checkpoint's settings (only --epochs may change)")
     return checkpoint
+
+
+def describe_train_files(dataset: KimiaDataset, indices: Sequence[int], root: str) -> dict:
+    """The count and a SHA-256 of the training files' paths (relative to --data-dir, in index order),
+    so that --resume can tell other data from a moved folder."""
+    digest = hashlib.sha256()
+    for index in indices:
+        digest.update(os.path.relpath(dataset.samples[index][0], root).encode() + b"\n")
+    return {"count": len(indices), "sha256": digest.hexdigest()}
+
+
+def step_lr_scheduler(lr_scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """StepLR.step() at the start of an epoch, before any optimizer.step(): the reference code's order,
+    about which PyTorch >= 1.1 warns; the warning is the point of --lr-step-at start."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        lr_scheduler.step()
 
 
 # ----------------------------------------------------------------------------- main
@@ -550,8 +640,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     criterion = losses.build_loss(loss_name, **loss_options).to(device)
     run = {"model_name": model_name, "loss_name": loss_name, "model_options": model_options,
            "loss_options": loss_options, "class_names": list(dataset.classes), "history": [],
-           "best_val_loss": math.inf, "command": command_line()}
-    checkpoint = load_resume_checkpoint(args.resume, run) if args.resume else None
+           "best_val_loss": math.inf, "command": command_line(),
+           "train_files": describe_train_files(dataset, train_indices, args.data_dir)}
+    checkpoint = load_resume_checkpoint(args.resume, run, args) if args.resume else None
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
     model.to(device)
@@ -586,15 +677,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     unreadable: set[str] = set()
     saved_best = [best_path] if best_path else []  # best checkpoints of this run, oldest first (--keep-best)
     for epoch in range(start_epoch, args.epochs):
-        # Each epoch's data order and augmentation depend only on (seed, epoch, rank): a resumed run
-        # repeats the epochs it continues (exactly so with --workers 0, whose augmentation runs here).
-        seed_everything(args.seed + epoch * world_size + rank)
+        # Each epoch's data order and augmentation depend only on (seed, epoch, rank) (and --workers):
+        # a resumed run repeats the epochs it continues.
+        epoch_seed = args.seed + epoch * world_size + rank
+        seed_everything(epoch_seed)
+        train_loader.generator.manual_seed(epoch_seed)
         epoch_sampler.set_epoch(epoch)
+        val_loader.batch_sampler.set_epoch(epoch)
+        if args.lr_step_at == "start":
+            step_lr_scheduler(lr_scheduler)
         lr = optimizer.param_groups[0]["lr"]
         show_progress = is_main and sys.stderr.isatty()
         stats = train_one_epoch(train_model, criterion, optimizer, train_loader, device, args, scaler, epoch, show_progress)
         val_loss, val_unreadable = evaluate(model, criterion, val_loader, device, args)
-        lr_scheduler.step()
+        if args.lr_step_at == "end":
+            lr_scheduler.step()
         unreadable.update(stats.pop("unreadable"), val_unreadable)
         if stats["nonfinite_batches"] or not math.isfinite(val_loss):
             last = f"; the last good checkpoint is {output_dir / 'checkpoint.pth'}" if epoch > start_epoch or args.resume else ""
@@ -610,7 +707,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             state = checkpoint_dict(model, optimizer, lr_scheduler, scaler, epoch, args, run)
             if improved:
                 best_path = str(output_dir / f"{prefix}_{val_loss:.4f}.pth")
-                atomic_save(state, best_path)
+                atomic_save(state["model"] if args.save_bare_state_dict else state, best_path)
                 saved_best = [p for p in saved_best if p != best_path] + [best_path]
                 if args.keep_best:
                     for older in saved_best[:-args.keep_best]:

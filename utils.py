@@ -212,8 +212,12 @@ class KimiaDataset(Dataset):
 
 
 def split_train_val(num_items: int, val_ratio: float = 0.1, seed: int = 1) -> tuple[list[int], list[int]]:
-    """The reference's random (not stratified) split: shuffle with `seed`, the first
-    int(num_items * (1 - val_ratio)) indices train, the rest validate (torch.utils.data.random_split)."""
+    """A random (not stratified) split of the reference's sizes: shuffle with `seed`, the first
+    int(num_items * (1 - val_ratio)) indices train, the rest validate (as torch.utils.data.random_split).
+
+    Not the reference's images: its NumPy draw runs over os.walk order, which depends on the file
+    system, so no split can copy it across machines (docs/reproduction.md, "Data").
+    """
     if not 0.0 <= val_ratio < 1.0:
         raise UserError(f"--val-ratio must be in [0, 1), got {val_ratio}")
     perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed)).tolist()

@@ -2,7 +2,7 @@
 
 No real data set can be downloaded here, so this generator stands in for Kimia Path24 in the tests
 and the demo. Each class is one synthetic whole-slide "scan" of one tissue texture; patches are cut
-from it the way Kimia Path24's were cut from its scans (SPEC.md section 1):
+from it the way Kimia Path24's were cut from its scans (docs/reproduction.md, "Data"):
 
 - test patches come from axis-aligned squares of the scan (turned by a random quarter turn), and
   those squares are whitened in the scan written to HDF5, as in the official file;
@@ -442,7 +442,7 @@ def make_class(settings: Settings, index: int) -> dict:
 # ----------------------------------------------------------------------------- outputs
 def write_hdf5(path: str | os.PathLike, scans: list[np.ndarray], test_patches: list[np.ndarray],
                test_targets: list[int], grayscale: bool = False) -> None:
-    """The official Kimia_Path24.h5 layout (SPEC.md section 1): `/scan{id}/data`,
+    """The official Kimia_Path24.h5 layout (docs/reproduction.md, "Data"): `/scan{id}/data`,
     `/scan{id}/thumbnail`, `/test_data/patches` (n x P x P[ x 3]) and `/test_data/targets`.
     `grayscale` drops the channel axis, as some copies of the official file have it."""
     import h5py

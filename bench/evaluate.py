@@ -10,7 +10,7 @@ matrix is sorted.
 Ours (multi_test.Evaluator, by default and with --channels-last): the test images are decoded and centre-cropped once into uint8
 tensors; each model is built on the meta device (no random initialisation) and takes the
 checkpoint's tensors, embeds the crops in batches under inference_mode and ranks with a top-k.
-Both use the same weights (random, drawn with SPEC.md's fill rule), batch size, decoding workers
+Both use the same weights (random, drawn with the fill rule of tests/reference_fill.py), batch size, decoding workers
 and device; both times include loading the checkpoints.
 
 The test set is the project's synthetic one (KIMIA_data/synthetic.py, then data_process.py to

@@ -5,7 +5,7 @@
     python3 bench/models.py --quick    # 1 warm-up and 2 timed steps per figure
 
 For resnet50 and ABE_M the baseline is "reference-style": the same modules, but the attention trunk and
-the shared tail run once for every head, as the reference code does (SPEC.md section 2), and every 1x1
+the shared tail run once for every head, as the reference code does (docs/reproduction.md, "Models"), and every 1x1
 convolution through nn.Conv2d; se_resnet50 has one head, so the reference runs its trunk once too and
 there is no separate baseline. The last rows time PointwiseConv2d against nn.Conv2d alone. A training
 step is forward, loss, backward and an SGD step (lr 0.001, momentum 0.9, as the reference trains).

@@ -1,7 +1,8 @@
-"""Metric losses of the reproduction: Contrastive, ABE and Multi-Similarity (SPEC.md section 3).
+"""Metric losses of the reproduction: Contrastive, ABE and Multi-Similarity (docs/reproduction.md, losses).
 
-    loss = build_loss("MSLoss")                     # the reference code's hyper-parameters
+    loss = build_loss("MSLoss")                     # the reference code's hyper-parameters and self-pair rule
     loss = build_loss("msloss", beta=50, eps=0.1)   # the MS paper's own
+    loss = build_loss("ContrastiveLoss", self_pair="exclude")   # the self pair dropped by index
     value = loss(model(images), labels)             # a list of M n x d tensors, or one n x d tensor
     loss.stats                                      # {"anchors": ..., "pairs": ...}, 0-dim tensors
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .abe import ABELoss
-from .base import MetricLoss
+from .base import SELF_PAIR_RULES, MetricLoss
 from .contrastive import ContrastiveLoss
 from .ms import MSLoss
 
@@ -33,8 +34,10 @@ def canonical_loss_name(name: str) -> str:
 
 
 def build_loss(name: str, **options: Any) -> MetricLoss:
-    """Build a loss by name with keyword hyper-parameters (defaults: the reference code's)."""
+    """Build a loss by name with keyword hyper-parameters (defaults: the reference code's), such as
+    `self_pair` ("reference" or "exclude", see `losses.base`)."""
     return _BUILDERS[canonical_loss_name(name)](**options)
 
 
-__all__ = ["ABELoss", "ContrastiveLoss", "LOSS_NAMES", "MSLoss", "MetricLoss", "build_loss", "canonical_loss_name"]
+__all__ = ["ABELoss", "ContrastiveLoss", "LOSS_NAMES", "MSLoss", "MetricLoss", "SELF_PAIR_RULES", "build_loss",
+           "canonical_loss_name"]

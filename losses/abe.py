@@ -6,7 +6,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from .base import Embeddings, MetricLoss, full_precision, mean_over_anchors_weights, num_learners, stack_learners
+from .base import Embeddings, MetricLoss, full_precision, stack_learners
 
 
 @lru_cache(maxsize=16)
@@ -24,7 +24,7 @@ class ABELoss(MetricLoss):
     loss is the mean over anchors that have a positive and a negative, averaged over learners. The
     divergence, for every pair of learners a < b, is the mean over samples k of
     relu(<x_a,k, x_b,k> - margin_div), averaged over the pairs. With M = 1 there is no pair and no
-    divergence term (the reference refuses M = 1; SPEC.md departure). A batch with no usable anchor
+    divergence term (the reference refuses M = 1: a departure, docs/reproduction.md). A batch with no usable anchor
     gives a zero loss, divergence included, so that the training loop can skip it.
 
     Args:
@@ -32,10 +32,16 @@ class ABELoss(MetricLoss):
         margin_c: similarity below which a positive pair is penalised; 0.5 in the reference code.
         margin_div: similarity between two learners' embeddings of one sample above which the
             divergence term penalises it; 0.2 in the reference code.
+        self_pair: "reference" (default), the paper's code: a same-class pair is a positive when
+            s < 1 in the similarities the loss uses, so the self pair stays whenever x . x < 1 (in
+            float32, about half the anchors). A kept self pair adds a zero, relu(margin_c - s_jj),
+            to the positives' mean, and an anchor whose only positive is itself is used, with
+            only its negative term. "exclude", the clean choice: the self pair is dropped by index.
     """
 
-    def __init__(self, lambda_div: float = 0.05, margin_c: float = 0.5, margin_div: float = 0.2) -> None:
-        super().__init__()
+    def __init__(self, lambda_div: float = 0.05, margin_c: float = 0.5, margin_div: float = 0.2,
+                 self_pair: str = "reference") -> None:
+        super().__init__(self_pair)
         self.lambda_div = lambda_div
         self.margin_c = margin_c
         self.margin_div = margin_div
@@ -50,9 +56,7 @@ class ABELoss(MetricLoss):
             return loss + self.lambda_div * self._divergence(x) * used_anchors.any()
 
     def similarity_loss(self, sim: Tensor, need_grad: bool, *, labels: Tensor) -> tuple[Tensor, Tensor | None]:
-        learners = num_learners(sim)
-        w_pos, w_neg, valid = mean_over_anchors_weights(labels, sim.dtype, learners)
-        self._remember(valid, (w_pos, w_neg), copies=learners)
+        w_pos, w_neg = self._mean_weights(sim, labels)
         loss = (self.margin_c - sim).relu_().mul_(w_pos).add_(sim * w_neg).sum()
         return loss, (w_neg - (sim < self.margin_c) * w_pos) if need_grad else None
 
@@ -65,4 +69,4 @@ class ABELoss(MetricLoss):
         return (cross - self.margin_div).relu().mean()
 
     def extra_repr(self) -> str:
-        return f"lambda_div={self.lambda_div}, margin_c={self.margin_c}, margin_div={self.margin_div}"
+        return f"lambda_div={self.lambda_div}, margin_c={self.margin_c}, margin_div={self.margin_div}, self_pair={self.self_pair!r}"

@@ -6,7 +6,7 @@ from functools import lru_cache, partial
 import torch
 from torch import Tensor
 
-from .base import MetricLoss, num_learners, stacked_label_masks
+from .base import MetricLoss, num_learners
 
 
 @lru_cache(maxsize=32)
@@ -32,7 +32,7 @@ class MSLoss(MetricLoss):
     s - eps < max(negatives); an anchor left without a mined positive or negative is skipped. Else
     its loss is (1/alpha) log(1 + sum_P exp(-alpha (s - lam))) + (1/beta) log(1 + sum_N exp(beta (s - lam))).
     Each learner's loss is the mean over its kept anchors (0 if mining kept none), and with M > 1
-    learners the total is their mean (the reference refuses M > 1; SPEC.md departure).
+    learners the total is their mean (the reference refuses M > 1: a departure, docs/reproduction.md).
 
     The defaults are the reference code's (Yang et al., BIBM 2019); the MS paper's own values are
     beta=50, eps=0.1.
@@ -42,10 +42,16 @@ class MSLoss(MetricLoss):
         beta: scale of the negative term; 5 in the reference code (50 in the MS paper).
         lam: similarity threshold lambda of both terms; 0.5 in both.
         eps: mining margin epsilon; 0.2 in the reference code (0.1 in the MS paper).
+        self_pair: "reference" (default), the paper's code: a same-class pair is a positive when
+            s < 1 in the similarities the loss uses, so the self pair stays whenever x . x < 1;
+            "exclude", the clean choice: the self pair is dropped by index. Mining almost never
+            keeps a self pair (s_jj - eps < max negative needs a negative above 1 - eps), so the
+            two rules rarely differ here.
     """
 
-    def __init__(self, alpha: float = 2.0, beta: float = 5.0, lam: float = 0.5, eps: float = 0.2) -> None:
-        super().__init__()
+    def __init__(self, alpha: float = 2.0, beta: float = 5.0, lam: float = 0.5, eps: float = 0.2,
+                 self_pair: str = "reference") -> None:
+        super().__init__(self_pair)
         self.alpha = alpha
         self.beta = beta
         self.lam = lam
@@ -58,7 +64,9 @@ class MSLoss(MetricLoss):
         # same, to the bit, as computing the branches one after the other.
         scale, mining_sign, divisor, grad_sign, minus_inf, zero, lam, eps = _constants(
             self.alpha, self.beta, self.lam, self.eps, sim.dtype, sim.device)
-        pos_neg, neg_pos = stacked_label_masks(labels)
+        # (positive, negative) as 2 x (M or 1) x n x n, to broadcast against the stacked branches.
+        pos_neg = self.pair_kinds(sim, labels).view(2, -1, *sim.shape[-2:])
+        neg_pos = pos_neg.flip(0)
         # signed = (s, -s). Mining keeps a positive if s - eps < max over negatives of s, and a
         # negative if -s - eps < max over positives of -s (that is, s + eps > min over positives of
         # s); negation is exact, so these are the unstacked comparisons. An anchor without positives
@@ -86,4 +94,4 @@ class MSLoss(MetricLoss):
         return loss, exps.mul_(weight.unsqueeze(-1)).sum(0).view(sim.shape)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, beta={self.beta}, lam={self.lam}, eps={self.eps}"
+        return f"alpha={self.alpha}, beta={self.beta}, lam={self.lam}, eps={self.eps}, self_pair={self.self_pair!r}"

@@ -1,4 +1,5 @@
-"""SPEC.md's fill rule, shared by the model tests and the benchmarks that need deterministic weights.
+"""The fill rule of the reference fixtures (tests/data/fixtures_seed1.pt), shared by the model tests and the
+benchmarks that need deterministic weights.
 
 Freshly initialised models in eval mode map every image to nearly the same embedding, so a
 benchmark ranking them would rank ties; filled weights give embeddings that differ clearly.
@@ -11,7 +12,7 @@ import torch
 
 
 def filled_state_dict(template: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """SPEC.md's fill rule: deterministic values keyed by parameter name and shape only."""
+    """The fixtures' fill rule: deterministic values keyed by parameter name and shape only."""
     out = {}
     for key, tensor in template.items():
         generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))

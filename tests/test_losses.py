@@ -1,8 +1,11 @@
 """The three metric losses against the reference's numbers and against a naive per-anchor version.
 
-`naive_loss` below is SPEC.md section 3 written out one learner and one anchor at a time, with
-Python lists of indices, so that it is easy to check by eye; the fast losses must agree with it in
-value, gradient and usage counts on hundreds of random batches, the awkward ones included.
+`naive_loss` below is the losses of docs/reproduction.md written out one learner and one anchor at
+a time, the pairs picked as the paper's code picks them (`self_pair="reference"`: a same-class pair
+is a positive when s < 1) or with the self pair dropped by index (`"exclude"`), so that it is easy
+to check by eye; the fast losses must agree with it in value, gradient and usage counts on hundreds
+of random batches, the awkward ones included. The reference's fixtures were computed with the self
+pair dropped by index: they test `self_pair="exclude"`.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import losses
-from losses import ABELoss, ContrastiveLoss, MSLoss, build_loss
+from losses import SELF_PAIR_RULES, ABELoss, ContrastiveLoss, MSLoss, build_loss
 
 FIXTURES = Path(__file__).parent / "data" / "fixtures_seed1.pt"
 DEFAULTS = {
@@ -43,20 +46,26 @@ def _anchor_term(name: str, pos: torch.Tensor, neg: torch.Tensor, hp: dict) -> t
     return value, len(mined_pos) + len(mined_neg)
 
 
-def naive_loss(name: str, embeddings: torch.Tensor, labels: list[int], **options) -> tuple[torch.Tensor, int, int]:
-    """(loss, anchors used, pairs used) for M x n x d embeddings, one anchor at a time."""
+def naive_loss(name: str, embeddings: torch.Tensor, labels: torch.Tensor, self_pair: str = "reference",
+               **options) -> tuple[torch.Tensor, int, int]:
+    """(loss, anchors used, pairs used) for M x n x d embeddings, one learner and one anchor at a time."""
     hp = DEFAULTS[name] | options
     num_learners, n, _ = embeddings.shape
+    labels = labels.to(embeddings.device)
+    others = ~torch.eye(n, dtype=torch.bool, device=embeddings.device)
     learner_losses, anchors, pairs = [], 0, 0
     for x in embeddings:
-        sim = x @ x.t()
+        sim = x @ x.T
         anchor_losses = []
-        for j in range(n):
-            pos = [k for k in range(n) if k != j and labels[k] == labels[j]]
-            neg = [k for k in range(n) if labels[k] != labels[j]]
-            if not pos or not neg:
+        for i in range(n):
+            if self_pair == "reference":  # the paper's code: the self pair stays when x . x < 1
+                pos = sim[i][(labels == labels[i]) & (sim[i] < 1)]
+            else:
+                pos = sim[i][(labels == labels[i]) & others[i]]
+            neg = sim[i][labels != labels[i]]
+            if len(pos) == 0 or len(neg) == 0:
                 continue
-            term = _anchor_term(name, sim[j, pos], sim[j, neg], hp)
+            term = _anchor_term(name, pos, neg, hp)
             if term is not None:
                 anchor_losses.append(term[0])
                 anchors += 1
@@ -110,26 +119,33 @@ def _fast(name: str, x: torch.Tensor, labels: torch.Tensor, **options):
 
 def _naive(name: str, x: torch.Tensor, labels: torch.Tensor, **options):
     leaf = x.detach().clone().requires_grad_()
-    value, anchors, pairs = naive_loss(name, leaf, labels.tolist(), **options)
+    value, anchors, pairs = naive_loss(name, leaf, labels, **options)
     (grad,) = torch.autograd.grad(value, leaf, allow_unused=True)
     return value, torch.zeros_like(leaf) if grad is None else grad, anchors, pairs
 
 
+def _assert_matches_naive(name: str, x: torch.Tensor, labels: torch.Tensor, tol: float, context: str, **options) -> float:
+    """Fast against naive in value, gradient and counts; returns the loss."""
+    value, grad, stats = _fast(name, x, labels, **options)
+    ref_value, ref_grad, ref_anchors, ref_pairs = _naive(name, x, labels, **options)
+    assert value.dtype == x.dtype, context
+    assert value.item() == pytest.approx(ref_value.item(), abs=tol), context
+    torch.testing.assert_close(grad, ref_grad, atol=tol, rtol=0, msg=context)
+    assert (stats["anchors"].item(), stats["pairs"].item()) == (ref_anchors, ref_pairs), context
+    return value.item()
+
+
+@pytest.mark.parametrize("self_pair", SELF_PAIR_RULES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("num_learners", [1, 4])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", losses.LOSS_NAMES)
-def test_matches_naive_per_anchor_loss_on_random_batches(name, kind, num_learners, dtype):
+def test_matches_naive_per_anchor_loss_on_random_batches(name, kind, num_learners, dtype, self_pair):
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     for seed in range(8):
         x, labels = make_batch(kind, num_learners, dtype, seed)
-        value, grad, stats = _fast(name, x, labels)
-        ref_value, ref_grad, ref_anchors, ref_pairs = _naive(name, x, labels)
-        context = f"{name} {kind} M={num_learners} seed={seed} labels={labels.tolist()}"
-        assert value.dtype == dtype, context
-        assert value.item() == pytest.approx(ref_value.item(), abs=tol), context
-        torch.testing.assert_close(grad, ref_grad, atol=tol, rtol=0, msg=context)
-        assert (stats["anchors"].item(), stats["pairs"].item()) == (ref_anchors, ref_pairs), context
+        context = f"{name} {kind} M={num_learners} seed={seed} self_pair={self_pair} labels={labels.tolist()}"
+        _assert_matches_naive(name, x, labels, tol, context, self_pair=self_pair)
 
 
 def test_degenerate_kinds_really_are_degenerate():
@@ -137,12 +153,91 @@ def test_degenerate_kinds_really_are_degenerate():
     for seed in range(8):
         for kind in ("one_class", "no_positives"):
             x, labels = make_batch(kind, 4, torch.float32, seed)
-            assert naive_loss("ContrastiveLoss", x, labels.tolist())[1] == 0
-    skipped_by_mining = 0
+            assert naive_loss("ContrastiveLoss", x, labels, self_pair="exclude")[1] == 0
+    skipped_by_mining = kept_self = 0
     for seed in range(8):
         x, labels = make_batch("well_separated", 1, torch.float64, seed)
-        skipped_by_mining += naive_loss("ContrastiveLoss", x, labels.tolist())[1] - naive_loss("MSLoss", x, labels.tolist())[1]
+        skipped_by_mining += naive_loss("ContrastiveLoss", x, labels)[1] - naive_loss("MSLoss", x, labels)[1]
+        x, labels = make_batch("no_positives", 4, torch.float32, seed)
+        kept_self += naive_loss("ContrastiveLoss", x, labels)[1]  # anchors whose only positive is themselves
     assert skipped_by_mining > 0
+    assert kept_self > 0
+
+
+# ----------------------------------------------------------------------------- the paper's self-pair rule
+def _training_like_batch(num_learners: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit float32 embeddings of total size 512 over the M learners and labels from 24 classes, n = 60."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(num_learners, 60, 512 // num_learners, generator=g), dim=-1)
+    return x.to(device), torch.randint(0, 24, (60,), generator=g).to(device)
+
+
+def _self_similarity(x: torch.Tensor) -> torch.Tensor:
+    """M x n: x . x per learner, computed as the paper's code computes S (one matrix product per learner)."""
+    return torch.stack([torch.diagonal(e @ e.T) for e in x])
+
+
+@pytest.mark.parametrize("num_learners", [1, 4])
+@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+def test_default_is_the_paper_codes_self_pair_rule(name, num_learners, device):
+    kept, rows, differences = 0, 0, []
+    for seed in range(6):
+        x, labels = _training_like_batch(num_learners, seed, device)
+        context = f"{name} M={num_learners} seed={seed} on {device}"
+        default = _assert_matches_naive(name, x, labels, 1e-5, context)
+        kept += int((_self_similarity(x) < 1).sum())
+        rows += x.shape[0] * x.shape[1]
+        differences.append(abs(default - _fast(name, x, labels, self_pair="exclude")[0].item()))
+    # The rule must matter for the test to mean anything: a good share of rows keep themselves...
+    assert 0.25 < kept / rows < 0.6
+    # ...and for Contrastive and ABE that moves the loss well beyond the tolerance (MS mining almost
+    # never keeps a self pair).
+    if name != "MSLoss":
+        assert min(differences) > 1e-3, differences
+
+
+def _all_self_similarities_below_one(num_learners: int, n: int, d: int, device: torch.device) -> torch.Tensor:
+    """Unit float32 rows with x . x < 1 as S computes it, every row redrawn until that holds."""
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(num_learners, n, d, generator=g), dim=-1).to(device)
+    for _ in range(200):
+        redraw = _self_similarity(x) >= 1
+        if not redraw.any():
+            return x
+        fresh = F.normalize(torch.randn(num_learners, n, d, generator=g), dim=-1).to(device)
+        x = torch.where(redraw.unsqueeze(-1), fresh, x)
+    raise AssertionError("could not draw rows with x . x < 1")
+
+
+@pytest.mark.parametrize("num_learners", [1, 4])
+@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+def test_anchors_whose_only_positive_is_themselves_are_used(name, num_learners, device):
+    # Every label distinct: the only positive candidate of an anchor is itself, and it survives s < 1.
+    n = 8
+    x = _all_self_similarities_below_one(num_learners, n, 16, device)
+    labels = torch.arange(n, device=device)
+    assert (_self_similarity(x) < 1).all()
+    value = _assert_matches_naive(name, x, labels, 1e-5, f"{name} M={num_learners} on {device}")
+    if name == "ContrastiveLoss":
+        # Per anchor mean relu(s - 0.5) over the other samples minus s_jj, about -1: not skipped.
+        sim = x @ x.transpose(-1, -2)
+        others = ~torch.eye(n, dtype=torch.bool, device=device)
+        negative = ((sim - 0.5).relu() * others).sum(-1) / (n - 1)
+        expected = (negative - torch.diagonal(sim, dim1=-2, dim2=-1)).mean().item()
+        assert value == pytest.approx(expected, abs=1e-6)
+        assert value < -0.5
+    excluded = build_loss(name, self_pair="exclude")
+    assert excluded(list(x.unbind(0)), labels).item() == 0.0
+    assert excluded.stats["anchors"].item() == 0
+
+
+@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+def test_unknown_self_pair_rule_names_the_allowed_ones(name):
+    with pytest.raises(ValueError, match=r"self_pair: expected 'reference' .* or 'exclude' .*, got 'index'"):
+        build_loss(name, self_pair="index")
+    for rule in SELF_PAIR_RULES:
+        assert build_loss(name, self_pair=rule).self_pair == rule
+    assert build_loss(name).self_pair == "reference"
 
 
 @pytest.mark.parametrize("num_learners", [1, 4])
@@ -167,9 +262,9 @@ def _fixture_cases() -> list:
 
 
 @pytest.mark.parametrize("case,name", _fixture_cases())
-def test_matches_reference_fixtures(case, name):
+def test_exclude_matches_reference_fixtures(case, name):
     embeddings = case["embeddings"].clone().requires_grad_()
-    value = build_loss(name)(list(embeddings.unbind(0)), case["labels"])
+    value = build_loss(name, self_pair="exclude")(list(embeddings.unbind(0)), case["labels"])
     (grad,) = torch.autograd.grad(value, embeddings)
     expected = case["expected"][name]
     assert value.item() == pytest.approx(expected["loss"].item(), abs=1e-5)
@@ -184,11 +279,21 @@ def test_fixtures_cover_every_loss_both_learner_counts_and_the_degenerate_batch(
 
 
 # ----------------------------------------------------------------------------- degenerate batches
+def _no_positive_batch(num_learners: int, self_pair: str) -> torch.Tensor:
+    """Embeddings for labels 0..5. Under the reference's rule a sample is its own positive unless
+    x . x >= 1, so there the rows are signed one-hot vectors, whose x . x is exactly 1."""
+    if self_pair == "exclude":
+        return F.normalize(torch.randn(num_learners, 6, 16), dim=-1)
+    signs = torch.randint(0, 2, (num_learners, 6, 1)) * 2.0 - 1.0
+    return torch.stack([torch.eye(16)[torch.randperm(16)[:6]] for _ in range(num_learners)]) * signs
+
+
+@pytest.mark.parametrize("self_pair", SELF_PAIR_RULES)
 @pytest.mark.parametrize("num_learners", [1, 4])
 @pytest.mark.parametrize("name", losses.LOSS_NAMES)
-def test_batch_without_positives_gives_zero_loss_zero_grads_and_zero_anchors(name, num_learners):
-    x = F.normalize(torch.randn(num_learners, 6, 16), dim=-1).requires_grad_()
-    loss_fn = build_loss(name)
+def test_batch_without_positives_gives_zero_loss_zero_grads_and_zero_anchors(name, num_learners, self_pair):
+    x = _no_positive_batch(num_learners, self_pair).requires_grad_()
+    loss_fn = build_loss(name, self_pair=self_pair)
     value = loss_fn(list(x.unbind(0)), torch.arange(6))
     value.backward()
     assert value.item() == 0.0
@@ -200,7 +305,7 @@ def test_stats_count_anchors_and_pairs_of_a_known_batch():
     # Classes 0 0 0 1 1 2: the sample of class 2 has no positive; five anchors with five pairs each.
     labels = torch.tensor([0, 0, 0, 1, 1, 2])
     x = F.normalize(torch.randn(4, 6, 8), dim=-1)
-    loss_fn = ContrastiveLoss()
+    loss_fn = ContrastiveLoss(self_pair="exclude")
     loss_fn(list(x.unbind(0)), labels)
     assert loss_fn.stats["anchors"].item() == 5 * 4
     assert loss_fn.stats["pairs"].item() == 5 * 5 * 4
@@ -236,6 +341,7 @@ def test_defaults_are_the_reference_settings():
     for name, defaults in DEFAULTS.items():
         loss_fn = build_loss(name)
         assert {key: getattr(loss_fn, key) for key in defaults} == defaults
+        assert loss_fn.self_pair == "reference"
 
 
 @pytest.mark.parametrize("name", losses.LOSS_NAMES)
@@ -275,13 +381,14 @@ def test_computes_in_float32_under_autocast_and_for_half_inputs(name):
     assert math.isfinite(from_bfloat16.item())
 
 
+@pytest.mark.parametrize("self_pair", SELF_PAIR_RULES)
 @pytest.mark.parametrize("num_learners", [1, 4])
 @pytest.mark.parametrize("name", losses.LOSS_NAMES)
-def test_forward_backward_and_stats_need_no_host_synchronisation(name, num_learners):
+def test_forward_backward_and_stats_need_no_host_synchronisation(name, num_learners, self_pair):
     # Meta tensors have no data: any .item(), bool() or Python branch on a value would raise.
     x = torch.empty(num_learners, 60, 128, device="meta", requires_grad=True)
     labels = torch.empty(60, dtype=torch.long, device="meta")
-    loss_fn = build_loss(name)
+    loss_fn = build_loss(name, self_pair=self_pair)
     value = loss_fn(list(x.unbind(0)), labels)
     value.backward()
     assert value.shape == () and x.grad.shape == x.shape

@@ -12,6 +12,7 @@ from PIL import Image
 
 import models
 import multi_test
+import selection
 from metrics import kimia_accuracy
 from utils import KimiaDataset, command_line, eval_transform
 
@@ -31,17 +32,19 @@ def make_images(root: Path, per_class: dict[str, int], size: int = 40, seed: int
             Image.fromarray(pixels).save(root / name / f"{name}_{i}.png")
 
 
-def write_checkpoint(path: Path, model_name: str, crop_size: int = CROP, seed: int = 0, **options) -> None:
+def write_checkpoint(path: Path, model_name: str, crop_size: int = CROP, seed: int = 0, val_loss: float = 0.5,
+                     best_val_loss: float | None = None, epoch: int = 0, **options) -> None:
     """A checkpoint laid out as train.py writes it (see the checkpoint interface)."""
     torch.manual_seed(seed)
     model = models.build_model(model_name, **options)
     defaults = models.model_options(model_name)
     defaults.update(options)
     torch.save({
-        "model": model.state_dict(), "optimizer": {}, "lr_scheduler": {}, "scaler": None, "epoch": 0,
+        "model": model.state_dict(), "optimizer": {}, "lr_scheduler": {}, "scaler": None, "epoch": epoch,
         "args": {"model": model_name, "crop_size": crop_size, "seed": seed}, "model_name": model_name,
         "loss_name": "MSLoss", "model_options": defaults, "class_names": list(CLASSES), "crop_size": crop_size,
-        "history": [], "val_loss": 0.5, "best_val_loss": 0.5, "seed": seed, "command": "python3 train.py",
+        "history": [], "val_loss": val_loss, "best_val_loss": val_loss if best_val_loss is None else best_val_loss,
+        "seed": seed, "command": "python3 train.py",
     }, path)
 
 
@@ -157,6 +160,10 @@ def test_sweep_over_a_folder_of_every_kind_of_file(data_dir, tmp_path, capsys):
     assert {r["model"] for r in rows} == {"ABE_M", "resnet50", "se_resnet50"}
     bare = [r for r in rows if r["checkpoint"] == "se_resnet_MsLoss_0.7590.pth"]
     assert all(r["source"] == "reference state_dict" and '"attention": false' in r["model_options"] for r in bare)
+    assert all(float(r["val_loss"]) == 0.759 and r["run"] == "se_resnet_MsLoss" for r in bare)  # from the name
+    assert {r["selected_by"] for r in rows} == {"validation"}  # each file is the only one of its run
+    # The bare ABE_M weights named resnet50_ are their run's selection, so that run has no result.
+    assert "resnet50_MsLoss_0.1000.pth: selected by validation but could not be evaluated" in out
     for row in rows:
         # The command that started the process (here pytest's), as the reproducibility record.
         assert row["classes"] == "s0 s1 s2" and row["command"] == command_line() and row["crop_size"] == str(CROP)
@@ -178,8 +185,137 @@ def test_sweep_over_a_folder_of_every_kind_of_file(data_dir, tmp_path, capsys):
         assert float(match[4]) == pytest.approx(float(row["eta_total"]))
     assert (weights / "ABE_M_results.txt").exists() and (weights / "resnet50_results.txt").exists()
     ranking = out[out.index("| rank |"):].splitlines()[2:10]
-    totals = [float(r.split("|")[7]) for r in ranking]
+    totals = [float(r.split("|")[8]) for r in ranking]
     assert len(totals) == 8 and totals == sorted(totals, reverse=True)
+
+
+def tiny_checkpoint(path: Path, val_loss: float | None, best_val_loss: float | None = None, epoch: int = 0,
+                    model_name: str = "se_resnet50", loss_name: str = "MSLoss") -> None:
+    """A train.py-style dict with a one-tensor model: enough for the selection, which reads no weights."""
+    content = {"model": {"w": torch.zeros(1)}, "model_name": model_name, "loss_name": loss_name, "epoch": epoch,
+               "best_val_loss": val_loss if best_val_loss is None else best_val_loss}
+    if val_loss is not None:
+        content["val_loss"] = val_loss
+    torch.save(content, path)
+
+
+def test_select_checkpoints_labels_the_newest_best_of_each_run(tmp_path):
+    folder, other, last_only = tmp_path / "model", tmp_path / "other", tmp_path / "last_only"
+    for f in (folder, other, last_only):
+        f.mkdir()
+    tiny_checkpoint(folder / "se_resnet50_MSLoss_0.5000.pth", 0.5, epoch=0)
+    tiny_checkpoint(folder / "se_resnet50_MSLoss_0.3000.pth", 0.3, epoch=3)
+    tiny_checkpoint(folder / "checkpoint.pth", 0.4, best_val_loss=0.3, epoch=5)
+    (folder / "se_resnet50_MSLoss_0.0100.pth").write_bytes(b"truncated")  # unreadable: its name is no candidate
+    # Equal losses (two runs into one folder): the later epoch, although its name sorts after.
+    tiny_checkpoint(folder / "ABE_M_ABELoss_0.2000.pth", 0.2, epoch=1, model_name="ABE_M", loss_name="ABELoss")
+    tiny_checkpoint(folder / "ABE_M_ABELoss_0.2000_resumed.pth", 0.2, epoch=4, model_name="ABE_M", loss_name="ABELoss")
+    for name in ("se_resnet_MsLoss_0.7590.pth", "se_resnet_MsLoss_0.6000.pth", "0.2se_resnet_MsLoss_0.9000.pth",
+                 "se_resnet_MsLoss_final.pth"):
+        torch.save({"conv.weight": torch.zeros(1)}, folder / name)  # the reference's bare state_dicts
+    tiny_checkpoint(other / "se_resnet50_MSLoss_0.9000.pth", 0.9)  # another folder: its own run
+    tiny_checkpoint(last_only / "checkpoint.pth", 0.3)  # the last epoch is never a selection, even when best
+
+    paths = sorted(folder.iterdir()) + [str(other / "se_resnet50_MSLoss_0.9000.pth"), last_only / "checkpoint.pth"]
+    labels = selection.select_checkpoints(paths)
+    assert list(labels) == paths  # keys as given, str or Path
+    assert {str(Path(k).relative_to(tmp_path)): v for k, v in labels.items()} == {
+        "model/se_resnet50_MSLoss_0.5000.pth": "",
+        "model/se_resnet50_MSLoss_0.3000.pth": "validation",
+        "model/checkpoint.pth": "last_epoch",
+        "model/se_resnet50_MSLoss_0.0100.pth": "",
+        "model/ABE_M_ABELoss_0.2000.pth": "",
+        "model/ABE_M_ABELoss_0.2000_resumed.pth": "validation",
+        "model/se_resnet_MsLoss_0.7590.pth": "",
+        "model/se_resnet_MsLoss_0.6000.pth": "validation",
+        "model/0.2se_resnet_MsLoss_0.9000.pth": "validation",  # the ratio prefix makes its own run
+        "model/se_resnet_MsLoss_final.pth": "",
+        "other/se_resnet50_MSLoss_0.9000.pth": "validation",
+        "last_only/checkpoint.pth": "last_epoch",
+    }
+
+
+def test_validation_loss_from_the_dict_else_the_name(tmp_path):
+    tiny_checkpoint(tmp_path / "se_resnet50_MSLoss_0.3000.pth", 0.30001234)
+    tiny_checkpoint(tmp_path / "se_resnet50_MSLoss_0.2500.pth", None)  # a dict without the key
+    tiny_checkpoint(tmp_path / "renamed.pth", None)
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "se_resnet_MsLoss_0.7590.pth")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "se_resnet_MsLoss_best.pth")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "se_resnet_MsLoss_0.4200.pth",
+               _use_new_zipfile_serialization=False)  # the legacy format, which cannot be memory-mapped
+    (tmp_path / "se_resnet_MsLoss_0.1000.pth").write_bytes(b"truncated")
+    assert selection.validation_loss(tmp_path / "se_resnet50_MSLoss_0.3000.pth") == 0.30001234  # unrounded
+    assert selection.validation_loss(tmp_path / "se_resnet50_MSLoss_0.2500.pth") == 0.25
+    assert selection.validation_loss(tmp_path / "se_resnet_MsLoss_0.7590.pth") == 0.759
+    assert selection.validation_loss(tmp_path / "se_resnet_MsLoss_0.4200.pth") == 0.42
+    for name in ("renamed.pth", "se_resnet_MsLoss_best.pth", "se_resnet_MsLoss_0.1000.pth"):
+        assert selection.validation_loss(tmp_path / name) is None, name
+    described = selection.describe_checkpoint(tmp_path / "se_resnet_MsLoss_best.pth")
+    assert (described.run, described.candidate) == ("", False)
+
+
+def test_sweep_reports_the_validation_selected_checkpoint(data_dir, tmp_path, capsys):
+    weights = tmp_path / "model"
+    weights.mkdir()
+    write_checkpoint(weights / "se_resnet50_MSLoss_0.5000.pth", "se_resnet50", seed=1, val_loss=0.5, epoch=0)
+    write_checkpoint(weights / "se_resnet50_MSLoss_0.3000.pth", "se_resnet50", seed=2, val_loss=0.3, epoch=2)
+    write_checkpoint(weights / "checkpoint.pth", "se_resnet50", seed=3, val_loss=0.4, best_val_loss=0.3, epoch=4)
+    args = multi_test.get_args_parser().parse_args(
+        [str(weights), "--data-dir", str(data_dir), "--batch-size", "9", "--device", "cpu", "--workers", "0"])
+    assert multi_test.main(args) == 0
+    out = capsys.readouterr().out
+
+    with open(weights / "results.csv", newline="") as f:
+        rows = {r["checkpoint"]: r for r in csv.DictReader(f)}
+    assert {name: (r["selected_by"], r["val_loss"], r["run"]) for name, r in rows.items()} == {
+        "checkpoint.pth": ("last_epoch", "0.4", "se_resnet50_MSLoss"),
+        "se_resnet50_MSLoss_0.3000.pth": ("validation", "0.3", "se_resnet50_MSLoss"),
+        "se_resnet50_MSLoss_0.5000.pth": ("", "0.5", "se_resnet50_MSLoss"),
+    }
+    selected_at = out.index("selected by validation (")
+    ranking_at = out.index("all files, best on the test set first (selection on the test set: not a result to report)")
+    assert selected_at < ranking_at
+    table = [line.split("|") for line in out[selected_at:ranking_at].splitlines() if line.startswith("| se_resnet50")]
+    assert len(table) == 1
+    assert [cell.strip() for cell in table[0][1:5]] == ["se_resnet50_MSLoss", "se_resnet50_MSLoss_0.3000.pth",
+                                                        "0.3000", "test"]
+    chosen = rows["se_resnet50_MSLoss_0.3000.pth"]
+    assert [float(c) for c in table[0][5:8]] == pytest.approx(
+        [float(chosen[k]) for k in ("eta_p", "eta_w", "eta_total")], abs=5e-5)
+    ranking = [line.split("|") for line in out[ranking_at:].splitlines()[3:6]]
+    assert {(r[2].strip(), r[3].strip()) for r in ranking} == {(name, r["selected_by"]) for name, r in rows.items()}
+    assert "se_resnet50_MSLoss_0.3000.pth [se_resnet50, protocol test, selected by validation]" in out
+    assert "checkpoint.pth [se_resnet50, protocol test, last epoch]" in out
+
+
+def test_results_mode_overwrite_replaces_and_append_keeps_earlier_rows(data_dir, tmp_path, capsys):
+    weights = tmp_path / "model"
+    weights.mkdir()
+    torch.save(models.build_model("se_resnet50", attention=False).state_dict(), weights / "se_resnet_MsLoss_final.pth")
+    old_line = "old.pth[(0.1, 'np'), (0.2, 'nw'), (0.02, 'n_total')]\n"
+    (weights / "se_resnet50_results.txt").write_text(old_line)
+    with open(weights / "results.csv", "w", newline="") as f:  # an earlier sweep's file, without selected_by
+        f.write("protocol,checkpoint,eta_total\ntest,old.pth,0.02\n")
+    argv = [str(weights), "--data-dir", str(data_dir), "--crop-size", str(CROP), "--device", "cpu", "--workers", "0"]
+    assert multi_test.get_args_parser().parse_args(argv).results_mode == "overwrite"  # the reference's
+
+    def sweep(*extra: str) -> tuple[list[dict], list[str]]:
+        assert multi_test.main(multi_test.get_args_parser().parse_args(argv + list(extra))) == 0
+        with open(weights / "results.csv", newline="") as f:
+            return list(csv.DictReader(f)), (weights / "se_resnet50_results.txt").read_text().splitlines(keepends=True)
+
+    rows, lines = sweep("--results-mode", "append")
+    assert [r["checkpoint"] for r in rows] == ["old.pth", "se_resnet_MsLoss_final.pth"]
+    assert rows[0]["selected_by"] == "" and rows[0]["eta_total"] == "0.02" and rows[1]["command"]
+    assert len(lines) == 2 and lines[0] == old_line and lines[1].startswith("se_resnet_MsLoss_final.pth[(")
+    # No loss in the name of a bare state_dict: no validation loss, no selection.
+    assert (rows[1]["selected_by"], rows[1]["val_loss"]) == ("", "")
+    assert "none: no best-validation file with a readable validation loss was evaluated" in capsys.readouterr().out
+
+    rows, overwritten = sweep()
+    assert [r["checkpoint"] for r in rows] == ["se_resnet_MsLoss_final.pth"]
+    assert overwritten == lines[1:]
+    assert not list(weights.glob(".*.tmp"))  # atomic writes leave no temp files behind
 
 
 @pytest.mark.slow

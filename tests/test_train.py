@@ -34,8 +34,9 @@ def keys_and_shapes(state_dict: dict) -> list[tuple[str, list[int]]]:
     return [(key, list(value.shape)) for key, value in state_dict.items()]
 CHECKPOINT_KEYS = {"model", "optimizer", "lr_scheduler", "scaler", "epoch", "args", "model_name", "loss_name",
                    "model_options", "class_names", "crop_size", "history", "val_loss", "best_val_loss", "seed", "command"}
-# Small and quick: 64 px crops of 72 px images, batches of 8, no loader processes.
-QUICK = ["--crop-size", "64", "--batch-size", "8", "--workers", "0", "--val-ratio", "0.25", "--device", "cpu"]
+# Small and quick: 64 px crops of 72 px images, batches of 6 (the 6 validation images make one full batch,
+# which the reference's validation loader needs), no loader processes.
+QUICK = ["--crop-size", "64", "--batch-size", "6", "--workers", "0", "--val-ratio", "0.25", "--device", "cpu"]
 # One thread per process: on a machine whose few cores are busy, more threads stall each other.
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
@@ -119,7 +120,7 @@ def test_two_epochs_write_both_checkpoints_log_and_plot(data_root: Path, tmp_pat
         assert float(row["train_loss"]) == pytest.approx(h["train_loss"])
         assert float(row["val_loss"]) == pytest.approx(h["val_loss"])
         assert float(row["lr"]) == pytest.approx(0.001) and float(row["images_per_s"]) > 0
-        assert int(row["train_batches"]) == 18 // 8 and 0 <= int(row["skipped_batches"]) <= 2
+        assert int(row["train_batches"]) == 18 // 6 and 0 <= int(row["skipped_batches"]) <= 3
     with Image.open(out / "se_resnet50_MSLoss_loss.png") as png:
         assert png.format == "PNG" and png.size[0] > 100
     assert not list(out.glob(".*.tmp"))
@@ -133,7 +134,8 @@ def uninterrupted_run(data_root: Path, out: Path, epochs: int, extra: list[str])
 
 @pytest.mark.slow
 def test_killed_run_resumes_at_next_epoch_with_identical_state(data_root: Path, tmp_path: Path) -> None:
-    extra = ["--lr-step", "1", "--lr-gamma", "0.5"]  # the scheduler state must survive the restart
+    # The scheduler state must survive the restart, and loader processes must repeat their augmentation.
+    extra = ["--lr-step", "1", "--lr-gamma", "0.5", "--workers", "2"]
     reference = uninterrupted_run(data_root, tmp_path / "straight", 3, extra)
 
     out = tmp_path / "killed"
@@ -168,14 +170,13 @@ def test_killed_run_resumes_at_next_epoch_with_identical_state(data_root: Path, 
     assert result["best_checkpoint"] and Path(result["best_checkpoint"]).exists()
 
 
-@pytest.mark.slow
-def test_keep_best_removes_older_best_checkpoints_of_the_run(data_root: Path, tmp_path: Path) -> None:
+def test_keep_best_removes_older_best_checkpoints_of_the_run(data_root: Path, tmp_path: Path,
+                                                             stub_epochs: list[int]) -> None:
     out = tmp_path / "model"
     result = train.main(parse("ABE_M", "MSLoss", "--data-dir", data_root / "train", "--output-dir", out,
-                              "--epochs", "4", "--lr", "0.05", "--keep-best", "1", *QUICK))
+                              "--epochs", "4", "--keep-best", "1", *QUICK))
     val_losses = [h["val_loss"] for h in result["history"]]
-    improvements = sum(loss < min(val_losses[:i], default=float("inf")) for i, loss in enumerate(val_losses))
-    assert improvements >= 2, "this setting must improve twice to exercise the removal"
+    assert val_losses == sorted(val_losses, reverse=True)  # the stub improves every epoch: 3 removals
     assert best_checkpoints(out) == [Path(result["best_checkpoint"])]
     assert load(out / "checkpoint.pth")["best_val_loss"] == pytest.approx(min(val_losses))
 
@@ -227,24 +228,51 @@ def test_gather_embeddings_gives_each_process_its_share_of_the_global_gradient(t
     assert "ok0" in result.stdout and "ok1" in result.stdout
 
 
+def test_train_traindata_defaults_are_the_references() -> None:
+    args = train_traindata.get_args_parser().parse_args([])
+    assert (args.model, args.loss, args.ratios, args.batch_size) == ("se_resnet50", "MSLoss", [0.2, 0.4, 0.6, 0.8], 20)
+    assert (args.main_weights, args.skip_main, args.main_batch_size) == (None, False, 60)
+
+
 @pytest.mark.slow
-def test_train_traindata_two_ratios_write_table_and_plot(data_root: Path, tmp_path: Path) -> None:
+def test_train_traindata_trains_the_ratios_and_the_main_experiment(data_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "traindata"
     args = train_traindata.get_args_parser().parse_args(
-        ["ABE_M", "ContrastiveLoss", "--ratios", "0.5", "1.0", "--data-dir", str(data_root / "train"),
-         "--output-dir", str(out), "--epochs", "1", *QUICK, "--batch-size", "4"])
+        ["ABE_M", "ContrastiveLoss", "--ratios", "0.5", "--data-dir", str(data_root / "train"),
+         "--output-dir", str(out), "--epochs", "1", *QUICK, "--batch-size", "4", "--val-batches", "fixed",
+         "--main-batch-size", "6"])
     rows = train_traindata.main(args)
     table = read_csv(out / "traindata_results.csv")
     assert [list(r)[:5] for r in table] == [["ratio", "images_used", "eta_p", "eta_W", "eta_total"]] * 2
     assert [float(r["ratio"]) for r in table] == [0.5, 1.0]
     assert [int(r["images_used"]) for r in table] == [12, 24]  # int(12 * r) of each of the 2 classes
+    assert [r["run"] for r in table] == ["ratio 0.5, batch 4", f"main experiment, batch 6, trained in {out / 'main'}"]
     for row in table:
         eta_p, eta_w, eta_total = (float(row[k]) for k in ("eta_p", "eta_W", "eta_total"))
         assert 0 <= eta_p <= 1 and 0 <= eta_w <= 1 and eta_total == pytest.approx(eta_p * eta_w)
-        assert row["protocol"] == "test" and Path(row["checkpoint"]).exists()
-    assert [Path(r["checkpoint"]).parent.name for r in rows] == ["ratio_0.5", "ratio_1.0"]
+        assert row["protocol"] == "test" and row["selected_by"] == "validation" and Path(row["checkpoint"]).exists()
+    assert [Path(r["checkpoint"]).parent.name for r in rows] == ["ratio_0.5", "main"]
+    assert load(Path(rows[1]["checkpoint"]))["args"]["batch_size"] == 6
     with Image.open(out / "traindata_results.png") as png:
         assert png.format == "PNG"
+
+
+def test_train_traindata_takes_the_100_percent_bar_from_the_main_weights(
+        data_root: Path, tmp_path: Path, stub_epochs: list[int]) -> None:
+    main_dir = tmp_path / "main_run"
+    common = ["--data-dir", str(data_root / "train"), "--epochs", "3", *QUICK]
+    main_run = train.main(parse("ABE_M", "ContrastiveLoss", *common, "--output-dir", main_dir))
+    assert len(best_checkpoints(main_dir)) == 3  # the stub's validation loss improves every epoch
+    args = train_traindata.get_args_parser().parse_args(
+        ["ABE_M", "ContrastiveLoss", "--ratios", "0.5", *common, "--val-batches", "fixed", "--output-dir",
+         str(tmp_path / "traindata"), "--main-weights", str(main_dir)])
+    rows = train_traindata.main(args)
+    assert [r["run"] for r in rows] == ["ratio 0.5, batch 6", f"main experiment, given as --main-weights {main_dir}"]
+    assert rows[1]["checkpoint"] == main_run["best_checkpoint"]  # the newest best, not checkpoint.pth
+    assert not (tmp_path / "traindata" / "main").exists()
+    with pytest.raises(UserError, match=r"--main-weights .*: expected one ABE_M_MSLoss_<val_loss>\.pth run, found none"):
+        train_traindata.main(train_traindata.get_args_parser().parse_args(
+            ["ABE_M", "MSLoss", *common, "--output-dir", str(tmp_path / "other"), "--main-weights", str(main_dir)]))
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -285,9 +313,11 @@ def test_subsample_per_class_keeps_int_share_of_each_class() -> None:
 def test_loss_hyper_parameters_reach_only_their_loss() -> None:
     _, loss_name, _, options = train.resolve_names(parse("abe_m", "msloss", "--ms-beta", "50", "--ms-eps", "0.1",
                                                          "--margin", "0.9"))
-    assert loss_name == "MSLoss" and options == {"alpha": 2.0, "beta": 50.0, "lam": 0.5, "eps": 0.1}
-    _, _, model_options, options = train.resolve_names(parse("se_resnet", "ABELoss", "--no-attention"))
-    assert options == {"lambda_div": 0.05, "margin_c": 0.5, "margin_div": 0.2}
+    assert loss_name == "MSLoss" and options == {"alpha": 2.0, "beta": 50.0, "lam": 0.5, "eps": 0.1,
+                                                 "self_pair": "reference"}
+    _, _, model_options, options = train.resolve_names(parse("se_resnet", "ABELoss", "--no-attention",
+                                                             "--self-pair", "exclude"))
+    assert options == {"lambda_div": 0.05, "margin_c": 0.5, "margin_div": 0.2, "self_pair": "exclude"}
     assert model_options == {"embedding_dim": 512, "attention": False}
 
 
@@ -303,7 +333,7 @@ def test_non_finite_loss_stops_before_writing_and_keeps_last_good_checkpoint(
     real_build_loss = train.losses.build_loss
 
     class NanAfterTwoSteps(torch.nn.Module):
-        """The real loss for the 2 training steps of epoch 1, NaN from then on."""
+        """The real loss for the 3 training steps of epoch 1, NaN from then on."""
 
         def __init__(self, inner: torch.nn.Module) -> None:
             super().__init__()
@@ -312,7 +342,7 @@ def test_non_finite_loss_stops_before_writing_and_keeps_last_good_checkpoint(
         def forward(self, embeddings: list, labels: torch.Tensor) -> torch.Tensor:
             loss = self.inner(embeddings, labels)
             self.steps += torch.is_grad_enabled()
-            return loss * float("nan") if self.steps > 2 else loss
+            return loss * float("nan") if self.steps > 3 else loss
 
         @property
         def stats(self) -> dict:
@@ -393,3 +423,138 @@ def test_script_prints_one_line_error_and_exits_non_zero(tmp_path: Path) -> None
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such folder; run "
                                                   "KIMIA_data/data_process.py first or pass the right --data-dir"]
+
+
+# ----------------------------------------------------------------------------- schedule, validation, resume
+def test_validation_batches_reference_reshuffles_and_drops_the_partial_batch() -> None:
+    batches = train.ValidationBatches(10, 4, "reference", seed=1)
+    epoch0 = list(batches)
+    assert len(batches) == len(epoch0) == 2 and all(len(b) == 4 for b in epoch0)
+    assert len(set(sum(epoch0, []))) == 8 and set(sum(epoch0, [])) <= set(range(10))
+    assert list(batches) == epoch0  # seeded: the same epoch repeats
+    batches.set_epoch(1)
+    assert list(batches) != epoch0
+    # Dealt round-robin: two processes see the one-process batches between them, whatever their number.
+    shards = [list(train.ValidationBatches(10, 4, "reference", seed=1, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert shards == [epoch0[0::2], epoch0[1::2]]
+    fixed = train.ValidationBatches(10, 4, "fixed", seed=1)
+    assert list(fixed) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] and len(fixed) == 3
+    fixed.set_epoch(5)
+    assert list(fixed) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_reference_validation_needs_one_full_batch(data_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"the 6 validation images make no full batch of 8; .*--val-batches fixed"):
+        train.main(parse("ABE_M", "MSLoss", "--data-dir", data_root / "train", "--output-dir", tmp_path, *QUICK,
+                         "--batch-size", "8"))
+
+
+@pytest.fixture
+def stub_epochs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Replace the training and validation passes with stubs, so that the epoch loop (schedule, checkpoints,
+    resume) runs in a fraction of a second per epoch. The validation loss falls every epoch."""
+    calls: list[int] = []
+
+    def train_one_epoch(model, criterion, optimizer, loader, device, args, scaler, epoch, show_progress):
+        calls.append(epoch)
+        optimizer.step()  # no gradients: the weights stay, but the scheduler sees the usual order
+        return {"train_loss": 1.0, "skipped_batches": 0, "train_batches": len(loader), "nonfinite_batches": 0,
+                "images_per_s": 1.0, "unreadable": []}
+
+    monkeypatch.setattr(train, "train_one_epoch", train_one_epoch)
+    monkeypatch.setattr(train, "evaluate", lambda *args: (1.0 / (len(calls) + 1), []))
+    return calls
+
+
+def naive_lr(epoch: int, lr: float, step: int, gamma: float, at: str) -> float:
+    """StepLR's learning rate in (0-based) epoch `epoch`: stepped after each epoch, or, as the reference
+    code runs on PyTorch >= 1.1, once before each epoch's first step."""
+    return lr * gamma ** ((epoch + (at == "start")) // step)
+
+
+@pytest.mark.parametrize("step, gamma, at", [(50, 0.1, "end"), (50, 0.1, "start"), (2, 0.1, "end"),
+                                             (2, 0.1, "start"), (3, 0.5, "start"), (1, 0.5, "end")])
+def test_learning_rate_sequence_straight_and_resumed(step: int, gamma: float, at: str, data_root: Path,
+                                                     tmp_path: Path, stub_epochs: list[int]) -> None:
+    epochs = 7
+    expected = [naive_lr(e, 0.001, step, gamma, at) for e in range(epochs)]
+    common = ("ABE_M", "ContrastiveLoss", "--data-dir", data_root / "train", *QUICK, "--lr-step", step,
+              "--lr-gamma", gamma, "--lr-step-at", at)
+    straight = train.main(parse(*common, "--output-dir", tmp_path / "straight", "--epochs", epochs))
+    assert [h["lr"] for h in straight["history"]] == pytest.approx(expected, rel=1e-12)
+    rows = read_csv(tmp_path / "straight" / "ABE_M_ContrastiveLoss_log.csv")
+    assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-12)
+
+    train.main(parse(*common, "--output-dir", tmp_path / "resumed", "--epochs", 3))
+    resumed = train.main(parse(*common, "--output-dir", tmp_path / "resumed", "--epochs", epochs,
+                               "--resume", tmp_path / "resumed" / "checkpoint.pth"))
+    assert [h["lr"] for h in resumed["history"]] == pytest.approx(expected, rel=1e-12)
+    assert stub_epochs == [*range(epochs), 0, 1, 2, *range(3, epochs)]
+
+
+def test_the_reference_schedule_on_current_pytorch_is_49_50_1() -> None:
+    lrs = [naive_lr(e, 0.001, 50, 0.1, "start") for e in range(100)]
+    assert (sum(x == pytest.approx(1e-3) for x in lrs), sum(x == pytest.approx(1e-4) for x in lrs),
+            sum(x == pytest.approx(1e-5) for x in lrs)) == (49, 50, 1)
+
+
+@pytest.fixture
+def one_epoch_checkpoint(data_root: Path, tmp_path: Path, stub_epochs: list[int]) -> Path:
+    train.main(parse("ABE_M", "ContrastiveLoss", "--data-dir", data_root / "train", "--output-dir", tmp_path / "first",
+                     "--epochs", 1, *QUICK))
+    return tmp_path / "first" / "checkpoint.pth"
+
+
+@pytest.mark.parametrize("extra, difference", [
+    (["--seed", "2"], "--seed (1 in the checkpoint, 2 here)"),
+    (["--val-ratio", "0.3"], "--val-ratio (0.25 in the checkpoint, 0.3 here)"),
+    (["--val-batches", "fixed"], "--val-batches (reference in the checkpoint, fixed here)"),
+    (["--data-ratio", "0.9", "--val-batches", "fixed"], "--data-ratio (1.0 in the checkpoint, 0.9 here)"),
+    (["--batch-size", "4"], "--batch-size (6 in the checkpoint, 4 here)"),
+    (["--sampler", "pk", "--samples-per-class", "3"], "--sampler (random in the checkpoint, pk here)"),
+    (["--crop-size", "48"], "--crop-size (64 in the checkpoint, 48 here)"),
+    (["--lr", "0.01"], "--lr (0.001 in the checkpoint, 0.01 here)"),
+    (["--momentum", "0.5"], "--momentum (0.9 in the checkpoint, 0.5 here)"),
+    (["--lr-step", "3"], "--lr-step (50 in the checkpoint, 3 here)"),
+    (["--lr-gamma", "0.5"], "--lr-gamma (0.1 in the checkpoint, 0.5 here)"),
+    (["--lr-step-at", "start"], "--lr-step-at (end in the checkpoint, start here)"),
+    (["--self-pair", "exclude"], "loss option self_pair (reference in the checkpoint, exclude here)"),
+])
+def test_resume_refuses_other_settings_naming_each(extra: list[str], difference: str, data_root: Path,
+                                                   tmp_path: Path, one_epoch_checkpoint: Path) -> None:
+    out = tmp_path / "second"
+    with pytest.raises(UserError) as err:
+        train.main(parse("ABE_M", "ContrastiveLoss", "--data-dir", data_root / "train", "--output-dir", out,
+                         "--epochs", 2, *QUICK, *extra, "--resume", one_epoch_checkpoint))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"--resume {one_epoch_checkpoint}: this command differs")
+    assert difference in message and message.endswith("(only --epochs may change)")
+    assert not out.exists()
+
+
+def test_resume_refuses_other_training_files_but_not_a_moved_folder(data_root: Path, tmp_path: Path,
+                                                                    one_epoch_checkpoint: Path) -> None:
+    moved = tmp_path / "moved"
+    shutil.copytree(data_root / "train", moved)
+    args = ("ABE_M", "ContrastiveLoss", "--output-dir", tmp_path / "first", *QUICK, "--resume", one_epoch_checkpoint)
+    result = train.main(parse(*args, "--data-dir", moved, "--epochs", 2, "--seed", 1))
+    assert [h["epoch"] for h in result["history"]] == [0, 1]
+    (moved / "s1" / "s1_3.png").rename(moved / "s1" / "s1_3_renamed.png")
+    with pytest.raises(UserError, match=r"differs from the checkpoint's run in the training files \(18 in the "
+                                        r"checkpoint, 18 here, or the same number with other names\)"):
+        train.main(parse(*args, "--data-dir", moved, "--epochs", 3))
+    with pytest.raises(UserError, match=r"--seed \(1 in the checkpoint, 3 here\), the training files"):
+        train.main(parse(*args, "--data-dir", data_root / "train", "--epochs", 3, "--seed", 3))
+
+
+def test_save_bare_state_dict_writes_the_reference_file_and_keeps_the_checkpoint(
+        data_root: Path, tmp_path: Path, stub_epochs: list[int]) -> None:
+    out = tmp_path / "bare"
+    result = train.main(parse("se_resnet", "MsLoss", "--data-dir", data_root / "train", "--output-dir", out,
+                              "--epochs", 2, *QUICK, "--save-bare-state-dict"))
+    best = load(Path(result["best_checkpoint"]))
+    assert all(isinstance(v, torch.Tensor) for v in best.values())
+    assert keys_and_shapes(best) == layout("se_resnet50")
+    assert CHECKPOINT_KEYS <= set(load(out / "checkpoint.pth"))
+    for key, value in load(out / "checkpoint.pth")["model"].items():
+        assert torch.equal(best[key], value), key

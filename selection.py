@@ -1,0 +1,112 @@
+"""Which checkpoint of a training run its validation loss selects.
+
+    labels = select_checkpoints(paths)   # {path: "validation" | "last_epoch" | ""}
+    loss = validation_loss(path)         # float, or None where neither the file nor its name says
+
+train.py saves `<model>_<loss>_<val_loss:.4f>.pth` whenever the validation loss improves and
+`checkpoint.pth` (the last epoch) every epoch; the reference saves only the former, as bare
+state_dicts. Scoring every file on the test set and keeping the best would select on the test
+set, so a run's result is the file its validation loss selects: the best-validation file with
+the lowest validation loss, which is the newest best (see docs/reproduction.md).
+
+A run is the files of one folder that share `<model>_<loss>`: read from the dict for train.py's
+checkpoints, from the file name (everything before `_<val_loss>.pth`) for bare state_dicts, so a
+ratio prefix such as the reference's `0.2se_resnet_MsLoss_0.1234.pth` makes its own run.
+Labels: "validation" for each run's selected file, "last_epoch" for checkpoint.pth, "" for the
+rest (older bests, and files whose validation loss cannot be read: those are no candidates).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+VALIDATION = "validation"
+LAST_EPOCH = "last_epoch"
+NOT_SELECTED = ""
+LAST_EPOCH_NAME = "checkpoint.pth"
+# `<run>_<val_loss>.pth`, as train.py and the reference name their best-validation files ({:.4f}).
+LOSS_IN_NAME = re.compile(r"^(?P<run>.+)_(?P<loss>-?\d+\.\d+)\.pth$")
+
+PathLike = str | os.PathLike
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    """What a checkpoint file says about its place in a training run."""
+
+    path: PathLike
+    run: str  # "<model>_<loss>"; "" when unknown
+    val_loss: float | None  # that epoch's validation loss; None when unknown
+    epoch: int | None  # train.py's checkpoints only
+    candidate: bool  # for the run's selection: a known validation loss, and not checkpoint.pth
+
+
+def _read(path: PathLike) -> Any:
+    """The file's torch content, or None when it cannot be read. mmap leaves the tensors on disk:
+    only the small pickle is read, which keeps a folder of 100 MB checkpoints cheap to describe."""
+    for mmap in (True, False):  # mmap needs the zip format; older torch.save files lack it
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception:  # torch raises many types for damaged or foreign files
+            continue
+    return None
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def describe_checkpoint(path: PathLike) -> CheckpointFile:
+    """Run, validation loss and epoch of one file: from the dict of a train.py checkpoint, from the
+    name (`<run>_<val_loss>.pth`) of a bare state_dict."""
+    name = os.path.basename(path)
+    content = _read(path)
+    match = LOSS_IN_NAME.match(name)
+    if isinstance(content, dict) and "model" in content and "model_name" in content:
+        val_loss = _finite(content.get("val_loss"))
+        if val_loss is None and match:  # a checkpoint written without the key: trust its name
+            val_loss = float(match["loss"])
+        epoch = content.get("epoch")
+        run = f"{content['model_name']}_{content.get('loss_name') or ''}"
+        return CheckpointFile(path, run, val_loss, epoch if isinstance(epoch, int) else None,
+                              val_loss is not None and name != LAST_EPOCH_NAME)
+    if isinstance(content, dict) and content and all(isinstance(v, torch.Tensor) for v in content.values()) and match:
+        return CheckpointFile(path, match["run"], float(match["loss"]), None, name != LAST_EPOCH_NAME)
+    return CheckpointFile(path, match["run"] if match else "", None, None, False)
+
+
+def validation_loss(path: PathLike) -> float | None:
+    """The validation loss a checkpoint was saved with (the dict's, else the file name's); None when
+    neither says, or the file cannot be read."""
+    return describe_checkpoint(path).val_loss
+
+
+def select(files: Iterable[CheckpointFile]) -> dict[PathLike, str]:
+    """Label described files: per run (folder and `<model>_<loss>`), the candidate with the lowest
+    validation loss gets "validation" (ties: the later epoch); checkpoint.pth gets "last_epoch"."""
+    files = list(files)
+    labels = {f.path: LAST_EPOCH if os.path.basename(f.path) == LAST_EPOCH_NAME else NOT_SELECTED for f in files}
+    runs: dict[tuple[str, str], list[CheckpointFile]] = defaultdict(list)
+    for f in files:
+        if f.candidate:
+            runs[(os.path.dirname(os.path.abspath(f.path)), f.run)].append(f)
+    for candidates in runs.values():
+        # min keeps the first of equal keys: sort by name so that the choice never depends on the order given.
+        candidates.sort(key=lambda f: os.path.basename(f.path))
+        chosen = min(candidates, key=lambda f: (f.val_loss, -(f.epoch if f.epoch is not None else -1)))
+        labels[chosen.path] = VALIDATION
+    return labels
+
+
+def select_checkpoints(paths: Iterable[PathLike]) -> dict[PathLike, str]:
+    """{path: "validation" | "last_epoch" | ""} for checkpoint files (keys as given); see the module doc."""
+    return select(describe_checkpoint(path) for path in paths)
+
