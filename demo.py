@@ -92,7 +92,7 @@ def main(args: argparse.Namespace) -> dict:
     train_argv = ["se_resnet50", "MSLoss", "--data-dir", str(data / "train"), "--output-dir", str(model_dir),
                   "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
                   "--crop-size", str(args.crop_size), "--workers", str(args.workers), "--device", device,
-                  "--keep-best", "1"]
+                  "--keep-best", "1", "--val-batches", "fixed"]  # a small validation set: let every image count
     announce("train", ["python3", "train.py", *train_argv])
     trained = train.main(train.get_args_parser().parse_args(train_argv))
     best = Path(trained["best_checkpoint"])
