@@ -3,9 +3,9 @@
     python3 bench/losses.py            # n = 60, 240; M = 1, 4; CPU and, when present, CUDA
     python3 bench/losses.py --quick    # n = 60, M = 1, CPU only, few repeats
 
-The baseline follows SPEC.md section 3 literally, as the reference code does: a Python loop over
-anchors and learners, each anchor's positives and negatives picked with boolean masks (the self pair
-dropped by index). Embeddings are unit vectors of total size 512 split over the M learners, labels
+The baseline is written as the reference code is (docs/reproduction.md, "Losses"): a Python loop over
+anchors and learners, each anchor's positives and negatives picked with boolean masks, the positives
+by the reference's `s < 1` test, as our default `self_pair="reference"` does. Embeddings are unit vectors of total size 512 split over the M learners, labels
 drawn from 24 classes, as in training with batch 60.
 """
 from __future__ import annotations
@@ -26,9 +26,12 @@ from losses import LOSS_NAMES, build_loss, canonical_loss_name  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- per-anchor baseline
-def _anchor_pairs(sim: Tensor, labels: Tensor, j: int) -> tuple[Tensor, Tensor]:
+def _anchor_pairs(sim: Tensor, labels: Tensor, j: int, self_pair: str) -> tuple[Tensor, Tensor]:
     same = labels == labels[j]
-    same[j] = False
+    if self_pair == "reference":
+        same &= sim[j] < 1
+    else:
+        same[j] = False
     return sim[j][same], sim[j][labels != labels[j]]
 
 
@@ -57,15 +60,16 @@ _ANCHOR_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor | None]] = {
 }
 
 
-def per_anchor_loss(name: str, embeddings: list[Tensor], labels: Tensor) -> Tensor:
-    """The reference's way: one learner, one anchor at a time, host decisions on every anchor."""
+def per_anchor_loss(name: str, embeddings: list[Tensor], labels: Tensor, self_pair: str = "reference") -> Tensor:
+    """The reference's way: one learner, one anchor at a time, host decisions on every anchor;
+    `self_pair` as in `losses.build_loss`."""
     anchor_loss = _ANCHOR_LOSSES[name]
     learner_losses = []
     for x in embeddings:
         sim = x @ x.t()
         anchor_losses = []
         for j in range(len(labels)):
-            pos, neg = _anchor_pairs(sim, labels, j)
+            pos, neg = _anchor_pairs(sim, labels, j, self_pair)
             if len(pos) < 1 or len(neg) < 1:
                 continue
             value = anchor_loss(pos, neg)

@@ -401,8 +401,13 @@ def test_benchmark_baseline_computes_the_same_losses():
 
     for case in torch.load(FIXTURES, weights_only=False)["losses"]:
         for name, expected in case["expected"].items():
-            value = per_anchor_loss(name, list(case["embeddings"].unbind(0)), case["labels"])
+            value = per_anchor_loss(name, list(case["embeddings"].unbind(0)), case["labels"], self_pair="exclude")
             assert float(value) == pytest.approx(expected["loss"].item(), abs=1e-5), name
+    x = torch.nn.functional.normalize(torch.randn(4, 60, 128, generator=torch.Generator().manual_seed(3)), dim=-1)
+    labels = torch.randint(0, 24, (60,), generator=torch.Generator().manual_seed(4))
+    for name in losses.LOSS_NAMES:  # the default rule, as the benchmark times ours
+        assert float(per_anchor_loss(name, list(x.unbind(0)), labels)) == pytest.approx(
+            float(losses.build_loss(name)(list(x.unbind(0)), labels)), abs=1e-5), name
     rows = main(["--batch-sizes", "8", "--learners", "2", "--devices", "cpu", "--repeats", "1", "--baseline-repeats", "1", "--warmup", "0"])
     assert [(r["loss"], r["M"], r["n"]) for r in rows] == [(name, 2, 8) for name in losses.LOSS_NAMES]
     assert all(r["benchmark"] == "losses" and r["unit"] == "ms" and r["ours"] > 0 and r["baseline"] > 0 for r in rows)
