@@ -142,13 +142,14 @@ def test_channels_last_matches_reference(variant: str) -> None:
 # ----------------------------------------------------------------------------- exact speed-ups
 @pytest.mark.parametrize("stride, bias", [(1, False), (2, False), (1, True)])
 @pytest.mark.parametrize("in_channels, out_channels", [(256, 512), (2048, 256)])
-def test_pointwise_conv_equals_conv2d(stride: int, bias: bool, in_channels: int, out_channels: int) -> None:
+def test_pointwise_conv_equals_conv2d(stride: int, bias: bool, in_channels: int, out_channels: int,
+                                      device: torch.device) -> None:
     torch.manual_seed(0)
-    pointwise = PointwiseConv2d(in_channels, out_channels, stride=stride, bias=bias)
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=bias)
+    pointwise = PointwiseConv2d(in_channels, out_channels, stride=stride, bias=bias).to(device)
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=bias).to(device)
     conv.load_state_dict(pointwise.state_dict())
-    x = torch.randn(3, in_channels, 7, 6).contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(3, out_channels, (7 - 1) // stride + 1, (6 - 1) // stride + 1)
+    x = torch.randn(3, in_channels, 7, 6, device=device).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(3, out_channels, (7 - 1) // stride + 1, (6 - 1) // stride + 1, device=device)
     outputs = []
     for layer in (pointwise, conv):
         x_copy = x.clone().requires_grad_()
@@ -175,19 +176,19 @@ def test_pointwise_conv_is_one_matrix_product(stride: int, grad: bool, dtype: to
 
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_stacked_batchnorm_equals_one_call_per_sub_batch(momentum: float | None,
-                                                         memory_format: torch.memory_format) -> None:
+def test_stacked_batchnorm_equals_one_call_per_sub_batch(momentum: float | None, memory_format: torch.memory_format,
+                                                         device: torch.device) -> None:
     torch.manual_seed(0)
-    stacked = StackedBatchNorm2d(6, stacks=3, momentum=momentum)
-    separate = nn.BatchNorm2d(6, momentum=momentum)
+    stacked = StackedBatchNorm2d(6, stacks=3, momentum=momentum).to(device)
+    separate = nn.BatchNorm2d(6, momentum=momentum).to(device)
     for norm in (stacked, separate):
         nn.init.uniform_(norm.weight)
         nn.init.uniform_(norm.bias)
     separate.load_state_dict(stacked.state_dict())
     # Sub-batches with different means and spreads, so that pooled statistics would show.
     x = (torch.randn(12, 6, 5, 5) * torch.arange(1, 13).view(12, 1, 1, 1) + torch.arange(12).view(12, 1, 1, 1))
-    x = x.contiguous(memory_format=memory_format)
-    grad = torch.randn(12, 6, 5, 5)
+    x = x.to(device).contiguous(memory_format=memory_format)
+    grad = torch.randn(12, 6, 5, 5, device=device)
     x_stacked, x_separate = x.clone().requires_grad_(), x.clone().requires_grad_()
     for _ in range(2):
         out_stacked = stacked(x_stacked)
@@ -212,9 +213,9 @@ def test_stacked_batchnorm_rejects_a_batch_it_cannot_split() -> None:
         StackedBatchNorm2d(3, stacks=4)(torch.rand(6, 3, 2, 2))
 
 
-def test_tail_batchnorm_counts_one_update_per_head() -> None:
-    model = build_model("resnet50").train()
-    model(torch.rand(2, 3, 64, 64))
+def test_tail_batchnorm_counts_one_update_per_head(device: torch.device) -> None:
+    model = build_model("resnet50").to(device).train()
+    model(torch.rand(2, 3, 64, 64, device=device))
     assert model.layers4[0].bn1.num_batches_tracked.item() == 4
     assert model.layers0.bn1.num_batches_tracked.item() == 1
 
@@ -222,7 +223,7 @@ def test_tail_batchnorm_counts_one_update_per_head() -> None:
 def test_abe_m_dropout_draws_the_reference_masks() -> None:
     """In training mode, with dropout on, the stacked tail gives the reference's per-head embeddings for the
     same seed: torch draws a Bernoulli mask for M x n rows as the M masks of n rows it draws one after
-    the other."""
+    the other. On CPU only: that is a property of the CPU generator's stream, not one CUDA promises."""
     torch.manual_seed(0)
     model = build_model("ABE_M").train()
     images = torch.rand(2, 3, 64, 64)
@@ -276,8 +277,9 @@ def test_bad_options_are_rejected(name: str, options: dict, message: str) -> Non
     ("resnet50", {"num_learners": 2, "embedding_dim": 256}, 2, 128),
     ("ABE_M", {"num_learners": 1}, 1, 512),
 ])
-def test_options_set_learners_and_widths(name: str, options: dict, num_learners: int, width: int) -> None:
-    model = build_model(name, **options)
+def test_options_set_learners_and_widths(name: str, options: dict, num_learners: int, width: int,
+                                         device: torch.device) -> None:
+    model = build_model(name, **options).to(device)
     assert model.num_learners == num_learners
     assert model.embedding_dim == num_learners * width
     assert len(model.attention_heads()) == num_learners
@@ -285,8 +287,9 @@ def test_options_set_learners_and_widths(name: str, options: dict, num_learners:
     assert trunk_momentum == pytest.approx(1 - 0.9 ** num_learners)
     model.eval()
     with torch.no_grad():
-        out = model(torch.rand(1, 3, 64, 64))
+        out = model(torch.rand(1, 3, 64, 64, device=device))
     assert [tuple(e.shape) for e in out] == [(1, width)] * num_learners
+    assert all(e.device.type == device.type for e in out)
 
 
 def test_only_the_trunk_takes_the_repeated_update_momentum() -> None:
@@ -300,24 +303,24 @@ def test_only_the_trunk_takes_the_repeated_update_momentum() -> None:
 
 # ----------------------------------------------------------------------------- sizes, gradients, precision
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_any_input_from_64_pixels_gives_unit_embeddings(variant: str) -> None:
+def test_any_input_from_64_pixels_gives_unit_embeddings(variant: str, device: torch.device) -> None:
     name, options = VARIANTS[variant]
-    model = build_model(name, **options).eval()
+    model = build_model(name, **options).to(device).eval()
     width = model.embedding_dim // model.num_learners
     with torch.no_grad():
         for size in [(64, 64), (72, 88)]:
-            out = model(torch.rand(2, 3, *size))
+            out = model(torch.rand(2, 3, *size, device=device))
             assert len(out) == model.num_learners
             for embedding in out:
                 assert embedding.shape == (2, width) and embedding.dtype == torch.float32
-                torch.testing.assert_close(embedding.norm(dim=1), torch.ones(2))
+                torch.testing.assert_close(embedding.norm(dim=1), torch.ones(2, device=device))
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_every_parameter_gets_a_finite_gradient(name: str) -> None:
+def test_every_parameter_gets_a_finite_gradient(name: str, device: torch.device) -> None:
     torch.manual_seed(0)
-    model = build_model(name).train()
-    out = model(torch.rand(2, 3, 64, 64))
+    model = build_model(name).to(device).train()
+    out = model(torch.rand(2, 3, 64, 64, device=device))
     assert all(torch.isfinite(e).all() for e in out)
     # Pull the two images apart in every learner, as a metric loss would.
     sum((e[0] * e[1]).sum() for e in out).backward()
@@ -328,20 +331,23 @@ def test_every_parameter_gets_a_finite_gradient(name: str) -> None:
             assert parameter.grad.abs().sum() > 0, key
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_bfloat16_autocast_and_channels_last_keep_float32_embeddings(name: str) -> None:
+def test_autocast_and_channels_last_keep_float32_embeddings(name: str, dtype: torch.dtype,
+                                                            device: torch.device) -> None:
+    """train.py's --amp bf16 / fp16 with --channels-last: float32 unit embeddings close to float32's."""
     model = build_model(name)
     model.load_state_dict(filled_state_dict(model.state_dict(), seed=1))
-    model.eval()
-    images = FIXTURES["input"][:2, :, :64, :64]
+    model = model.to(device).eval()
+    images = FIXTURES["input"][:2, :, :64, :64].to(device)
     with torch.no_grad():
         reference = model(images)
         model = model.to(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=dtype):
             ours = model(images.contiguous(memory_format=torch.channels_last))
     for low, high in zip(ours, reference):
         assert low.dtype == torch.float32
-        torch.testing.assert_close(low.norm(dim=1), torch.ones(2))
+        torch.testing.assert_close(low.norm(dim=1), torch.ones(2, device=device))
         assert F.cosine_similarity(low, high).min() > 0.999
 
 
@@ -369,17 +375,17 @@ def test_command_line_summary_and_bad_name() -> None:
 
 # ----------------------------------------------------------------------------- benchmark baseline
 @pytest.mark.parametrize("name", ["resnet50", "ABE_M"])
-def test_benchmark_baseline_computes_the_same_embeddings_and_gradients(name: str) -> None:
+def test_benchmark_baseline_computes_the_same_embeddings_and_gradients(name: str, device: torch.device) -> None:
     """bench/models.py times against a reference-style copy (trunk and tail once per head, nn.Conv2d for
     1x1): it must compute what the model computes. In float64, because BatchNorm over the few values of
     a small input's last stages turns float32 rounding into percent-size gradient differences."""
     from bench.models import ReferenceStyle
     torch.manual_seed(0)
-    model = build_model(name).train().double().to(memory_format=torch.channels_last)
+    model = build_model(name).train().to(device, torch.float64, memory_format=torch.channels_last)
     dropout_to_eval(model)
     baseline = ReferenceStyle(model)
     assert not any(isinstance(m, PointwiseConv2d) for m in baseline.modules())
-    images = torch.rand(4, 3, 64, 64, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    images = torch.rand(4, 3, 64, 64, dtype=torch.float64).to(device).contiguous(memory_format=torch.channels_last)
     results = []
     for variant in (model, baseline):
         out = variant(images)
