@@ -15,6 +15,7 @@ import csv
 import os
 import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +23,9 @@ import multi_test
 import retrieve
 import train
 from KIMIA_data import data_process, synthetic
-from utils import exit_on_user_error, natural_sorted, select_device
+from core.errors import UserError, run_script
+from core.files import natural_sorted
+from core.runtime import select_device
 
 REAL_DATA_COMMANDS = {
     "data": "python3 KIMIA_data/data_process.py KIMIAPath24_RGB      # or Kimia_Path24.h5",
@@ -68,7 +71,6 @@ def announce(step: str, ours: list[str]) -> None:
     print(f"    here (demo setting):  {shlex.join(ours)}", flush=True)
 
 
-@exit_on_user_error
 def main(args: argparse.Namespace) -> dict:
     started = time.time()
     out = Path(args.output)
@@ -104,7 +106,7 @@ def main(args: argparse.Namespace) -> dict:
     test_argv = [str(best_dir), "--data-dir", str(data), "--protocol", "both", "--device", device]
     announce("test", ["python3", "multi_test.py", *test_argv])
     if multi_test.main(multi_test.get_args_parser().parse_args(test_argv)):
-        raise SystemExit("demo: multi_test.py failed; see the messages above")
+        raise UserError("multi_test.py failed; see the messages above")
     with open(best_dir / "results.csv", newline="") as f:
         result = next(row for row in reversed(list(csv.DictReader(f))) if row["protocol"] == "test")
 
@@ -112,14 +114,14 @@ def main(args: argparse.Namespace) -> dict:
     index_argv = ["index", str(best), str(data / "train"), "--out", str(index_path), "--device", device]
     announce("index", ["python3", "retrieve.py", *index_argv])
     if retrieve.main(retrieve.get_args_parser().parse_args(index_argv)):
-        raise SystemExit("demo: retrieve.py index failed; see the messages above")
+        raise UserError("retrieve.py index failed; see the messages above")
 
     test_classes = natural_sorted(p.name for p in (data / "test").iterdir() if p.is_dir())
     queries = [str(sorted((data / "test" / c).iterdir())[0]) for c in test_classes[: args.queries]]
     query_argv = ["query", str(index_path), *queries, "--top-k", "5", "--out-dir", str(grids), "--device", device]
     announce("query", ["python3", "retrieve.py", *query_argv])
     if retrieve.main(retrieve.get_args_parser().parse_args(query_argv)):
-        raise SystemExit("demo: retrieve.py query failed; see the messages above")
+        raise UserError("retrieve.py query failed; see the messages above")
 
     eta = {key: float(result[key]) for key in ("eta_p", "eta_w", "eta_total")}
     chance_p = 1.0 / args.classes
@@ -133,4 +135,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    sys.exit(run_script(main, get_args_parser().parse_args()))

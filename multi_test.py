@@ -35,13 +35,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -49,123 +48,19 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-import models
-from selection import LAST_EPOCH, VALIDATION, describe_checkpoint, select
-from utils import (AMP_DTYPES, KimiaDataset, UserError, append_csv_row, atomic_write_text, command_line,
-                   exit_on_user_error, load_rgb, natural_sorted, pyplot, save_figure, select_device, write_csv)
+from core.checkpoint import CheckpointError, LoadedModel, load_model
+from core.errors import one_line
+from core.selection import LAST_EPOCH, VALIDATION, describe_checkpoint, select
+from core.data import KimiaDataset
+from core.errors import UserError, run_script
+from core.files import append_csv_row, atomic_write_text, command_line, natural_sorted, write_csv
+from core.images import load_rgb
+from core.runtime import AMP_DTYPES, select_device
+from utils import pyplot, save_figure
 from metrics import RECALL_KS, combine_learners, retrieval_metrics
 
 PROTOCOLS = ("test", "train")
 RESULTS_MODES = ("overwrite", "append")
-REFERENCE_CROP_SIZE = 224
-# File-name prefixes of the reference's bare state_dicts (an optional training-set ratio may precede them).
-REFERENCE_PREFIX = re.compile(r"^(?:\d+(?:\.\d+)?_?)?(ABE_M|se_resnet50|se_resnet|resnet50)_")
-# Per-learner heads whose count gives M in a bare state_dict, and the final linear layer.
-REFERENCE_HEADS = {"resnet50": ("att_branches.", "last_linear.weight"), "ABE_M": ("att_conv_branches.", "linear.weight")}
-
-
-class CheckpointError(UserError):
-    """A checkpoint file that cannot be evaluated (corrupt, not a checkpoint, wrong architecture)."""
-
-
-# ----------------------------------------------------------------------------- checkpoints
-@dataclass
-class LoadedModel:
-    """A model ready for evaluation, with what its file says about it."""
-
-    model: nn.Module
-    path: str
-    model_name: str
-    model_options: dict
-    crop_size: int
-    class_names: list[str] | None  # None for a bare reference state_dict
-    loss_name: str | None
-    source: str  # "checkpoint" (train.py) or "reference state_dict"
-    seed: int | None
-
-
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", crop_size: int | None = None) -> LoadedModel:
-    """Build the model stored in `path`, in eval mode on `device`.
-
-    Accepts a checkpoint written by train.py or a bare reference state_dict. Raises CheckpointError
-    (one line naming the file) when the file is unreadable, not a checkpoint, or does not fit.
-    """
-    name = os.path.basename(path)
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for damaged or foreign files
-        raise CheckpointError(f"{name}: cannot be read as a torch file ({_one_line(err)})") from None
-    if not isinstance(content, dict) or not content:
-        raise CheckpointError(f"{name}: not a checkpoint (holds a {type(content).__name__}, expected a dict)")
-    if "model" in content and "model_name" in content and "model_options" in content:
-        try:
-            model_name = models.canonical_model_name(content["model_name"])
-        except ValueError as err:
-            raise CheckpointError(f"{name}: {_one_line(err)}") from None
-        state_dict, options = content["model"], dict(content["model_options"])
-        if not isinstance(state_dict, dict):
-            raise CheckpointError(f"{name}: its 'model' entry is a {type(state_dict).__name__}, not a state_dict")
-        details = {"crop_size": int(content.get("crop_size", REFERENCE_CROP_SIZE)),
-                   "class_names": list(content.get("class_names") or []) or None,
-                   "loss_name": content.get("loss_name"), "source": "checkpoint", "seed": content.get("seed")}
-    elif all(isinstance(v, torch.Tensor) for v in content.values()):
-        match = REFERENCE_PREFIX.match(name)
-        if match is None:
-            raise CheckpointError(f"{name}: a bare state_dict whose name does not start with ABE_M_, se_resnet_, "
-                                  "se_resnet50_ or resnet50_; rename it after its architecture")
-        state_dict, model_name = content, models.canonical_model_name(match.group(1))
-        options = _reference_options(model_name, state_dict)
-        details = {"crop_size": REFERENCE_CROP_SIZE, "class_names": None, "loss_name": None,
-                   "source": "reference state_dict", "seed": None}
-    else:
-        raise CheckpointError(f"{name}: not a checkpoint (neither a dict with 'model', 'model_name' and "
-                              "'model_options' written by train.py, nor a bare state_dict)")
-    try:
-        with torch.device("meta"):  # skips the random initialisation that the checkpoint overwrites
-            model = models.build_model(model_name, **options)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{name}: cannot build {model_name} with {options} ({_one_line(err)})") from None
-    mismatch = _state_dict_mismatch(model.state_dict(), state_dict)
-    if mismatch:
-        raise CheckpointError(f"{name}: does not fit {model_name} {options}: {mismatch}")
-    model.load_state_dict(state_dict, assign=True)
-    if crop_size is not None:
-        details["crop_size"] = crop_size
-    return LoadedModel(model.to(device).eval(), os.fspath(path), model_name, options, **details)
-
-
-def _reference_options(model_name: str, state_dict: dict[str, torch.Tensor]) -> dict:
-    """build_model options of a bare reference state_dict, read from its keys and shapes."""
-    if model_name == "se_resnet50":
-        linear = state_dict.get("last_linear.weight")
-        return {"embedding_dim": int(linear.shape[0]) if linear is not None else 512, "num_learners": 1,
-                "attention": any(k.startswith("att_layer.") for k in state_dict)}
-    head_prefix, linear_key = REFERENCE_HEADS[model_name]
-    heads = {k[len(head_prefix):].split(".")[0] for k in state_dict if k.startswith(head_prefix)}
-    num_learners = len(heads) or 4
-    linear = state_dict.get(linear_key)
-    per_learner = int(linear.shape[0]) if linear is not None else 128
-    return {"embedding_dim": per_learner * num_learners, "num_learners": num_learners}
-
-
-def _state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, Any]) -> str:
-    """'' when `found` has exactly the keys and shapes of `expected`, else a short description."""
-    problems = []
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    shapes = [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in found and isinstance(found[k], torch.Tensor) and found[k].shape != v.shape]
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)):
-        if items:
-            problems.append(f"{len(items)} {label} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})")
-    return "; ".join(problems)
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
 # ----------------------------------------------------------------------------- images and embeddings
 class _CenterCrops(Dataset):
     """uint8 centre crops (3 x c x c) of image files; an unreadable file yields its error instead."""
@@ -183,7 +78,7 @@ class _CenterCrops(Dataset):
         try:
             return self.transform(load_rgb(self.paths[index])), ""
         except Exception as err:  # PIL raises many types for damaged files
-            return torch.zeros(3, self.crop_size, self.crop_size, dtype=torch.uint8), _one_line(err)
+            return torch.zeros(3, self.crop_size, self.crop_size, dtype=torch.uint8), one_line(err)
 
 
 @dataclass
@@ -521,7 +416,7 @@ def main(args: argparse.Namespace) -> int:
             results = evaluator.evaluate(loaded, protocols)
         except (CheckpointError, RuntimeError) as err:  # RuntimeError: e.g. a crop too small, out of GPU memory
             failures.append(str(err) if isinstance(err, CheckpointError)
-                            else f"{path.name}: evaluation failed ({_one_line(err)})")
+                            else f"{path.name}: evaluation failed ({one_line(err)})")
             print(f"FAILED {failures[-1]}", flush=True)
             if selection[path] == VALIDATION:
                 unevaluated.append(path.name)
@@ -548,4 +443,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_on_user_error(main)(get_args_parser().parse_args()))
+    sys.exit(run_script(main, get_args_parser().parse_args()))

@@ -29,8 +29,12 @@ import torch
 
 from metrics import topk_similar
 from multi_test import embed, iter_decoded, load_model
-from utils import (AMP_DTYPES, UserError, atomic_save, atomic_write_text, command_line,
-                   exit_on_user_error, is_image_file, load_rgb, natural_sorted, pyplot, save_figure, select_device)
+from core.checkpoint import save_torch_file
+from core.errors import UserError, run_script
+from core.files import atomic_write_text, command_line, is_image_file, natural_sorted
+from core.images import load_rgb
+from core.runtime import AMP_DTYPES, select_device
+from utils import pyplot, save_figure
 
 INDEX_FORMAT = 1
 INDEX_KEYS = ("format", "embeddings", "paths", "classes", "checkpoint", "model_name", "model_options", "crop_size")
@@ -249,7 +253,7 @@ def main(args: argparse.Namespace) -> int:
     if args.command == "index":
         index = build_index(args.checkpoint, args.image_dir, args.batch_size, args.amp, args.device, args.crop_size,
                             args.workers)
-        atomic_save(index, args.out)
+        save_torch_file(index, args.out)
         known = sorted({c for c in index["classes"] if c is not None})
         print(f"indexed {len(index['paths'])} images ({len(known)} classes) with {index['model_name']} into {args.out}")
         for path, reason in index["failed"]:
@@ -262,4 +266,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_on_user_error(main)(get_args_parser().parse_args()))
+    sys.exit(run_script(main, get_args_parser().parse_args()))

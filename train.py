@@ -7,7 +7,7 @@
 
 Every epoch writes `<output-dir>/checkpoint.pth` (for --resume) and, when the validation loss improves,
 `<output-dir>/<model>_<loss>_<val_loss:.4f>.pth`; both are dicts holding the model state_dict in the
-reference layout with everything needed to resume or evaluate it (see `checkpoint_dict`). The per-epoch
+reference layout with everything needed to resume or evaluate it (see `core.checkpoint.training_checkpoint`). The per-epoch
 figures go to `<output-dir>/<model>_<loss>_log.csv` and a loss-curve PNG beside it.
 
 Under torchrun the script runs DistributedDataParallel (NCCL on GPUs, gloo on CPU); --batch-size is
@@ -24,18 +24,24 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 import losses
 import models
-from utils import (AMP_DTYPES, UserError, atomic_save, command_line, eval_transform,
-                   exit_on_user_error, KimiaDataset, pyplot, save_figure, seed_everything, select_device,
-                   split_train_val, train_transform, write_csv)
+from core.checkpoint import CheckpointError, is_training_checkpoint, read_torch_file, training_checkpoint
+from core.checkpoint import save_torch_file
+from core.data import KimiaDataset, SkipUnreadable, collate_readable, eval_transform, split_train_val, subsample_per_class, train_transform
+from core.images import report_unreadable
+from core.sampler import PKBatchSampler, ValidationBatches
+from core.errors import UserError, run_script
+from core.files import command_line, write_csv
+from core.runtime import AMP_DTYPES, seed_everything, select_device
+from utils import pyplot, save_figure
 
 # Loss keyword -> parser destination; only the chosen loss's own hyper-parameters are passed to it.
 LOSS_OPTIONS = {
@@ -204,121 +210,6 @@ def gather_with_grad(embeddings: list[torch.Tensor], labels: torch.Tensor) -> tu
 
 
 # ----------------------------------------------------------------------------- data
-class PKBatchSampler(Sampler[list[int]]):
-    """Batches of P = batch_size / K classes with K images each (Wang et al., Multi-Similarity, CVPR 2019).
-
-    Each batch draws P distinct classes among those with at least K images, and K images of each
-    without replacement until a class's shuffled pool runs out. An epoch has as many batches as
-    the random sampler would give; batches are dealt round-robin to the processes, and the order
-    depends only on (seed, epoch), so every process agrees on it (call set_epoch each epoch).
-    """
-
-    def __init__(self, labels: Sequence[int], batch_size: int, samples_per_class: int,
-                 num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
-        if samples_per_class < 2 or batch_size % samples_per_class:
-            raise UserError(f"--batch-size {batch_size} must be a multiple of --samples-per-class {samples_per_class} (>= 2)")
-        self.k = samples_per_class
-        self.p = batch_size // samples_per_class
-        by_class: dict[int, list[int]] = {}
-        for index, label in enumerate(labels):
-            by_class.setdefault(int(label), []).append(index)
-        self.pools = [indices for indices in by_class.values() if len(indices) >= self.k]
-        if self.p < 2 or self.p > len(self.pools):
-            raise UserError(f"--sampler pk needs 2 <= P <= {len(self.pools)} (the classes with at least "
-                            f"{self.k} training images), got P = {batch_size} / {self.k} = {self.p}; "
-                            "change --batch-size or --samples-per-class")
-        self.num_batches = len(labels) // (batch_size * num_replicas)
-        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        pools: list[list[int]] = [[] for _ in self.pools]
-        for batch_index in range(self.num_batches * self.num_replicas):
-            batch = []
-            for c in torch.randperm(len(self.pools), generator=generator)[: self.p].tolist():
-                if len(pools[c]) < self.k:
-                    pools[c] = [self.pools[c][i] for i in torch.randperm(len(self.pools[c]), generator=generator)]
-                batch += pools[c][: self.k]
-                del pools[c][: self.k]
-            if batch_index % self.num_replicas == self.rank:
-                yield batch
-
-
-class ValidationBatches(Sampler[list[int]]):
-    """Batches of positions 0 .. size-1 of the validation set, dealt round-robin to the processes, so
-    that the mean validation loss does not depend on the process count.
-
-    mode "reference": a new shuffle every epoch, drawn from (seed, epoch), and the last partial batch
-    dropped, as the reference's shuffled drop_last loader (which drew from the global RNG instead).
-    mode "fixed": consecutive chunks, the last one partial, the same every epoch.
-    """
-
-    def __init__(self, size: int, batch_size: int, mode: str, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
-        self.size, self.batch_size, self.mode, self.seed = size, batch_size, mode, seed
-        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
-        self.stop = size - size % batch_size if mode == "reference" else size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(range(self.rank, math.ceil(self.stop / self.batch_size), self.num_replicas))
-
-    def __iter__(self) -> Iterator[list[int]]:
-        if self.mode == "reference":
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        else:
-            order = list(range(self.size))
-        batches = [order[i:i + self.batch_size] for i in range(0, self.stop, self.batch_size)]
-        yield from batches[self.rank::self.num_replicas]
-
-
-class SkipUnreadable(Dataset):
-    """`dataset[indices[i]]`, or a marker for an image that cannot be decoded, which the collate
-    function drops from its batch and reports, so one corrupt file does not end a long run."""
-
-    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
-        self.dataset, self.indices = dataset, list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple:
-        try:
-            return self.dataset[self.indices[i]]
-        except OSError as err:  # what PIL raises for truncated, corrupt or foreign files
-            path = self.dataset.samples[self.indices[i]][0]
-            return None, None, f"{path} ({err})"
-
-
-def collate_readable(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(images, labels, unreadable-file descriptions) of a batch, without the unreadable ones."""
-    good = [s for s in samples if s[0] is not None]
-    if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), [s[2] for s in samples]
-    return (torch.stack([s[0] for s in good]), torch.tensor([s[1] for s in good]),
-            [s[2] for s in samples if s[0] is None])
-
-
-def subsample_per_class(targets: Sequence[int], ratio: float, seed: int) -> list[int]:
-    """Indices of int(n_c * ratio) images of each class c, drawn with `seed` (train_traindata.py's cut)."""
-    generator = torch.Generator().manual_seed(seed)
-    by_class: dict[int, list[int]] = {}
-    for index, label in enumerate(targets):
-        by_class.setdefault(label, []).append(index)
-    kept: list[int] = []
-    for indices in by_class.values():
-        order = torch.randperm(len(indices), generator=generator)[: int(len(indices) * ratio)]
-        kept += [indices[i] for i in sorted(order.tolist())]
-    return sorted(kept)
-
-
 def build_datasets(args: argparse.Namespace) -> tuple[KimiaDataset, list[int], list[int], int]:
     """The data set and its (train, validation) indices after the --data-ratio cut; also the images used.
 
@@ -444,7 +335,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     amp_dtype = AMP_DTYPES[args.amp]
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     loss_sum, skipped, nonfinite, images = totals.unbind()  # views: adding to them fills `totals`
-    unreadable: list[str] = []
+    unreadable: list[tuple[str, str]] = []
     started = time.perf_counter()
     batches = loader
     if show_progress:
@@ -504,7 +395,7 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader: DataLoader, device:
     model.eval()
     amp_dtype = AMP_DTYPES[args.amp]
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, batches
-    unreadable: list[str] = []
+    unreadable: list[tuple[str, str]] = []
     for x, labels, bad_files in loader:
         unreadable += bad_files
         if x.shape[0] == 0:
@@ -521,31 +412,6 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader: DataLoader, device:
 
 
 # ----------------------------------------------------------------------------- outputs
-def checkpoint_dict(model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any,
-                    scaler: torch.amp.GradScaler | None, epoch: int, args: argparse.Namespace, run: dict) -> dict:
-    """The checkpoint as documented in the README; loads with torch.load(weights_only=True)."""
-    return {
-        "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "epoch": epoch,
-        "args": {key: os.fspath(value) if isinstance(value, os.PathLike) else value for key, value in vars(args).items()},
-        "model_name": run["model_name"],
-        "loss_name": run["loss_name"],
-        "model_options": run["model_options"],
-        "loss_options": run["loss_options"],
-        "class_names": run["class_names"],
-        "crop_size": args.crop_size,
-        "history": run["history"],
-        "val_loss": run["history"][-1]["val_loss"],
-        "best_val_loss": run["best_val_loss"],
-        "seed": args.seed,
-        "train_files": run["train_files"],
-        "command": run["command"],
-    }
-
-
 def plot_losses(history: list[dict], path: Path, title: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -565,13 +431,10 @@ def load_resume_checkpoint(path: str, run: dict, args: argparse.Namespace) -> di
     """The checkpoint to resume from, refused (one line naming every difference) when its model, loss,
     classes, settings or training files are not this command's."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"--resume {path}: no such file") from None
-    except Exception as err:  # torch raises many types for damaged files
-        raise UserError(f"--resume {path}: cannot be read ({str(err).splitlines()[0]}); "
-                        "use the checkpoint.pth of an earlier run") from None
-    if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint:
+        checkpoint = read_torch_file(path, label=f"--resume {path}")
+    except CheckpointError as err:
+        raise UserError(f"{err}; use the checkpoint.pth of an earlier run") from None
+    if not is_training_checkpoint(checkpoint) or "optimizer" not in checkpoint:
         raise UserError(f"--resume {path}: not a checkpoint written by train.py")
     for key in ("model_name", "loss_name", "model_options", "class_names"):
         if checkpoint.get(key) != run[key]:
@@ -674,7 +537,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
               flush=True)
         if start_epoch >= args.epochs:
             print(f"{args.resume} already holds epoch {start_epoch} of {args.epochs}; raise --epochs to train on")
-    unreadable: set[str] = set()
+    unreadable: set[tuple[str, str]] = set()
     saved_best = [best_path] if best_path else []  # best checkpoints of this run, oldest first (--keep-best)
     for epoch in range(start_epoch, args.epochs):
         # Each epoch's data order and augmentation depend only on (seed, epoch, rank) (and --workers):
@@ -704,16 +567,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if improved:
             run["best_val_loss"] = val_loss
         if is_main:
-            state = checkpoint_dict(model, optimizer, lr_scheduler, scaler, epoch, args, run)
+            state = training_checkpoint(model, optimizer, lr_scheduler, scaler, epoch, vars(args), run)
             if improved:
                 best_path = str(output_dir / f"{prefix}_{val_loss:.4f}.pth")
-                atomic_save(state["model"] if args.save_bare_state_dict else state, best_path)
+                save_torch_file(state["model"] if args.save_bare_state_dict else state, best_path)
                 saved_best = [p for p in saved_best if p != best_path] + [best_path]
                 if args.keep_best:
                     for older in saved_best[:-args.keep_best]:
                         Path(older).unlink(missing_ok=True)
                     saved_best = saved_best[-args.keep_best:]
-            atomic_save(state, output_dir / "checkpoint.pth")
+            save_torch_file(state, output_dir / "checkpoint.pth")
             # Rewritten from the history every epoch, not appended to, so that after a resume the log
             # holds exactly the checkpoint's epochs.
             write_csv(run["history"], output_dir / f"{prefix}_log.csv")
@@ -721,10 +584,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             print(f"epoch {epoch + 1}/{args.epochs}  train loss {stats['train_loss']:.4f}  val loss {val_loss:.4f}  "
                   f"lr {lr:.3g}  {stats['images_per_s']:.1f} img/s  skipped {stats['skipped_batches']}/"
                   f"{stats['train_batches']}" + (f"  saved {best_path}" if improved else ""), flush=True)
-    if is_main and unreadable:
-        print(f"{len(unreadable)} unreadable image(s) were left out:", file=sys.stderr)
-        for description in sorted(unreadable):
-            print(f"  {description}", file=sys.stderr)
+    if is_main:
+        report_unreadable(sorted(unreadable))
     return {"best_checkpoint": best_path, "best_val_loss": run["best_val_loss"], "history": run["history"],
             "output_dir": str(output_dir), "device": str(device), "num_images": num_images, "num_train_images": len(train_indices),
             "num_val_images": len(val_indices), "class_names": run["class_names"], "unreadable": sorted(unreadable)}
@@ -732,6 +593,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 if __name__ == "__main__":
     try:
-        exit_on_user_error(main)(get_args_parser().parse_args())
+        status = run_script(main, get_args_parser().parse_args())
     finally:
         cleanup_distributed()
+    sys.exit(status)

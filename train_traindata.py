@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,8 +29,11 @@ import losses
 import models
 import train
 from multi_test import evaluate_checkpoint
-from selection import VALIDATION, select_checkpoints, validation_loss
-from utils import UserError, command_line, exit_on_user_error, pyplot, save_figure, select_device, write_csv
+from core.selection import VALIDATION, select_checkpoints, validation_loss
+from core.errors import UserError, run_script
+from core.files import command_line, write_csv
+from core.runtime import select_device
+from utils import pyplot, save_figure
 
 DEFAULT_RATIOS = (0.2, 0.4, 0.6, 0.8)  # the reference's; its 100% bar is the main experiment
 # The paper's figure (se_resnet50 + MSLoss), read off its bars, in percent: (eta_p, eta_W, eta_total).
@@ -158,6 +162,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 if __name__ == "__main__":
     try:
-        exit_on_user_error(main)(get_args_parser().parse_args())
+        status = run_script(main, get_args_parser().parse_args())
     finally:
         train.cleanup_distributed()
+    sys.exit(status)

@@ -40,9 +40,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from any directory
-import utils  # noqa: E402
+from core.errors import UserError, run_script  # noqa: E402
+from core.files import atomic_write, atomic_write_text, command_line  # noqa: E402
 
-DEFAULT_OUT = utils.DATA_ROOT / "synthetic_source"
+DEFAULT_OUT = Path(__file__).resolve().parent / "synthetic_source"
 MARKER_NAME = "synthetic.json"  # settings and file list of the last run, so a re-run may replace them
 REFERENCE_PATCH = 320  # structure sizes below are in pixels of a patch this big
 MAX_EXTRA_ROTATION = 15.0  # degrees, on top of a random quarter turn
@@ -380,7 +381,7 @@ def _stain_gains(rng: np.random.Generator) -> tuple[float, float]:
 
 
 def _save_jpeg(image: np.ndarray, path: Path) -> None:
-    utils.atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="JPEG", quality=92))
+    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="JPEG", quality=92))
 
 
 def make_class(settings: Settings, index: int) -> dict:
@@ -464,7 +465,7 @@ def write_hdf5(path: str | os.PathLike, scans: list[np.ndarray], test_patches: l
                              compression="gzip", compression_opts=1)
             f.create_dataset("test_data/targets", data=np.asarray(test_targets, np.int64))
 
-    utils.atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def contact_sheet(thumbnails: list[list[np.ndarray]], path: str | os.PathLike, tile: int = 80,
@@ -484,7 +485,7 @@ def contact_sheet(thumbnails: list[list[np.ndarray]], path: str | os.PathLike, t
         for k, patch in enumerate(patches):
             small = Image.fromarray(patch).resize((tile, tile), Image.BICUBIC)
             sheet.paste(small, (left + k * tile, top + label_height))
-    utils.atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG", optimize=True))
+    atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG", optimize=True))
 
 
 def _replace_previous_run(out: Path) -> None:
@@ -496,7 +497,7 @@ def _replace_previous_run(out: Path) -> None:
         for name in previous.get("files", []):
             (out / name).unlink(missing_ok=True)
     elif out.exists() and any(out.iterdir()):
-        raise utils.UserError(f"--out {out}: folder is not empty and was not made by synthetic.py; "
+        raise UserError(f"--out {out}: folder is not empty and was not made by synthetic.py; "
                               "choose a new or empty folder")
 
 
@@ -510,15 +511,15 @@ def make_rgb_release(out_dir: str | os.PathLike, num_classes: int = MAX_CLASSES,
     Returns the settings written to `out_dir/synthetic.json`.
     """
     if not 1 <= num_classes <= MAX_CLASSES:
-        raise utils.UserError(f"--classes must be between 1 and {MAX_CLASSES}, got {num_classes}")
+        raise UserError(f"--classes must be between 1 and {MAX_CLASSES}, got {num_classes}")
     if patch_size < 16:
-        raise utils.UserError(f"--patch-size must be at least 16, got {patch_size}")
+        raise UserError(f"--patch-size must be at least 16, got {patch_size}")
     if train_per_class < 1 or test_per_class < 1:
-        raise utils.UserError("--train-per-class and --test-per-class must be at least 1")
+        raise UserError("--train-per-class and --test-per-class must be at least 1")
     if scan_size is None:
         scan_size = auto_scan_size(patch_size, test_per_class)
     elif plan_scan(scan_size, patch_size, test_per_class) is None:
-        raise utils.UserError(f"--scan-size {scan_size} is too small for {test_per_class} test patches of "
+        raise UserError(f"--scan-size {scan_size} is too small for {test_per_class} test patches of "
                               f"{patch_size} px plus a training area; use at least "
                               f"{auto_scan_size(patch_size, test_per_class)} or leave it out")
     out = Path(out_dir)
@@ -540,10 +541,10 @@ def make_rgb_release(out_dir: str | os.PathLike, num_classes: int = MAX_CLASSES,
     if contact_sheet_path is not None:
         contact_sheet([r["thumbnails"] for r in results], contact_sheet_path)
     record = {key: value for key, value in vars(settings).items() if key not in ("want_scan", "thumbnails")}
-    record.update(command=utils.command_line(), classes=[f"s{i}" for i in range(num_classes)],
+    record.update(command=command_line(), classes=[f"s{i}" for i in range(num_classes)],
                   hdf5=None if hdf5 is None else str(hdf5),
                   files=[os.path.relpath(f, out) for r in results for f in r["files"]])
-    utils.atomic_write_text(out / MARKER_NAME, json.dumps(record, indent=1) + "\n")
+    atomic_write_text(out / MARKER_NAME, json.dumps(record, indent=1) + "\n")
     return record
 
 
@@ -569,7 +570,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@utils.exit_on_user_error
 def main(args: argparse.Namespace) -> dict:
     record = make_rgb_release(args.out, num_classes=args.classes, patch_size=args.patch_size,
                               train_per_class=args.train_per_class, test_per_class=args.test_per_class,
@@ -586,4 +586,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    sys.exit(run_script(main, get_args_parser().parse_args()))

@@ -37,7 +37,8 @@ import multi_test  # noqa: E402
 from KIMIA_data import data_process, synthetic  # noqa: E402
 from metrics import combine_learners, kimia_accuracy  # noqa: E402
 from tests.reference_fill import filled_state_dict  # noqa: E402
-from utils import KimiaDataset, eval_transform, select_device  # noqa: E402
+from core.data import KimiaDataset, eval_transform  # noqa: E402
+from core.runtime import select_device  # noqa: E402
 
 # Five checkpoints: the three architectures, the attention ablation and a second ABE_M.
 CHECKPOINTS = (("se_resnet50", {}), ("se_resnet50", {"attention": False}), ("resnet50", {}), ("ABE_M", {}),

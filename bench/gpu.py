@@ -42,7 +42,8 @@ from bench.timing import median_seconds  # noqa: E402
 from losses import build_loss  # noqa: E402
 from models import build_model  # noqa: E402
 from models.layers import BATCHNORM_MOMENTUM, StackedBatchNorm2d, repeated_update_momentum  # noqa: E402
-from utils import UserError, atomic_write_text, exit_on_user_error  # noqa: E402
+from core.errors import UserError, run_script  # noqa: E402
+from core.files import atomic_write_text  # noqa: E402
 
 STAGES = ("stacked-tail", "train", "ddp", "tests")
 # (precision, memory format) of the training bench: the reference's float32 NCHW first, then train.py's
@@ -518,15 +519,13 @@ MAINS: dict[str, Callable[[argparse.Namespace], bool]] = {
     "report": report_main}
 
 
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> None:
-    args = get_args_parser().parse_args(argv)
+def main(args: argparse.Namespace) -> int:
+    """Run one stage; 1 when it failed (its rows say why)."""
     for key in ("batch_size", "crop_size", "steps"):
         if getattr(args, key, 1) < 1:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
-    if not MAINS[args.stage](args):
-        raise SystemExit(1)
+    return 0 if MAINS[args.stage](args) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main, get_args_parser().parse_args()))

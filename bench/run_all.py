@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils import atomic_write_text, command_line  # noqa: E402
+from core.files import atomic_write_text, command_line  # noqa: E402
 
 BENCHMARKS = ("data_process", "losses", "models", "evaluate")
 

@@ -26,6 +26,8 @@ from typing import Any, Iterable
 
 import torch
 
+from .checkpoint import CheckpointError, read_torch_file
+
 VALIDATION = "validation"
 LAST_EPOCH = "last_epoch"
 NOT_SELECTED = ""
@@ -52,8 +54,8 @@ def _read(path: PathLike) -> Any:
     only the small pickle is read, which keeps a folder of 100 MB checkpoints cheap to describe."""
     for mmap in (True, False):  # mmap needs the zip format; older torch.save files lack it
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except Exception:  # torch raises many types for damaged or foreign files
+            return read_torch_file(path, mmap=mmap)
+        except CheckpointError:
             continue
     return None
 

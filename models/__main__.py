@@ -8,7 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # utils.py, also when run from elsewhere
 
 from models import MODEL_NAMES, build_model, summary  # noqa: E402
-from utils import UserError, exit_on_user_error  # noqa: E402
+from core.errors import UserError, run_script  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -42,4 +42,4 @@ def main(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    exit_on_user_error(main)(get_args_parser().parse_args())
+    sys.exit(run_script(main, get_args_parser().parse_args()))

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import utils
 from metrics import combine_learners, kimia_accuracy, map_at_r, recall_at_k, retrieval_metrics, topk_similar
 
 
@@ -113,7 +112,3 @@ def test_retrieval_metrics_against_a_separate_gallery():
     # Query 0 (R=1): its match is second, outside the top R -> AP 0; query 1 (R=2): hit, miss -> AP 1/2.
     assert result["map@r"] == pytest.approx((0 + 0.5) / 2)
     assert not math.isnan(result["eta_total"])
-
-
-def test_utils_reexports_the_metrics():
-    assert utils.kimia_accuracy is kimia_accuracy and utils.topk_similar is topk_similar

@@ -12,9 +12,10 @@ from PIL import Image
 
 import models
 import multi_test
-import selection
+from core import selection
 from metrics import kimia_accuracy
-from utils import KimiaDataset, command_line, eval_transform
+from core.data import KimiaDataset, eval_transform
+from core.files import command_line
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ("s0", "s1", "s2")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import retrieve
-from utils import command_line
+from core.files import command_line
 from test_multi_test import REPO, make_images, write_checkpoint
 
 

@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from KIMIA_data import synthetic  # noqa: E402
-from utils import UserError  # noqa: E402
+from core.errors import UserError, run_script  # noqa: E402
 
 TINY = dict(num_classes=3, patch_size=48, train_per_class=3, test_per_class=2, workers=1)
 
@@ -147,7 +147,5 @@ def test_script(tmp_path: Path) -> None:
 
 def test_main_reports_bad_settings_on_one_line(tmp_path: Path, capsys) -> None:
     args = synthetic.get_args_parser().parse_args(["--classes", "0", "--out", str(tmp_path / "x")])
-    with pytest.raises(SystemExit) as exit_info:
-        synthetic.main(args)
-    assert exit_info.value.code == 2
+    assert run_script(synthetic.main, args) == 2
     assert capsys.readouterr().err == "error: --classes must be between 1 and 24, got 0\n"

@@ -19,7 +19,7 @@ from PIL import Image
 
 import train
 import train_traindata
-from utils import UserError
+from core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUT = json.loads((REPO / "tests" / "data" / "state_dict_layout.json").read_text())
