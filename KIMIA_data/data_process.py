@@ -1,6 +1,7 @@
 """Turn a data set into the 300x300 training and test folders the rest of the project reads.
 
-    python3 KIMIA_data/data_process.py [SOURCE] [--out DIR] [--size 300] [--workers N] [--overwrite]
+    python3 KIMIA_data/data_process.py [SOURCE] [--out DIR] [--size 300] [--resize reference|antialias]
+        [--workers N] [--png-compression 0-9] [--overwrite] [--tile-size N]
 
 SOURCE (default: KIMIAPath24_RGB at the repository root, where the reference expects it) is one of:
   1. the RGB folder release: SOURCE/Training/<class>/... and SOURCE/RGBPatches-test/<class>/...;
@@ -9,24 +10,34 @@ SOURCE (default: KIMIAPath24_RGB at the repository root, where the reference exp
      the size of a test patch (1000x1000 in the official file), class s{id};
   3. any folder with SOURCE/train/<class>/... and SOURCE/test/<class>/... (your own data).
 
-Every image becomes a size x size RGB PNG named <class>_<stem>.png in DIR/train/<class>/ and
-DIR/test/<class>/ (DIR defaults to the KIMIA_data folder). The resize is Pillow's antialiased
-bicubic filter (computed with torch's faster uint8 kernels, within 1 grey level of Pillow's output),
-not the reference's cv2.resize(INTER_CUBIC), which skips low-pass filtering when it shrinks
-1000 to 300 px and so aliases fine texture (SPEC.md section 1). JPEGs are decoded at a reduced size
-first (Pillow's draft mode: the largest power-of-two reduction that stays at least the target size,
-done in the DCT domain), then go through the same bicubic resize.
+Every image becomes a size x size PNG named <class>_<stem>.png in DIR/train/<class>/ and
+DIR/test/<class>/ (DIR defaults to the KIMIA_data folder), resized one of two ways
+(docs/reproduction.md, section Data):
+  --resize reference (default): the reference script's pixels, bit for bit: cv2.imread (colour flag:
+     8-bit BGR, grey replicated, alpha dropped, 16-bit shifted to 8-bit), cv2.resize(INTER_CUBIC),
+     and the PNG encoded by OpenCV with its default settings. INTER_CUBIC samples a 4x4
+     neighbourhood without low-pass filtering, so shrinking 1000 to 300 px aliases fine texture.
+  --resize antialias: Pillow's antialiased bicubic filter (computed with torch's uint8 kernels,
+     within 1 grey level of Pillow's output), after a reduced-size JPEG decode (Pillow's draft mode:
+     the largest power-of-two reduction that stays at least the target size, done in the DCT
+     domain); transparency is composited over white and 16-bit values are rescaled. Only this
+     mode imports torch and Pillow.
+HDF5 patches and tiles are converted to 8-bit (16-bit values / 257, floats in [0, 1] * 255) and
+resized the same way.
 
 HDF5 tile rule: a tile is split into 8 x 8 blocks; a block is blank when at least 99% of its pixels
 are near-white (every channel >= 220: bare glass, or the whitened test regions); a tile with more
 than half of its blocks blank is dropped. Counting blank blocks rather than white pixels keeps
 fat-rich tissue, whose cells are white inside but bounded by membranes every few blocks.
 
-PNGs are encoded with OpenCV's default settings, as the reference's cv2.imwrite does.
+The images are processed by --workers threads (OpenCV, Pillow and torch release the GIL while they
+decode, resize and encode), so nothing is paid for starting processes, and the command asks glibc to
+keep freed memory for the next image rather than fault it in afresh (keep_freed_memory).
 
 Writes DIR/manifest.csv (source, split, class, output for every image) and DIR/data_process.json
 (command, settings, classes, counts). Re-running skips outputs that are complete; --overwrite
-redoes them. Unreadable images are listed at the end and make the exit status 1.
+redoes them. Unreadable images are listed at the end; main() returns the record with them under
+"failed", and the command then exits with status 1.
 """
 from __future__ import annotations
 
@@ -37,28 +48,37 @@ import json
 import os
 import re
 import sys
+import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing import Pool
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from any directory
-import utils  # noqa: E402
+# torch-free parts of core only: importing torch would cost more start-up than the work on 600 images
+from core.errors import UserError, one_line, run_script  # noqa: E402
+from core.files import (IMAGE_EXTENSIONS, atomic_write_bytes, atomic_write_text, command_line,  # noqa: E402
+                        is_image_file, list_classes, natural_key, natural_sorted)
 
-DEFAULT_SOURCE = utils.REPO_ROOT / "KIMIAPath24_RGB"
+if TYPE_CHECKING:
+    from PIL import Image
+
+DATA_ROOT = Path(__file__).resolve().parent
+DEFAULT_SOURCE = DATA_ROOT.parent / "KIMIAPath24_RGB"
 HDF5_NAME = "Kimia_Path24.h5"
 SPLITS = ("train", "test")
 LAYOUTS = (f"(1) the RGB folder release SOURCE/Training/<class>/ and SOURCE/RGBPatches-test/<class>/, "
            f"(2) the HDF5 file {HDF5_NAME} (or a folder holding it), "
            f"(3) SOURCE/train/<class>/ and SOURCE/test/<class>/")
+RESIZES = {  # --resize choice: what it does, as recorded in data_process.json
+    "reference": "cv2.imread (colour), cv2.resize INTER_CUBIC, as the reference",
+    "antialias": "antialiased bicubic (Pillow's filter, torch uint8 kernels); JPEG draft decoding",
+}
 WHITE_LEVEL = 220  # a pixel with every channel at least this bright is glass or whitened
 BLANK_BLOCK_FRACTION = 0.99  # a block this near-white is blank
 MAX_BLANK_BLOCKS = 0.5  # a tile with more blank blocks than this is dropped
@@ -96,24 +116,24 @@ def output_path(out: Path, split: str, class_name: str, stem: str) -> Path:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return [folder / name for name in utils.natural_sorted(os.listdir(folder))
-            if utils.is_image_file(name) and (folder / name).is_file()]
+    return [folder / name for name in natural_sorted(os.listdir(folder))
+            if is_image_file(name) and (folder / name).is_file()]
 
 
 def _check_class_names(names: list[str], where: Path) -> None:
     bad = [n for n in names if "_" in n]
     if bad:
-        raise utils.UserError(f"{where}: class folder names {bad} contain '_', which breaks the file-name "
+        raise UserError(f"{where}: class folder names {bad} contain '_', which breaks the file-name "
                               "labels (<class>_<stem>.png); rename them (for example with '-')")
 
 
 def folder_items(split_dirs: dict[str, Path], out: Path) -> list[Item]:
     """Items of a layout with one folder of class folders per split."""
     for split_dir in split_dirs.values():
-        _check_class_names(utils.list_classes(split_dir), split_dir)
+        _check_class_names(list_classes(split_dir), split_dir)
     items = []
     for split, split_dir in split_dirs.items():
-        for class_name in utils.list_classes(split_dir):
+        for class_name in list_classes(split_dir):
             for path in _image_files(split_dir / class_name):
                 items.append(Item(split, class_name, output_path(out, split, class_name, path.stem), path))
     return items
@@ -130,11 +150,11 @@ def hdf5_items(path: Path, out: Path, tile: int | None = None) -> list[Item]:
 
     with h5py.File(path, "r") as h5:
         if "test_data/patches" not in h5 or "test_data/targets" not in h5:
-            raise utils.UserError(f"{path}: no /test_data/patches and /test_data/targets; is it {HDF5_NAME}?")
+            raise UserError(f"{path}: no /test_data/patches and /test_data/targets; is it {HDF5_NAME}?")
         patches = h5["test_data/patches"]
         targets = np.asarray(h5["test_data/targets"][()]).reshape(-1).astype(int)
         if len(targets) != len(patches):
-            raise utils.UserError(f"{path}: {len(patches)} test patches but {len(targets)} targets")
+            raise UserError(f"{path}: {len(patches)} test patches but {len(targets)} targets")
         tile = tile or _patch_shape(patches.shape)[0]
         items = [Item("test", f"s{t}", output_path(out, "test", f"s{t}", f"test_{i}"), path,
                       "test_data/patches", i) for i, t in enumerate(targets)]
@@ -163,55 +183,73 @@ def discover(source: Path, out: Path, tile: int | None = None) -> tuple[str, lis
         if source == DEFAULT_SOURCE:
             hint = ("; to use the built-in synthetic data set instead run: python3 KIMIA_data/synthetic.py && "
                     "python3 KIMIA_data/data_process.py KIMIA_data/synthetic_source")
-        raise utils.UserError(f"{source}: no such file or folder; SOURCE must be one of {LAYOUTS}{hint}")
+        raise UserError(f"{source}: no such file or folder; SOURCE must be one of {LAYOUTS}{hint}")
     if source.is_dir() and (source / HDF5_NAME).is_file():
         source = source / HDF5_NAME
     if source.is_file():
         import h5py
 
         if not h5py.is_hdf5(source):
-            raise utils.UserError(f"{source}: not an HDF5 file; SOURCE must be one of {LAYOUTS}")
+            raise UserError(f"{source}: not an HDF5 file; SOURCE must be one of {LAYOUTS}")
         return f"HDF5 file ({source.name})", hdf5_items(source, out, tile)
     if (source / "Training").is_dir() and (source / "RGBPatches-test").is_dir():
         return ("RGB folder release (Training/, RGBPatches-test/)",
                 folder_items({"train": source / "Training", "test": source / "RGBPatches-test"}, out))
     if (source / "train").is_dir() and (source / "test").is_dir():
         return "image folders (train/, test/)", folder_items({s: source / s for s in SPLITS}, out)
-    raise utils.UserError(f"{source}: unrecognised layout; SOURCE must be one of {LAYOUTS}")
+    raise UserError(f"{source}: unrecognised layout; SOURCE must be one of {LAYOUTS}")
 
 
 def check_plan(source: Path, out: Path, items: list[Item]) -> None:
     """Refuse before any work: nothing to do, outputs inside the source, two inputs to one output."""
     if not items:
-        raise utils.UserError(f"{source}: no images found (accepted: {', '.join(sorted(utils.IMAGE_EXTENSIONS))})")
+        raise UserError(f"{source}: no images found (accepted: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     source_root = source.resolve()
     for split in SPLITS:
         target = (out / split).resolve()
         if target == source_root or source_root in target.parents or target in source_root.parents:
-            raise utils.UserError(f"--out {out}: its {split}/ folder overlaps SOURCE {source}, which must not be "
+            raise UserError(f"--out {out}: its {split}/ folder overlaps SOURCE {source}, which must not be "
                                   "modified; choose another --out")
     seen: dict[Path, Item] = {}
     for item in items:
         if item.output in seen:
-            raise utils.UserError(f"{item.describe()} and {seen[item.output].describe()} would both become "
+            raise UserError(f"{item.describe()} and {seen[item.output].describe()} would both become "
                                   f"{item.output}; rename one of them")
         seen[item.output] = item
 
 
 # ----------------------------------------------------------------------------- one image
-_open_hdf5: dict[Path, object] = {}  # per process: h5py handles must not cross a fork
+_open_hdf5: dict[Path, object] = {}  # h5py handles of this run, shared by the threads (h5py serialises them)
+_open_hdf5_lock = threading.Lock()
 
 
 def _hdf5(path: Path):
-    if path not in _open_hdf5:
-        import h5py
+    with _open_hdf5_lock:
+        if path not in _open_hdf5:
+            import h5py
 
-        _open_hdf5[path] = h5py.File(path, "r")
-    return _open_hdf5[path]
+            _open_hdf5[path] = h5py.File(path, "r")
+        return _open_hdf5[path]
 
 
-def to_uint8_image(array: np.ndarray) -> Image.Image:
-    """An RGB image from an H x W [x C] array of uint8, 16-bit or [0, 1] float values."""
+def _close_hdf5() -> None:
+    with _open_hdf5_lock:
+        while _open_hdf5:
+            _open_hdf5.popitem()[1].close()
+
+
+def read_hdf5(item: Item) -> np.ndarray:
+    """The item's test patch or scan tile, as stored."""
+    dataset = _hdf5(item.source)[item.dataset]
+    if not item.tile:
+        return np.asarray(dataset[item.index])
+    row, col = item.index
+    return np.asarray(dataset[row * item.tile:(row + 1) * item.tile, col * item.tile:(col + 1) * item.tile])
+
+
+def to_uint8_array(array: np.ndarray) -> np.ndarray:
+    """H x W or H x W x C (C 2-4) uint8 from an H x W [x C] or C x H x W array of uint8, 16-bit or
+    [0, 1] float values."""
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[2] not in (1, 3, 4):
         array = array.transpose(1, 2, 0)
     if array.ndim == 3 and array.shape[2] == 1:
@@ -222,12 +260,41 @@ def to_uint8_image(array: np.ndarray) -> Image.Image:
         elif np.issubdtype(array.dtype, np.floating):
             array = array * 255.0  # [0, 1]
         array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
-    image = Image.fromarray(array)
-    return _flatten(image)
+    return np.ascontiguousarray(array)
+
+
+def to_bgr(array: np.ndarray) -> np.ndarray:
+    """8-bit BGR as cv2.imread's colour flag makes it from a file: grey replicated, alpha dropped."""
+    array = to_uint8_array(array)
+    if array.ndim == 2 or array.shape[2] == 2:
+        return cv2.cvtColor(array if array.ndim == 2 else np.ascontiguousarray(array[..., 0]), cv2.COLOR_GRAY2BGR)
+    return cv2.cvtColor(array, cv2.COLOR_RGB2BGR if array.shape[2] == 3 else cv2.COLOR_RGBA2BGR)
+
+
+def reference_bgr(item: Item, size: int) -> np.ndarray | None:
+    """The reference's resize of the item: cv2.imread, cv2.resize(INTER_CUBIC); None for a dropped tile."""
+    if item.dataset is None:
+        bgr = cv2.imread(str(item.source))  # the colour flag, as the reference: 8-bit BGR
+        if bgr is None:
+            raise OSError("OpenCV cannot decode it (not an image, truncated, or unreadable)")
+    else:
+        bgr = to_bgr(read_hdf5(item))
+        if item.tile and is_blank_tile(bgr):
+            return None
+    return cv2.resize(bgr, (size, size), interpolation=cv2.INTER_CUBIC)
+
+
+def to_uint8_image(array: np.ndarray) -> Image.Image:
+    """An RGB image from an H x W [x C] array of uint8, 16-bit or [0, 1] float values."""
+    from PIL import Image
+
+    return _flatten(Image.fromarray(to_uint8_array(array)))
 
 
 def _flatten(image: Image.Image) -> Image.Image:
     """RGB, with transparency composited over white (a transparent area has no tissue)."""
+    from PIL import Image
+
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -237,6 +304,8 @@ def _flatten(image: Image.Image) -> Image.Image:
 
 def load_image(path: Path, size: int) -> Image.Image:
     """Decode an image file as 8-bit RGB; JPEGs at a reduced size that is still at least `size`."""
+    from PIL import Image
+
     with Image.open(path) as image:
         if image.format == "JPEG":
             image.draft("RGB", (size, size))
@@ -246,17 +315,32 @@ def load_image(path: Path, size: int) -> Image.Image:
         return _flatten(image)
 
 
-def load_item(item: Item, size: int) -> Image.Image | None:
-    """The item's image, or None for an HDF5 tile that the tile rule drops."""
+def resize_bicubic(image: Image.Image, size: int) -> np.ndarray:
+    """size x size x 3 uint8 array in OpenCV's BGR order: Pillow's antialiased bicubic filter,
+    computed by torch's uint8 kernels (torch's antialias=True follows Pillow's filter), about twice
+    as fast as Pillow's own; values differ from Pillow's by at most 1 (rounding)."""
+    import torch
+    import torch.nn.functional as F
+
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)  # 1 x 3 x H x W, channels last
+    planes = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0].numpy()
+    return cv2.merge((planes[2], planes[1], planes[0]))  # interleaves the planes, RGB to BGR on the way
+
+
+def antialias_bgr(item: Item, size: int) -> np.ndarray | None:
+    """The --resize antialias image of the item (BGR); None for a dropped tile."""
     if item.dataset is None:
-        return load_image(item.source, size)
-    dataset = _hdf5(item.source)[item.dataset]
-    if not item.tile:
-        return to_uint8_image(np.asarray(dataset[item.index]))
-    row, col = item.index
-    window = np.asarray(dataset[row * item.tile:(row + 1) * item.tile, col * item.tile:(col + 1) * item.tile])
-    image = to_uint8_image(window)
-    return None if is_blank_tile(np.asarray(image)) else image
+        image = load_image(item.source, size)
+    else:
+        image = to_uint8_image(read_hdf5(item))
+        if item.tile and is_blank_tile(np.asarray(image)):
+            return None
+    if image.size == (size, size):
+        return cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR)
+    return resize_bicubic(image, size)
+
+
+RESIZERS = {"reference": reference_bgr, "antialias": antialias_bgr}
 
 
 def is_blank_tile(rgb: np.ndarray, white_level: int = WHITE_LEVEL, blocks: int = BLOCKS_PER_SIDE,
@@ -273,72 +357,128 @@ def is_blank_tile(rgb: np.ndarray, white_level: int = WHITE_LEVEL, blocks: int =
 
 def is_complete(path: Path, size: int) -> bool:
     """An existing output that decodes fully as a size x size RGB PNG."""
+    if not path.is_file():  # before importing Pillow: a first run needs none of it
+        return False
+    from PIL import Image
+
+    from core.images import UNREADABLE
+
     try:
         with Image.open(path) as image:
             if image.format != "PNG" or image.size != (size, size) or image.mode != "RGB":
                 return False
             image.load()
         return True
-    except (OSError, SyntaxError, ValueError):
+    except UNREADABLE:
         return False
 
 
-def resize_bicubic(image: Image.Image, size: int) -> np.ndarray:
-    """size x size x 3 uint8 array in OpenCV's BGR order: Pillow's antialiased bicubic filter,
-    computed by torch's uint8 kernels (torch's antialias=True follows Pillow's filter), about twice
-    as fast as Pillow's own; values differ from Pillow's by at most 1 (rounding)."""
-    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)  # 1 x 3 x H x W, channels last
-    planes = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0].numpy()
-    return cv2.merge((planes[2], planes[1], planes[0]))  # interleaves the planes, RGB to BGR on the way
-
-
 def save_png(bgr: np.ndarray, path: Path, compression: int | None = None) -> None:
-    """Encode with OpenCV (default settings: the reference's; about 3x faster than Pillow's fastest
-    level at the same size), or at zlib `compression` 0-9; written through a temp file and a rename."""
+    """Encode with OpenCV (default settings: the same bytes as the reference's cv2.imwrite), or at zlib
+    `compression` 0-9; written through a temp file and a rename."""
     ok, data = cv2.imencode(".png", bgr, [] if compression is None else [cv2.IMWRITE_PNG_COMPRESSION, compression])
     if not ok:
         raise OSError(f"could not encode {path} as PNG")
-    utils.atomic_write(path, lambda tmp: Path(tmp).write_bytes(data.tobytes()))
+    atomic_write_bytes(path, data.tobytes())
 
 
-def convert(item: Item, size: int, overwrite: bool, png_compression: int | None = None) -> tuple[Item, str, str]:
+def _unreadable() -> tuple[type[BaseException], ...]:
+    """The project's errors of images that cannot be read (core.images.UNREADABLE) and OpenCV's;
+    looked up at the first failure, as core.images imports Pillow, which the default path does not need."""
+    from core.images import UNREADABLE
+
+    return UNREADABLE + (cv2.error,)
+
+
+def convert(item: Item, size: int, overwrite: bool, png_compression: int | None = None,
+            resize: str = "reference") -> tuple[Item, str, str]:
     """Process one item; returns (item, status, detail) with status written, skipped, dropped or failed.
 
-    Any exception is caught so that one bad image never stops the others; it is reported at the end.
+    An image that cannot be read or written fails alone and is reported at the end; any other
+    exception is a bug and stops the run.
     """
     if not overwrite and is_complete(item.output, size):
         return item, "skipped", ""
     try:
-        image = load_item(item, size)
-        if image is None:
+        bgr = RESIZERS[resize](item, size)
+        if bgr is None:
             return item, "dropped", ""
-        if image.size == (size, size):
-            bgr = cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR)
-        else:
-            bgr = resize_bicubic(image, size)
         save_png(bgr, item.output, png_compression)
         return item, "written", ""
-    except Exception as err:  # noqa: BLE001 - see the docstring
-        return item, "failed", f"{type(err).__name__}: {err}".splitlines()[0]
+    except Exception as err:
+        if not isinstance(err, _unreadable()):
+            raise
+        return item, "failed", one_line(err)
 
 
-def _convert_job(job: tuple[Item, int, bool, int | None]) -> tuple[Item, str, str]:
-    return convert(*job)
-
-
-def run_items(items: list[Item], size: int, overwrite: bool, workers: int,
-              png_compression: int | None = None) -> Iterator[tuple[Item, str, str]]:
-    jobs = [(item, size, overwrite, png_compression) for item in items]
-    if workers <= 1:
-        try:
-            yield from map(_convert_job, jobs)
-        finally:  # a later fork must not inherit open HDF5 handles
-            while _open_hdf5:
-                _open_hdf5.popitem()[1].close()
+@contextmanager
+def _one_torch_thread(active: bool) -> Iterator[None]:
+    """torch on one thread while `active` (each worker thread runs its own resize), then as before,
+    so that a caller in this process (demo.py) keeps its setting."""
+    if not active:
+        yield
         return
-    chunk = max(1, min(16, len(jobs) // (workers * 8)))
-    with Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        yield from pool.imap_unordered(_convert_job, jobs, chunksize=chunk)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_items(items: list[Item], size: int, overwrite: bool, workers: int, png_compression: int | None = None,
+              resize: str = "reference") -> Iterator[tuple[Item, str, str]]:
+    """convert() every item on `workers` threads; yields the results in the order of `items`."""
+    def job(item: Item) -> tuple[Item, str, str]:
+        return convert(item, size, overwrite, png_compression, resize)
+
+    try:
+        if workers <= 1:
+            yield from map(job, items)
+            return
+        with _one_torch_thread(resize == "antialias"):
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="data_process")
+            try:
+                yield from pool.map(job, items)
+            finally:  # on Ctrl-C, drop the queued images instead of finishing them
+                pool.shutdown(cancel_futures=True)
+    finally:
+        _close_hdf5()
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep freed memory for reuse instead of returning it to the system after every image.
+
+    A decoded 1000x1000 patch takes 3 MB; by default glibc gives the heap back once more than twice
+    that is free, so every image faulted ~1,400 fresh pages in again, about a third of the CPU time.
+    Process-wide, so only the command line calls it. Pixels are unchanged; without glibc it does nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # absent from some C libraries (musl has it as a no-op)
+    if mallopt is not None:
+        mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB come from the heap, not mmap
+        mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD: give the heap back only above 128 MB free
+
+
+def _progress(results: Iterable, total: int) -> Iterable:
+    """A tqdm bar on a terminal; tqdm shows none elsewhere, so it is not even imported there."""
+    if not sys.stderr.isatty():
+        return results
+    from tqdm import tqdm
+
+    return tqdm(results, total=total, unit="img")
 
 
 # ----------------------------------------------------------------------------- reports
@@ -356,8 +496,8 @@ def manifest_text(out: Path, done: list[Item]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["source", "split", "class", "output"])
-    for item in sorted(done, key=lambda i: (SPLITS.index(i.split), utils.natural_key(i.class_name),
-                                            utils.natural_key(i.output.name))):
+    for item in sorted(done, key=lambda i: (SPLITS.index(i.split), natural_key(i.class_name),
+                                            natural_key(i.output.name))):
         writer.writerow([item.describe(), item.split, item.class_name, item.output.relative_to(out).as_posix()])
     return buffer.getvalue()
 
@@ -369,7 +509,7 @@ def stale_outputs(out: Path, done: list[Item]) -> list[Path]:
     for split in SPLITS:
         root = out / split
         if root.is_dir():
-            stale += [p for p in root.glob("*/*") if utils.is_image_file(p) and p not in produced]
+            stale += [p for p in root.glob("*/*") if is_image_file(p) and p not in produced]
     return stale
 
 
@@ -379,9 +519,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("source", nargs="?", default=str(DEFAULT_SOURCE),
                         help="RGB release folder, Kimia_Path24.h5, or a folder with train/ and test/ "
                              "(default: KIMIAPath24_RGB at the repository root)")
-    parser.add_argument("--out", default=str(utils.DATA_ROOT), help="output folder (default: the KIMIA_data folder)")
+    parser.add_argument("--out", default=str(DATA_ROOT), help="output folder (default: the KIMIA_data folder)")
     parser.add_argument("--size", type=int, default=300, help="output side in px (default: 300)")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--resize", choices=list(RESIZES), default="reference",
+                        help="reference: the reference's pixels (cv2.imread, cv2.resize INTER_CUBIC, which aliases "
+                             "fine texture when it shrinks); antialias: Pillow's antialiased bicubic filter after a "
+                             "reduced-size JPEG decode, alpha over white, 16-bit rescaled (default: reference)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help=f"threads (default: the CPUs this process may use, {default_workers()} here)")
     parser.add_argument("--png-compression", type=int, default=None, metavar="0-9",
                         help="zlib level of the PNGs; 0 (none) is the fastest, with files about 1.9x larger "
                              "(default: OpenCV's own setting, as the reference)")
@@ -391,28 +536,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@utils.exit_on_user_error
 def main(args: argparse.Namespace) -> dict:
     if args.size < 1:
-        raise utils.UserError(f"--size must be a positive number of pixels, got {args.size}")
+        raise UserError(f"--size must be a positive number of pixels, got {args.size}")
     if args.png_compression is not None and not 0 <= args.png_compression <= 9:
-        raise utils.UserError(f"--png-compression must be 0 to 9, got {args.png_compression}")
+        raise UserError(f"--png-compression must be 0 to 9, got {args.png_compression}")
     if args.workers is not None and args.workers < 1:
-        raise utils.UserError(f"--workers must be at least 1, got {args.workers}")
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
     if args.tile_size is not None and args.tile_size < BLOCKS_PER_SIDE:
-        raise utils.UserError(f"--tile-size must be at least {BLOCKS_PER_SIDE}, got {args.tile_size}")
+        raise UserError(f"--tile-size must be at least {BLOCKS_PER_SIDE}, got {args.tile_size}")
+    if args.resize not in RESIZES:  # argparse checks the command line; this, a Namespace built in code
+        raise UserError(f"--resize must be one of {', '.join(RESIZES)}, got {args.resize!r}")
     source, out = Path(args.source).expanduser(), Path(args.out).expanduser()
     layout, items = discover(source, out, args.tile_size)
     check_plan(source, out, items)
-    workers = args.workers or os.cpu_count() or 1
-    print(f"found: {layout} at {source}; {len(items)} images to check, {workers} worker(s)")
+    workers = args.workers or default_workers()
+    print(f"found: {layout} at {source}; {len(items)} images to check, {workers} worker(s), "
+          f"--resize {args.resize}", flush=True)
 
     statuses: Counter = Counter()
     done: list[Item] = []
     failures: list[tuple[Item, str]] = []
     dropped: Counter = Counter()
-    results = run_items(items, args.size, args.overwrite, workers, args.png_compression)
-    for item, status, detail in tqdm(results, total=len(items), unit="img", disable=None):
+    results = run_items(items, args.size, args.overwrite, workers, args.png_compression, args.resize)
+    for item, status, detail in _progress(results, len(items)):
         statuses[status] += 1
         if status in ("written", "skipped"):
             done.append(item)
@@ -421,13 +568,13 @@ def main(args: argparse.Namespace) -> dict:
         else:
             failures.append((item, detail))
 
-    classes = utils.natural_sorted({item.class_name for item in items})
+    classes = natural_sorted({item.class_name for item in items})
     counts = Counter((item.split, item.class_name) for item in done)
     print(count_table(counts, classes, dropped))
-    utils.atomic_write_text(out / "manifest.csv", manifest_text(out, done))
-    record = {"command": utils.command_line(), "source": str(source.resolve()), "layout": layout,
-              "size": args.size, "png_compression": args.png_compression, "resize": "antialiased bicubic (Pillow's filter, torch uint8 kernels); JPEG draft decoding",
-              "classes": classes,
+    atomic_write_text(out / "manifest.csv", manifest_text(out, done))
+    record = {"command": command_line(), "source": str(source.resolve()), "layout": layout,
+              "size": args.size, "resize": args.resize, "resize_method": RESIZES[args.resize],
+              "png_compression": args.png_compression, "classes": classes,
               "counts": {split: {c: counts[split, c] for c in classes} for split in SPLITS},
               "failed": [item.describe() for item, _ in failures]}
     tile_sizes = {item.tile for item in items if item.tile}
@@ -436,7 +583,7 @@ def main(args: argparse.Namespace) -> dict:
                                "white_level": WHITE_LEVEL, "blocks_per_side": BLOCKS_PER_SIDE,
                                "blank_block_fraction": BLANK_BLOCK_FRACTION, "max_blank_blocks": MAX_BLANK_BLOCKS,
                                "dropped": dict(dropped)}
-    utils.atomic_write_text(out / "data_process.json", json.dumps(record, indent=1) + "\n")
+    atomic_write_text(out / "data_process.json", json.dumps(record, indent=1) + "\n")
     print(f"{statuses['written']} written, {statuses['skipped']} already complete (skipped), "
           f"{sum(dropped.values())} tiles dropped, {len(failures)} failed; manifest: {out / 'manifest.csv'}")
     stale = stale_outputs(out, done)
@@ -444,12 +591,17 @@ def main(args: argparse.Namespace) -> dict:
         print(f"warning: {len(stale)} images under {out / 'train'} and {out / 'test'} are not from {source} "
               f"(e.g. {stale[0]}); remove them unless you mean to mix data sets", file=sys.stderr)
     if failures:
-        print(f"error: {len(failures)} images could not be read and were left out:", file=sys.stderr)
-        for item, detail in failures:
-            print(f"  {item.describe()}: {detail}", file=sys.stderr)
-        raise SystemExit(1)
+        from core.images import report_unreadable
+
+        report_unreadable([(item.describe(), detail) for item, detail in failures])
     return record
 
 
+def command(args: argparse.Namespace) -> int:
+    """The command line's main: exit status 1 when some images could not be read (main lists them)."""
+    return 1 if main(args)["failed"] else 0
+
+
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    keep_freed_memory()
+    sys.exit(run_script(command, get_args_parser().parse_args()))

@@ -1,7 +1,9 @@
-"""KIMIA_data/data_process.py: the three source layouts, every image kind, the HDF5 tile rule,
-corrupt files, re-runs and bad arguments."""
+"""KIMIA_data/data_process.py: the reference's pixels bit for bit, the --resize antialias option,
+the three source layouts, every image kind, the HDF5 tile rule, corrupt files, re-runs, bad
+arguments, start-up without torch, and the benchmark's quick mode."""
 from __future__ import annotations
 
+import argparse
 import csv
 import subprocess
 import sys
@@ -11,12 +13,14 @@ import cv2
 import h5py
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from KIMIA_data import data_process, synthetic  # noqa: E402
+from core.errors import UserError, run_script  # noqa: E402
 
 SIZE = 32  # outputs this small keep the tests quick; the code path is the one --size 300 takes
 
@@ -27,10 +31,14 @@ def texture(seed: int, size: int = 48) -> np.ndarray:
     return np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC))
 
 
-def run(source: Path, out: Path, *extra: str) -> dict:
-    args = data_process.get_args_parser().parse_args([str(source), "--out", str(out), "--size", str(SIZE),
+def arguments(source: Path, out: Path, *extra: str) -> argparse.Namespace:
+    """data_process's arguments for one thread at SIZE; a later --workers or --size in `extra` wins."""
+    return data_process.get_args_parser().parse_args([str(source), "--out", str(out), "--size", str(SIZE),
                                                       "--workers", "1", *extra])
-    return data_process.main(args)
+
+
+def run(source: Path, out: Path, *extra: str) -> dict:
+    return data_process.main(arguments(source, out, *extra))
 
 
 def read_manifest(out: Path) -> list[dict]:
@@ -40,6 +48,26 @@ def read_manifest(out: Path) -> list[dict]:
 
 def outputs(out: Path) -> list[str]:
     return sorted(p.relative_to(out).as_posix() for p in out.glob("*/*/*.png"))
+
+
+def reference_png(source: Path, size: int, scratch: Path) -> tuple[np.ndarray, bytes]:
+    """The reference script's steps for one image, written out: its pixels (BGR) and its PNG file."""
+    image = cv2.imread(str(source))
+    image = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
+    target = scratch / "reference.png"
+    assert cv2.imwrite(str(target), image)
+    return image, target.read_bytes()
+
+
+def assert_reference_outputs(out: Path, size: int, scratch: Path) -> int:
+    """Every output listed in the manifest has the reference's pixels and bytes; returns how many."""
+    rows = read_manifest(out)
+    for row in rows:
+        expected, expected_bytes = reference_png(Path(row["source"]), size, scratch)
+        written = out / row["output"]
+        assert np.array_equal(cv2.imread(str(written), cv2.IMREAD_UNCHANGED), expected), row["source"]
+        assert written.read_bytes() == expected_bytes, row["source"]
+    return len(rows)
 
 
 @pytest.fixture
@@ -84,10 +112,9 @@ def test_own_folders_every_image_kind(own_folders: Path, tmp_path: Path, capsys)
     assert record["classes"] == ["s0", "s2", "s10"]  # natural order
     assert record["counts"]["train"] == {"s0": 3, "s2": 3, "s10": 4}
     assert record["counts"]["test"] == {"s0": 1, "s2": 1, "s10": 1}
-    # transparency becomes white (no tissue); 16-bit values are rescaled, not clipped
-    assert np.asarray(Image.open(out / "train/s10/s10_clear.png")).min() == 255
-    assert np.asarray(Image.open(out / "train/s10/s10_deep.png")).mean() == pytest.approx(127.5, abs=1)
-    assert np.asarray(Image.open(out / "train/s10/s10_deep16.png")).min() == 255
+    assert record["resize"] == "reference"
+    # grey, transparent and 16-bit sources too: whatever cv2.imread's colour flag makes of them
+    assert assert_reference_outputs(out, SIZE, tmp_path) == 13
     rows = read_manifest(out)
     assert [(r["split"], r["class"]) for r in rows][:4] == [("train", "s0")] * 3 + [("train", "s2")]
     assert {r["output"] for r in rows} == set(outputs(out))
@@ -95,11 +122,52 @@ def test_own_folders_every_image_kind(own_folders: Path, tmp_path: Path, capsys)
         "d.tif", "e.TIFF", "f.bmp"}
 
 
+def test_reference_pixels_bit_for_bit_at_full_size(tmp_path: Path) -> None:
+    """1000 px JPEG, PNG and TIFF patches (and odd shapes, grey, alpha, 16-bit) to 300 px, on two threads:
+    the reference script's pixels and PNG bytes."""
+    src = tmp_path / "src"
+    for split in ("train", "test"):
+        (src / split / "s0").mkdir(parents=True)
+    big = texture(7, size=1000)
+    train = src / "train" / "s0"
+    Image.fromarray(big).save(train / "a.jpg", quality=90)
+    Image.fromarray(big).save(train / "b.png")
+    Image.fromarray(big).save(train / "c.tif")
+    Image.fromarray(big[:230, :170]).save(train / "narrow.jpg")  # non-square, and enlarged
+    Image.fromarray(big).convert("L").save(train / "grey.jpg")
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(train / "deep.png"), rng.integers(0, 65536, (400, 500, 3), dtype=np.uint16))
+    alpha = rng.integers(0, 256, big.shape[:2], dtype=np.uint8)
+    Image.fromarray(np.dstack([big, alpha]), "RGBA").save(train / "alpha.png")
+    Image.fromarray(big[::-1]).save(src / "test" / "s0" / "q.jpg")
+    out = tmp_path / "out"
+    run(src, out, "--size", "300", "--workers", "2")
+    assert assert_reference_outputs(out, 300, tmp_path) == 8
+
+
+def test_antialias_keeps_the_previous_pixels(own_folders: Path, tmp_path: Path) -> None:
+    """--resize antialias: Pillow's antialiased bicubic (within 1 level), transparency over white
+    (the reference drops the alpha channel), 16-bit values rescaled."""
+    out = tmp_path / "out"
+    record = run(own_folders, out, "--resize", "antialias")
+    assert record["resize"] == "antialias" and "antialiased" in record["resize_method"]
+    for name in ("train/s0/a.jpg", "train/s0/c.PNG", "train/s2/d.tif", "train/s10/gray.png", "test/s2/q.png"):
+        split, class_name, file_name = name.split("/")
+        with Image.open(own_folders / name) as source:
+            expected = np.asarray(source.convert("RGB").resize((SIZE, SIZE), Image.BICUBIC)).astype(int)
+        written = np.asarray(Image.open(out / split / class_name / f"{class_name}_{Path(file_name).stem}.png"))
+        assert np.abs(written.astype(int) - expected).max() <= 1, name
+    assert np.asarray(Image.open(out / "train/s10/s10_clear.png")).min() == 255
+    assert np.asarray(Image.open(out / "train/s10/s10_deep.png")).mean() == pytest.approx(127.5, abs=1)
+    assert np.asarray(Image.open(out / "train/s10/s10_deep16.png")).min() == 255
+    reference = tmp_path / "reference"
+    run(own_folders, reference)
+    assert np.asarray(Image.open(reference / "train/s10/s10_clear.png")).min() < 255  # alpha dropped
+
+
 def test_two_inputs_with_one_output_name_are_refused(own_folders: Path, tmp_path: Path, capsys) -> None:
     Image.fromarray(texture(3)).save(own_folders / "train" / "s10" / "deep.jpg")  # deep.png exists
-    with pytest.raises(SystemExit) as exit_info:
-        run(own_folders, tmp_path / "out")
-    assert exit_info.value.code == 2
+    assert run_script(data_process.command, arguments(own_folders, tmp_path / "out")) == 2
     message = capsys.readouterr().err
     assert "deep.png" in message and "deep.jpg" in message and "rename one" in message
     assert not (tmp_path / "out").exists()
@@ -145,8 +213,19 @@ def test_hdf5_test_patches_and_tiles(synthetic_source, tmp_path: Path, capsys) -
     assert record["tile_rule"]["dropped"]["s1"] == (scan.shape[0] // tile) ** 2 - len(kept)
     rows = read_manifest(out)
     assert f"{h5_path}:test_data/patches[2]" in {r["source"] for r in rows}
+    # the reference's resize of the RGB patch and tiles (a per-channel filter: RGB or BGR alike)
+    expected = cv2.resize(test_patch, (SIZE, SIZE), interpolation=cv2.INTER_CUBIC)
+    assert np.array_equal(np.asarray(Image.open(out / "test/s1/s1_test_2.png")), expected)
+    for r, c in kept:
+        window = scan[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]
+        written = np.asarray(Image.open(out / f"train/s1/s1_tile_r{r}_c{c}.png"))
+        assert np.array_equal(written, cv2.resize(window, (SIZE, SIZE), interpolation=cv2.INTER_CUBIC))
+    # --resize antialias: Pillow's bicubic, the same tiles kept
+    record = run(h5_path, tmp_path / "antialias", "--resize", "antialias")
+    assert record["tile_rule"]["dropped"]["s1"] == (scan.shape[0] // tile) ** 2 - len(kept)
     expected = np.asarray(Image.fromarray(test_patch).resize((SIZE, SIZE), Image.BICUBIC)).astype(int)
-    assert np.abs(np.asarray(Image.open(out / "test/s1/s1_test_2.png")).astype(int) - expected).max() <= 1
+    written = np.asarray(Image.open(tmp_path / "antialias/test/s1/s1_test_2.png")).astype(int)
+    assert np.abs(written - expected).max() <= 1
 
 
 def test_hdf5_without_channel_axis(synthetic_source, tmp_path: Path) -> None:
@@ -161,8 +240,26 @@ def test_hdf5_without_channel_axis(synthetic_source, tmp_path: Path) -> None:
         assert h5["test_data/patches"].ndim == 3 and h5["scan0/data"].ndim == 2
     record = run(grey_path, tmp_path / "out")
     assert sum(record["counts"]["test"].values()) == 6 and sum(record["counts"]["train"].values()) > 0
-    grey = np.asarray(Image.open(next((tmp_path / "out/test/s0").iterdir())))
-    assert np.array_equal(grey[..., 0], grey[..., 2])
+    with h5py.File(grey_path, "r") as h5:
+        patch = h5["test_data/patches"][0]
+        target = h5["test_data/targets"][0]
+    grey = np.asarray(Image.open(tmp_path / f"out/test/s{target}/s{target}_test_0.png"))
+    expected = cv2.resize(patch, (SIZE, SIZE), interpolation=cv2.INTER_CUBIC)
+    for channel in range(3):
+        assert np.array_equal(grey[..., channel], expected)
+
+
+def test_hdf5_arrays_become_bgr_as_imread_would_make_them() -> None:
+    """The reference path's conversion of HDF5 arrays: channel-first or not, grey replicated, alpha
+    dropped (cv2.imread's colour flag), 16-bit values / 257."""
+    rgb = texture(4, 16)
+    bgr = rgb[..., ::-1]
+    assert np.array_equal(data_process.to_bgr(rgb), bgr)
+    assert np.array_equal(data_process.to_bgr(rgb.transpose(2, 0, 1)), bgr)
+    assert np.array_equal(data_process.to_bgr(np.dstack([rgb, np.zeros((16, 16), np.uint8)])), bgr)
+    assert np.array_equal(data_process.to_bgr(rgb.astype(np.uint16) * 257), bgr)
+    assert np.array_equal(data_process.to_bgr(rgb[..., 1]), np.dstack([rgb[..., 1]] * 3))
+    assert np.array_equal(data_process.to_bgr(rgb[..., 1:2]), np.dstack([rgb[..., 1]] * 3))
 
 
 def test_tile_rule() -> None:
@@ -184,7 +281,7 @@ def test_tile_rule() -> None:
 
 
 def test_jpeg_draft_decoding_stays_faithful(tmp_path: Path) -> None:
-    """The reduced-size JPEG decode is as close to the uncompressed image, once resized to 300 px,
+    """--resize antialias: the reduced-size JPEG decode is as close to the uncompressed image, once resized to 300 px,
     as a full decode is: the output stays a faithful bicubic resize."""
     source = texture(5, size=1000)
     path = tmp_path / "big.jpg"
@@ -212,12 +309,12 @@ def test_corrupt_images_are_reported_after_the_others(tmp_path: Path, capsys) ->
     (src / "train/s0/truncated.png").write_bytes(data[: len(data) // 2])
     (src / "train/s0/garbage.jpg").write_bytes(b"not a jpeg at all")
     before = sorted((p.name, p.read_bytes()) for p in (src / "train/s0").iterdir())
-    with pytest.raises(SystemExit) as exit_info:
-        run(src, tmp_path / "out")
-    assert exit_info.value.code == 1
+    record = run(src, tmp_path / "out")
+    assert record["failed"] == [str(src / "train/s0/garbage.jpg"), str(src / "train/s0/truncated.png")]
     err = capsys.readouterr().err
-    assert "2 images could not be read" in err
+    assert "2 unreadable image(s) were left out" in err and "OpenCV cannot decode it" in err
     assert str(src / "train/s0/truncated.png") in err and str(src / "train/s0/garbage.jpg") in err
+    assert run_script(data_process.command, arguments(src, tmp_path / "again")) == 1  # the command's exit status
     assert outputs(tmp_path / "out") == ["test/s0/s0_good.png", "train/s0/s0_good.png"]
     assert len(read_manifest(tmp_path / "out")) == 2
     assert sorted((p.name, p.read_bytes()) for p in (src / "train/s0").iterdir()) == before  # source untouched
@@ -240,21 +337,21 @@ def test_rerun_skips_complete_outputs_and_redoes_broken_ones(synthetic_source, t
     assert not list(out.rglob("*.tmp"))
 
 
-def test_parallel_workers_give_the_same_outputs(synthetic_source, tmp_path: Path) -> None:
+@pytest.mark.parametrize("resize", ["reference", "antialias"])
+def test_parallel_workers_give_the_same_outputs(synthetic_source, tmp_path: Path, resize: str) -> None:
     release, _ = synthetic_source
-    run(release, tmp_path / "one")
-    args = data_process.get_args_parser().parse_args(
-        [str(release), "--out", str(tmp_path / "two"), "--size", str(SIZE), "--workers", "2"])
-    data_process.main(args)
+    run(release, tmp_path / "one", "--resize", resize)
+    threads = torch.get_num_threads()
+    run(release, tmp_path / "three", "--resize", resize, "--workers", "3")
+    assert torch.get_num_threads() == threads  # restored for the caller (demo.py trains next)
+    assert outputs(tmp_path / "one") == outputs(tmp_path / "three") != []
     for name in outputs(tmp_path / "one"):
-        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "three" / name).read_bytes()
 
 
 # ----------------------------------------------------------------------------- bad input
 def bad_run(capsys, source: Path, out: Path, *extra: str) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run(source, out, *extra)
-    assert exit_info.value.code == 2
+    assert run_script(data_process.command, arguments(source, out, *extra)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
     return err
@@ -274,9 +371,8 @@ def test_missing_and_unrecognised_sources(tmp_path: Path, capsys) -> None:
 def test_missing_default_source_says_how_to_make_the_synthetic_one(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(data_process, "DEFAULT_SOURCE", tmp_path / "KIMIAPath24_RGB")
     args = data_process.get_args_parser().parse_args(["--out", str(tmp_path / "out")])
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="python3 KIMIA_data/synthetic.py"):
         data_process.main(args)
-    assert "python3 KIMIA_data/synthetic.py" in capsys.readouterr().err
 
 
 def test_class_names_with_underscores_are_refused_before_any_work(tmp_path: Path, capsys) -> None:
@@ -298,6 +394,10 @@ def test_bad_numbers(own_folders: Path, tmp_path: Path, capsys) -> None:
     assert "--size" in bad_run(capsys, own_folders, tmp_path / "out", "--size", "0")
     assert "--workers" in bad_run(capsys, own_folders, tmp_path / "out", "--workers", "0")
     assert "--png-compression" in bad_run(capsys, own_folders, tmp_path / "out", "--png-compression", "10")
+    args = arguments(own_folders, tmp_path / "out")
+    args.resize = "lanczos"  # as a caller building the arguments in code might
+    with pytest.raises(UserError, match="--resize must be one of reference, antialias, got 'lanczos'"):
+        data_process.main(args)
 
 
 def test_png_compression_changes_the_file_size_not_the_pixels(own_folders: Path, tmp_path: Path) -> None:
@@ -314,6 +414,69 @@ def test_png_compression_changes_the_file_size_not_the_pixels(own_folders: Path,
 
 
 # ----------------------------------------------------------------------------- the script itself
+HEAVY_MODULES = {"torch", "torchvision", "PIL", "tqdm", "h5py", "matplotlib", "sklearn"}
+
+
+def imported_modules(script_args: list[str]) -> set[str]:
+    """Top-level modules a fresh interpreter imports to run data_process.py with `script_args`."""
+    done = subprocess.run([sys.executable, "-X", "importtime", str(REPO_ROOT / "KIMIA_data" / "data_process.py"),
+                           *script_args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {line.rsplit("|", 1)[1].strip().split(".")[0] for line in done.stderr.splitlines()
+            if line.startswith("import time:")}
+
+
+@pytest.mark.slow
+def test_default_path_imports_nothing_heavy(synthetic_source, tmp_path: Path) -> None:
+    """--help and a whole default run start with cv2 and numpy only; --resize antialias needs torch and
+    Pillow (which shows that the check sees them when they are there)."""
+    release, _ = synthetic_source
+    help_modules = imported_modules(["--help"])
+    assert "cv2" in help_modules and not help_modules & HEAVY_MODULES
+    run_args = [str(release), "--size", str(SIZE), "--workers", "2", "--out"]
+    default = imported_modules(run_args + [str(tmp_path / "default")])
+    assert "cv2" in default and not default & HEAVY_MODULES, default & HEAVY_MODULES
+    assert assert_reference_outputs(tmp_path / "default", SIZE, tmp_path) == 15  # the command's memory setting too
+    antialias = imported_modules(run_args + [str(tmp_path / "antialias"), "--resize", "antialias"])
+    assert {"torch", "PIL"} <= antialias
+
+
+@pytest.mark.slow
+def test_keep_freed_memory_stops_the_page_faults_of_every_image(tmp_path: Path) -> None:
+    """Decoding 1000 px patches faults in over a thousand fresh pages per image under glibc's defaults;
+    after keep_freed_memory() (what the command calls first) the freed memory is reused."""
+    for k in range(8):
+        cv2.imwrite(str(tmp_path / f"{k}.jpg"), texture(k, size=1000))
+    program = f"""
+import resource, sys
+sys.path.insert(0, {str(REPO_ROOT)!r})
+import cv2
+from KIMIA_data import data_process
+if sys.argv[1] == "keep":
+    data_process.keep_freed_memory()
+cv2.imread({str(tmp_path / "0.jpg")!r})
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for k in range(1, 8):
+    cv2.imread(f"{tmp_path}/{{k}}.jpg")
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 7)
+"""
+    faults = {mode: float(subprocess.run([sys.executable, "-c", program, mode], capture_output=True, text=True,
+                                         check=True, timeout=60).stdout) for mode in ("default", "keep")}
+    assert faults["default"] > 500 and faults["keep"] < 0.1 * faults["default"], faults
+
+
+@pytest.mark.slow
+def test_benchmark_quick_mode(capsys) -> None:
+    """bench/data_process.py --quick times the reference script and our command, and checks their files match."""
+    from bench.data_process import main as bench_main
+
+    rows = bench_main(["--quick"])
+    assert [r["case"].split(", ")[2] for r in rows] == [
+        "data_process.py (defaults)", "data_process.py --workers 1", "data_process.py --resize antialias"]
+    assert all(r["unit"] == "s" and r["ours"] > 0 and r["baseline"] > 0 and r["images"] == 24 for r in rows)
+    assert "byte for byte" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_script_runs_from_any_directory(synthetic_source, tmp_path: Path) -> None:
     release, _ = synthetic_source
@@ -325,9 +488,10 @@ def test_script_runs_from_any_directory(synthetic_source, tmp_path: Path) -> Non
     assert len(outputs(tmp_path / "out")) == 15
 
 
-def test_resize_is_pillows_antialiased_bicubic_not_opencvs() -> None:
-    """BGR, within one grey level of Pillow's BICUBIC, for shrinking and enlarging; on fine texture it is
-    far from cv2's INTER_CUBIC, which does not low-pass filter when it shrinks (the reference's)."""
+def test_antialias_resize_is_pillows_bicubic_not_opencvs() -> None:
+    """--resize antialias: BGR, within one grey level of Pillow's BICUBIC, for shrinking and enlarging; on
+    fine texture it is far from cv2's INTER_CUBIC, which does not low-pass filter when it shrinks (the
+    reference's)."""
     rng = np.random.default_rng(0)
     fine = rng.integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
     for source, size in ((fine, 300), (fine[:90, :70], 300), (texture(3, 120), 50)):
