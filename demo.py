@@ -1,7 +1,8 @@
 """The whole method in minutes on a laptop, with no download.
 
 Generates the built-in synthetic Kimia-like source, preprocesses it, trains se_resnet50 with the
-Multi-Similarity loss, evaluates the best checkpoint with both protocols and draws retrieval grids.
+Multi-Similarity loss, evaluates the best checkpoint with both protocols (with a t-SNE map of its
+test embeddings) and draws retrieval grids.
 Before each step it prints the command that runs the same step on the real Kimia Path24.
 
 To fit in minutes on 2 CPU cores the demo shrinks the problem (fewer classes and patches, smaller
@@ -30,29 +31,35 @@ from core.runtime import select_device
 REAL_DATA_COMMANDS = {
     "data": "python3 KIMIA_data/data_process.py KIMIAPath24_RGB      # or Kimia_Path24.h5",
     "train": "python3 train.py se_resnet50 MSLoss",
-    "test": "python3 multi_test.py model/ --protocol both",
+    "test": "python3 multi_test.py model/ --protocol both --plot-embeddings",
     "index": "python3 retrieve.py index model/<best>.pth KIMIA_data/train --out kimia_index.pt",
     "query": "python3 retrieve.py query kimia_index.pt <your patches> --top-k 5 --out-dir retrieval/",
 }
+
+
+# The demo's shrunken settings: (flag, default, what it is, the paper's value or None).
+SETTINGS = (
+    ("--classes", 8, "synthetic classes", "Kimia Path24 has 24"),
+    ("--train-per-class", 40, "synthetic training patches per class", None),
+    ("--test-per-class", 15, "synthetic test patches per class", None),
+    ("--image-size", 80, "side of the preprocessed images", "the paper uses 300"),
+    ("--crop-size", 64, "training and test crop", "the paper uses 224"),
+    ("--epochs", 30, "training epochs", "the paper uses 100"),
+    ("--batch-size", 32, "training batch", "the paper uses 60"),
+    ("--lr", 0.01, "SGD learning rate", "the paper uses 0.001"),
+    ("--queries", 3, "test patches to draw retrieval grids for", None),
+    ("--seed", 0, "seed of the synthetic data", None),
+    ("--workers", 2, "preprocessing and data-loading processes; 0 loads in the main process", None),
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="demo_output", help="folder for everything the demo writes (default: demo_output)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
-    parser.add_argument("--classes", type=int, default=8, help="synthetic classes (default: 8; Kimia Path24 has 24)")
-    parser.add_argument("--train-per-class", type=int, default=40, help="synthetic training patches per class (default: 40)")
-    parser.add_argument("--test-per-class", type=int, default=15, help="synthetic test patches per class (default: 15)")
-    parser.add_argument("--image-size", type=int, default=80,
-                        help="side of the preprocessed images (default: 80; the paper uses 300)")
-    parser.add_argument("--crop-size", type=int, default=64, help="training and test crop (default: 64; the paper uses 224)")
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs (default: 30; the paper uses 100)")
-    parser.add_argument("--batch-size", type=int, default=32, help="training batch (default: 32; the paper uses 60)")
-    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default: 0.01; the paper uses 0.001)")
-    parser.add_argument("--queries", type=int, default=3, help="test patches to draw retrieval grids for (default: 3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default: 0)")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="preprocessing and data-loading processes; 0 loads in the main process (default: 2)")
+    for flag, default, what, paper in SETTINGS:
+        parser.add_argument(flag, type=type(default), default=default,
+                            help=f"{what} (default: {default}{'; ' + paper if paper else ''})")
     return parser
 
 
@@ -103,7 +110,7 @@ def main(args: argparse.Namespace) -> dict:
     best_dir = out / "best_model"
     best_dir.mkdir(parents=True, exist_ok=True)
     link_or_copy(best, best_dir / best.name)
-    test_argv = [str(best_dir), "--data-dir", str(data), "--protocol", "both", "--device", device]
+    test_argv = [str(best_dir), "--data-dir", str(data), "--protocol", "both", "--plot-embeddings", "--device", device]
     announce("test", ["python3", "multi_test.py", *test_argv])
     if multi_test.main(multi_test.get_args_parser().parse_args(test_argv)):
         raise UserError("multi_test.py failed; see the messages above")
@@ -129,8 +136,8 @@ def main(args: argparse.Namespace) -> dict:
     print(f"eta_p     {eta['eta_p']:.4f}   (chance {chance_p:.4f})")
     print(f"eta_W     {eta['eta_w']:.4f}   (chance {chance_p:.4f})")
     print(f"eta_total {eta['eta_total']:.4f}   (chance {chance_p * chance_p:.4f})")
-    print(f"Outputs in {out}/: loss curve and checkpoints in model/, results and confusion matrices in "
-          f"best_model/, retrieval grids in retrieval/. Took {time.time() - started:.0f} s.")
+    print(f"Outputs in {out}/: loss curve and checkpoints in model/, results, confusion matrices and the t-SNE map "
+          f"of the test embeddings in best_model/, retrieval grids in retrieval/. Took {time.time() - started:.0f} s.")
     return {"best_checkpoint": str(best), **eta}
 
 

@@ -3,8 +3,9 @@
 Definitions (docs/reproduction.md, "Metrics"; Babaie et al. CVPRW 2017):
 - eta_p: share of queries whose nearest neighbour has the query's class (patch-to-scan accuracy).
 - eta_W: mean over classes of C_cc / sum_k C_ck with C the confusion matrix (rows true, columns
-  predicted), i.e. the mean per-class recall, like the reference code and the official MATLAB
-  script (the official Python script divides by column sums instead).
+  predicted; scikit-learn's confusion_matrix), i.e. the mean per-class recall, like the reference
+  code and the official MATLAB script, and scikit-learn's balanced_accuracy_score (the official
+  Python script divides by column sums instead).
 - eta_total = eta_p * eta_W.
 - Recall@K: share of queries with at least one neighbour of their class among the K most similar
   (Song et al. CVPR 2016).
@@ -107,8 +108,12 @@ def kimia_accuracy(true_labels: Sequence[int] | np.ndarray | torch.Tensor,
         raise ValueError("no queries to score")
     if num_classes is None:
         num_classes = int(max(true.max(), predicted.max())) + 1
-    confusion = np.bincount(true * num_classes + predicted, minlength=num_classes * num_classes)
-    confusion = confusion.reshape(num_classes, num_classes)
+    if min(true.min(), predicted.min()) < 0 or max(true.max(), predicted.max()) >= num_classes:
+        # scikit-learn would silently drop such queries from the matrix.
+        raise ValueError(f"labels must lie in 0 .. {num_classes - 1}")
+    from sklearn.metrics import confusion_matrix  # imported here: a second of start-up retrieve.py never needs
+
+    confusion = confusion_matrix(true, predicted, labels=np.arange(num_classes)).astype(np.int64)
     row_sums = confusion.sum(axis=1)
     per_class_recall = np.full(num_classes, np.nan)
     present = row_sums > 0

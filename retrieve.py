@@ -13,7 +13,10 @@ its `<class>_` file-name prefix) and matches.csv. A query that is itself in the 
 returned as its own match.
 
 The search is exact: torch ranks in blocks by default; --faiss (needs `pip install faiss-cpu`)
-uses a faiss inner-product index instead, which is faster on large collections.
+uses a faiss inner-product index instead, which is faster on large collections. Images are decoded
+and embedded batch by batch (core.embedder), so memory does not grow with the collection; one that
+cannot be decoded is left out (the index lists it under `failed`) and reported at the end, and the
+exit status is then 1.
 """
 from __future__ import annotations
 
@@ -27,58 +30,34 @@ from typing import Sequence
 
 import torch
 
-from metrics import topk_similar
-from multi_test import embed, iter_decoded, load_model
-from core.checkpoint import save_torch_file
+from core.checkpoint import load_model, read_torch_file, save_torch_file
+from core.embedder import Embedder, check_settings
 from core.errors import UserError, run_script
-from core.files import atomic_write_text, command_line, is_image_file, natural_sorted
-from core.images import load_rgb
-from core.runtime import AMP_DTYPES, select_device
+from core.files import atomic_write_text, command_line, list_images
+from core.images import load_rgb, report_unreadable
+from core.runtime import add_runtime_args, check_runtime, select_device
+from metrics import topk_similar
 from utils import pyplot, save_figure
 
 INDEX_FORMAT = 1
 INDEX_KEYS = ("format", "embeddings", "paths", "classes", "checkpoint", "model_name", "model_options", "crop_size")
 
 
-def find_images(root: str | os.PathLike) -> tuple[list[str], list[str | None]]:
-    """Image files under `root` in natural order, with their class (top-level subfolder) or None."""
-    root = Path(root)
-    paths, classes = [], []
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = natural_sorted(d for d in subfolders if not d.startswith("."))
-        relative = Path(folder).relative_to(root)
-        for name in natural_sorted(f for f in files if is_image_file(f)):
-            paths.append(str(Path(folder) / name))
-            classes.append(relative.parts[0] if relative.parts else None)
-    return paths, classes
-
-
-def embed_files(model: torch.nn.Module, paths: Sequence[str], crop_size: int, batch_size: int, device: torch.device,
-                amp: str, workers: int) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
-    """Embeddings of the readable files (decoded batch by batch, so memory stays bounded), their
-    indices in `paths`, and (path, reason) of the unreadable ones."""
-    parts, kept, failed = [], [], []
-    for images, indices, failures in iter_decoded(paths, crop_size, workers, batch_size):
-        failed += failures
-        if indices:
-            parts.append(embed(model, images, batch_size, device, amp).cpu())
-            kept += indices
-    if not parts:
-        raise UserError(f"none of the {len(paths)} images could be read; first failure: {failed[0][0]}: {failed[0][1]}")
-    return torch.cat(parts), kept, failed
-
-
 def build_index(checkpoint: str | os.PathLike, image_dir: str | os.PathLike, batch_size: int = 32, amp: str = "off",
-                device: torch.device | str | None = None, crop_size: int | None = None, workers: int = 0) -> dict:
-    """The index of every image under `image_dir`, as saved by `retrieve.py index`."""
+                device: torch.device | str | None = None, crop_size: int | None = None, workers: int = 0,
+                channels_last: bool = False) -> dict:
+    """The index of every image under `image_dir`, as saved by `retrieve.py index`; unreadable
+    images are left out and listed under "failed"."""
     if not Path(image_dir).is_dir():
         raise UserError(f"{image_dir}: no such folder; pass the folder of images to index")
-    paths, classes = find_images(image_dir)
-    if not paths:
+    found = list_images(image_dir)
+    if not found:
         raise UserError(f"{image_dir}: no image files (jpg, png, tif, bmp) in it or its subfolders")
-    device = select_device(device) if not isinstance(device, torch.device) else device
+    paths, classes = [path for path, _ in found], [name for _, name in found]
+    device = device if isinstance(device, torch.device) else select_device(device)
     loaded = load_model(checkpoint, device, crop_size)
-    embeddings, kept, failed = embed_files(loaded.model, paths, loaded.crop_size, batch_size, device, amp, workers)
+    embedder = Embedder(loaded.model, device, batch_size, amp, channels_last)
+    embeddings, kept, failed = embedder.embed_files(paths, loaded.crop_size, workers)
     return {
         "format": INDEX_FORMAT, "embeddings": embeddings, "paths": [os.path.abspath(paths[i]) for i in kept],
         "classes": [classes[i] for i in kept], "checkpoint": os.path.abspath(checkpoint),
@@ -88,12 +67,9 @@ def build_index(checkpoint: str | os.PathLike, image_dir: str | os.PathLike, bat
 
 
 def load_index(path: str | os.PathLike) -> dict:
-    try:
-        index = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such index file; build one with `python3 retrieve.py index`") from None
-    except Exception as err:  # torch raises many types for damaged or foreign files
-        raise UserError(f"{path}: cannot be read as an index ({' '.join(str(err).split())[:200]})") from None
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such index file; build one with `python3 retrieve.py index`")
+    index = read_torch_file(path)
     if not isinstance(index, dict) or any(key not in index for key in INDEX_KEYS):
         raise UserError(f"{path}: not an index written by `python3 retrieve.py index`")
     return index
@@ -146,11 +122,13 @@ def draw_grid(path: str | os.PathLike, query_path: str, query_label: str | None,
 
 def run_query(index: dict, query_paths: Sequence[str], top_k: int = 5, out_dir: str | os.PathLike | None = "retrieval",
               use_faiss: bool = False, checkpoint: str | None = None, batch_size: int = 32, amp: str = "off",
-              device: torch.device | str | None = None, workers: int = 0) -> list[dict]:
-    """Top-k matches of each query image (one dict per query); grids and matches.csv go to `out_dir`."""
+              device: torch.device | str | None = None, workers: int = 0,
+              channels_last: bool = False) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Top-k matches of each readable query image (one dict per query), and (path, reason) of the
+    unreadable ones; grids and matches.csv go to `out_dir`."""
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
-    device = select_device(device) if not isinstance(device, torch.device) else device
+    device = device if isinstance(device, torch.device) else select_device(device)
     checkpoint = checkpoint or index["checkpoint"]
     if not Path(checkpoint).is_file():
         raise UserError(f"{checkpoint}: the index's checkpoint is missing; pass its new place with --checkpoint")
@@ -158,9 +136,8 @@ def run_query(index: dict, query_paths: Sequence[str], top_k: int = 5, out_dir: 
     if loaded.model_name != index["model_name"] or loaded.model_options != index["model_options"]:
         raise UserError(f"{checkpoint}: a {loaded.model_name} {loaded.model_options}, but the index was built with "
                         f"a {index['model_name']} {index['model_options']}; pass the index's checkpoint")
-    embeddings, kept, failed = embed_files(loaded.model, query_paths, index["crop_size"], batch_size, device, amp, workers)
-    for path, reason in failed:
-        print(f"unreadable query skipped: {path} ({reason})", file=sys.stderr)
+    embedder = Embedder(loaded.model, device, batch_size, amp, channels_last)
+    embeddings, kept, failed = embedder.embed_files(query_paths, index["crop_size"], workers)
     query_paths = [query_paths[i] for i in kept]
     position = {path: i for i, path in enumerate(index["paths"])}
     exclude = torch.tensor([position.get(os.path.abspath(p), -1) for p in query_paths])
@@ -188,7 +165,7 @@ def run_query(index: dict, query_paths: Sequence[str], top_k: int = 5, out_dir: 
     if out_dir is not None:
         write_matches_csv(Path(out_dir) / "matches.csv", results, command_line())
         print(f"\ngrids and matches.csv written to {out_dir}")
-    return results
+    return results, failed
 
 
 def write_matches_csv(path: Path, results: Sequence[dict], command: str) -> None:
@@ -206,7 +183,7 @@ def collect_queries(items: Sequence[str]) -> list[str]:
     paths = []
     for item in items:
         if Path(item).is_dir():
-            found, _ = find_images(item)
+            found = [path for path, _ in list_images(item)]
             if not found:
                 raise UserError(f"{item}: no image files in this folder")
             paths += found
@@ -222,11 +199,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
-    common.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off",
-                        help="autocast dtype of the forward pass; embeddings stay float32 (default: off)")
-    common.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
-    common.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help=f"image-decoding processes (default: {min(4, os.cpu_count() or 1)})")
+    add_runtime_args(common)
 
     index = commands.add_parser("index", parents=[common], help="embed a folder of images into an index file")
     index.add_argument("checkpoint", help="checkpoint written by train.py, or a bare reference state_dict")
@@ -239,30 +212,33 @@ def get_args_parser() -> argparse.ArgumentParser:
     query.add_argument("index", help="index file written by `retrieve.py index`")
     query.add_argument("images", nargs="+", help="query images or folders of them")
     query.add_argument("--top-k", type=int, default=5, help="matches per query (default: 5)")
-    query.add_argument("--out-dir", default="retrieval", help="folder for the grid PNGs and matches.csv (default: retrieval)")
-    query.add_argument("--faiss", action="store_true", help="search with a faiss inner-product index (needs faiss-cpu; "
-                                                            "default: off, exact torch search)")
-    query.add_argument("--checkpoint", default=None, help="the index's checkpoint, if it moved (default: the path saved "
-                                                          "in the index)")
+    query.add_argument("--out-dir", default="retrieval",
+                       help="folder for the grid PNGs and matches.csv (default: retrieval)")
+    query.add_argument("--faiss", action="store_true",
+                       help="search with a faiss inner-product index (needs faiss-cpu; default: off, exact torch "
+                            "search)")
+    query.add_argument("--checkpoint", default=None,
+                       help="the index's checkpoint, if it moved (default: the path saved in the index)")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    """Build an index or answer queries; returns the exit status (1 if an image was left out)."""
+    check_settings(args.batch_size, args.amp)
+    device = check_runtime(args)
     if args.command == "index":
-        index = build_index(args.checkpoint, args.image_dir, args.batch_size, args.amp, args.device, args.crop_size,
-                            args.workers)
+        index = build_index(args.checkpoint, args.image_dir, args.batch_size, args.amp, device, args.crop_size,
+                            args.workers, args.channels_last)
         save_torch_file(index, args.out)
         known = sorted({c for c in index["classes"] if c is not None})
         print(f"indexed {len(index['paths'])} images ({len(known)} classes) with {index['model_name']} into {args.out}")
-        for path, reason in index["failed"]:
-            print(f"unreadable image skipped: {path} ({reason})", file=sys.stderr)
-        return 0
-    index = load_index(args.index)
-    run_query(index, collect_queries(args.images), args.top_k, args.out_dir, args.faiss, args.checkpoint,
-              args.batch_size, args.amp, args.device, args.workers)
-    return 0
+        failed = [tuple(failure) for failure in index["failed"]]
+    else:
+        _, failed = run_query(load_index(args.index), collect_queries(args.images), args.top_k, args.out_dir,
+                              args.faiss, args.checkpoint, args.batch_size, args.amp, device, args.workers,
+                              args.channels_last)
+    report_unreadable(failed)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -28,11 +28,13 @@ import torch.distributed as dist
 import losses
 import models
 import train
-from multi_test import evaluate_checkpoint
-from core.selection import VALIDATION, select_checkpoints, validation_loss
-from core.errors import UserError, run_script
+from core.distributed import run_distributed_script
+from core.errors import UserError
+from core.evaluation import evaluate_checkpoint
 from core.files import command_line, write_csv
 from core.runtime import select_device
+from core.selection import VALIDATION, select_checkpoints, validation_loss
+from core.training import add_training_arguments, resolve_names
 from utils import pyplot, save_figure
 
 DEFAULT_RATIOS = (0.2, 0.4, 0.6, 0.8)  # the reference's; its 100% bar is the main experiment
@@ -57,7 +59,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     main_run.add_argument("--skip-main", action="store_true", help="no 100%% bar (default: off)")
     parser.add_argument("--main-batch-size", type=int, default=60,
                         help="batch size of the main experiment when it is trained here (default: %(default)s)")
-    train.add_training_arguments(parser)
+    add_training_arguments(parser)
     parser.set_defaults(batch_size=20, output_dir="model/traindata")
     return parser
 
@@ -112,7 +114,8 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.resume:
         raise UserError("--resume: train_traindata.py trains each ratio from scratch; resume one ratio with "
                         "train.py --data-ratio R --output-dir <output-dir>/ratio_R --resume .../checkpoint.pth")
-    model_name, loss_name, _, _ = train.resolve_names(args)
+    names = resolve_names(args)
+    model_name, loss_name = names.model_name, names.loss_name
     bad = [r for r in args.ratios if not 0.0 < r <= 1.0]
     if bad:
         raise UserError(f"--ratios must lie in (0, 1], got {bad}")
@@ -161,8 +164,4 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    try:
-        status = run_script(main, get_args_parser().parse_args())
-    finally:
-        train.cleanup_distributed()
-    sys.exit(status)
+    sys.exit(run_distributed_script(main, get_args_parser().parse_args()))

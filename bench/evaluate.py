@@ -5,12 +5,13 @@
 Baseline (the reference's multi_test): for every checkpoint, the model is built (randomly
 initialised) and loaded, a DataLoader decodes every test PNG anew through CenterCrop + ToTensor,
 the model embeds it under no_grad the reference's way (resnet50 and ABE_M recompute their attention
-trunk for every head: bench/models.py's ReferenceStyle), and every row of the full similarity
+trunk for every head: models/reference.py's ReferenceStyle), and every row of the full similarity
 matrix is sorted.
-Ours (multi_test.Evaluator, by default and with --channels-last): the test images are decoded and centre-cropped once into uint8
-tensors; each model is built on the meta device (no random initialisation) and takes the
-checkpoint's tensors, embeds the crops in batches under inference_mode and ranks with a top-k.
-Both use the same weights (random, drawn with the fill rule of tests/reference_fill.py), batch size, decoding workers
+Ours (core.evaluation.Evaluator, multi_test's, by default and with --channels-last): the test images
+are decoded and centre-cropped once into a temporary file of uint8 crops; each model is built on
+the meta device (no random initialisation) and takes the checkpoint's tensors, embeds the crops
+batch by batch under inference_mode and ranks with a top-k.
+Both use the same weights (random, drawn with the fixtures' fill rule, models/reference.py), batch size, decoding workers
 and device; both times include loading the checkpoints.
 
 The test set is the project's synthetic one (KIMIA_data/synthetic.py, then data_process.py to
@@ -32,13 +33,13 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import models  # noqa: E402
-from bench.models import ReferenceStyle  # noqa: E402
-import multi_test  # noqa: E402
+from core.checkpoint import load_model  # noqa: E402
+from core.data import KimiaDataset, eval_transform  # noqa: E402
+from core.evaluation import Evaluator  # noqa: E402
+from core.runtime import select_device  # noqa: E402
 from KIMIA_data import data_process, synthetic  # noqa: E402
 from metrics import combine_learners, kimia_accuracy  # noqa: E402
-from tests.reference_fill import filled_state_dict  # noqa: E402
-from core.data import KimiaDataset, eval_transform  # noqa: E402
-from core.runtime import select_device  # noqa: E402
+from models.reference import ReferenceStyle, filled_state_dict  # noqa: E402
 
 # Five checkpoints: the three architectures, the attention ablation and a second ABE_M.
 CHECKPOINTS = (("se_resnet50", {}), ("se_resnet50", {"attention": False}), ("resnet50", {}), ("ABE_M", {}),
@@ -79,7 +80,7 @@ def write_checkpoints(folder: Path, crop_size: int) -> list[Path]:
         state_dict = filled_state_dict(models.build_model(name, **options).state_dict(), seed=number + 1)
         path = folder / f"{number}_{name}.pth"
         torch.save({"model": state_dict, "model_name": name,
-                    "model_options": {**models.model_options(name), **options}, "crop_size": crop_size}, path)
+                    "model_options": {**models.default_model_options(name), **options}, "crop_size": crop_size}, path)
         paths.append(path)
     return paths
 
@@ -111,9 +112,8 @@ def reference_sweep(paths: list[Path], data_dir: Path, batch_size: int, workers:
 
 def our_sweep(paths: list[Path], data_dir: Path, batch_size: int, workers: int, device: torch.device,
               channels_last: bool = False) -> list[float]:
-    evaluator = multi_test.Evaluator(data_dir, batch_size, "off", device, workers, channels_last)
-    return [evaluator.evaluate(multi_test.load_model(path, device))[0]["eta_total"] for path in paths]
-
+    with Evaluator(data_dir, batch_size, "off", device, workers, channels_last) as evaluator:
+        return [evaluator.evaluate(load_model(path, device))[0]["eta_total"] for path in paths]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -32,16 +32,15 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-# Repository root first, so that `models` is the package rather than bench/models.py.
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.models import ReferenceStyle  # noqa: E402
 from bench.run_all import machine_description  # noqa: E402
 from bench.timing import median_seconds  # noqa: E402
 from losses import build_loss  # noqa: E402
 from models import build_model  # noqa: E402
-from models.layers import BATCHNORM_MOMENTUM, StackedBatchNorm2d, repeated_update_momentum  # noqa: E402
+from models.layers import StackedBatchNorm2d  # noqa: E402
+from models.reference import per_head_copy  # noqa: E402
 from core.errors import UserError, run_script  # noqa: E402
 from core.files import atomic_write_text  # noqa: E402
 
@@ -106,17 +105,6 @@ def free_memory(device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- stacked tail
-def per_head_copy(model: nn.Module) -> ReferenceStyle:
-    """bench/models.py's reference-style copy (trunk and tail once per head), with the trunk's BatchNorm
-    momentum back at the reference's 0.1, so that its M updates are the reference's running statistics."""
-    reference = ReferenceStyle(model)
-    stacked_momentum = repeated_update_momentum(model.num_learners)
-    for module in reference.modules():
-        if isinstance(module, nn.BatchNorm2d) and module.momentum == stacked_momentum:
-            module.momentum = BATCHNORM_MOMENTUM
-    return reference
-
-
 def running_stats(model: nn.Module, prefix: str = "") -> dict[str, Tensor]:
     return {key[len(prefix):]: value for key, value in model.state_dict().items() if ".running_" in key}
 

@@ -11,7 +11,7 @@
 #
 # Stages (bench/gpu.py, one process each, so that one stage's crash leaves the others' figures):
 #   stacked-tail  StackedBatchNorm2d and the stacked tail of resnet50 and ABE_M against the per-head path
-#                 (bench/models.py's ReferenceStyle): embeddings in train and eval mode and BatchNorm running
+#                 (models/reference.py's ReferenceStyle): embeddings in train and eval mode and BatchNorm running
 #                 statistics, float32 with TF32 off, contiguous and channels_last
 #   train         se_resnet50 + MSLoss + SGD on random images, batch 60, 224 px: float32 (contiguous and
 #                 --channels-last), bf16 autocast and fp16 autocast with GradScaler (--channels-last);

@@ -1,7 +1,7 @@
 """Forward + backward time of the three losses against a per-anchor Python loop like the reference's.
 
-    python3 bench/losses.py            # n = 60, 240; M = 1, 4; CPU and, when present, CUDA
-    python3 bench/losses.py --quick    # n = 60, M = 1, CPU only, few repeats
+    python3 bench/loss_speed.py            # n = 60, 240; M = 1, 4; CPU and, when present, CUDA
+    python3 bench/loss_speed.py --quick    # n = 60, M = 1, CPU only, few repeats
 
 The baseline is written as the reference code is (docs/reproduction.md, "Losses"): a Python loop over
 anchors and learners, each anchor's positives and negatives picked with boolean masks, the positives
@@ -13,78 +13,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.timing import median_seconds  # noqa: E402
 from losses import LOSS_NAMES, build_loss, canonical_loss_name  # noqa: E402
-
-
-# ----------------------------------------------------------------------------- per-anchor baseline
-def _anchor_pairs(sim: Tensor, labels: Tensor, j: int, self_pair: str) -> tuple[Tensor, Tensor]:
-    same = labels == labels[j]
-    if self_pair == "reference":
-        same &= sim[j] < 1
-    else:
-        same[j] = False
-    return sim[j][same], sim[j][labels != labels[j]]
-
-
-def _contrastive_anchor(pos: Tensor, neg: Tensor) -> Tensor | None:
-    return F.relu(neg - 0.5).mean() - pos.mean()
-
-
-def _abe_anchor(pos: Tensor, neg: Tensor) -> Tensor | None:
-    return F.relu(0.5 - pos).mean() + neg.mean()
-
-
-def _ms_anchor(pos: Tensor, neg: Tensor) -> Tensor | None:
-    mined_neg = neg[neg + 0.2 > torch.min(pos)]
-    mined_pos = pos[pos - 0.2 < torch.max(neg)]
-    if len(mined_neg) < 1 or len(mined_pos) < 1:
-        return None
-    pos_loss = 1.0 / 2.0 * torch.log(1 + torch.sum(torch.exp(-2.0 * (mined_pos - 0.5))))
-    neg_loss = 1.0 / 5.0 * torch.log(1 + torch.sum(torch.exp(5.0 * (mined_neg - 0.5))))
-    return pos_loss + neg_loss
-
-
-_ANCHOR_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor | None]] = {
-    "ContrastiveLoss": _contrastive_anchor,
-    "ABELoss": _abe_anchor,
-    "MSLoss": _ms_anchor,
-}
-
-
-def per_anchor_loss(name: str, embeddings: list[Tensor], labels: Tensor, self_pair: str = "reference") -> Tensor:
-    """The reference's way: one learner, one anchor at a time, host decisions on every anchor;
-    `self_pair` as in `losses.build_loss`."""
-    anchor_loss = _ANCHOR_LOSSES[name]
-    learner_losses = []
-    for x in embeddings:
-        sim = x @ x.t()
-        anchor_losses = []
-        for j in range(len(labels)):
-            pos, neg = _anchor_pairs(sim, labels, j, self_pair)
-            if len(pos) < 1 or len(neg) < 1:
-                continue
-            value = anchor_loss(pos, neg)
-            if value is not None:
-                anchor_losses.append(value)
-        learner_losses.append(sum(anchor_losses) / len(anchor_losses) if anchor_losses else x.sum() * 0)
-    loss = sum(learner_losses) / len(learner_losses)
-    if name == "ABELoss" and len(embeddings) > 1:
-        divergence = [
-            F.relu((embeddings[a] * embeddings[b]).sum(1) - 0.2).mean()
-            for a in range(len(embeddings))
-            for b in range(a + 1, len(embeddings))
-        ]
-        loss = loss + 0.05 * sum(divergence) / len(divergence)
-    return loss
+from losses.reference import per_anchor_loss  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- timing
@@ -141,7 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         loss_fn(list(x.unbind(0)), labels).backward()
 
                     def baseline() -> None:
-                        per_anchor_loss(name, list(x.unbind(0)), labels).backward()
+                        per_anchor_loss(name, x, labels)[0].backward()
 
                     ours = 1e3 * median_seconds(vectorised, device, args.repeats, args.warmup)
                     row = {

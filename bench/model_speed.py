@@ -1,8 +1,8 @@
 """Cost of the three models: forward FLOPs per image and images per second for inference and training.
 
-    python3 bench/models.py            # batch 8, 224x224, float32 and bfloat16 autocast, CPU (2 threads) + CUDA,
+    python3 bench/model_speed.py            # batch 8, 224x224, float32 and bfloat16 autocast, CPU (2 threads) + CUDA,
                                        # channels_last
-    python3 bench/models.py --quick    # 1 warm-up and 2 timed steps per figure
+    python3 bench/model_speed.py --quick    # 1 warm-up and 2 timed steps per figure
 
 For resnet50 and ABE_M the baseline is "reference-style": the same modules, but the attention trunk and
 the shared tail run once for every head, as the reference code does (docs/reproduction.md, "Models"), and every 1x1
@@ -14,46 +14,22 @@ FLOPs come from torch.utils.flop_counter (convolutions and matrix products, 2 pe
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-# Repository root first, so that `models` is the package rather than this file.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.timing import median_seconds  # noqa: E402
 from losses import build_loss  # noqa: E402
 from models import MODEL_NAMES, build_model, canonical_model_name  # noqa: E402
-from models.layers import AttentionEnsemble, PointwiseConv2d, StackedBatchNorm2d  # noqa: E402
+from models.layers import PointwiseConv2d  # noqa: E402
+from models.reference import ReferenceStyle  # noqa: E402
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
-
-
-class ReferenceStyle(nn.Module):
-    """Benchmark-only: a copy of `model` run the reference's way: its attention trunk and its shared tail
-    once per head, every 1x1 convolution through nn.Conv2d.
-
-    Outputs and gradients equal the model's own to float rounding; only the cost differs (and, in
-    training mode, the trunk's BatchNorm statistics, which this path updates M times, irrelevant to timing).
-    """
-
-    def __init__(self, model: AttentionEnsemble) -> None:
-        super().__init__()
-        self.model = copy.deepcopy(model)
-        for module in self.model.modules():
-            if isinstance(module, StackedBatchNorm2d):
-                module.stacks = 1  # the tail sees one head's batch at a time
-            elif isinstance(module, PointwiseConv2d):
-                module.__class__ = nn.Conv2d  # same parameters, the convolution kernel
-
-    def forward(self, images: Tensor) -> list[Tensor]:
-        model = self.model
-        features = model.forward_stem(images)
-        return [model.forward_tail(features * head(model.forward_trunk(features))) for head in model.attention_heads()]
 
 
 def forward_gflops(model: nn.Module, crop_size: int) -> float:

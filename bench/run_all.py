@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import platform
 import sys
 import time
 from pathlib import Path
@@ -20,19 +19,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.files import atomic_write_text, command_line  # noqa: E402
+from core.runtime import cpu_name, cpu_runs_natively  # noqa: E402
 
-BENCHMARKS = ("data_process", "losses", "models", "evaluate")
+# --only name -> the module under bench/
+BENCHMARKS = {"data_process": "data_process_speed", "losses": "loss_speed", "models": "model_speed", "evaluate": "evaluate",
+              "evaluate_memory": "evaluate_memory"}
 
 
 def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
+    native = "with" if cpu_runs_natively(torch.bfloat16) else "without"
+    return f"{cpu_name()} ({native} native bfloat16), {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -46,7 +43,7 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smallest settings of every benchmark (default: off)")
-    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS),
+    parser.add_argument("--only", nargs="+", choices=tuple(BENCHMARKS), default=list(BENCHMARKS),
                         help="benchmarks to run (default: all)")
     parser.add_argument("--out", default="bench/results.md", help="Markdown file to write (default: bench/results.md)")
     args = parser.parse_args(argv)
@@ -54,9 +51,10 @@ def main(argv: list[str] | None = None) -> str:
     rows: list[dict] = []
     for name in args.only:
         started = time.time()
-        print(f"--- bench/{name}.py", flush=True)
-        rows += importlib.import_module(f"bench.{name}").main(["--quick"] if args.quick else [])
-        print(f"--- bench/{name}.py took {time.time() - started:.0f} s", flush=True)
+        module = BENCHMARKS[name]
+        print(f"--- bench/{module}.py", flush=True)
+        rows += importlib.import_module(f"bench.{module}").main(["--quick"] if args.quick else [])
+        print(f"--- bench/{module}.py took {time.time() - started:.0f} s", flush=True)
     text = f"Machine: {machine_description()}\n\nCommand: `{command_line()}`\n\n{format_table(rows)}"
     atomic_write_text(args.out, text)
     print(text)

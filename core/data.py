@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, random_split
 from torchvision import transforms
 
@@ -30,9 +31,27 @@ def train_transform(crop_size: int = 224) -> transforms.Compose:
     ])
 
 
+def eval_crop(crop_size: int = 224) -> transforms.Compose:
+    """The first half of the validation and test transform: the centre crop as uint8 (3 x c x c),
+    a quarter of the float32 crop's size, for crops kept between passes (core.embedder)."""
+    return transforms.Compose([transforms.CenterCrop(crop_size), _uint8_tensor])
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """The second half: uint8 images as float32 in [0, 1], ToTensor's own conversion (float, then
+    divide by 255), so the values equal ToTensor's bit for bit."""
+    return images.float().div(255)
+
+
 def eval_transform(crop_size: int = 224) -> transforms.Compose:
-    """The reference's validation and test transform (no normalisation)."""
-    return transforms.Compose([transforms.CenterCrop(crop_size), transforms.ToTensor()])
+    """The reference's validation and test transform, CenterCrop then ToTensor (no normalisation),
+    as eval_crop then to_unit_float."""
+    return transforms.Compose([eval_crop(crop_size), to_unit_float])
+
+
+def _uint8_tensor(image: Image.Image) -> torch.Tensor:
+    # PILToTensor returns a permuted view; stacking such views would give channels_last batches.
+    return transforms.functional.pil_to_tensor(image).contiguous()
 
 
 

@@ -5,8 +5,9 @@
 
 Mixed precision on a CPU needs the CPU's own bfloat16 (AVX512-BF16 or AMX) or float16 (AVX512-FP16 or
 AMX-FP16) instructions, as oneDNN reports them: without them every product is emulated, and se_resnet50
-trains about 30x slower in bfloat16 than in float32 (0.07 against 2.1 images/s on an AVX2-only AMD EPYC,
-batch 8, 224 px, channels_last). `check_runtime` refuses that unless `--amp-force` is given.
+trains about 7x slower in bfloat16 than in float32 (measured with oneDNN held to AVX2 on an AMD EPYC:
+`ONEDNN_MAX_CPU_ISA=AVX2 python3 bench/model_speed.py --models se_resnet50`). `check_runtime` refuses
+that unless `--amp-force` is given.
 """
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ from .errors import UserError
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the --amp choices
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
-EMULATED_BF16_COST = "se_resnet50 trains about 30x slower than in float32 (0.07 against 2.1 images/s measured)"
+EMULATED_BF16_COST = ("se_resnet50 trains about 7x slower than in float32 (0.09 against 0.67 images/s, oneDNN "
+                      "held to AVX2)")
 
 
-def add_runtime_args(parser: argparse.ArgumentParser, workers: bool = True) -> argparse.ArgumentParser:
-    """The runtime flags, with one set of defaults for every script that runs a model."""
+def add_runtime_args(parser: argparse.ArgumentParser, workers: bool = True,
+                     workers_note: str = "") -> argparse.ArgumentParser:
+    """The runtime flags, with one set of defaults for every script that runs a model; `workers_note`
+    adds what --workers means to this script (its help, before the default)."""
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     group.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off",
@@ -40,8 +44,8 @@ def add_runtime_args(parser: argparse.ArgumentParser, workers: bool = True) -> a
                             "on GPUs (default: off)")
     if workers:
         group.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                           help="image-loading processes; 0 loads in the main process (default: %(default)s, "
-                                "min(4, cores))")
+                           help="image-loading processes; 0 loads in the main process"
+                                + (f"; {workers_note}" if workers_note else "") + " (default: %(default)s, min(4, cores))")
     return parser
 
 

@@ -37,7 +37,7 @@ def canonical_model_name(name: str) -> str:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}") from None
 
 
-def model_options(name: str) -> dict[str, Any]:
+def default_model_options(name: str) -> dict[str, Any]:
     """The options `build_model(name, ...)` accepts, with their defaults."""
     parameters = inspect.signature(_BUILDERS[canonical_model_name(name)]).parameters
     return {key: parameter.default for key, parameter in parameters.items()}
@@ -47,7 +47,7 @@ def build_model(name: str, **options: Any) -> nn.Module:
     """A freshly initialised model. Options: embedding_dim (total, split over the learners), num_learners,
     and attention (se_resnet50 only). Unknown names or options raise ValueError."""
     canonical = canonical_model_name(name)
-    accepted = model_options(canonical)
+    accepted = default_model_options(canonical)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"model {canonical} has no option {', '.join(unknown)}; its options are {', '.join(accepted)}")
@@ -69,4 +69,4 @@ def summary(model: nn.Module, crop_size: int = 224, depth: int = 3) -> str:
     return str(stats)
 
 
-__all__ = ["MODEL_NAMES", "build_model", "canonical_model_name", "model_options", "summary"]
+__all__ = ["MODEL_NAMES", "build_model", "canonical_model_name", "default_model_options", "summary"]

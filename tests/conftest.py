@@ -10,3 +10,48 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(params=DEVICES)
 def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.param)
+
+
+# ----------------------------------------------------------------------------- evaluation and retrieval data
+@pytest.fixture(scope="session")
+def make_images():
+    """make_images(root, {"s0": 4, ...}, size=40, seed=0): random-texture PNGs
+    `root/<class>/<class>_<i>.png`, each class around its own colour (classes well apart)."""
+    import numpy as np
+    from PIL import Image
+
+    def make(root, per_class: dict[str, int], size: int = 40, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        for number, name in enumerate(per_class):
+            (root / name).mkdir(parents=True, exist_ok=True)
+            base = np.array([60 + 80 * number, 200 - 70 * number, 120], dtype=np.float64)
+            for i in range(per_class[name]):
+                pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / name / f"{name}_{i}.png")
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def write_checkpoint():
+    """write_checkpoint(path, model_name, crop_size=32, seed=0, val_loss=0.5, best_val_loss=None,
+    epoch=0, class_names=("s0", "s1", "s2"), **model_options): a randomly initialised model saved
+    as train.py lays out its checkpoint dict."""
+    import models
+
+    def write(path, model_name: str, crop_size: int = 32, seed: int = 0, val_loss: float = 0.5,
+              best_val_loss: float | None = None, epoch: int = 0, class_names=("s0", "s1", "s2"), **options) -> None:
+        torch.manual_seed(seed)
+        model = models.build_model(model_name, **options)
+        defaults = models.default_model_options(model_name)
+        defaults.update(options)
+        torch.save({
+            "model": model.state_dict(), "optimizer": {}, "lr_scheduler": {}, "scaler": None, "epoch": epoch,
+            "args": {"model": model_name, "crop_size": crop_size, "seed": seed}, "model_name": model_name,
+            "loss_name": "MSLoss", "model_options": defaults, "class_names": list(class_names),
+            "crop_size": crop_size, "history": [], "val_loss": val_loss,
+            "best_val_loss": val_loss if best_val_loss is None else best_val_loss, "seed": seed,
+            "command": "python3 train.py",
+        }, path)
+
+    return write

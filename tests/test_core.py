@@ -186,7 +186,7 @@ def test_report_unreadable_lists_each_file_once(capsys) -> None:
 def test_amp_on_a_cpu_without_native_instructions_is_refused_unless_forced(monkeypatch) -> None:
     monkeypatch.setattr(runtime, "cpu_runs_natively", lambda dtype: False)
     with pytest.raises(errors.UserError, match=r"^--amp bf16: this CPU \(.*\) has no bfloat16 .* instructions, so it is "
-                                               r"emulated: .*30x slower.*; use --amp off, or add --amp-force"):
+                                               r"emulated: .*7x slower.*; use --amp off, or add --amp-force"):
         runtime.check_amp("bf16", torch.device("cpu"))
     runtime.check_amp("bf16", torch.device("cpu"), force=True)
     runtime.check_amp("off", torch.device("cpu"))

@@ -62,6 +62,8 @@ def test_demo_runs_every_step_and_writes_its_outputs(tmp_path: Path) -> None:
     for protocol in ("test", "train"):
         with Image.open(out / "best_model" / "confusion" / f"{best[0].stem}_{protocol}.png") as image:
             assert image.format == "PNG"
+    with Image.open(out / "best_model" / "embeddings" / f"{best[0].stem}_tsne.png") as image:
+        assert image.format == "PNG"  # the t-SNE map of the test embeddings
 
     grids = sorted((out / "retrieval").glob("*.png"))
     assert [g.name for g in grids] == ["000_s0_test_0.png", "001_s1_test_0.png"]

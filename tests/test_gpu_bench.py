@@ -16,6 +16,7 @@ from bench import gpu
 from losses import build_loss
 from models import build_model
 from models.layers import StackedBatchNorm2d
+from models.reference import per_head_copy
 
 REPO = Path(__file__).resolve().parents[1]
 # No GPU, whatever the machine has: the reduced form and the errors of a machine without one.
@@ -33,7 +34,7 @@ def ieee_float32(monkeypatch: pytest.MonkeyPatch) -> None:
 # ----------------------------------------------------------------------------- stacked tail
 def test_per_head_copy_puts_the_reference_momentum_back_on_the_trunk_only() -> None:
     model = build_model("resnet50")
-    reference = gpu.per_head_copy(model)
+    reference = per_head_copy(model)
     momenta = {name: m.momentum for name, m in reference.model.named_modules() if isinstance(m, nn.BatchNorm2d)}
     assert set(momenta.values()) == {0.1}
     trunk = [m.momentum for name, m in model.named_modules() if name.startswith("att_layer.")

@@ -1,15 +1,18 @@
 """The three metric losses against the reference's numbers and against a naive per-anchor version.
 
-`naive_loss` below is the losses of docs/reproduction.md written out one learner and one anchor at
+`losses.reference.per_anchor_loss` is the losses of docs/reproduction.md written out one learner and one anchor at
 a time, the pairs picked as the paper's code picks them (`self_pair="reference"`: a same-class pair
-is a positive when s < 1) or with the self pair dropped by index (`"exclude"`), so that it is easy
-to check by eye; the fast losses must agree with it in value, gradient and usage counts on hundreds
+is a positive when s < 1) or with the self pair dropped by index (`"exclude"`), so that it is easy to
+check by eye; the fast losses must agree with it in value, gradient and usage counts on hundreds
 of random batches, the awkward ones included. The reference's fixtures were computed with the self
 pair dropped by index: they test `self_pair="exclude"`.
 """
 from __future__ import annotations
 
 import math
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,70 +21,10 @@ import torch.nn.functional as F
 
 import losses
 from losses import SELF_PAIR_RULES, ABELoss, ContrastiveLoss, MSLoss, build_loss
+from losses.reference import DEFAULTS, per_anchor_loss as naive_loss
 
 FIXTURES = Path(__file__).parent / "data" / "fixtures_seed1.pt"
-DEFAULTS = {
-    "ContrastiveLoss": {"margin": 0.5},
-    "ABELoss": {"lambda_div": 0.05, "margin_c": 0.5, "margin_div": 0.2},
-    "MSLoss": {"alpha": 2.0, "beta": 5.0, "lam": 0.5, "eps": 0.2},
-}
-
-
-# ----------------------------------------------------------------------------- naive reference
-def _anchor_term(name: str, pos: torch.Tensor, neg: torch.Tensor, hp: dict) -> tuple[torch.Tensor, int] | None:
-    """One anchor's loss and the number of pairs it used, or None if it is skipped."""
-    if name == "ContrastiveLoss":
-        return torch.relu(neg - hp["margin"]).mean() - pos.mean(), len(pos) + len(neg)
-    if name == "ABELoss":
-        return torch.relu(hp["margin_c"] - pos).mean() + neg.mean(), len(pos) + len(neg)
-    mined_neg = neg[neg + hp["eps"] > pos.min()]
-    mined_pos = pos[pos - hp["eps"] < neg.max()]
-    if len(mined_pos) == 0 or len(mined_neg) == 0:
-        return None
-    alpha, beta, lam = hp["alpha"], hp["beta"], hp["lam"]
-    value = (
-        torch.log(1 + torch.exp(-alpha * (mined_pos - lam)).sum()) / alpha
-        + torch.log(1 + torch.exp(beta * (mined_neg - lam)).sum()) / beta
-    )
-    return value, len(mined_pos) + len(mined_neg)
-
-
-def naive_loss(name: str, embeddings: torch.Tensor, labels: torch.Tensor, self_pair: str = "reference",
-               **options) -> tuple[torch.Tensor, int, int]:
-    """(loss, anchors used, pairs used) for M x n x d embeddings, one learner and one anchor at a time."""
-    hp = DEFAULTS[name] | options
-    num_learners, n, _ = embeddings.shape
-    labels = labels.to(embeddings.device)
-    others = ~torch.eye(n, dtype=torch.bool, device=embeddings.device)
-    learner_losses, anchors, pairs = [], 0, 0
-    for x in embeddings:
-        sim = x @ x.T
-        anchor_losses = []
-        for i in range(n):
-            if self_pair == "reference":  # the paper's code: the self pair stays when x . x < 1
-                pos = sim[i][(labels == labels[i]) & (sim[i] < 1)]
-            else:
-                pos = sim[i][(labels == labels[i]) & others[i]]
-            neg = sim[i][labels != labels[i]]
-            if len(pos) == 0 or len(neg) == 0:
-                continue
-            term = _anchor_term(name, pos, neg, hp)
-            if term is not None:
-                anchor_losses.append(term[0])
-                anchors += 1
-                pairs += term[1]
-        learner_losses.append(sum(anchor_losses) / len(anchor_losses) if anchor_losses else embeddings.sum() * 0)
-    loss = sum(learner_losses) / num_learners
-    if name == "ABELoss" and num_learners > 1 and anchors > 0:
-        divergence = [
-            torch.relu((embeddings[a] * embeddings[b]).sum(1) - hp["margin_div"]).mean()
-            for a in range(num_learners)
-            for b in range(a + 1, num_learners)
-        ]
-        loss = loss + hp["lambda_div"] * sum(divergence) / len(divergence)
-    return loss, anchors, pairs
-
-
+REPO = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------- random batches
 KINDS = ["random", "singletons", "one_class", "no_positives", "duplicates", "well_separated"]
 
@@ -395,19 +338,20 @@ def test_forward_backward_and_stats_need_no_host_synchronisation(name, num_learn
     assert all(t.shape == () and t.device.type == "meta" for t in loss_fn.stats.values())
 
 
-def test_benchmark_baseline_computes_the_same_losses():
-    """bench/losses.py times against its own per-anchor loop: that loop must compute these losses."""
-    from bench.losses import main, per_anchor_loss
-
+def test_the_per_anchor_loop_matches_the_fixtures_with_the_self_pair_excluded():
+    """losses.reference is the tests' oracle and the benchmarks' baseline: check it on the reference's numbers."""
     for case in torch.load(FIXTURES, weights_only=False)["losses"]:
         for name, expected in case["expected"].items():
-            value = per_anchor_loss(name, list(case["embeddings"].unbind(0)), case["labels"], self_pair="exclude")
+            value = naive_loss(name, case["embeddings"], case["labels"], self_pair="exclude")[0]
             assert float(value) == pytest.approx(expected["loss"].item(), abs=1e-5), name
-    x = torch.nn.functional.normalize(torch.randn(4, 60, 128, generator=torch.Generator().manual_seed(3)), dim=-1)
-    labels = torch.randint(0, 24, (60,), generator=torch.Generator().manual_seed(4))
-    for name in losses.LOSS_NAMES:  # the default rule, as the benchmark times ours
-        assert float(per_anchor_loss(name, list(x.unbind(0)), labels)) == pytest.approx(
-            float(losses.build_loss(name)(list(x.unbind(0)), labels)), abs=1e-5), name
-    rows = main(["--batch-sizes", "8", "--learners", "2", "--devices", "cpu", "--repeats", "1", "--baseline-repeats", "1", "--warmup", "0"])
-    assert [(r["loss"], r["M"], r["n"]) for r in rows] == [(name, 2, 8) for name in losses.LOSS_NAMES]
-    assert all(r["benchmark"] == "losses" and r["unit"] == "ms" and r["ours"] > 0 and r["baseline"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_benchmark_times_ours_against_the_per_anchor_loop():
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "loss_speed.py"), "--batch-sizes", "8", "--learners",
+                             "2", "--devices", "cpu", "--repeats", "1", "--baseline-repeats", "1", "--warmup", "0"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = re.findall(r"^\| (\w+) \| cpu \| 2 \| 8 \| ([\d.]+) \| ([\d.]+) \| [\d.]+x \|$", result.stdout, re.M)
+    assert [row[0] for row in rows] == list(losses.LOSS_NAMES)
+    assert all(float(ours) > 0 and float(loop) > 0 for _, ours, loop in rows)

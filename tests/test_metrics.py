@@ -30,9 +30,31 @@ def test_kimia_accuracy_leaves_classes_without_queries_out_of_eta_w():
     assert np.isnan(result["per_class_recall"][2]) and np.isnan(result["per_class_recall"][3])
 
 
-def test_kimia_accuracy_rejects_mismatched_lengths():
+def test_kimia_accuracy_rejects_mismatched_lengths_and_labels_outside_the_classes():
     with pytest.raises(ValueError, match="3 true labels but 2 predicted"):
         kimia_accuracy([0, 1, 1], [0, 1])
+    with pytest.raises(ValueError, match=r"labels must lie in 0 \.\. 2"):
+        kimia_accuracy([0, 1, 3], [0, 1, 1], num_classes=3)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_eta_w_is_balanced_accuracy_and_the_confusion_matrix_counts_pairs(seed):
+    """On random predictions, with a class that has queries but is never predicted: eta_W equals
+    scikit-learn's balanced_accuracy_score, and each cell counts its (true, predicted) pairs."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(seed)
+    true = rng.integers(0, 6, 200)
+    predicted = rng.integers(0, 6, 200)
+    predicted[predicted == 4] = 2  # class 4 is never predicted
+    result = kimia_accuracy(true, predicted, num_classes=6)
+    assert result["eta_w"] == pytest.approx(balanced_accuracy_score(true, predicted), abs=1e-12)
+    assert result["eta_p"] == pytest.approx(np.mean(true == predicted), abs=1e-12)
+    counted = np.zeros((6, 6), dtype=np.int64)
+    for t, p in zip(true, predicted):
+        counted[t, p] += 1
+    np.testing.assert_array_equal(result["confusion"], counted)
+    assert result["confusion"].dtype == np.int64 and result["per_class_recall"][4] == 0
 
 
 def test_recall_at_k_and_map_at_r_hand_example():

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from models import MODEL_NAMES, build_model, canonical_model_name, summary
 from models.abe_m import STAGE4
 from models.layers import PointwiseConv2d, StackedBatchNorm2d, pooled_embedding
-from tests.reference_fill import filled_state_dict
+from models.reference import ReferenceStyle, filled_state_dict
 
 DATA = Path(__file__).resolve().parent / "data"
 REPO = Path(__file__).resolve().parent.parent
@@ -376,10 +376,9 @@ def test_command_line_summary_and_bad_name() -> None:
 # ----------------------------------------------------------------------------- benchmark baseline
 @pytest.mark.parametrize("name", ["resnet50", "ABE_M"])
 def test_benchmark_baseline_computes_the_same_embeddings_and_gradients(name: str, device: torch.device) -> None:
-    """bench/models.py times against a reference-style copy (trunk and tail once per head, nn.Conv2d for
+    """bench/model_speed.py times against a reference-style copy (trunk and tail once per head, nn.Conv2d for
     1x1): it must compute what the model computes. In float64, because BatchNorm over the few values of
     a small input's last stages turns float32 rounding into percent-size gradient differences."""
-    from bench.models import ReferenceStyle
     torch.manual_seed(0)
     model = build_model(name).train().to(device, torch.float64, memory_format=torch.channels_last)
     dropout_to_eval(model)

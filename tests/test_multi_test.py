@@ -1,4 +1,5 @@
-"""multi_test.py: checkpoint loading, both protocols, the folder sweep and its result files."""
+"""multi_test.py and its library (core.embedder, core.evaluation): checkpoint loading, the one eval
+transform, the crop cache, both protocols, the folder sweep, its result files and embedding maps."""
 import csv
 import re
 import subprocess
@@ -9,72 +10,72 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms
 
 import models
 import multi_test
-from core import selection
-from metrics import kimia_accuracy
-from core.data import KimiaDataset, eval_transform
+from core import embedder as embedder_module
+from core import evaluation, selection
+from core.checkpoint import CheckpointError, load_model
+from core.data import KimiaDataset, eval_crop, eval_transform
+from core.embedder import CropCache, Embedder
+from core.evaluation import Evaluator, evaluate_checkpoint
 from core.files import command_line
+from metrics import kimia_accuracy
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ("s0", "s1", "s2")
 CROP = 32
 
 
-def make_images(root: Path, per_class: dict[str, int], size: int = 40, seed: int = 0) -> None:
-    """Random-texture PNGs `root/<class>/<class>_<i>.png`, each class around its own colour."""
-    rng = np.random.default_rng(seed)
-    for number, name in enumerate(per_class):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        base = np.array([60 + 80 * number, 200 - 70 * number, 120], dtype=np.float64)
-        for i in range(per_class[name]):
-            pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{name}_{i}.png")
-
-
-def write_checkpoint(path: Path, model_name: str, crop_size: int = CROP, seed: int = 0, val_loss: float = 0.5,
-                     best_val_loss: float | None = None, epoch: int = 0, **options) -> None:
-    """A checkpoint laid out as train.py writes it (see the checkpoint interface)."""
-    torch.manual_seed(seed)
-    model = models.build_model(model_name, **options)
-    defaults = models.model_options(model_name)
-    defaults.update(options)
-    torch.save({
-        "model": model.state_dict(), "optimizer": {}, "lr_scheduler": {}, "scaler": None, "epoch": epoch,
-        "args": {"model": model_name, "crop_size": crop_size, "seed": seed}, "model_name": model_name,
-        "loss_name": "MSLoss", "model_options": defaults, "class_names": list(CLASSES), "crop_size": crop_size,
-        "history": [], "val_loss": val_loss, "best_val_loss": val_loss if best_val_loss is None else best_val_loss,
-        "seed": seed, "command": "python3 train.py",
-    }, path)
-
-
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
+def data_dir(tmp_path_factory, make_images) -> Path:
     root = tmp_path_factory.mktemp("kimia")
     make_images(root / "test", {"s0": 4, "s1": 4, "s2": 1}, seed=1)  # s2: a class with one test image
     make_images(root / "train", {"s0": 2, "s1": 2, "s2": 2}, seed=2)
     return root
 
 
-def test_evaluation_matches_the_reference_pipeline(data_dir, tmp_path):
+def test_the_one_eval_transform_is_the_references_bit_for_bit(data_dir):
+    """eval_crop (uint8, what the crop cache keeps) then the division by 255 gives exactly the
+    reference's CenterCrop + ToTensor, for images larger and smaller than the crop."""
+    reference = transforms.Compose([transforms.CenterCrop(CROP), transforms.ToTensor()])
+    rng = np.random.default_rng(0)
+    for height, width in ((40, 40), (57, 41), (20, 26)):  # the last one padded by CenterCrop
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        crop = eval_crop(CROP)(image)
+        assert crop.dtype == torch.uint8 and crop.is_contiguous()
+        assert torch.equal(eval_transform(CROP)(image), reference(image))
+        assert torch.equal(crop.float().div(255), reference(image))
+    dataset = KimiaDataset(data_dir / "test", reference)
+    with CropCache([path for path, _ in dataset.samples], CROP) as cache:
+        cached = torch.cat([Embedder(torch.nn.Flatten()).embed(batch) for batch in cache.batches(4)])
+    # A Flatten "model": the rows are the flattened, normalised images the model would receive.
+    expected = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    torch.testing.assert_close(cached, torch.nn.functional.normalize(expected.flatten(1), dim=1), rtol=0, atol=0)
+
+
+def test_evaluation_matches_the_reference_pipeline(data_dir, tmp_path, write_checkpoint):
     """The cached uint8 crops give the similarities of the reference's loader (eval_transform per
     checkpoint), and every prediction is the class of a most similar other image."""
     path = tmp_path / "se_resnet50_MSLoss_0.5000.pth"
     write_checkpoint(path, "se_resnet50", crop_size=CROP, attention=False)
-    result = multi_test.evaluate_checkpoint(path, data_dir, protocol="test", batch_size=4, device="cpu")
+    result = evaluate_checkpoint(path, data_dir, protocol="test", batch_size=4, device="cpu")
 
-    loaded = multi_test.load_model(path)
+    loaded = load_model(path)
     dataset = KimiaDataset(data_dir / "test", eval_transform(CROP))
     with torch.no_grad():
         reference = loaded.model(torch.stack([dataset[i][0] for i in range(len(dataset))]))
     reference_similarity = sum(e @ e.T for e in reference) / len(reference)
-    cached = multi_test.Evaluator(data_dir, device="cpu").images("test", CROP)
-    ours = multi_test.embed(loaded.model, cached.images, batch_size=4)
+    with Evaluator(data_dir, device="cpu") as evaluator:
+        cache, names = evaluator.decoded("test", CROP)
+        assert names == [dataset.classes[label] for label in dataset.targets]
+        ours = Embedder(loaded.model, batch_size=4).embed(cache.batches(4))
+        nhwc = Embedder(loaded.model, batch_size=4, channels_last=True).embed(cache.batches(3))
     torch.testing.assert_close(ours @ ours.T, reference_similarity, atol=1e-5, rtol=0)
-    nhwc = multi_test.embed(loaded.model, cached.images, batch_size=4, channels_last=True)
     torch.testing.assert_close(nhwc, ours, atol=1e-5, rtol=0)  # --channels-last: the same to float rounding
-    loaded.model.to(memory_format=torch.contiguous_format)
+    torch.testing.assert_close(result["query_embeddings"], ours, atol=0, rtol=0)
+    assert result["query_labels"] == dataset.targets
 
     reference_similarity.fill_diagonal_(float("-inf"))  # the query itself, excluded by index
     best = reference_similarity.max(dim=1, keepdim=True).values
@@ -90,12 +91,13 @@ def test_evaluation_matches_the_reference_pipeline(data_dir, tmp_path):
     assert result["crop_size"] == CROP and result["class_names"] == list(CLASSES)
 
 
-def test_train_protocol_searches_the_training_set(data_dir, tmp_path):
+def test_train_protocol_searches_the_training_set(data_dir, tmp_path, write_checkpoint):
     path = tmp_path / "resnet50_MSLoss_0.5000.pth"
     write_checkpoint(path, "resnet50", crop_size=24, embedding_dim=64)
-    loaded = multi_test.load_model(path)
+    loaded = load_model(path)
     assert loaded.crop_size == 24 and loaded.model.num_learners == 4
-    test, train = multi_test.Evaluator(data_dir, batch_size=8, device="cpu").evaluate(loaded, ("test", "train"))
+    with Evaluator(data_dir, batch_size=8, device="cpu") as evaluator:
+        test, train = evaluator.evaluate(loaded, ("test", "train"))
     assert (test["protocol"], train["protocol"]) == ("test", "train")
     assert train["num_queries"] == 9 and train["num_gallery"] == 6 and train["num_lone_queries"] == 0
     assert train["confusion"].sum() == 9 and np.trace(train["confusion"]) == train["correct"]
@@ -104,11 +106,11 @@ def test_train_protocol_searches_the_training_set(data_dir, tmp_path):
 def test_bare_reference_state_dict_architecture_from_name_and_keys(tmp_path):
     path = tmp_path / "se_resnet_MsLoss_0.7590.pth"
     torch.save(models.build_model("se_resnet50", attention=False).state_dict(), path)
-    loaded = multi_test.load_model(path)
+    loaded = load_model(path)
     assert loaded.model_name == "se_resnet50" and loaded.source == "reference state_dict"
     assert loaded.model_options == {"embedding_dim": 512, "num_learners": 1, "attention": False}
     assert loaded.crop_size == 224 and loaded.class_names is None
-    assert multi_test.load_model(path, crop_size=64).crop_size == 64
+    assert load_model(path, crop_size=64).crop_size == 64
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -123,11 +125,11 @@ def test_unusable_files_are_named_with_the_reason(tmp_path, name, content, messa
         path.write_bytes(content)
     else:
         torch.save(content, path)
-    with pytest.raises(multi_test.CheckpointError, match=message):
-        multi_test.load_model(path)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(path)
 
 
-def test_sweep_over_a_folder_of_every_kind_of_file(data_dir, tmp_path, capsys):
+def test_sweep_over_a_folder_of_every_kind_of_file(data_dir, tmp_path, capsys, make_images, write_checkpoint):
     weights = tmp_path / "model"
     weights.mkdir()
     write_checkpoint(weights / "ABE_M_ABELoss_0.4000.pth", "ABE_M", seed=1)
@@ -151,7 +153,8 @@ def test_sweep_over_a_folder_of_every_kind_of_file(data_dir, tmp_path, capsys):
     assert status == 1
     assert "FAILED corrupt.pth: cannot be read as a torch file" in out
     assert re.search(r"FAILED resnet50_MsLoss_0\.1000\.pth: does not fit resnet50 .*missing keys", out)
-    assert "2 of 6 files failed" in err and "s1_broken.png" in err
+    assert "2 of 6 files failed" in err
+    assert re.search(r"1 unreadable image\(s\) were left out:\n  \S*s1_broken\.png \(", err)
     with open(weights / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["checkpoint"], r["protocol"]) for r in rows] == [
@@ -255,7 +258,7 @@ def test_validation_loss_from_the_dict_else_the_name(tmp_path):
     assert (described.run, described.candidate) == ("", False)
 
 
-def test_sweep_reports_the_validation_selected_checkpoint(data_dir, tmp_path, capsys):
+def test_sweep_reports_the_validation_selected_checkpoint(data_dir, tmp_path, capsys, write_checkpoint):
     weights = tmp_path / "model"
     weights.mkdir()
     write_checkpoint(weights / "se_resnet50_MSLoss_0.5000.pth", "se_resnet50", seed=1, val_loss=0.5, epoch=0)
@@ -345,11 +348,117 @@ def test_autocast_keeps_embeddings_float32_and_close(amp):
     torch.manual_seed(0)
     model = _TwoLearners().eval()
     images = torch.randint(0, 256, (5, 3, 12, 12), dtype=torch.uint8)
-    exact = multi_test.embed(model, images, batch_size=2)
-    mixed = multi_test.embed(model, images, batch_size=2, amp=amp)
+    exact = Embedder(model, batch_size=2).embed(images)
+    mixed = Embedder(model, batch_size=2, amp=amp).embed([images[:3], images[3:]])
     assert mixed.dtype == torch.float32 and mixed.shape == (5, 6)
     torch.testing.assert_close(mixed.norm(dim=1), torch.ones(5))
     torch.testing.assert_close(mixed, exact, atol=3e-2, rtol=0)
     with torch.inference_mode():
         learners = model(images.float() / 255)
     torch.testing.assert_close(exact @ exact.T, sum(e @ e.T for e in learners) / 2)
+
+
+def test_crop_cache_round_trip_keeps_no_file_and_reports_unreadable_images(tmp_path, make_images):
+    make_images(tmp_path / "images", {"s0": 3, "s1": 4}, size=36, seed=7)
+    paths = sorted(str(p) for p in (tmp_path / "images").rglob("*.png"))
+    broken = tmp_path / "images" / "s1" / "s1_broken.png"
+    broken.write_bytes(b"not a png")
+    paths.insert(2, str(broken))
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    with CropCache(paths, CROP, directory=cache_dir, batch_size=3) as cache:
+        assert cache.kept == [0, 1, 3, 4, 5, 6, 7]
+        assert [(Path(p).name, bool(reason)) for p, reason in cache.failed] == [("s1_broken.png", True)]
+        assert len(cache) == 7 and cache.num_bytes == 7 * 3 * CROP * CROP
+        assert list(cache_dir.iterdir()) == []  # the file has no name: nothing to leave behind
+        sizes = [len(batch) for batch in cache.batches(4)]
+        crops = torch.cat(list(cache.batches(2)))
+    assert sizes == [4, 3]
+    expected = torch.stack([eval_crop(CROP)(Image.open(paths[i]).convert("RGB")) for i in cache.kept])
+    assert crops.dtype == torch.uint8 and torch.equal(crops, expected)
+    assert list(cache_dir.iterdir()) == []
+
+
+def test_each_image_is_decoded_once_per_run_whatever_the_checkpoints(data_dir, tmp_path, monkeypatch, write_checkpoint):
+    weights = tmp_path / "model"
+    weights.mkdir()
+    write_checkpoint(weights / "se_resnet50_MSLoss_0.5000.pth", "se_resnet50", seed=1, attention=False)
+    write_checkpoint(weights / "ABE_M_ABELoss_0.4000.pth", "ABE_M", seed=2)
+    decoded = []
+    real_load_rgb = embedder_module.load_rgb
+    monkeypatch.setattr(embedder_module, "load_rgb", lambda path: decoded.append(Path(path).name) or real_load_rgb(path))
+    args = multi_test.get_args_parser().parse_args(
+        [str(weights), "--data-dir", str(data_dir), "--protocol", "both", "--device", "cpu", "--workers", "0"])
+    assert multi_test.main(args) == 0
+    images = sorted(p.name for p in data_dir.rglob("*.png"))
+    assert sorted(decoded) == images  # test and train images, each once for the two checkpoints
+
+
+def test_an_unreadable_image_makes_the_exit_status_1(tmp_path, capsys, make_images, write_checkpoint):
+    data = tmp_path / "data"
+    make_images(data / "test", {"s0": 3, "s1": 3}, seed=8)
+    (data / "test" / "s0" / "s0_truncated.png").write_bytes(b"\x89PNG\r\n")
+    weights = tmp_path / "model"
+    weights.mkdir()
+    write_checkpoint(weights / "se_resnet50_MSLoss_0.5000.pth", "se_resnet50", attention=False)
+    args = multi_test.get_args_parser().parse_args(
+        [str(weights), "--data-dir", str(data), "--device", "cpu", "--workers", "0"])
+    assert multi_test.main(args) == 1
+    out, err = capsys.readouterr()
+    assert "se_resnet50_MSLoss_0.5000.pth [se_resnet50, protocol test, selected by validation]" in out
+    assert "files failed" not in err and "1 unreadable image(s) were left out:" in err and "s0_truncated.png" in err
+    with open(weights / "results.csv", newline="") as f:
+        assert [row["num_queries"] for row in csv.DictReader(f)] == ["6"]
+
+
+def test_plot_embeddings_maps_each_checkpoints_test_embeddings(data_dir, tmp_path, monkeypatch, write_checkpoint):
+    weights, output = tmp_path / "model", tmp_path / "results"
+    weights.mkdir()
+    write_checkpoint(weights / "resnet50_MSLoss_0.5000.pth", "resnet50", seed=4, embedding_dim=64)
+    write_checkpoint(weights / "se_resnet50_MSLoss_0.3000.pth", "se_resnet50", seed=5, attention=False)
+    received = []
+
+    def recording_tsne(embeddings, seed=0):
+        received.append(embeddings.clone())
+        return evaluation.tsne_coordinates(embeddings, seed)
+
+    monkeypatch.setattr(multi_test, "tsne_coordinates", recording_tsne)
+    args = multi_test.get_args_parser().parse_args(
+        [str(weights), "--data-dir", str(data_dir), "--protocol", "both", "--plot-embeddings", "--device", "cpu",
+         "--workers", "0", "--batch-size", "4", "--output-dir", str(output)])
+    assert multi_test.main(args) == 0
+
+    width, height = (round(inches * evaluation.TSNE_DPI) for inches in evaluation.TSNE_FIGURE_INCHES)
+    for number, name in enumerate(("resnet50_MSLoss_0.5000", "se_resnet50_MSLoss_0.3000")):
+        with Image.open(output / "embeddings" / f"{name}_tsne.png") as image:
+            assert image.format == "PNG" and image.size == (width, height)
+        # One map per checkpoint, of the test images only (9 of them), as the retrieval ranks them.
+        loaded = load_model(weights / f"{name}.pth")
+        dataset = KimiaDataset(data_dir / "test", eval_transform(CROP))
+        with torch.no_grad():
+            learners = loaded.model(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+        mean_cosine = sum(e @ e.T for e in learners) / len(learners)
+        assert received[number].shape[0] == 9
+        torch.testing.assert_close(received[number] @ received[number].T, mean_cosine, atol=1e-5, rtol=0)
+    assert len(received) == 2
+
+
+def test_tsne_separates_well_separated_classes_and_is_seeded(tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    centres = torch.nn.functional.normalize(torch.randn(3, 16, generator=generator), dim=1) * 4
+    points = torch.cat([centre + 0.1 * torch.randn(12, 16, generator=generator) for centre in centres])
+    labels = np.repeat(np.arange(3), 12)
+    coordinates = evaluation.tsne_coordinates(points, seed=0)
+    assert coordinates.shape == (36, 2)
+    np.testing.assert_array_equal(coordinates, evaluation.tsne_coordinates(points, seed=0))
+    distances = np.linalg.norm(coordinates[:, None] - coordinates[None], axis=2)
+    same = labels[:, None] == labels[None]
+    farthest_of_its_class = np.where(same & ~np.eye(36, dtype=bool), distances, -np.inf).max(axis=1)
+    nearest_of_another = np.where(same, np.inf, distances).min(axis=1)
+    # Every point lies nearer to each point of its class than to any point of another class.
+    assert (farthest_of_its_class < nearest_of_another).all()
+    path = tmp_path / "map.png"
+    evaluation.plot_embeddings(path, coordinates, labels, ["s0", "s1", "s2"], "three classes")
+    assert Image.open(path).size == tuple(round(x * evaluation.TSNE_DPI) for x in evaluation.TSNE_FIGURE_INCHES)
+    with pytest.raises(multi_test.UserError, match="at least 3 images"):
+        evaluation.tsne_coordinates(points[:2])

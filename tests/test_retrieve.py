@@ -1,5 +1,6 @@
 """retrieve.py: the index round trip, queries, the grid PNG and torch/faiss agreement."""
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +13,12 @@ from PIL import Image
 
 import retrieve
 from core.files import command_line
-from test_multi_test import REPO, make_images, write_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def collection(tmp_path_factory) -> dict:
+def collection(tmp_path_factory, make_images, write_checkpoint) -> dict:
     root = tmp_path_factory.mktemp("retrieve")
     images = root / "images"
     make_images(images, {"s0": 3, "s1": 3}, seed=5)
@@ -29,7 +31,7 @@ def collection(tmp_path_factory) -> dict:
     args = retrieve.get_args_parser().parse_args(
         ["index", str(checkpoint), str(images), "--out", str(index_path), "--device", "cpu", "--workers", "0",
          "--batch-size", "4"])
-    assert retrieve.main(args) == 0
+    assert retrieve.main(args) == 1  # the index is written, and the corrupt image reported
     return {"root": root, "images": images, "checkpoint": checkpoint, "index": index_path}
 
 
@@ -56,7 +58,8 @@ def test_query_excludes_itself_ranks_by_similarity_and_writes_grids(collection, 
         ["query", str(collection["index"]), inside, str(collection["root"] / "queries"), "--top-k", "3",
          "--out-dir", str(out_dir), "--device", "cpu", "--workers", "0"])
     assert retrieve.main(args) == 0
-    results = retrieve.run_query(index, [inside, outside], top_k=3, out_dir=None, device="cpu")
+    results, failed = retrieve.run_query(index, [inside, outside], top_k=3, out_dir=None, device="cpu")
+    assert failed == []
 
     assert [r["class"] for r in results] == ["s0", "s1"]
     own_row = index["paths"].index(str(Path(inside).resolve()))
@@ -75,6 +78,32 @@ def test_query_excludes_itself_ranks_by_similarity_and_writes_grids(collection, 
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and [r["rank"] for r in rows[:3]] == ["1", "2", "3"]
     assert rows[0]["query_class"] == "s0" and rows[0]["command"] == command_line()
+
+
+def test_unreadable_images_are_reported_and_exit_1(collection, tmp_path, capsys):
+    capsys.readouterr()
+    broken = tmp_path / "s0_broken.png"
+    broken.write_bytes(b"not a png")
+    good = str(collection["images"] / "s0" / "s0_0.png")
+    args = retrieve.get_args_parser().parse_args(
+        ["query", str(collection["index"]), good, str(broken), "--top-k", "2", "--out-dir", str(tmp_path / "out"),
+         "--device", "cpu", "--workers", "0"])
+    assert retrieve.main(args) == 1
+    out, err = capsys.readouterr()
+    assert f"query {good} (class s0)" in out and "s0_broken.png" not in out
+    assert err.startswith("1 unreadable image(s) were left out:\n") and f"  {broken} (" in err
+    with open(tmp_path / "out" / "matches.csv", newline="") as f:
+        assert {row["query"] for row in csv.DictReader(f)} == {good}
+
+
+def test_index_with_channels_last_gives_the_same_embeddings(collection, tmp_path):
+    index = retrieve.load_index(collection["index"])
+    nhwc = retrieve.build_index(collection["checkpoint"], collection["images"], batch_size=3, device="cpu",
+                                channels_last=True)
+    assert nhwc["paths"] == index["paths"] and nhwc["failed"] == index["failed"]
+    torch.testing.assert_close(nhwc["embeddings"], index["embeddings"], atol=1e-5, rtol=0)
+    args = retrieve.get_args_parser().parse_args(["index", "c.pth", "images", "--channels-last"])
+    assert args.channels_last and args.workers == min(4, os.cpu_count() or 1)
 
 
 def test_grid_frames_right_matches_green_and_wrong_ones_red(collection, tmp_path):

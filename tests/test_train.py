@@ -1,6 +1,8 @@
 """train.py and train_traindata.py on small generated data (ABE_M / se_resnet50 at 64 px crops)."""
 from __future__ import annotations
 
+import argparse
+import copy
 import csv
 import json
 import os
@@ -17,9 +19,15 @@ import pytest
 import torch
 from PIL import Image
 
+import losses
+import models
 import train
 import train_traindata
+from core import training
+from core.data import subsample_per_class
 from core.errors import UserError
+from core.runtime import DEFAULT_WORKERS
+from core.sampler import PKBatchSampler, ValidationBatches
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUT = json.loads((REPO / "tests" / "data" / "state_dict_layout.json").read_text())
@@ -202,7 +210,7 @@ def test_torchrun_two_processes_on_gloo_with_pk_batches(data_root: Path, tmp_pat
 GATHER_SCRIPT = r"""
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
-from train import gather_with_grad
+from core.distributed import all_gather_lists, gather_with_grad
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 x = torch.arange(6.0).reshape(3, 2).add(10 * rank).requires_grad_()
@@ -213,6 +221,8 @@ assert torch.equal(y, torch.cat([torch.arange(6.0).reshape(3, 2), torch.arange(6
 assert labels.tolist() == [0, 0, 0, 1, 1, 1]
 # Both processes back-propagate the same loss: each gets world_size times its rows of d loss / d y.
 assert torch.equal(x.grad, 2 * weights[3 * rank: 3 * rank + 3]), x.grad
+# Every process gets every process's list, in rank order (train.py's report of unreadable images).
+assert all_gather_lists([("file", rank)] * (rank + 1)) == [("file", 0), ("file", 1), ("file", 1)]
 sys.stdout.write(f"ok{rank}\n")
 dist.destroy_process_group()
 """
@@ -278,7 +288,7 @@ def test_train_traindata_takes_the_100_percent_bar_from_the_main_weights(
 # ----------------------------------------------------------------------------- pieces
 def test_pk_sampler_batches_hold_k_images_of_p_classes() -> None:
     labels = [0] * 7 + [1] * 5 + [2] * 6 + [3] * 9 + [4] * 1  # class 4 is too small for K = 3
-    sampler = train.PKBatchSampler(labels, batch_size=9, samples_per_class=3, seed=5)
+    sampler = PKBatchSampler(labels, batch_size=9, samples_per_class=3, seed=5)
     batches = list(sampler)
     assert len(batches) == len(sampler) == len(labels) // 9
     for batch in batches:
@@ -290,35 +300,139 @@ def test_pk_sampler_batches_hold_k_images_of_p_classes() -> None:
     assert list(sampler) != batches
 
     # Two processes share the single-process batch sequence, round-robin, without overlap.
-    shards = [list(train.PKBatchSampler(labels * 2, 9, 3, num_replicas=2, rank=r, seed=5)) for r in range(2)]
-    whole = list(train.PKBatchSampler(labels * 2, 9, 3, num_replicas=1, rank=0, seed=5))
+    shards = [list(PKBatchSampler(labels * 2, 9, 3, num_replicas=2, rank=r, seed=5)) for r in range(2)]
+    whole = list(PKBatchSampler(labels * 2, 9, 3, num_replicas=1, rank=0, seed=5))
     assert len(shards[0]) == len(shards[1]) == len(labels) * 2 // 18
     assert shards[0] == whole[0:2 * len(shards[0]):2] and shards[1] == whole[1:2 * len(shards[1]):2]
 
 
 def test_pk_sampler_rejects_impossible_batches() -> None:
     with pytest.raises(UserError, match="multiple of --samples-per-class"):
-        train.PKBatchSampler([0, 0, 1, 1], batch_size=5, samples_per_class=2)
+        PKBatchSampler([0, 0, 1, 1], batch_size=5, samples_per_class=2)
     with pytest.raises(UserError, match=r"P <= 2 .*got P = 8 / 2 = 4"):
-        train.PKBatchSampler([0, 0, 1, 1, 2], batch_size=8, samples_per_class=2)
+        PKBatchSampler([0, 0, 1, 1, 2], batch_size=8, samples_per_class=2)
 
 
 def test_subsample_per_class_keeps_int_share_of_each_class() -> None:
     targets = [0] * 10 + [1] * 7 + [2] * 3
-    kept = train.subsample_per_class(targets, 0.5, seed=1)
+    kept = subsample_per_class(targets, 0.5, seed=1)
     assert [sum(targets[i] == c for i in kept) for c in range(3)] == [5, 3, 1]
-    assert kept == train.subsample_per_class(targets, 0.5, seed=1) != train.subsample_per_class(targets, 0.5, seed=2)
+    assert kept == subsample_per_class(targets, 0.5, seed=1) != subsample_per_class(targets, 0.5, seed=2)
 
 
 def test_loss_hyper_parameters_reach_only_their_loss() -> None:
-    _, loss_name, _, options = train.resolve_names(parse("abe_m", "msloss", "--ms-beta", "50", "--ms-eps", "0.1",
+    _, loss_name, _, options = training.resolve_names(parse("abe_m", "msloss", "--ms-beta", "50", "--ms-eps", "0.1",
                                                          "--margin", "0.9"))
     assert loss_name == "MSLoss" and options == {"alpha": 2.0, "beta": 50.0, "lam": 0.5, "eps": 0.1,
                                                  "self_pair": "reference"}
-    _, _, model_options, options = train.resolve_names(parse("se_resnet", "ABELoss", "--no-attention",
+    _, _, model_options, options = training.resolve_names(parse("se_resnet", "ABELoss", "--no-attention",
                                                              "--self-pair", "exclude"))
     assert options == {"lambda_div": 0.05, "margin_c": 0.5, "margin_div": 0.2, "self_pair": "exclude"}
     assert model_options == {"embedding_dim": 512, "attention": False}
+
+
+def test_resolved_names_and_the_complete_model_options_of_the_checkpoint() -> None:
+    names = training.resolve_names(parse("ABE_M", "ContrastiveLoss", "--embedding-dim", "256"))
+    assert (names.model_name, names.loss_name) == ("ABE_M", "ContrastiveLoss")
+    assert names.requested_model_options == {"embedding_dim": 256}  # num_learners only when given
+    model, model_options = training.build_training_model(names.model_name, names.requested_model_options)
+    # The stored options are complete: the learner count is the model's own default, 4 for ABE_M.
+    assert model_options == {"embedding_dim": 256, "num_learners": models.default_model_options("ABE_M")["num_learners"]} \
+        == {"embedding_dim": 256, "num_learners": 4}
+    assert [tuple(e.shape) for e in model.eval()(torch.zeros(1, 3, 64, 64))] == [(1, 64)] * 4
+    with pytest.raises(UserError, match=r"ABE_M: .*embedding_dim"):
+        training.build_training_model("ABE_M", {"embedding_dim": 255})
+
+
+def test_both_scripts_share_the_training_arguments_and_their_defaults() -> None:
+    shared = vars(training.add_training_arguments(argparse.ArgumentParser()).parse_args([]))
+    trained = vars(parse("ABE_M", "MSLoss"))
+    traindata = vars(train_traindata.get_args_parser().parse_args([]))
+    assert {key: trained[key] for key in shared} == shared
+    # train_traindata changes exactly two defaults: the reference's batch 20 and its own output folder.
+    assert {key: traindata[key] for key in shared} == {**shared, "batch_size": 20, "output_dir": "model/traindata"}
+    # The runtime flags are core.runtime's, with its one --workers default.
+    runtime = (shared["workers"], shared["amp"], shared["amp_force"], shared["channels_last"], shared["device"])
+    assert runtime == (DEFAULT_WORKERS, "off", False, False, None)
+    for parser in (train.get_args_parser(), train_traindata.get_args_parser()):
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                assert "default" in action.help, action.option_strings
+                assert all(flag == flag.lower() and "_" not in flag for flag in action.option_strings)
+
+
+class TinyEmbedder(torch.nn.Module):
+    """Linear embeddings of 2 x 2 images behind a dropout, so that train and eval mode differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.dropout = torch.nn.Linear(12, 4), torch.nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.nn.functional.normalize(self.dropout(self.linear(x.flatten(1))), dim=1)]
+
+
+def tiny_batches() -> list[tuple[torch.Tensor, torch.Tensor, list]]:
+    """Loader-shaped batches: an ordinary one, one whose images were all unreadable, one of a single
+    class (no negative: the loss skips every anchor), and one more."""
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.rand(n, 3, 2, 2, generator=generator) for n in (6, 4, 6)]
+    return [(images[0], torch.tensor([0, 0, 0, 1, 1, 1]), [("a.png", "broken")]),
+            (torch.empty(0), torch.empty(0, dtype=torch.long), [("b.png", "broken"), ("c.png", "broken")]),
+            (images[1], torch.tensor([1, 1, 1, 1]), []),
+            (images[2], torch.tensor([0, 1, 0, 1, 0, 1]), [])]
+
+
+TINY_ARGS = argparse.Namespace(amp="off", channels_last=False, gather_embeddings=False, epochs=1)
+
+
+def test_validate_is_the_eval_mode_mean_of_the_batch_losses() -> None:
+    torch.manual_seed(0)
+    model, criterion = TinyEmbedder(), losses.build_loss("MSLoss")
+    loss, unreadable = training.validate(model.train(), criterion, tiny_batches(), torch.device("cpu"), TINY_ARGS)
+    assert not model.training
+    with torch.no_grad():
+        # Naively: every readable batch counts, the one without negatives with its loss of 0.
+        batch_losses = [float(criterion(model(x), labels)) for x, labels, _ in tiny_batches() if len(x)]
+    assert batch_losses[1] == 0.0 and len(batch_losses) == 3
+    assert loss == pytest.approx(sum(batch_losses) / 3, rel=1e-6)
+    assert unreadable == [("a.png", "broken"), ("b.png", "broken"), ("c.png", "broken")]
+
+
+def test_train_one_epoch_steps_like_a_plain_sgd_loop_and_skips_batches_without_anchors() -> None:
+    criterion = losses.build_loss("ContrastiveLoss")
+    torch.manual_seed(0)
+    model = TinyEmbedder()
+    naive = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    torch.manual_seed(1)  # the dropout masks, drawn again for the naive loop
+    stats = training.train_one_epoch(model, criterion, optimizer, tiny_batches(), torch.device("cpu"), TINY_ARGS,
+                                     None, 0, False)
+    torch.manual_seed(1)
+    naive_optimizer = torch.optim.SGD(naive.parameters(), lr=0.5, momentum=0.9)
+    naive_losses, naive_skipped = [], 0
+    for x, labels, _ in tiny_batches():
+        if len(x):
+            naive_optimizer.zero_grad()
+            loss = criterion(naive(x), labels)
+            loss.backward()
+            if criterion.stats["anchors"] > 0:
+                naive_optimizer.step()
+            else:
+                naive_skipped += 1
+            naive_losses.append(loss.item())
+    for (name, value), naive_value in zip(model.state_dict().items(), naive.state_dict().values()):
+        torch.testing.assert_close(value, naive_value, msg=name)
+    assert naive_skipped == 1 and stats["skipped_batches"] == 1 and stats["nonfinite_batches"] == 0
+    # The mean runs over the loader's batches, the unreadable one included (as over DDP's steps).
+    assert stats["train_batches"] == 4 and stats["train_loss"] == pytest.approx(sum(naive_losses) / 4, rel=1e-6)
+    assert [path for path, _ in stats["unreadable"]] == ["a.png", "b.png", "c.png"]
+
+
+def test_command_exits_1_when_images_were_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    for result, status in (({"unreadable": [("a.png", "broken")]}, 1), ({"unreadable": []}, 0), ({}, 0)):
+        monkeypatch.setattr(train, "main", lambda args, result=result: result)
+        assert train.command(argparse.Namespace()) == status
 
 
 def test_summary_prints_the_model_without_data(capsys: pytest.CaptureFixture) -> None:
@@ -330,7 +444,7 @@ def test_summary_prints_the_model_without_data(capsys: pytest.CaptureFixture) ->
 @pytest.mark.slow
 def test_non_finite_loss_stops_before_writing_and_keeps_last_good_checkpoint(
         data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_build_loss = train.losses.build_loss
+    real_build_loss = losses.build_loss
 
     class NanAfterTwoSteps(torch.nn.Module):
         """The real loss for the 3 training steps of epoch 1, NaN from then on."""
@@ -348,7 +462,7 @@ def test_non_finite_loss_stops_before_writing_and_keeps_last_good_checkpoint(
         def stats(self) -> dict:
             return self.inner.stats
 
-    monkeypatch.setattr(train.losses, "build_loss", lambda *a, **k: NanAfterTwoSteps(real_build_loss(*a, **k)))
+    monkeypatch.setattr(losses, "build_loss", lambda *a, **k: NanAfterTwoSteps(real_build_loss(*a, **k)))
     out = tmp_path / "nan"
     with pytest.raises(UserError, match=r"epoch 2: the loss became non-finite .*checkpoint\.pth.*lower --lr"):
         train.main(parse("ABE_M", "ContrastiveLoss", "--data-dir", data_root / "train", "--output-dir", out,
@@ -366,7 +480,7 @@ def test_a_corrupt_image_is_left_out_and_reported(data_root: Path, tmp_path: Pat
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really a PNG")
     result = train.main(parse("ABE_M", "ContrastiveLoss", "--data-dir", data, "--output-dir", tmp_path / "out",
                               "--epochs", "1", *QUICK))
-    assert [u.split(" (")[0] for u in result["unreadable"]] == [str(corrupt)]
+    assert [path for path, _ in result["unreadable"]] == [str(corrupt)]
     assert f"1 unreadable image(s) were left out:\n  {corrupt} (" in capsys.readouterr().err
     assert load(tmp_path / "out" / "checkpoint.pth")["epoch"] == 0
     assert corrupt.read_bytes() == b"\x89PNG\r\n\x1a\n not really a PNG"  # the user's data is left alone
@@ -427,7 +541,7 @@ def test_script_prints_one_line_error_and_exits_non_zero(tmp_path: Path) -> None
 
 # ----------------------------------------------------------------------------- schedule, validation, resume
 def test_validation_batches_reference_reshuffles_and_drops_the_partial_batch() -> None:
-    batches = train.ValidationBatches(10, 4, "reference", seed=1)
+    batches = ValidationBatches(10, 4, "reference", seed=1)
     epoch0 = list(batches)
     assert len(batches) == len(epoch0) == 2 and all(len(b) == 4 for b in epoch0)
     assert len(set(sum(epoch0, []))) == 8 and set(sum(epoch0, [])) <= set(range(10))
@@ -435,9 +549,9 @@ def test_validation_batches_reference_reshuffles_and_drops_the_partial_batch() -
     batches.set_epoch(1)
     assert list(batches) != epoch0
     # Dealt round-robin: two processes see the one-process batches between them, whatever their number.
-    shards = [list(train.ValidationBatches(10, 4, "reference", seed=1, num_replicas=2, rank=r)) for r in (0, 1)]
+    shards = [list(ValidationBatches(10, 4, "reference", seed=1, num_replicas=2, rank=r)) for r in (0, 1)]
     assert shards == [epoch0[0::2], epoch0[1::2]]
-    fixed = train.ValidationBatches(10, 4, "fixed", seed=1)
+    fixed = ValidationBatches(10, 4, "fixed", seed=1)
     assert list(fixed) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] and len(fixed) == 3
     fixed.set_epoch(5)
     assert list(fixed) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
@@ -462,7 +576,7 @@ def stub_epochs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
                 "images_per_s": 1.0, "unreadable": []}
 
     monkeypatch.setattr(train, "train_one_epoch", train_one_epoch)
-    monkeypatch.setattr(train, "evaluate", lambda *args: (1.0 / (len(calls) + 1), []))
+    monkeypatch.setattr(train, "validate", lambda *args: (1.0 / (len(calls) + 1), []))
     return calls
 
 

@@ -12,7 +12,7 @@ same files, byte for byte, as (a). Prints a Markdown table: median seconds, the 
 per repeat (median, min-max), CPU seconds, and the load average: other processes sharing the CPUs
 slow the threads of (b) more than the single process of (a), while CPU seconds hardly change.
 
-    python3 bench/data_process.py [--count 600] [--patch-size 1000] [--repeats 3] [--source DIR] [--quick]
+    python3 bench/data_process_speed.py [--count 600] [--patch-size 1000] [--repeats 3] [--source DIR] [--quick]
 """
 from __future__ import annotations
 
