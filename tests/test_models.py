@@ -20,7 +20,7 @@ from models.reference import ReferenceStyle, filled_state_dict
 
 DATA = Path(__file__).resolve().parent / "data"
 REPO = Path(__file__).resolve().parent.parent
-TOLERANCE = 1e-4  # SPEC.md: right implementations differ from the fixtures by ~1e-7
+TOLERANCE = 1e-4  # right implementations differ from the reference fixtures by ~1e-7
 
 # Variant names of the fixture and layout files -> (model name, build options).
 VARIANTS = {
