@@ -130,13 +130,15 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
         runs.append((1.0, args.main_batch_size, "main"))
     rows: list[dict[str, Any]] = []
 
-    def add_row(ratio: float, checkpoint: str, run: str, images_used: int | str, device: str) -> None:
+    def add_row(ratio: float, checkpoint: str, run: str, images_used: int | str, device: str,
+                unreadable: int | str = "") -> None:
         metrics = evaluate_checkpoint(checkpoint, data_dir=eval_dir, protocol="test", amp=args.amp, device=device,
                                       workers=args.workers)
         rows.append({"ratio": ratio, "images_used": images_used, **{column: metrics[key] for column, key in METRICS},
                      "run": run, "protocol": "test", "selected_by": VALIDATION,
                      "val_loss": validation_loss(checkpoint), "checkpoint": checkpoint, "seed": args.seed,
-                     "class_names": " ".join(metrics["class_names"]), "command": command_line()})
+                     "unreadable_images": unreadable, "class_names": " ".join(metrics["class_names"]),
+                     "command": command_line()})
         write_csv(rows, output_dir / "traindata_results.csv")
         plot_results(rows, output_dir / "traindata_results.png",
                      f"{model_name} + {loss_name}: training-set size (test protocol)")
@@ -152,7 +154,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
             continue
         run = (f"main experiment, batch {batch_size}, trained in {run_args.output_dir}" if folder == "main"
                else f"ratio {ratio}, batch {batch_size}")
-        add_row(ratio, result["best_checkpoint"], run, result["num_images"], result["device"])
+        add_row(ratio, result["best_checkpoint"], run, result["num_images"], result["device"], len(result["unreadable"]))
         if dist.is_initialized():
             dist.barrier()
     if main_weights is not None and (not dist.is_initialized() or dist.get_rank() == 0):
@@ -163,5 +165,10 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def command(args: argparse.Namespace) -> int:
+    """The script: main, then exit status 1 when a training run left unreadable images out."""
+    return 1 if any(row["unreadable_images"] for row in main(args)) else 0
+
+
 if __name__ == "__main__":
-    sys.exit(run_distributed_script(main, get_args_parser().parse_args()))
+    sys.exit(run_distributed_script(command, get_args_parser().parse_args()))

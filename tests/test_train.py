@@ -261,6 +261,7 @@ def test_train_traindata_trains_the_ratios_and_the_main_experiment(data_root: Pa
         eta_p, eta_w, eta_total = (float(row[k]) for k in ("eta_p", "eta_W", "eta_total"))
         assert 0 <= eta_p <= 1 and 0 <= eta_w <= 1 and eta_total == pytest.approx(eta_p * eta_w)
         assert row["protocol"] == "test" and row["selected_by"] == "validation" and Path(row["checkpoint"]).exists()
+        assert row["unreadable_images"] == "0"
     assert [Path(r["checkpoint"]).parent.name for r in rows] == ["ratio_0.5", "main"]
     assert load(Path(rows[1]["checkpoint"]))["args"]["batch_size"] == 6
     with Image.open(out / "traindata_results.png") as png:
@@ -279,6 +280,7 @@ def test_train_traindata_takes_the_100_percent_bar_from_the_main_weights(
     rows = train_traindata.main(args)
     assert [r["run"] for r in rows] == ["ratio 0.5, batch 6", f"main experiment, given as --main-weights {main_dir}"]
     assert rows[1]["checkpoint"] == main_run["best_checkpoint"]  # the newest best, not checkpoint.pth
+    assert [r["unreadable_images"] for r in rows] == [0, ""] and train_traindata.command(args) == 0
     assert not (tmp_path / "traindata" / "main").exists()
     with pytest.raises(UserError, match=r"--main-weights .*: expected one ABE_M_MSLoss_<val_loss>\.pth run, found none"):
         train_traindata.main(train_traindata.get_args_parser().parse_args(
