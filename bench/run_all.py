@@ -22,7 +22,7 @@ from core.files import atomic_write_text, command_line  # noqa: E402
 from core.runtime import cpu_name, cpu_runs_natively  # noqa: E402
 
 # --only name -> the module under bench/
-BENCHMARKS = {"data_process": "data_process_speed", "losses": "loss_speed", "models": "model_speed", "evaluate": "evaluate",
+BENCHMARKS = {"data_process": "data_process_speed", "losses": "loss_speed", "models": "model_speed", "evaluate": "evaluate_speed",
               "evaluate_memory": "evaluate_memory"}
 
 

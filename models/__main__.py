@@ -3,12 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # utils.py, also when run from elsewhere
-
-from models import MODEL_NAMES, build_model, summary  # noqa: E402
-from core.errors import UserError, run_script  # noqa: E402
+from core.errors import UserError, run_script
+from models import MODEL_NAMES, build_model, summary
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -17,11 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from KIMIA_data import data_process, synthetic
+from core.errors import UserError, run_script
 
-from KIMIA_data import data_process, synthetic  # noqa: E402
-from core.errors import UserError, run_script  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 SIZE = 32  # outputs this small keep the tests quick; the code path is the one --size 300 takes
 

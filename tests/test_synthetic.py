@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from KIMIA_data import synthetic
+from core.errors import UserError, run_script
 
-from KIMIA_data import synthetic  # noqa: E402
-from core.errors import UserError, run_script  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TINY = dict(num_classes=3, patch_size=48, train_per_class=3, test_per_class=2, workers=1)
 

@@ -1,6 +1,6 @@
 """Speed of multi_test's sweep: five checkpoints on one test set, against the reference's way.
 
-    python3 bench/evaluate.py [--quick] [--crop-sizes 32 64 224] [--test-per-class 5] [--batch-size 32]
+    python3 bench/evaluate_speed.py [--quick] [--crop-sizes 32 64 224] [--test-per-class 5] [--batch-size 32]
 
 Baseline (the reference's multi_test): for every checkpoint, the model is built (randomly
 initialised) and loaded, a DataLoader decodes every test PNG anew through CenterCrop + ToTensor,
