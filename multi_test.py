@@ -14,7 +14,7 @@ se_resnet50_ or resnet50_, attention from its keys, crop 224). A file that canno
 reported with the reason and the sweep goes on; the exit status is 1 if any file failed or an
 image could not be decoded (it is left out, and listed at the end).
 
-Each run's result is the file its validation loss selected (selection.py): per `<model>_<loss>`,
+Each run's result is the file its validation loss selected (core/selection.py): per `<model>_<loss>`,
 the best-validation file with the lowest validation loss, i.e. the newest best; checkpoint.pth is
 the last epoch, not a selection. The console summary shows those first; the ranking of all files
 by test score that follows selects on the test set and is no result to report.

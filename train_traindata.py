@@ -10,7 +10,7 @@ to int(n_c * r) images (drawn with --seed), then train.py's split and training r
 `<output-dir>/ratio_<r>/`. The paper's 100% bar is its main experiment: taken from --main-weights (the
 checkpoint that run's validation loss selected), otherwise trained here with the main recipe
 (--main-batch-size 60, every image) into `<output-dir>/main/`. Each run's validation-selected checkpoint
-is evaluated by multi_test.py's code on `<eval-data-dir>/test` (the reference's protocol: leave-one-out
+is evaluated by multi_test's protocol (core.evaluation) on `<eval-data-dir>/test` (the reference's protocol: leave-one-out
 retrieval inside the test set). Results go to `<output-dir>/traindata_results.csv` (ratio, images used,
 eta_p, eta_W, eta_total, the run each bar comes from, ...) and the paper's bar chart to
 `<output-dir>/traindata_results.png`, both refreshed after each run.
