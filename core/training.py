@@ -276,8 +276,9 @@ def seed_epoch(train_loader: DataLoader, val_loader: DataLoader, seed: int, epoc
 
 
 # ----------------------------------------------------------------------------- one epoch
-def embed(model: nn.Module, images: torch.Tensor, device: torch.device, args: argparse.Namespace) -> list[torch.Tensor]:
-    """The model's float32 embeddings of a batch, run in the precision and memory format of --amp and
+def learner_embeddings(model: nn.Module, images: torch.Tensor, device: torch.device,
+                       args: argparse.Namespace) -> list[torch.Tensor]:
+    """The model's M float32 embeddings (one per learner) of a batch, run in the precision and memory format of --amp and
     --channels-last."""
     amp_dtype = AMP_DTYPES[args.amp]
     images = images.to(device, non_blocking=True)
@@ -311,7 +312,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         unreadable += bad_files
         if x.shape[0] == 0:  # every image of the batch was unreadable (under DDP the others would wait)
             continue
-        embeddings = embed(model, x, device, args)
+        embeddings = learner_embeddings(model, x, device, args)
         labels = labels.to(device, non_blocking=True)
         if args.gather_embeddings and dist.is_initialized():
             embeddings, labels = gather_with_grad(embeddings, labels)
@@ -360,7 +361,7 @@ def validate(model: nn.Module, criterion: nn.Module, loader: DataLoader, device:
         unreadable += bad_files
         if x.shape[0] == 0:
             continue
-        totals[0] += criterion(embed(model, x, device, args), labels.to(device, non_blocking=True))
+        totals[0] += criterion(learner_embeddings(model, x, device, args), labels.to(device, non_blocking=True))
         totals[1] += 1
     loss_sum, batches = all_reduce_sum(totals).tolist()
     return loss_sum / max(batches, 1), unreadable
