@@ -71,7 +71,7 @@ def draw_embedding_map(result: dict, output_dir: Path) -> None:
     """<output_dir>/embeddings/<checkpoint>_tsne.png: the test embeddings of one checkpoint, in 2-D."""
     path = output_dir / "embeddings" / f"{Path(result['checkpoint']).stem}_tsne.png"
     title = (f"{result['checkpoint']}: t-SNE of the {len(result['query_labels'])} test embeddings "
-             f"(eta_p {result['eta_p']:.4f} in the test protocol)")
+             f"(eta_p {result['eta_p']:.4f} in the {result['protocol']} protocol)")
     try:
         coordinates = tsne_coordinates(result["query_embeddings"])
     except UserError as err:  # too few test images: the sweep's results stand without the figure

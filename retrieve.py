@@ -54,7 +54,7 @@ def build_index(checkpoint: str | os.PathLike, image_dir: str | os.PathLike, bat
     if not found:
         raise UserError(f"{image_dir}: no image files (jpg, png, tif, bmp) in it or its subfolders")
     paths, classes = [path for path, _ in found], [name for _, name in found]
-    device = device if isinstance(device, torch.device) else select_device(device)
+    device = select_device(device)
     loaded = load_model(checkpoint, device, crop_size)
     embedder = Embedder(loaded.model, device, batch_size, amp, channels_last)
     embeddings, kept, failed = embedder.embed_files(paths, loaded.crop_size, workers)
@@ -128,7 +128,7 @@ def run_query(index: dict, query_paths: Sequence[str], top_k: int = 5, out_dir: 
     unreadable ones; grids and matches.csv go to `out_dir`."""
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
-    device = device if isinstance(device, torch.device) else select_device(device)
+    device = select_device(device)
     checkpoint = checkpoint or index["checkpoint"]
     if not Path(checkpoint).is_file():
         raise UserError(f"{checkpoint}: the index's checkpoint is missing; pass its new place with --checkpoint")

@@ -30,7 +30,8 @@ import models
 import train
 from core.distributed import run_distributed_script
 from core.errors import UserError
-from core.evaluation import evaluate_checkpoint
+from core.checkpoint import load_model
+from core.evaluation import Evaluator
 from core.files import command_line, write_csv
 from core.runtime import select_device
 from core.selection import VALIDATION, select_checkpoints, validation_loss
@@ -129,11 +130,11 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     if not args.skip_main and main_weights is None:
         runs.append((1.0, args.main_batch_size, "main"))
     rows: list[dict[str, Any]] = []
+    # One evaluator for every bar: the test split is decoded once, not once per run (rank 0 only decodes).
+    evaluator = Evaluator(eval_dir, amp=args.amp, device=select_device(args.device), workers=args.workers)
 
-    def add_row(ratio: float, checkpoint: str, run: str, images_used: int | str, device: str,
-                unreadable: int | str = "") -> None:
-        metrics = evaluate_checkpoint(checkpoint, data_dir=eval_dir, protocol="test", amp=args.amp, device=device,
-                                      workers=args.workers)
+    def add_row(ratio: float, checkpoint: str, run: str, images_used: int | str, unreadable: int | str = "") -> None:
+        metrics = evaluator.evaluate(load_model(checkpoint, evaluator.device), ("test",))[0]
         rows.append({"ratio": ratio, "images_used": images_used, **{column: metrics[key] for column, key in METRICS},
                      "run": run, "protocol": "test", "selected_by": VALIDATION,
                      "val_loss": validation_loss(checkpoint), "checkpoint": checkpoint, "seed": args.seed,
@@ -145,21 +146,21 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(f"{run}: {images_used} images, eta_p {rows[-1]['eta_p']:.4f} eta_W {rows[-1]['eta_W']:.4f} "
               f"eta_total {rows[-1]['eta_total']:.4f}", flush=True)
 
-    for ratio, batch_size, folder in runs:
-        run_args = copy.copy(args)
-        run_args.data_ratio, run_args.batch_size, run_args.output_dir = ratio, batch_size, str(output_dir / folder)
-        result = train.main(run_args)
-        if dist.is_initialized() and dist.get_rank() != 0:
-            dist.barrier()  # rank 0 evaluates and writes
-            continue
-        run = (f"main experiment, batch {batch_size}, trained in {run_args.output_dir}" if folder == "main"
-               else f"ratio {ratio}, batch {batch_size}")
-        add_row(ratio, result["best_checkpoint"], run, result["num_images"], result["device"], len(result["unreadable"]))
-        if dist.is_initialized():
-            dist.barrier()
-    if main_weights is not None and (not dist.is_initialized() or dist.get_rank() == 0):
-        add_row(1.0, str(main_weights), f"main experiment, given as --main-weights {args.main_weights}", "",
-                str(select_device(args.device)))
+    with evaluator:
+        for ratio, batch_size, folder in runs:
+            run_args = copy.copy(args)
+            run_args.data_ratio, run_args.batch_size, run_args.output_dir = ratio, batch_size, str(output_dir / folder)
+            result = train.main(run_args)
+            if dist.is_initialized() and dist.get_rank() != 0:
+                dist.barrier()  # rank 0 evaluates and writes
+                continue
+            run = (f"main experiment, batch {batch_size}, trained in {run_args.output_dir}" if folder == "main"
+                   else f"ratio {ratio}, batch {batch_size}")
+            add_row(ratio, result["best_checkpoint"], run, result["num_images"], len(result["unreadable"]))
+            if dist.is_initialized():
+                dist.barrier()
+        if main_weights is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+            add_row(1.0, str(main_weights), f"main experiment, given as --main-weights {args.main_weights}", "")
     if rows:
         print(f"results: {output_dir / 'traindata_results.csv'}, {output_dir / 'traindata_results.png'}")
     return rows

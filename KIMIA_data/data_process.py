@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from an
 # torch-free parts of core only: importing torch would cost more start-up than the work on 600 images
 from core.errors import UserError, one_line, run_script  # noqa: E402
 from core.files import (IMAGE_EXTENSIONS, atomic_write_bytes, atomic_write_text, command_line,  # noqa: E402
-                        is_image_file, list_classes, natural_key, natural_sorted)
+                        folder_images, is_image_file, list_classes, natural_key, natural_sorted)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -115,16 +115,11 @@ def output_path(out: Path, split: str, class_name: str, stem: str) -> Path:
     return out / split / class_name / f"{class_name}_{stem}.png"
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return [folder / name for name in natural_sorted(os.listdir(folder))
-            if is_image_file(name) and (folder / name).is_file()]
-
-
 def _check_class_names(names: list[str], where: Path) -> None:
     bad = [n for n in names if "_" in n]
     if bad:
         raise UserError(f"{where}: class folder names {bad} contain '_', which breaks the file-name "
-                              "labels (<class>_<stem>.png); rename them (for example with '-')")
+                        "labels (<class>_<stem>.png); rename them (for example with '-')")
 
 
 def folder_items(split_dirs: dict[str, Path], out: Path) -> list[Item]:
@@ -134,7 +129,7 @@ def folder_items(split_dirs: dict[str, Path], out: Path) -> list[Item]:
     items = []
     for split, split_dir in split_dirs.items():
         for class_name in list_classes(split_dir):
-            for path in _image_files(split_dir / class_name):
+            for path in folder_images(split_dir / class_name):
                 items.append(Item(split, class_name, output_path(out, split, class_name, path.stem), path))
     return items
 

@@ -82,6 +82,11 @@ def is_training_checkpoint(content: Any) -> bool:
     return isinstance(content, dict) and all(key in content for key in ("model", "model_name", "model_options"))
 
 
+def is_bare_state_dict(content: Any) -> bool:
+    """Whether a file's content is a bare state_dict, as the reference writes its checkpoints."""
+    return isinstance(content, dict) and bool(content) and all(isinstance(v, torch.Tensor) for v in content.values())
+
+
 # ----------------------------------------------------------------------------- models from files
 @dataclass
 class LoadedModel:
@@ -119,7 +124,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", crop
         details = {"crop_size": int(content.get("crop_size", REFERENCE_CROP_SIZE)),
                    "class_names": list(content.get("class_names") or []) or None,
                    "loss_name": content.get("loss_name"), "source": "checkpoint", "seed": content.get("seed")}
-    elif all(isinstance(v, torch.Tensor) for v in content.values()):
+    elif is_bare_state_dict(content):
         match = REFERENCE_PREFIX.match(name)
         if match is None:
             raise CheckpointError(f"{name}: a bare state_dict whose name does not start with ABE_M_, se_resnet_, "

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, random_split
 from torchvision import transforms
 
 from .errors import UserError, one_line
-from .files import is_image_file, list_classes, natural_sorted
+from .files import folder_images, list_classes
 from .images import UNREADABLE, load_rgb
 
 
@@ -75,9 +75,7 @@ class KimiaDataset(Dataset):
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.samples: list[tuple[str, int]] = []
         for name in found:
-            folder = self.root / name
-            files = natural_sorted(f for f in os.listdir(folder) if is_image_file(f))
-            self.samples += [(str(folder / f), self.class_to_idx[name]) for f in files]
+            self.samples += [(str(path), self.class_to_idx[name]) for path in folder_images(self.root / name)]
         if not self.samples:
             raise UserError(f"{self.root}: no images found in its class folders; run KIMIA_data/data_process.py first")
         self.transform = transform

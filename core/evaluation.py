@@ -55,7 +55,7 @@ class Evaluator:
         check_settings(batch_size, amp)
         self.data_dir = Path(data_dir)
         self.batch_size, self.amp, self.workers, self.channels_last = batch_size, amp, workers, channels_last
-        self.device = device if isinstance(device, torch.device) else select_device(device)
+        self.device = select_device(device)
         self.cache_dir = cache_dir
         self._splits: dict[tuple[str, int], tuple[CropCache, list[str]]] = {}
 

@@ -43,6 +43,13 @@ def list_classes(root: str | os.PathLike) -> list[str]:
     return natural_sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def folder_images(folder: str | os.PathLike) -> list[Path]:
+    """The image files directly in `folder` (one class folder), in natural order."""
+    folder = Path(folder)
+    return [folder / name for name in natural_sorted(os.listdir(folder))
+            if is_image_file(name) and (folder / name).is_file()]
+
+
 def list_images(root: str | os.PathLike) -> list[tuple[str, str | None]]:
     """(path, class) of every image under `root`, in natural order: the class is the first-level
     subfolder, None for an image directly in `root`. Hidden files and folders are skipped."""

@@ -70,8 +70,8 @@ def cpu_runs_natively(dtype: torch.dtype) -> bool:
         return False
 
 
-def select_device(name: str | None = None) -> torch.device:
-    """`name` if given (cpu, cuda, cuda:1, ...), else cuda when there is one, else cpu."""
+def select_device(name: str | torch.device | None = None) -> torch.device:
+    """`name` if given (cpu, cuda, cuda:1, ..., or a torch.device), else cuda when there is one, else cpu."""
     if name:
         try:
             device = torch.device(name)

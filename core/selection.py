@@ -24,9 +24,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-import torch
 
-from .checkpoint import CheckpointError, read_torch_file
+from .checkpoint import CheckpointError, is_bare_state_dict, read_torch_file
 
 VALIDATION = "validation"
 LAST_EPOCH = "last_epoch"
@@ -72,7 +71,7 @@ def describe_checkpoint(path: PathLike) -> CheckpointFile:
     name = os.path.basename(path)
     content = _read(path)
     match = LOSS_IN_NAME.match(name)
-    if isinstance(content, dict) and "model" in content and "model_name" in content:
+    if isinstance(content, dict) and "model" in content and "model_name" in content:  # needs no model_options
         val_loss = _finite(content.get("val_loss"))
         if val_loss is None and match:  # a checkpoint written without the key: trust its name
             val_loss = float(match["loss"])
@@ -80,7 +79,7 @@ def describe_checkpoint(path: PathLike) -> CheckpointFile:
         run = f"{content['model_name']}_{content.get('loss_name') or ''}"
         return CheckpointFile(path, run, val_loss, epoch if isinstance(epoch, int) else None,
                               val_loss is not None and name != LAST_EPOCH_NAME)
-    if isinstance(content, dict) and content and all(isinstance(v, torch.Tensor) for v in content.values()) and match:
+    if is_bare_state_dict(content) and match:
         return CheckpointFile(path, match["run"], float(match["loss"]), None, name != LAST_EPOCH_NAME)
     return CheckpointFile(path, match["run"] if match else "", None, None, False)
 
