@@ -1,245 +1,264 @@
-"""Search a collection of patches for the ones most similar to a query, with a trained model.
+"""Search an archive of whole slides and patches for the tissue most similar to a query.
 
-    python3 retrieve.py index CHECKPOINT IMAGE_DIR --out index.pt
-    python3 retrieve.py query index.pt IMAGE_OR_FOLDER... --top-k 5 --out-dir retrieval/ [--faiss]
+    python3 retrieve.py index CHECKPOINT SOURCE... --index DIR [--mpp 0.5] [--patch-size N]
+    python3 retrieve.py query --index DIR QUERY... [--top-k 10] [--region X,Y,W,H] [--heatmap]
+    python3 retrieve.py list --index DIR
+    python3 retrieve.py remove --index DIR SOURCE...
 
-`index` embeds every image under IMAGE_DIR (an image in a subfolder takes that top-level folder's
-name as its class, as in KIMIA_data/train/<class>/; images directly in IMAGE_DIR have none) and
-saves embeddings, paths and classes in one reusable file. `query` embeds the query images with the
-same checkpoint, prints the top-k matches with their similarity (the mean over the model's learners
-of the cosine similarities) and class, and writes one PNG grid per query (the query, then its
-matches, each labelled; green or red frames when the query's class is known, from its folder or
-its `<class>_` file-name prefix) and matches.csv. A query that is itself in the index is not
-returned as its own match.
+`index` creates the index folder DIR or adds to it. A SOURCE is a whole-slide file (read through
+OpenSlide: Aperio SVS, tiled TIFF, NDPI, MRXS...; tiffslide for TIFFs OpenSlide cannot read; a
+plain image is a slide of one level), cut where there is tissue into --patch-size patches at --mpp
+microns per pixel; or a folder of patch images (an image in a subfolder takes that first-level
+folder's name as its class, as in KIMIA_data/train/<class>/). Sources already indexed are skipped
+(--replace indexes them again); each source is committed as soon as it is embedded, so a stopped
+run keeps what it finished, and running it again finishes the rest. Under torchrun, each process
+indexes its share of the sources. A slide that cannot be read is named, skipped and reported at
+the end, and the exit status is then 1.
 
-The search is exact: torch ranks in blocks by default; --faiss (needs `pip install faiss-cpu`)
-uses a faiss inner-product index instead, which is faster on large collections. Images are decoded
-and embedded batch by batch (core.embedder), so memory does not grow with the collection; one that
-cannot be decoded is left out (the index lists it under `failed`) and reported at the end, and the
-exit status is then 1.
+`query` embeds each QUERY with the index's model: an image file (a patch at the index's scale),
+a folder of them, a region of a slide (--region, level-0 pixels), or a whole slide (each of its
+tissue patches). It writes matches.csv (each query patch's top-k matches), slides.csv (the indexed
+slides ranked by the votes of the query patches' first matches, then by mean similarity),
+query.json (the command and the index's manifest) and one PNG per query to --out-dir. Similarity
+is the mean over the model's learners of the cosine similarities. See docs/slide_search.md.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from core.checkpoint import load_model, read_torch_file, save_torch_file
+from core import distributed
+from core.checkpoint import load_model
 from core.embedder import Embedder, check_settings
-from core.errors import UserError, run_script
-from core.files import atomic_write_text, command_line, list_images
-from core.images import load_rgb, report_unreadable
-from core.runtime import add_runtime_args, check_runtime, select_device
-from metrics import topk_similar
-from utils import pyplot, save_figure
-
-INDEX_FORMAT = 1
-INDEX_KEYS = ("format", "embeddings", "paths", "classes", "checkpoint", "model_name", "model_options", "crop_size")
-
-
-def build_index(checkpoint: str | os.PathLike, image_dir: str | os.PathLike, batch_size: int = 32, amp: str = "off",
-                device: torch.device | str | None = None, crop_size: int | None = None, workers: int = 0,
-                channels_last: bool = False) -> dict:
-    """The index of every image under `image_dir`, as saved by `retrieve.py index`; unreadable
-    images are left out and listed under "failed"."""
-    if not Path(image_dir).is_dir():
-        raise UserError(f"{image_dir}: no such folder; pass the folder of images to index")
-    found = list_images(image_dir)
-    if not found:
-        raise UserError(f"{image_dir}: no image files (jpg, png, tif, bmp) in it or its subfolders")
-    paths, classes = [path for path, _ in found], [name for _, name in found]
-    device = select_device(device)
-    loaded = load_model(checkpoint, device, crop_size)
-    embedder = Embedder(loaded.model, device, batch_size, amp, channels_last)
-    embeddings, kept, failed = embedder.embed_files(paths, loaded.crop_size, workers)
-    return {
-        "format": INDEX_FORMAT, "embeddings": embeddings, "paths": [os.path.abspath(paths[i]) for i in kept],
-        "classes": [classes[i] for i in kept], "checkpoint": os.path.abspath(checkpoint),
-        "model_name": loaded.model_name, "model_options": loaded.model_options, "crop_size": loaded.crop_size,
-        "image_dir": os.path.abspath(image_dir), "failed": [list(f) for f in failed], "command": command_line(),
-    }
+from core.errors import UserError
+from core.files import command_line
+from core.images import report_unreadable
+from core.indexing import index_sources
+from core.runtime import add_runtime_args, check_runtime
+from core.slide_index import SHARDS, IndexSettings, PatchDatabase, SlideIndex
+from core.slide_search import query_jobs, run_queries
+from core.slides import Tiling
+from core.vector_index import INDEX_TYPES
 
 
-def load_index(path: str | os.PathLike) -> dict:
-    if not Path(path).is_file():
-        raise UserError(f"{path}: no such index file; build one with `python3 retrieve.py index`")
-    index = read_torch_file(path)
-    if not isinstance(index, dict) or any(key not in index for key in INDEX_KEYS):
-        raise UserError(f"{path}: not an index written by `python3 retrieve.py index`")
-    return index
-
-
-def search(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: torch.Tensor,
-           use_faiss: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k by inner product (scores, indices), never returning exclude[i] (-1: none) for query i."""
-    if not use_faiss:
-        return topk_similar(queries, gallery, k, exclude if (exclude >= 0).any() else None)
+def parse_region(text: str) -> tuple[int, int, int, int]:
     try:
-        import faiss  # optional: only --faiss needs it
-    except ImportError:
-        raise UserError("--faiss needs the faiss-cpu package: pip install faiss-cpu (or leave --faiss out)") from None
-    index = faiss.IndexFlatIP(gallery.shape[1])
-    index.add(gallery.float().contiguous().numpy())
-    extra = int((exclude >= 0).any())
-    scores, indices = index.search(queries.float().contiguous().numpy(), k + extra)
-    scores, indices = torch.from_numpy(scores), torch.from_numpy(indices).long()
-    keep = indices != exclude[:, None]
-    # Rows that did not contain their excluded item drop their last (k+1-th) match instead.
-    keep &= keep.long().cumsum(dim=1) <= k
-    return scores[keep].view(-1, k), indices[keep].view(-1, k)
+        x, y, width, height = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected X,Y,WIDTH,HEIGHT in level-0 pixels, "
+                                         "e.g. 1024,2048,448,448") from None
+    return x, y, width, height
 
 
-def query_class(path: str, known: set[str]) -> str | None:
-    """The class of a query image: its folder's name or its `<class>_` file-name prefix, if the index knows it."""
-    folder, prefix = Path(path).parent.name, Path(path).name.split("_", 1)[0]
-    return folder if folder in known else prefix if prefix in known else None
-
-
-def draw_grid(path: str | os.PathLike, query_path: str, query_label: str | None, matches: Sequence[dict]) -> None:
-    """Query then matches in one row, each labelled; frames green/red when the query's class is known."""
-    fig, axes = pyplot().subplots(1, len(matches) + 1, figsize=(2.2 * (len(matches) + 1), 2.7), squeeze=False)
-    panels = [(query_path, f"query\n{query_label or 'class unknown'}", "black")]
-    for match in matches:
-        colour = "black" if query_label is None else "green" if match["class"] == query_label else "red"
-        panels.append((match["path"], f"#{match['rank']}  {match['similarity']:.3f}\n{match['class'] or '?'}", colour))
-    for ax, (image_path, title, colour) in zip(axes[0], panels):
-        ax.imshow(load_rgb(image_path))
-        ax.set_title(title, fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_edgecolor(colour)
-            spine.set_linewidth(4 if colour != "black" else 1)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def run_query(index: dict, query_paths: Sequence[str], top_k: int = 5, out_dir: str | os.PathLike | None = "retrieval",
-              use_faiss: bool = False, checkpoint: str | None = None, batch_size: int = 32, amp: str = "off",
-              device: torch.device | str | None = None, workers: int = 0,
-              channels_last: bool = False) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Top-k matches of each readable query image (one dict per query), and (path, reason) of the
-    unreadable ones; grids and matches.csv go to `out_dir`."""
-    if top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {top_k}")
-    device = select_device(device)
-    checkpoint = checkpoint or index["checkpoint"]
-    if not Path(checkpoint).is_file():
-        raise UserError(f"{checkpoint}: the index's checkpoint is missing; pass its new place with --checkpoint")
-    loaded = load_model(checkpoint, device, index["crop_size"])
-    if loaded.model_name != index["model_name"] or loaded.model_options != index["model_options"]:
-        raise UserError(f"{checkpoint}: a {loaded.model_name} {loaded.model_options}, but the index was built with "
-                        f"a {index['model_name']} {index['model_options']}; pass the index's checkpoint")
-    embedder = Embedder(loaded.model, device, batch_size, amp, channels_last)
-    embeddings, kept, failed = embedder.embed_files(query_paths, index["crop_size"], workers)
-    query_paths = [query_paths[i] for i in kept]
-    position = {path: i for i, path in enumerate(index["paths"])}
-    exclude = torch.tensor([position.get(os.path.abspath(p), -1) for p in query_paths])
-    k = min(top_k, len(index["paths"]) - int((exclude >= 0).any()))
-    if k < 1:
-        raise UserError("the index holds no image besides the query; index a larger folder")
-    if k < top_k:
-        print(f"note: the index holds only {k} other images; showing {k} matches per query")
-    scores, indices = search(embeddings, index["embeddings"], k, exclude, use_faiss)
-    known = {c for c in index["classes"] if c is not None}
-    results = []
-    for query_number, query_path in enumerate(query_paths):
-        label = query_class(query_path, known)
-        matches = [{"rank": rank + 1, "similarity": float(score), "path": index["paths"][i], "class": index["classes"][i]}
-                   for rank, (score, i) in enumerate(zip(scores[query_number].tolist(), indices[query_number].tolist()))]
-        print(f"\nquery {query_path} (class {label or 'unknown'})")
-        for match in matches:
-            verdict = "" if label is None else "  right" if match["class"] == label else "  wrong"
-            print(f"  {match['rank']:>3}  {match['similarity']:.4f}  {match['class'] or '?':<10} {match['path']}{verdict}")
-        grid = None
-        if out_dir is not None:
-            grid = Path(out_dir) / f"{query_number:03d}_{Path(query_path).stem}.png"
-            draw_grid(grid, query_path, label, matches)
-        results.append({"query": query_path, "class": label, "matches": matches, "grid": str(grid) if grid else None})
-    if out_dir is not None:
-        write_matches_csv(Path(out_dir) / "matches.csv", results, command_line())
-        print(f"\ngrids and matches.csv written to {out_dir}")
-    return results, failed
-
-
-def write_matches_csv(path: Path, results: Sequence[dict], command: str) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["query", "query_class", "rank", "similarity", "match", "match_class", "grid", "command"])
-    for result in results:
-        for match in result["matches"]:
-            writer.writerow([result["query"], result["class"] or "", match["rank"], f"{match['similarity']:.6f}",
-                             match["path"], match["class"] or "", result["grid"], command])
-    atomic_write_text(path, buffer.getvalue())
-
-
-def collect_queries(items: Sequence[str]) -> list[str]:
-    paths = []
-    for item in items:
-        if Path(item).is_dir():
-            found = [path for path, _ in list_images(item)]
-            if not found:
-                raise UserError(f"{item}: no image files in this folder")
-            paths += found
-        elif Path(item).is_file():
-            paths.append(item)
-        else:
-            raise UserError(f"{item}: no such image or folder")
-    return paths
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive number")
+    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
-    add_runtime_args(common)
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--batch-size", type=int, default=32, help="patches per forward pass (default: 32)")
+    model.add_argument("--slide-mpp", type=positive_float, default=None,
+                       help="microns per pixel of slides whose files give no scale (default: none; such a slide "
+                            "is refused)")
+    add_runtime_args(model, workers_note="each reads patches of slides through its own handle")
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--index", required=False, default=None, help="the index folder (required)")
 
-    index = commands.add_parser("index", parents=[common], help="embed a folder of images into an index file")
+    index = commands.add_parser("index", parents=[model, where], help="create an index or add sources to it")
     index.add_argument("checkpoint", help="checkpoint written by train.py, or a bare reference state_dict")
-    index.add_argument("image_dir", help="folder of images (class subfolders optional)")
-    index.add_argument("--out", default="index.pt", help="index file to write (default: index.pt)")
+    index.add_argument("sources", nargs="+", help="whole-slide files, plain images, or folders of patches")
+    index.add_argument("--mpp", type=positive_float, default=0.5,
+                       help="microns per pixel of the patches, about 20x (default: %(default)s)")
+    index.add_argument("--patch-size", type=int, default=None,
+                       help="patch side in pixels at --mpp (default: the model's crop size)")
+    index.add_argument("--tissue-threshold", type=float, default=0.5,
+                       help="tissue fraction a slide patch needs to be indexed (default: %(default)s)")
+    index.add_argument("--index-type", choices=INDEX_TYPES, default="flat",
+                       help="faiss index: flat is exact; ivf and hnsw are approximate and faster on large "
+                            "archives (default: %(default)s; fixed when the index is created)")
+    index.add_argument("--ivf-lists", type=int, default=None,
+                       help="IVF lists (default: about 4 sqrt(n) of the vectors it is trained on)")
     index.add_argument("--crop-size", type=int, default=None,
-                       help="centre crop (default: the checkpoint's; 224 for a bare reference state_dict)")
+                       help="model input size (default: the checkpoint's; 224 for a bare reference state_dict)")
+    index.add_argument("--replace", action="store_true", help="index sources again that are already indexed "
+                                                              "(default: skip them)")
+    index.add_argument("--out", default=None, help=argparse.SUPPRESS)  # the old single-file index
 
-    query = commands.add_parser("query", parents=[common], help="find the images of an index most similar to queries")
-    query.add_argument("index", help="index file written by `retrieve.py index`")
-    query.add_argument("images", nargs="+", help="query images or folders of them")
-    query.add_argument("--top-k", type=int, default=5, help="matches per query (default: 5)")
+    query = commands.add_parser("query", parents=[model, where], help="search the index with patches, regions or slides")
+    query.add_argument("queries", nargs="+", help="image files, folders of them, or slide files")
+    query.add_argument("--top-k", type=int, default=10, help="matches per query patch (default: %(default)s)")
+    query.add_argument("--region", type=parse_region, default=None,
+                       help="X,Y,WIDTH,HEIGHT: search with this level-0 region of each slide given (default: "
+                            "whole slides)")
     query.add_argument("--out-dir", default="retrieval",
-                       help="folder for the grid PNGs and matches.csv (default: retrieval)")
-    query.add_argument("--faiss", action="store_true",
-                       help="search with a faiss inner-product index (needs faiss-cpu; default: off, exact torch "
-                            "search)")
+                       help="folder for matches.csv, slides.csv, query.json and the PNGs (default: %(default)s)")
+    query.add_argument("--heatmap", action="store_true",
+                       help="colour each patch of the matched slides' thumbnails by its similarity to the query "
+                            "(default: off)")
     query.add_argument("--checkpoint", default=None,
-                       help="the index's checkpoint, if it moved (default: the path saved in the index)")
+                       help="the index's checkpoint, if it moved (default: the path in manifest.json)")
+    query.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (default: the module's)")
+    query.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth (default: the module's)")
+
+    listing = commands.add_parser("list", parents=[where], help="show an index's model, scale and sources")
+    listing.add_argument("--failed", action="store_true", help="also list sources that failed (default: off)")
+    remove = commands.add_parser("remove", parents=[where], help="delete sources and their patches from an index")
+    remove.add_argument("sources", nargs="+", help="sources as given to `index` (paths)")
     return parser
 
 
-def main(args: argparse.Namespace) -> int:
-    """Build an index or answer queries; returns the exit status (1 if an image was left out)."""
+def require_index(args: argparse.Namespace) -> str:
+    if args.index:
+        return args.index
+    old = [item for item in getattr(args, "queries", []) if item.endswith(".pt") and Path(item).is_file()]
+    if old:
+        raise UserError(f"{old[0]}: an index file of the old format (one .pt file); rebuild it as an index folder: "
+                        "python3 retrieve.py index CHECKPOINT IMAGE_DIR --index DIR")
+    raise UserError("pass the index folder with --index DIR")
+
+
+def index_settings(loaded, checkpoint: str, args: argparse.Namespace) -> IndexSettings:
+    options = loaded.model_options
+    tiling = Tiling(args.mpp, args.patch_size or loaded.crop_size, args.tissue_threshold)
+    tiling.check()
+    return IndexSettings(
+        os.path.abspath(checkpoint), loaded.weights_sha256(), loaded.model_name, options, loaded.crop_size,
+        options.get("num_learners", 1) * options["embedding_dim"], tiling.mpp, tiling.patch_size,
+        tiling.tissue_threshold, args.index_type, args.ivf_lists)
+
+
+def run_index(args: argparse.Namespace, device: torch.device) -> int:
+    if args.out is not None:
+        raise UserError(f"--out {args.out}: indexes are now folders; pass --index DIR instead "
+                        "(python3 retrieve.py index CHECKPOINT SOURCE... --index DIR)")
+    directory = Path(require_index(args))
+    device, rank, world_size = distributed.setup_distributed(device)
+    loaded = load_model(args.checkpoint, device, args.crop_size)
+    settings = index_settings(loaded, args.checkpoint, args)
+    index = None
+    if rank == 0:
+        if (directory / "manifest.json").is_file():
+            index = SlideIndex.open(directory, writable=True)
+            differences = index.settings.differences(settings)
+            if differences:
+                index.close()
+                raise UserError(f"{directory}: this index was built with other settings; refusing to mix: "
+                                + "; ".join(differences))
+        else:
+            index = SlideIndex.create(directory, settings)
+        index.db.log_run(command_line())
+    distributed.barrier()
+    if index is None:
+        index = SlideIndex.open(directory, writable=False)
+    embedder = Embedder(loaded.model, device, args.batch_size, args.amp, args.channels_last)
+    shard = None
+    if world_size > 1:
+        (directory / SHARDS).mkdir(exist_ok=True)
+        shard = PatchDatabase(directory / SHARDS / f"rank{rank:03d}.sqlite")
+    try:
+        report = index_sources(index, args.sources, embedder, args.workers, args.slide_mpp, args.replace,
+                               progress=rank == 0, rank=rank, world_size=world_size, shard=shard)
+    finally:
+        if shard is not None:
+            shard.close()
+    failed = distributed.all_gather_lists(report.failed)
+    unreadable = distributed.all_gather_lists(report.unreadable_files)
+    indexed = distributed.all_gather_lists(report.indexed)
+    distributed.barrier()
+    if rank == 0:
+        index.merge_shards()
+        patches = index.db.patch_count()
+        sources = len(index.db.sources())
+    index.close()
+    if rank != 0:
+        return 1 if failed or unreadable else 0
+    print(f"indexed {len(indexed)} source(s), {sum(n for _, n in indexed)} patches; {directory} holds {sources} "
+          f"source(s), {patches} patches")
+    if failed:
+        print(f"{len(failed)} source(s) could not be indexed:", file=sys.stderr)
+        for path, reason in failed:
+            print(f"  {path} ({reason})", file=sys.stderr)
+    report_unreadable(unreadable)
+    return 1 if failed or unreadable else 0
+
+
+def run_query(args: argparse.Namespace, device: torch.device) -> int:
     check_settings(args.batch_size, args.amp)
-    device = check_runtime(args)
-    if args.command == "index":
-        index = build_index(args.checkpoint, args.image_dir, args.batch_size, args.amp, device, args.crop_size,
-                            args.workers, args.channels_last)
-        save_torch_file(index, args.out)
-        known = sorted({c for c in index["classes"] if c is not None})
-        print(f"indexed {len(index['paths'])} images ({len(known)} classes) with {index['model_name']} into {args.out}")
-        failed = [tuple(failure) for failure in index["failed"]]
-    else:
-        _, failed = run_query(load_index(args.index), collect_queries(args.images), args.top_k, args.out_dir,
-                              args.faiss, args.checkpoint, args.batch_size, args.amp, device, args.workers,
-                              args.channels_last)
+    with SlideIndex.open(require_index(args)) as index:
+        settings = index.settings
+        checkpoint = args.checkpoint or settings.checkpoint
+        if not Path(checkpoint).is_file():
+            raise UserError(f"{checkpoint}: the index's checkpoint is missing; pass its new place with --checkpoint")
+        loaded = load_model(checkpoint, device, settings.crop_size)
+        if loaded.weights_sha256() != settings.weights_sha256:
+            raise UserError(f"{checkpoint}: not the weights this index was built with (their hash differs); pass "
+                            "the index's checkpoint with --checkpoint")
+        embedder = Embedder(loaded.model, device, args.batch_size, args.amp, args.channels_last)
+        jobs = query_jobs(args.queries, args.region, args.slide_mpp)
+        results, failed = run_queries(index, jobs, embedder, args.top_k, args.out_dir, args.heatmap, args.workers,
+                                      args.slide_mpp, args.nprobe, args.ef_search)
+    for result in results:
+        print(f"\nquery {result.name} ({result.kind}, {len(result.boxes)} patch(es))")
+        for match in result.matches[0][:args.top_k] if len(result.matches) == 1 else []:
+            p = match.patch
+            print(f"  {match.rank:>3}  {match.similarity:.4f}  {p.class_name or '':<10} {p.file or p.source}"
+                  + ("" if p.file else f" @ {p.x},{p.y}"))
+        for row in result.slides[:5]:
+            print(f"  slide #{row['rank']}: {row['source']}  votes {row['votes']}  score {row['score']:.4f}")
+    if args.out_dir and results:
+        print(f"\nmatches.csv, slides.csv and figures written to {args.out_dir}")
     report_unreadable(failed)
     return 1 if failed else 0
 
 
+def run_list(args: argparse.Namespace) -> int:
+    with SlideIndex.open(require_index(args)) as index:
+        s = index.settings
+        print(f"index {index.directory}: {s.model_name} {s.model_options} ({s.checkpoint}), {s.dim}-d vectors, "
+              f"{s.index_type}")
+        print(f"patches of {s.patch_size} px at {s.mpp} um/px, tissue threshold {s.tissue_threshold}")
+        rows = index.db.sources(None if args.failed else "indexed")
+        print(f"{sum(r['patch_count'] for r in rows)} patches in {sum(r['state'] == 'indexed' for r in rows)} source(s)")
+        for row in rows:
+            detail = f"{row['patch_count']:>8} patches  {row['kind']:<6}" if row["state"] == "indexed" else \
+                f"  failed: {row['reason']}"
+            print(f"  {detail}  {row['path']}")
+    return 0
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    missing = 0
+    with SlideIndex.open(require_index(args), writable=True) as index:
+        for source in args.sources:
+            row = index.db.source_by_path(os.path.abspath(source))
+            if row is None:
+                print(f"{source}: not in the index; `retrieve.py list --index {index.directory}` shows its sources",
+                      file=sys.stderr)
+                missing += 1
+                continue
+            print(f"{row['path']}: removed {index.remove(row['id'])} patches")
+    return 1 if missing else 0
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run one sub-command; returns the exit status (1 when a source, query or image was left out)."""
+    if args.command == "list":
+        return run_list(args)
+    if args.command == "remove":
+        return run_remove(args)
+    check_settings(args.batch_size, args.amp)
+    device = check_runtime(args)
+    return run_index(args, device) if args.command == "index" else run_query(args, device)
+
+
 if __name__ == "__main__":
-    sys.exit(run_script(main, get_args_parser().parse_args()))
+    sys.exit(distributed.run_distributed_script(main, get_args_parser().parse_args()))

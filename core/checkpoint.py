@@ -10,6 +10,7 @@ architecture (`se_resnet_MsLoss_0.1234.pth`), whose options are read from their 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -101,6 +102,16 @@ class LoadedModel:
     loss_name: str | None
     source: str  # "checkpoint" (train.py) or "reference state_dict"
     seed: int | None
+
+    def weights_sha256(self) -> str:
+        """SHA-256 of the model's tensors in key order: the same weights give the same hash
+        whatever file or wrapper they were saved in (a slide index records it)."""
+        digest = hashlib.sha256()
+        for key, value in sorted(self.model.state_dict().items()):
+            value = value.detach().cpu().contiguous()
+            digest.update(f"{key}:{value.dtype}:{tuple(value.shape)}".encode())
+            digest.update(value.view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", crop_size: int | None = None) -> LoadedModel:

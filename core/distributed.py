@@ -54,6 +54,12 @@ def run_distributed_script(main: Callable[[argparse.Namespace], Any], args: argp
         cleanup_distributed()
 
 
+def barrier() -> None:
+    """Wait for every process (nothing in a single process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` summed over all processes, in place (unchanged in a single process)."""
     if dist.is_initialized():

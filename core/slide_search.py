@@ -1,0 +1,270 @@
+"""Answer queries against a slide index: matching patches, a ranking of slides, figures.
+
+A query is a patch image (its centre crop at the index's scale), a region of a slide (tiled into
+the index's patches, or one patch when smaller), or a whole slide (each of its tissue patches).
+Every query patch gets its top-k matches; a query never gets itself back: an indexed patch image
+is left out of its own matches, an indexed slide out of its own search. Slides are ranked as
+Yottixel and SISH rank them: by the votes of the query patches' best matches (each patch's first
+match votes for its slide), then by the mean similarity of the slide's patches among the top-k.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from utils import pyplot, save_figure
+
+from .embedder import Embedder
+from .errors import UserError
+from .files import atomic_write_text, command_line, list_images, write_csv
+from .images import UNREADABLE, load_rgb
+from .indexing import Job, SourceResult, slide_errors, embed_sources
+from .slide_index import Patch, SlideIndex
+from .slides import Tiling, best_level, decode_jpeg, open_slide, read_scaled
+
+MATCH_FIELDS = ["query", "query_x", "query_y", "query_width", "query_height", "rank", "source", "file", "x", "y",
+                "width", "height", "mpp", "similarity", "class"]
+SLIDE_FIELDS = ["query", "rank", "source", "score", "votes"]
+FIGURE_SLIDES = 3  # matched slides drawn per query figure
+
+
+@dataclass
+class Match:
+    rank: int
+    similarity: float
+    patch: Patch
+
+
+@dataclass
+class QueryResult:
+    """One query: its patches (level-0 boxes in the query's own slide, or a file), each with its
+    matches, and the ranking of the indexed slides."""
+    name: str
+    kind: str  # "patch" | "region" | "slide"
+    path: str
+    boxes: np.ndarray
+    vectors: np.ndarray
+    matches: list[list[Match]]
+    slides: list[dict] = field(default_factory=list)
+    figure: str | None = None
+
+
+def query_jobs(items: Sequence[str], region: tuple[int, int, int, int] | None = None,
+               fallback_mpp: float | None = None) -> list[Job]:
+    """Jobs for the query arguments: a folder's images and a plain image are patch queries, a
+    whole-slide file is a slide query, and with `region` each file is a region query."""
+    jobs = []
+    for item in items:
+        path = os.path.abspath(item)
+        if Path(path).is_dir():
+            found = [os.path.abspath(p) for p, _ in list_images(path)]
+            if not found:
+                raise UserError(f"{item}: no image files in this folder")
+            jobs.append(Job(path, "files", files=tuple(found)))
+        elif not Path(path).is_file():
+            raise UserError(f"{item}: no such image, slide or folder")
+        elif region is not None:
+            jobs.append(Job(path, "region", region=region))
+        else:
+            try:
+                with open_slide(path, fallback_mpp) as slide:
+                    is_slide = slide.is_pyramid
+            except slide_errors():
+                is_slide = False  # an unreadable file: reported as an unreadable patch
+            jobs.append(Job(path, "slide") if is_slide else Job(path, "files", files=(path,)))
+    return jobs
+
+
+def _exclusions(index: SlideIndex, result: SourceResult) -> list[np.ndarray]:
+    """Per query patch, the patch ids it must not get back: itself when it is an indexed patch
+    image, every patch of its slide when the whole slide is indexed."""
+    none = np.zeros(0, np.int64)
+    if result.job.kind == "files":
+        own = index.db.patches_of_file(result.files)
+        return [np.array([own[f]], np.int64) if f in own else none for f in result.files]
+    if result.job.kind == "slide":
+        known = index.db.source_by_path(result.job.path)
+        if known is not None and known["state"] == "indexed":
+            ids = index.db.patch_ids(known["id"])
+            return [ids] * len(result.boxes)
+    return [none] * len(result.boxes)
+
+
+def rank_slides(matches: Sequence[Sequence[Match]]) -> list[dict]:
+    """The indexed sources ranked by the votes of the query patches' first matches, then by the
+    mean similarity of their patches among all the top-k matches."""
+    votes: dict[str, int] = {}
+    similarities: dict[str, list[float]] = {}
+    for patch_matches in matches:
+        if patch_matches:
+            first = patch_matches[0].patch.source
+            votes[first] = votes.get(first, 0) + 1
+        for match in patch_matches:
+            similarities.setdefault(match.patch.source, []).append(match.similarity)
+    ranked = sorted(similarities, key=lambda s: (-votes.get(s, 0), -float(np.mean(similarities[s])), s))
+    return [{"rank": rank + 1, "source": source, "score": float(np.mean(similarities[source])),
+             "votes": votes.get(source, 0)} for rank, source in enumerate(ranked)]
+
+
+def run_queries(index: SlideIndex, jobs: Sequence[Job], embedder: Embedder, top_k: int = 10,
+                out_dir: str | os.PathLike | None = "retrieval", heatmap: bool = False, workers: int = 0,
+                fallback_mpp: float | None = None, nprobe: int | None = None, ef_search: int | None = None,
+                progress: bool = True) -> tuple[list[QueryResult], list[tuple[str, str]]]:
+    """Search the index with every query; returns the results and (path, reason) of the queries
+    that could not be read. matches.csv, slides.csv, query.json and one PNG per query go to out_dir."""
+    if top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {top_k}")
+    settings = index.settings
+    tiling = Tiling(settings.mpp, settings.patch_size, settings.tissue_threshold)
+    results, failed = [], []
+    for result in embed_sources(jobs, embedder, tiling, settings.crop_size, workers, fallback_mpp, progress):
+        failed += result.failed
+        if result.error is not None:
+            failed.append((result.job.path, result.error))
+            continue
+        if not len(result.boxes):
+            if result.job.kind == "slide":
+                failed.append((result.job.path, "no tissue found at the index's --tissue-threshold"))
+            continue
+        scores, ids = index.search(result.vectors, top_k, _exclusions(index, result), nprobe, ef_search)
+        patches = index.db.patches(np.unique(ids[ids >= 0]))
+        matches = [[Match(rank + 1, float(s), patches[int(i)]) for rank, (s, i) in enumerate(zip(row_s, row_i))
+                    if i >= 0 and int(i) in patches] for row_s, row_i in zip(scores, ids)]
+        results += _query_results(result, matches)
+    if not results and not failed:
+        raise UserError("no queries to answer")
+    if out_dir is not None and results:
+        write_outputs(index, results, Path(out_dir), heatmap, top_k)
+    return results, failed
+
+
+def _query_results(result: SourceResult, matches: list[list[Match]]) -> list[QueryResult]:
+    job = result.job
+    if job.kind == "files":  # each image is a query of its own
+        return [QueryResult(path, "patch", path, result.boxes[i:i + 1], result.vectors[i:i + 1], [matches[i]],
+                            rank_slides([matches[i]])) for i, path in enumerate(result.files)]
+    name = job.path if job.kind == "slide" else f"{job.path}@{','.join(map(str, job.region))}"
+    return [QueryResult(name, job.kind, job.path, result.boxes, result.vectors, matches, rank_slides(matches))]
+
+
+# ----------------------------------------------------------------------------- outputs
+def write_outputs(index: SlideIndex, results: Sequence[QueryResult], out_dir: Path, heatmap: bool,
+                  top_k: int) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mpp = index.settings.mpp
+    match_rows, slide_rows = [], []
+    for number, result in enumerate(results):
+        result.figure = str(out_dir / f"{number:03d}_{Path(result.path).stem}.png")
+        draw_query(index, result, result.figure, heatmap)
+        for (qx, qy, qw, qh), patch_matches in zip(result.boxes.tolist(), result.matches):
+            for match in patch_matches:
+                p = match.patch
+                match_rows.append({
+                    "query": result.name, "query_x": qx if result.kind != "patch" else "",
+                    "query_y": qy if result.kind != "patch" else "", "query_width": qw if result.kind != "patch" else "",
+                    "query_height": qh if result.kind != "patch" else "", "rank": match.rank, "source": p.source,
+                    "file": p.file or "", "x": p.x, "y": p.y, "width": p.width, "height": p.height,
+                    "mpp": "" if p.file else mpp, "similarity": f"{match.similarity:.6f}", "class": p.class_name or ""})
+        slide_rows += [{"query": result.name, **row, "score": f"{row['score']:.6f}"} for row in result.slides]
+    write_csv(match_rows, out_dir / "matches.csv", MATCH_FIELDS)
+    write_csv(slide_rows, out_dir / "slides.csv", SLIDE_FIELDS)
+    atomic_write_text(out_dir / "query.json", json.dumps({
+        "command": command_line(), "index": str(index.directory.resolve()), "top_k": top_k, "heatmap": heatmap,
+        "manifest": json.loads((index.directory / "manifest.json").read_text()),
+        "queries": [r.name for r in results]}, indent=2) + "\n")
+
+
+def patch_pixels(index: SlideIndex, patch: Patch) -> np.ndarray | None:
+    """The pixels of an indexed patch as the index cut them, or None when its file is gone."""
+    try:
+        if patch.file:
+            return np.asarray(load_rgb(patch.file))
+        size = index.settings.patch_size
+        with open_slide(patch.source, index.db.source_by_path(patch.source)["slide_mpp"]) as slide:
+            level = best_level(slide.level_downsamples, patch.width / size)
+            return read_scaled(slide, level, patch.x, patch.y, patch.width, patch.height, size, size)
+    except (*slide_errors(), TypeError):
+        return None
+
+
+def query_pixels(result: QueryResult, index: SlideIndex) -> np.ndarray | None:
+    """What the figure shows as the query: the image, the region, or the slide's thumbnail."""
+    try:
+        if result.kind == "patch":
+            return np.asarray(load_rgb(result.path))
+        with open_slide(result.path, None) as slide:
+            x0, y0 = result.boxes[:, 0].min(), result.boxes[:, 1].min()
+            x1, y1 = (result.boxes[:, 0] + result.boxes[:, 2]).max(), (result.boxes[:, 1] + result.boxes[:, 3]).max()
+            if result.kind == "slide":
+                x0, y0, (x1, y1) = 0, 0, slide.dimensions
+            scale = min(1.0, 512 / max(x1 - x0, y1 - y0))
+            level = best_level(slide.level_downsamples, 1 / scale)
+            return read_scaled(slide, level, int(x0), int(y0), int(x1 - x0), int(y1 - y0),
+                               max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale)))
+    except (*UNREADABLE, *slide_errors()):
+        return None
+
+
+def slide_heat(index: SlideIndex, source_id: int, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(patch ids, similarity of each patch of a source to the closest query patch)."""
+    ids, vectors = index.db.source_vectors(source_id, index.settings.dim)
+    return ids, (vectors @ queries.T).max(axis=1) if len(ids) else np.zeros(0, np.float32)
+
+
+def draw_query(index: SlideIndex, result: QueryResult, path: str, heatmap: bool) -> None:
+    """The query, its best matches, then each of the first matched slides' thumbnails with the
+    matching patches outlined (and, with heatmap, every patch coloured by its similarity)."""
+    flat = sorted((m for row in result.matches for m in row), key=lambda m: -m.similarity)
+    best, seen = [], set()
+    for match in flat:  # the best matches over all query patches, each indexed patch once
+        if match.patch.id not in seen:
+            seen.add(match.patch.id)
+            best.append(match)
+    best = best[:max(len(row) for row in result.matches) if result.matches else 0]
+    slides = [row["source"] for row in result.slides[:FIGURE_SLIDES]]
+    columns = max(len(best) + 1, len(slides), 1)
+    plt = pyplot()
+    fig, axes = plt.subplots(2 if slides else 1, columns, figsize=(2.3 * columns, 5.2 if slides else 2.8),
+                             squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    query_image = query_pixels(result, index)
+    if query_image is not None:
+        axes[0, 0].imshow(query_image)
+    axes[0, 0].set_title(f"query ({result.kind})\n{Path(result.path).name}", fontsize=8)
+    for ax, match in zip(axes[0, 1:], best):
+        pixels = patch_pixels(index, match.patch)
+        if pixels is not None:
+            ax.imshow(pixels)
+        where = Path(match.patch.file).name if match.patch.file else f"{match.patch.x},{match.patch.y}"
+        ax.set_title(f"#{match.rank} {match.similarity:.3f} {match.patch.class_name or ''}\n"
+                     f"{Path(match.patch.source).name}\n{where}", fontsize=7)
+    for ax, source in zip(axes[1] if slides else [], slides):
+        row = index.db.source_by_path(source)
+        data, downsample = index.db.thumbnail(row["id"])
+        ax.set_title(Path(source).name, fontsize=8)
+        if data is None:
+            continue
+        ax.imshow(decode_jpeg(data))
+        if heatmap:
+            ids, heat = slide_heat(index, row["id"], result.vectors)
+            boxes = index.db.patches(ids)
+            low, high = float(heat.min()), float(heat.max())
+            # Spread over this slide's own range: an untrained or weak model's similarities crowd near 1.
+            colours = plt.get_cmap("magma")((heat - low) / (high - low) if high > low else np.ones_like(heat))
+            ax.set_title(f"{Path(source).name}\nheat: similarity {low:.3f} to {high:.3f}", fontsize=8)
+            for patch_id, colour in zip(ids.tolist(), colours):
+                p = boxes[patch_id]
+                ax.add_patch(plt.Rectangle((p.x / downsample, p.y / downsample), p.width / downsample,
+                                           p.height / downsample, color=colour, alpha=0.55, linewidth=0))
+        for match in (m for m in flat if m.patch.source == source):
+            p = match.patch
+            ax.add_patch(plt.Rectangle((p.x / downsample, p.y / downsample), p.width / downsample,
+                                       p.height / downsample, fill=False, edgecolor="lime", linewidth=1.2))
+    fig.tight_layout()
+    save_figure(fig, path)
