@@ -24,6 +24,17 @@ the number of worker processes.
     python3 KIMIA_data/synthetic.py [--out KIMIA_data/synthetic_source] [--classes 24]
         [--train-per-class 40] [--test-per-class 10] [--patch-size 320] [--scan-size S]
         [--hdf5 PATH] [--seed 0] [--contact-sheet PNG] [--workers N]
+
+With --slides DIR it writes whole-slide images for the slide search instead (write_slide_set):
+`DIR/slide_000.tif, ...`, each 1-3 boxes of known classes' tissue on near-white glass, and
+`DIR/slides.json`, the classes and level-0 boxes of every slide. A slide is a pyramidal, tiled,
+JPEG-compressed RGB TIFF in the Aperio SVS layout, which OpenSlide and tiffslide both open with its
+scale (`openslide.mpp-x`, `tiffslide.mpp-x`). Its tissue is the patch set's, drawn so that a
+REFERENCE_PATCH-px patch of the set spans REFERENCE_PATCH * PATCH_MPP microns (320 px at 0.5 um/px:
+160 um); write_slide takes any boxes, scale and seed.
+
+    python3 KIMIA_data/synthetic.py --slides DIR [--slide-count 4] [--slide-size 3072x2048]
+        [--slide-mpp 0.5] [--classes 3] [--seed 0]
 """
 from __future__ import annotations
 
@@ -31,6 +42,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from multiprocessing import Pool
@@ -548,13 +560,240 @@ def make_rgb_release(out_dir: str | os.PathLike, num_classes: int = MAX_CLASSES,
     return record
 
 
+# ----------------------------------------------------------------------------- whole slides
+SLIDE_MARKER_NAME = "slides.json"  # the regions of every slide write_slide_set wrote
+SLIDE_SET_FILE = re.compile(r"\.?(slide_\d{3,}\.tif|slides\.json)(\..+\.tmp)?")  # or atomic_write's temp file
+PATCH_MPP = 0.5  # microns per pixel the patch set's REFERENCE_PATCH-px patches are drawn at on a slide
+SLIDE_COMPRESSIONS = ("jpeg", "deflate")
+MIN_SLIDE_SIDE = 256
+GLASS_GREY = 245  # mean grey of the bare glass; +-3 slow shading and +-2 per-pixel noise around it
+SLIDE_TOP_LEVEL = 1024  # without `levels`, halve until the largest side is below this
+THUMBNAIL_SIDE = 768  # the largest side of the thumbnail page
+DEFAULT_SLIDE_COUNT, DEFAULT_SLIDE_CLASSES, DEFAULT_SLIDE_SIZE, DEFAULT_SLIDE_MPP = 4, 3, (3072, 2048), 0.5
+
+
+def slide_unit(mpp: float, patch_mpp: float = PATCH_MPP) -> float:
+    """The `unit` (structure scale of render_tissue) of a slide at `mpp`: its tissue looks like the
+    patch set's when a REFERENCE_PATCH-px patch of the set is taken to span REFERENCE_PATCH *
+    patch_mpp microns (160 um at the default 0.5; 500 um, as a Kimia Path24 patch, at 1.5625)."""
+    return patch_mpp / mpp
+
+
+def _glass(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Bare glass: near-white grey with a slow shading and a little per-channel pixel noise, so its
+    saturation stays near 0 (uint8 wrap-around arithmetic keeps this cheap on big slides)."""
+    shade = _smooth_noise(rng, height, width, 512.0)
+    base = (GLASS_GREY + 0.5 + 3.0 * shade).astype(np.uint8)
+    noise = rng.integers(-2, 3, (height, width, 3), dtype=np.int8).view(np.uint8)
+    return np.add(noise, base[..., None], dtype=np.uint8)  # never wraps: 245 +- 5 stays in 0..255
+
+
+def _region_alpha(rng: np.random.Generator, h: int, w: int, unit: float) -> np.ndarray:
+    """Tissue cover of a box: 1 inside, 0 on glass; a rounded outline pulled in by up to `margin` px
+    along a smooth random wobble, with an edge a couple of pixels soft."""
+    margin = min(0.1 * min(h, w), 48.0 * unit)
+    corner = 0.5 * margin + 0.05 * min(h, w)
+    ey = np.minimum(np.arange(h, dtype=np.float32) + 0.5, h - 0.5 - np.arange(h, dtype=np.float32))
+    ex = np.minimum(np.arange(w, dtype=np.float32) + 0.5, w - 0.5 - np.arange(w, dtype=np.float32))
+    qy, qx = (corner - ey)[:, None], (corner - ex)[None, :]
+    inside = corner - np.hypot(np.maximum(qy, 0), np.maximum(qx, 0)) - np.minimum(np.maximum(qy, qx), 0)
+    pull = margin * (0.5 + 0.5 * _smooth_noise(rng, h, w, max(min(h, w) / 5.0, 8.0)))
+    return np.clip((inside - pull) / (2.0 * unit), 0.0, 1.0)
+
+
+def _check_slide_settings(size: tuple[int, int], mpp: float, tile: int, levels: int | None,
+                          compression: str, patch_mpp: float) -> tuple[int, int]:
+    width, height = (int(v) for v in size)
+    if min(width, height) < MIN_SLIDE_SIDE:
+        raise UserError(f"--slide-size {width}x{height}: both sides must be at least {MIN_SLIDE_SIDE} px")
+    if not (math.isfinite(mpp) and mpp > 0):
+        raise UserError(f"--slide-mpp must be a positive number of microns per pixel, got {mpp}")
+    if not (math.isfinite(patch_mpp) and patch_mpp > 0):
+        raise UserError(f"patch_mpp must be a positive number of microns per pixel, got {patch_mpp}")
+    if tile < 16 or tile % 16:
+        raise UserError(f"tile must be a multiple of 16 px (TIFF tiles), got {tile}")
+    if levels is not None and not (1 <= levels and min(width, height) >> (levels - 1) >= 1):
+        raise UserError(f"levels must be from 1 to {min(width, height).bit_length()} for a "
+                        f"{width}x{height} slide, got {levels}")
+    if compression not in SLIDE_COMPRESSIONS:
+        raise UserError(f"compression must be one of {', '.join(SLIDE_COMPRESSIONS)}, got {compression!r}")
+    return width, height
+
+
+def _pyramid(level0: np.ndarray, levels: int | None) -> list[np.ndarray]:
+    """Level 0 and its 2x reductions (each the area average of the one above)."""
+    import cv2
+
+    pyramid = [level0]
+    while (len(pyramid) < levels) if levels is not None else (max(pyramid[-1].shape[:2]) >= SLIDE_TOP_LEVEL):
+        above = pyramid[-1]
+        size = (max(above.shape[1] // 2, 1), max(above.shape[0] // 2, 1))
+        pyramid.append(cv2.resize(above, size, interpolation=cv2.INTER_AREA))
+    return pyramid
+
+
+def _write_svs(path: str, pyramid: list[np.ndarray], mpp: float, tile: int, compression: str) -> None:
+    """An Aperio-SVS-like TIFF, the layout both OpenSlide and tiffslide read with its scale: level 0
+    tiled, whose ImageDescription starts "Aperio Image Library" and holds "|MPP = ...", then a
+    stripped thumbnail page, then the reduced levels, tiled (SubfileType 0, as Aperio writes them).
+    XResolution / YResolution carry the same scale in pixels per centimetre for other readers."""
+    import cv2
+    import tifffile
+
+    height, width = pyramid[0].shape[:2]
+    codec = "JPEG/RGB Q=90" if compression == "jpeg" else "Deflate/RGB"
+    head = "Aperio Image Library v12.0.0 (synthetic: KIMIA_data/synthetic.py)\r\n"
+    options = {"photometric": "rgb", "compression": "jpeg" if compression == "jpeg" else "zlib",
+               "compressionargs": {"level": 90 if compression == "jpeg" else 6}, "resolutionunit": "CENTIMETER",
+               "metadata": None}  # None: no second ImageDescription (tifffile's JSON) to hide Aperio's
+
+    def resolution(downsample: float) -> tuple[float, float]:
+        return (1e4 / (mpp * downsample),) * 2
+
+    shrink = max(width, height) / THUMBNAIL_SIDE
+    thumbnail = pyramid[0]
+    if shrink > 1:  # from the smallest level still at least as big
+        source = next((level for level in reversed(pyramid) if max(level.shape[:2]) >= THUMBNAIL_SIDE), pyramid[0])
+        thumb_size = (max(round(width / shrink), 1), max(round(height / shrink), 1))
+        thumbnail = cv2.resize(source, thumb_size, interpolation=cv2.INTER_AREA)
+    bigtiff = sum(level.nbytes for level in pyramid) > 2 ** 31
+    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tiff:
+        tiff.write(pyramid[0], tile=(tile, tile), resolution=resolution(1.0), **options,
+                   description=(f"{head}{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) {codec}"
+                                f"|AppMag = {10.0 / mpp:g}|MPP = {float(mpp)!r}"))
+        tiff.write(thumbnail, resolution=resolution(width / thumbnail.shape[1]), **options,
+                   description=f"{head}{width}x{height} -> {thumbnail.shape[1]}x{thumbnail.shape[0]} - ")
+        for level in pyramid[1:]:
+            tiff.write(level, tile=(tile, tile), resolution=resolution(width / level.shape[1]), **options,
+                       description=(f"{head}{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) -> "
+                                    f"{level.shape[1]}x{level.shape[0]} {codec}"))
+
+
+def write_slide(path: str | os.PathLike, regions: list[tuple[int, int, int, int, int]],
+                size: tuple[int, int] = (3072, 2048), mpp: float = 0.5, tile: int = 256, seed: int = 0,
+                levels: int | None = None, compression: str = "jpeg", patch_mpp: float = PATCH_MPP) -> dict:
+    """Write a synthetic whole-slide image: glass with boxes of tissue of known classes.
+
+    `regions` are (class_index, x, y, w, h) boxes in level-0 pixels, inside the slide; each is
+    filled with that class's tissue (render_tissue and colorize, at slide_unit(mpp, patch_mpp) and
+    one random stain intensity per box, as a patch of the set gets), inside a ragged rounded outline
+    that leaves glass in a margin of at most 10% of the box's shorter side; a later box lies over an
+    earlier one. The file is a pyramidal tiled RGB TIFF in the Aperio SVS layout (see _write_svs),
+    `tile` px tiles, JPEG (quality 90) or deflate, levels 2x apart down to a largest side below
+    1024 px unless `levels` (the count, level 0 included) says otherwise. Deterministic for a seed;
+    written atomically. Level 0 is built in memory (3 bytes a pixel).
+
+    Returns {"path", "size": [w, h], "mpp", "unit", "patch_mpp", "seed", "level_dimensions",
+    "regions": [{"class", "class_index", "x", "y", "w", "h"}]}.
+    """
+    mpp, patch_mpp = float(mpp), float(patch_mpp)
+    width, height = _check_slide_settings(size, mpp, tile, levels, compression, patch_mpp)
+    boxes = []
+    for region in regions:
+        if len(region) != 5:
+            raise UserError(f"a slide region is (class_index, x, y, w, h), got {region!r}")
+        index, x, y, w, h = (int(v) for v in region)
+        if not 0 <= index < MAX_CLASSES:
+            raise UserError(f"region {region!r}: class index must be from 0 to {MAX_CLASSES - 1}")
+        if w < 1 or h < 1 or x < 0 or y < 0 or x + w > width or y + h > height:
+            raise UserError(f"region {region!r}: the box must lie inside the {width}x{height} slide")
+        boxes.append((index, x, y, w, h))
+    unit = slide_unit(mpp, patch_mpp)
+    image = _glass(np.random.default_rng([seed, 0]), height, width)
+    for k, (index, x, y, w, h) in enumerate(boxes, start=1):
+        rng = np.random.default_rng([seed, k])
+        tissue = TISSUE_CLASSES[index]
+        hema, eosin = render_tissue(tissue, h, w, unit, rng)
+        rgb = colorize(hema, eosin, tissue.palette, *_stain_gains(rng))
+        alpha = _region_alpha(rng, h, w, unit)[..., None]
+        window = image[y:y + h, x:x + w]
+        window[:] = (window + alpha * (rgb.astype(np.float32) - window) + 0.5).astype(np.uint8)
+        del hema, eosin, rgb, alpha
+    pyramid = _pyramid(image, levels)
+    atomic_write(path, lambda tmp: _write_svs(tmp, pyramid, mpp, tile, compression))
+    return {"path": os.fspath(path), "size": [width, height], "mpp": mpp, "unit": unit,
+            "patch_mpp": patch_mpp, "seed": seed,
+            "level_dimensions": [[level.shape[1], level.shape[0]] for level in pyramid],
+            "regions": [{"class": f"s{index}", "class_index": index, "x": x, "y": y, "w": w, "h": h}
+                        for index, x, y, w, h in boxes]}
+
+
+def plan_slide_regions(rng: np.random.Generator, size: tuple[int, int], classes: list[int], unit: float
+                       ) -> list[tuple[int, int, int, int, int]]:
+    """Boxes for one slide, one per class in `classes` while they fit: sides from about two patch
+    fields (2 * REFERENCE_PATCH * unit px) to 45% of the slide's shorter side, at least a twentieth of
+    that side apart from each other and from the slide's edge; at least the first always fits."""
+    width, height = size
+    short = min(width, height)
+    low = int(min(2 * REFERENCE_PATCH * unit, 0.4 * short))
+    high = int(max(low, 0.45 * short))
+    gap = short // 20
+    boxes: list[tuple[int, int, int, int, int]] = []
+    for index in classes:
+        for _ in range(200):
+            w, h = (int(v) for v in rng.integers(low, high + 1, 2))
+            w, h = min(w, width - 2 * gap), min(h, height - 2 * gap)
+            x = int(rng.integers(gap, width - gap - w + 1))
+            y = int(rng.integers(gap, height - gap - h + 1))
+            if all(x + w + gap <= bx or bx + bw + gap <= x or y + h + gap <= by or by + bh + gap <= y
+                   for _, bx, by, bw, bh in boxes):
+                boxes.append((index, x, y, w, h))
+                break
+    return boxes
+
+
+def write_slide_set(out_dir: str | os.PathLike, count: int = 4, classes: int = 3,
+                    size: tuple[int, int] = (3072, 2048), mpp: float = 0.5, seed: int = 0,
+                    compression: str = "jpeg") -> list[dict]:
+    """Write `count` slides `out_dir/slide_000.tif, ...`, each with 1-3 tissue boxes of classes s0 ...
+    s{classes-1} on glass (slide k's first box is class k % classes, so every class appears once
+    count >= classes; slide k asks for k % 3 more boxes, of other classes drawn at random as the layouts
+    are, and gets those that fit), and `out_dir/slides.json`:
+    the returned list, one write_slide record per slide plus "file", its name in `out_dir`.
+    A re-run replaces an earlier set; a folder holding any other file is refused."""
+    if count < 1:
+        raise UserError(f"--slide-count must be at least 1, got {count}")
+    if not 1 <= classes <= MAX_CLASSES:
+        raise UserError(f"--classes must be between 1 and {MAX_CLASSES}, got {classes}")
+    mpp = float(mpp)
+    width, height = _check_slide_settings(size, mpp, 256, None, compression, PATCH_MPP)
+    out = Path(out_dir)
+    if out.exists():  # replace an earlier set (even one cut short), never anything else
+        ours = [p for p in out.iterdir() if p.is_file() and SLIDE_SET_FILE.fullmatch(p.name)]
+        if len(ours) < len(list(out.iterdir())):
+            raise UserError(f"--slides {out}: the folder holds files other than slide_NNN.tif and "
+                            f"{SLIDE_MARKER_NAME}; choose a new or empty folder")
+        for path in ours:
+            path.unlink()
+    records = []
+    for k in range(count):
+        rng = np.random.default_rng([seed, 1_000_003, k])  # the layout's stream, apart from write_slide's
+        others = rng.permutation([c for c in range(classes) if c != k % classes])[:k % 3]
+        regions = plan_slide_regions(rng, (width, height), [k % classes, *map(int, others)], slide_unit(mpp))
+        name = f"slide_{k:03d}.tif"
+        slide_seed = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+        record = write_slide(out / name, regions, (width, height), mpp, seed=slide_seed, compression=compression)
+        records.append({"file": name, **record})
+    atomic_write_text(out / SLIDE_MARKER_NAME, json.dumps(records, indent=1) + "\n")
+    return records
+
+
+def parse_slide_size(text: str) -> tuple[int, int]:
+    """"3072x2048" -> (3072, 2048)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise UserError(f"--slide-size must be WIDTHxHEIGHT in pixels, like 3072x2048, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 # ----------------------------------------------------------------------------- command line
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Generate a synthetic Kimia-Path24-like data set.")
     parser.add_argument("--out", default=str(DEFAULT_OUT),
                         help="folder for the RGB release (default: KIMIA_data/synthetic_source)")
-    parser.add_argument("--classes", type=int, default=MAX_CLASSES,
-                        help=f"number of classes s0, s1, ... (default: {MAX_CLASSES}, the most)")
+    parser.add_argument("--classes", type=int, default=None,
+                        help=f"number of classes s0, s1, ... (default: {MAX_CLASSES}, the most; "
+                             f"{DEFAULT_SLIDE_CLASSES} with --slides)")
     parser.add_argument("--train-per-class", type=int, default=40, help="training patches per class (default: 40)")
     parser.add_argument("--test-per-class", type=int, default=10, help="test patches per class (default: 10)")
     parser.add_argument("--patch-size", type=int, default=320,
@@ -567,10 +806,42 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--contact-sheet", default=None,
                         help="also write a PNG with a few patches per class (default: none)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    slides = parser.add_argument_group("whole slides (instead of the patch set)")
+    slides.add_argument("--slides", default=None, metavar="DIR",
+                        help="write synthetic whole-slide images DIR/slide_000.tif, ... and DIR/slides.json "
+                             "instead of the patch set; only --classes and --seed of the flags above apply "
+                             "(default: none, write the patch set)")
+    slides.add_argument("--slide-count", type=int, default=None,
+                        help=f"number of slides (default: {DEFAULT_SLIDE_COUNT})")
+    slides.add_argument("--slide-size", default=None, metavar="WxH",
+                        help=f"level-0 size of each slide in pixels (default: {DEFAULT_SLIDE_SIZE[0]}x"
+                             f"{DEFAULT_SLIDE_SIZE[1]})")
+    slides.add_argument("--slide-mpp", type=float, default=None,
+                        help=f"microns per pixel at level 0 (default: {DEFAULT_SLIDE_MPP})")
     return parser
 
 
-def main(args: argparse.Namespace) -> dict:
+def slides_main(args: argparse.Namespace) -> list[dict]:
+    size = DEFAULT_SLIDE_SIZE if args.slide_size is None else parse_slide_size(args.slide_size)
+    mpp = DEFAULT_SLIDE_MPP if args.slide_mpp is None else args.slide_mpp
+    records = write_slide_set(args.slides, count=DEFAULT_SLIDE_COUNT if args.slide_count is None else args.slide_count,
+                              classes=DEFAULT_SLIDE_CLASSES if args.classes is None else args.classes,
+                              size=size, mpp=mpp, seed=args.seed)
+    boxes = sum(len(r["regions"]) for r in records)
+    print(f"wrote {len(records)} slides of {size[0]}x{size[1]} px at {mpp:g} um/px with {boxes} tissue regions "
+          f"to {args.slides} (regions listed in {Path(args.slides) / SLIDE_MARKER_NAME})")
+    return records
+
+
+def main(args: argparse.Namespace) -> dict | list[dict]:
+    if args.slides is not None:
+        return slides_main(args)
+    given = [flag for flag, value in (("--slide-count", args.slide_count), ("--slide-size", args.slide_size),
+                                      ("--slide-mpp", args.slide_mpp)) if value is not None]
+    if given:
+        raise UserError(f"{given[0]} applies to whole slides only: add --slides DIR")
+    if args.classes is None:
+        args.classes = MAX_CLASSES
     record = make_rgb_release(args.out, num_classes=args.classes, patch_size=args.patch_size,
                               train_per_class=args.train_per_class, test_per_class=args.test_per_class,
                               seed=args.seed, scan_size=args.scan_size, hdf5=args.hdf5,

@@ -230,6 +230,9 @@ class PatchDatabase:
                 found[row[0]] = Patch(*row)
         return found
 
+    def classes(self) -> set[str]:
+        return {row[0] for row in self.connection.execute("SELECT DISTINCT class FROM patches WHERE class IS NOT NULL")}
+
     def patches_of_file(self, paths: Sequence[str]) -> dict[str, int]:
         """Patch id of each indexed patch image among `paths` (absolute paths)."""
         found = {}

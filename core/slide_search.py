@@ -27,7 +27,7 @@ from .indexing import Job, SourceResult, slide_errors, embed_sources
 from .slide_index import Patch, SlideIndex
 from .slides import Tiling, best_level, decode_jpeg, open_slide, read_scaled
 
-MATCH_FIELDS = ["query", "query_x", "query_y", "query_width", "query_height", "rank", "source", "file", "x", "y",
+MATCH_FIELDS = ["query", "query_class", "query_x", "query_y", "query_width", "query_height", "rank", "source", "file", "x", "y",
                 "width", "height", "mpp", "similarity", "class"]
 SLIDE_FIELDS = ["query", "rank", "source", "score", "votes"]
 FIGURE_SLIDES = 3  # matched slides drawn per query figure
@@ -51,6 +51,7 @@ class QueryResult:
     vectors: np.ndarray
     matches: list[list[Match]]
     slides: list[dict] = field(default_factory=list)
+    class_name: str | None = None  # a patch query's, when its folder or file-name prefix is a class of the index
     figure: str | None = None
 
 
@@ -122,6 +123,7 @@ def run_queries(index: SlideIndex, jobs: Sequence[Job], embedder: Embedder, top_
     settings = index.settings
     tiling = Tiling(settings.mpp, settings.patch_size, settings.tissue_threshold)
     results, failed = [], []
+    known = index.db.classes()
     for result in embed_sources(jobs, embedder, tiling, settings.crop_size, workers, fallback_mpp, progress):
         failed += result.failed
         if result.error is not None:
@@ -135,7 +137,7 @@ def run_queries(index: SlideIndex, jobs: Sequence[Job], embedder: Embedder, top_
         patches = index.db.patches(np.unique(ids[ids >= 0]))
         matches = [[Match(rank + 1, float(s), patches[int(i)]) for rank, (s, i) in enumerate(zip(row_s, row_i))
                     if i >= 0 and int(i) in patches] for row_s, row_i in zip(scores, ids)]
-        results += _query_results(result, matches)
+        results += _query_results(result, matches, known)
     if not results and not failed:
         raise UserError("no queries to answer")
     if out_dir is not None and results:
@@ -143,11 +145,17 @@ def run_queries(index: SlideIndex, jobs: Sequence[Job], embedder: Embedder, top_
     return results, failed
 
 
-def _query_results(result: SourceResult, matches: list[list[Match]]) -> list[QueryResult]:
+def query_class(path: str, known: set[str]) -> str | None:
+    """The class of a query image: its folder's name or its `<class>_` file-name prefix, if the index knows it."""
+    folder, prefix = Path(path).parent.name, Path(path).name.split("_", 1)[0]
+    return folder if folder in known else prefix if prefix in known else None
+
+
+def _query_results(result: SourceResult, matches: list[list[Match]], known: set[str]) -> list[QueryResult]:
     job = result.job
     if job.kind == "files":  # each image is a query of its own
         return [QueryResult(path, "patch", path, result.boxes[i:i + 1], result.vectors[i:i + 1], [matches[i]],
-                            rank_slides([matches[i]])) for i, path in enumerate(result.files)]
+                            rank_slides([matches[i]]), query_class(path, known)) for i, path in enumerate(result.files)]
     name = job.path if job.kind == "slide" else f"{job.path}@{','.join(map(str, job.region))}"
     return [QueryResult(name, job.kind, job.path, result.boxes, result.vectors, matches, rank_slides(matches))]
 
@@ -165,7 +173,7 @@ def write_outputs(index: SlideIndex, results: Sequence[QueryResult], out_dir: Pa
             for match in patch_matches:
                 p = match.patch
                 match_rows.append({
-                    "query": result.name, "query_x": qx if result.kind != "patch" else "",
+                    "query": result.name, "query_class": result.class_name or "", "query_x": qx if result.kind != "patch" else "",
                     "query_y": qy if result.kind != "patch" else "", "query_width": qw if result.kind != "patch" else "",
                     "query_height": qh if result.kind != "patch" else "", "rank": match.rank, "source": p.source,
                     "file": p.file or "", "x": p.x, "y": p.y, "width": p.width, "height": p.height,
@@ -236,7 +244,8 @@ def draw_query(index: SlideIndex, result: QueryResult, path: str, heatmap: bool)
     query_image = query_pixels(result, index)
     if query_image is not None:
         axes[0, 0].imshow(query_image)
-    axes[0, 0].set_title(f"query ({result.kind})\n{Path(result.path).name}", fontsize=8)
+    axes[0, 0].set_title(f"query ({result.kind})\n{Path(result.path).name}"
+                         + (f"\n{result.class_name}" if result.class_name else ""), fontsize=8)
     for ax, match in zip(axes[0, 1:], best):
         pixels = patch_pixels(index, match.patch)
         if pixels is not None:
@@ -244,6 +253,13 @@ def draw_query(index: SlideIndex, result: QueryResult, path: str, heatmap: bool)
         where = Path(match.patch.file).name if match.patch.file else f"{match.patch.x},{match.patch.y}"
         ax.set_title(f"#{match.rank} {match.similarity:.3f} {match.patch.class_name or ''}\n"
                      f"{Path(match.patch.source).name}\n{where}", fontsize=7)
+        if result.class_name is not None:  # a frame says right (green) or wrong (red) class
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_edgecolor("green" if match.patch.class_name == result.class_name else "red")
+                spine.set_linewidth(4)
     for ax, source in zip(axes[1] if slides else [], slides):
         row = index.db.source_by_path(source)
         data, downsample = index.db.thumbnail(row["id"])

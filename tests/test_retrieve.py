@@ -1,6 +1,9 @@
-"""retrieve.py: the index round trip, queries, the grid PNG and torch/faiss agreement."""
+"""retrieve.py over folders of patches: the index folder, queries against a naive search, growing
+and shrinking the index, refusals and the old single-file index's message."""
 import csv
+import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -8,13 +11,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import retrieve
-from core.files import command_line
+from core.checkpoint import load_model
+from core.embedder import Embedder
+from core.slide_index import SlideIndex
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*argv: str) -> int:
+    return retrieve.main(retrieve.get_args_parser().parse_args([*argv]))
+
+
+def cpu(*argv: str) -> list[str]:
+    return [*argv, "--device", "cpu", "--workers", "0", "--batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -27,124 +39,155 @@ def collection(tmp_path_factory, make_images, write_checkpoint) -> dict:
     make_images(root / "queries", {"s1": 1}, seed=6)
     checkpoint = root / "se_resnet50_MSLoss_0.5000.pth"
     write_checkpoint(checkpoint, "se_resnet50", crop_size=32, attention=False)
-    index_path = root / "index.pt"
-    args = retrieve.get_args_parser().parse_args(
-        ["index", str(checkpoint), str(images), "--out", str(index_path), "--device", "cpu", "--workers", "0",
-         "--batch-size", "4"])
-    assert retrieve.main(args) == 1  # the index is written, and the corrupt image reported
-    return {"root": root, "images": images, "checkpoint": checkpoint, "index": index_path}
+    index = root / "index"
+    assert run(*cpu("index", str(checkpoint), str(images), "--index", str(index))) == 1  # the corrupt image
+    return {"root": root, "images": images, "checkpoint": checkpoint, "index": index}
 
 
-def test_index_round_trip(collection, capsys):
-    index = retrieve.load_index(collection["index"])
+def stored(index_dir: Path) -> tuple[list[tuple], np.ndarray]:
+    """(file, class) per patch in id order, and their vectors, read straight from the database."""
+    with sqlite3.connect(index_dir / "patches.sqlite") as db:
+        rows = db.execute("SELECT file, class FROM patches ORDER BY id").fetchall()
+        blobs = db.execute("SELECT data FROM vectors ORDER BY source_id").fetchall()
+    return rows, np.concatenate([np.frombuffer(b[0], np.float32).reshape(-1, 512) for b in blobs])
+
+
+def naive_vectors(checkpoint: Path, paths: list[str]) -> np.ndarray:
+    loaded = load_model(checkpoint, "cpu")
+    vectors, kept, failed = Embedder(loaded.model, "cpu", 4).embed_files(paths, loaded.crop_size)
+    assert kept == list(range(len(paths))) and not failed
+    return vectors.numpy()
+
+
+def test_index_folder_holds_every_readable_patch_with_its_class_and_vector(collection):
     images = collection["images"]
-    assert index["paths"] == [str((images / name).resolve()) for name in
-                              ("loose.png", "s0/s0_0.png", "s0/s0_1.png", "s0/s0_2.png",
-                               "s1/s1_0.png", "s1/s1_1.png", "s1/s1_2.png")]
-    assert index["classes"] == [None, "s0", "s0", "s0", "s1", "s1", "s1"]
-    assert [Path(p).name for p, _ in index["failed"]] == ["s1_corrupt.png"]
-    assert index["embeddings"].shape == (7, 512) and index["embeddings"].dtype == torch.float32
-    torch.testing.assert_close(index["embeddings"].norm(dim=1), torch.ones(7))
-    assert index["model_name"] == "se_resnet50" and index["crop_size"] == 32
-    assert index["model_options"]["attention"] is False and index["command"] == command_line()
+    rows, vectors = stored(collection["index"])
+    names = ["loose.png", "s0/s0_0.png", "s0/s0_1.png", "s0/s0_2.png", "s1/s1_0.png", "s1/s1_1.png", "s1/s1_2.png"]
+    assert rows == [(str((images / n).resolve()), n.split("/")[0] if "/" in n else None) for n in names]
+    np.testing.assert_allclose(vectors, naive_vectors(collection["checkpoint"], [r[0] for r in rows]), atol=1e-5)
+    manifest = json.loads((collection["index"] / "manifest.json").read_text())
+    assert manifest["model"]["model_name"] == "se_resnet50" and manifest["model"]["crop_size"] == 32
+    assert manifest["model"]["embedding_dim"] == 512 and len(manifest["model"]["weights_sha256"]) == 64
+    assert manifest["tiling"]["patch_size"] == 32 and manifest["vector_index"]["type"] == "flat"
+    assert "retrieve.py" in manifest["command"] or "pytest" in manifest["command"]
 
 
-def test_query_excludes_itself_ranks_by_similarity_and_writes_grids(collection, tmp_path):
-    index = retrieve.load_index(collection["index"])
-    inside = str(collection["images"] / "s0" / "s0_1.png")
-    outside = str(collection["root"] / "queries" / "s1" / "s1_0.png")
-    out_dir = tmp_path / "grids"
-    args = retrieve.get_args_parser().parse_args(
-        ["query", str(collection["index"]), inside, str(collection["root"] / "queries"), "--top-k", "3",
-         "--out-dir", str(out_dir), "--device", "cpu", "--workers", "0"])
-    assert retrieve.main(args) == 0
-    results, failed = retrieve.run_query(index, [inside, outside], top_k=3, out_dir=None, device="cpu")
-    assert failed == []
-
-    assert [r["class"] for r in results] == ["s0", "s1"]
-    own_row = index["paths"].index(str(Path(inside).resolve()))
-    assert all(m["path"] != index["paths"][own_row] for m in results[0]["matches"])
-    own = index["embeddings"][own_row]
-    expected = sorted(((float(own @ e), p) for i, (e, p) in enumerate(zip(index["embeddings"], index["paths"]))
-                       if i != own_row), reverse=True)[:3]
-    for match, (similarity, path) in zip(results[0]["matches"], expected):
-        assert match["path"] == path and match["similarity"] == pytest.approx(similarity, abs=1e-5)
-
-    grids = sorted(out_dir.glob("*.png"))
-    assert [g.name for g in grids] == ["000_s0_1.png", "001_s1_0.png"]
-    width, height = Image.open(grids[0]).size
-    assert width > 3 * height  # one row: the query and its three matches
-    with open(out_dir / "matches.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 6 and [r["rank"] for r in rows[:3]] == ["1", "2", "3"]
-    assert rows[0]["query_class"] == "s0" and rows[0]["command"] == command_line()
+def test_query_matches_a_naive_search_and_never_returns_itself(collection, tmp_path):
+    inside = str((collection["images"] / "s0" / "s0_1.png").resolve())
+    out = tmp_path / "out"
+    assert run(*cpu("query", "--index", str(collection["index"]), inside, str(collection["root"] / "queries"),
+                    "--top-k", "3", "--out-dir", str(out))) == 0
+    rows, vectors = stored(collection["index"])
+    files = [r[0] for r in rows]
+    query_vectors = naive_vectors(collection["checkpoint"], [inside])
+    scores = vectors @ query_vectors[0]
+    scores[files.index(inside)] = -np.inf  # never itself
+    expected = [files[i] for i in np.argsort(-scores, kind="stable")[:3]]
+    with open(out / "matches.csv", newline="") as f:
+        matches = list(csv.DictReader(f))
+    first = [m for m in matches if m["query"] == inside]
+    assert [m["file"] for m in first] == expected and [m["rank"] for m in first] == ["1", "2", "3"]
+    assert [float(m["similarity"]) for m in first] == pytest.approx(sorted(scores, reverse=True)[:3], abs=1e-5)
+    assert first[0]["query_class"] == "s0" and first[0]["class"] in ("s0", "s1", "")
+    assert len(matches) == 6 and sorted(p.name for p in out.glob("*.png")) == ["000_s0_1.png", "001_s1_0.png"]
+    with open(out / "slides.csv", newline="") as f:
+        slides = list(csv.DictReader(f))
+    assert slides[0]["source"] == str(collection["images"].resolve()) and slides[0]["votes"] == "1"
+    assert json.loads((out / "query.json").read_text())["top_k"] == 3
 
 
-def test_unreadable_images_are_reported_and_exit_1(collection, tmp_path, capsys):
+def test_unreadable_query_is_reported_and_exit_1(collection, tmp_path, capsys):
     capsys.readouterr()
     broken = tmp_path / "s0_broken.png"
     broken.write_bytes(b"not a png")
-    good = str(collection["images"] / "s0" / "s0_0.png")
-    args = retrieve.get_args_parser().parse_args(
-        ["query", str(collection["index"]), good, str(broken), "--top-k", "2", "--out-dir", str(tmp_path / "out"),
-         "--device", "cpu", "--workers", "0"])
-    assert retrieve.main(args) == 1
+    good = str((collection["images"] / "s0" / "s0_0.png").resolve())
+    assert run(*cpu("query", "--index", str(collection["index"]), good, str(broken), "--top-k", "2",
+                    "--out-dir", str(tmp_path / "out"))) == 1
     out, err = capsys.readouterr()
-    assert f"query {good} (class s0)" in out and "s0_broken.png" not in out
-    assert err.startswith("1 unreadable image(s) were left out:\n") and f"  {broken} (" in err
+    assert f"query {good} (patch" in out
+    assert "1 unreadable image(s) were left out:" in err and f"  {broken} (" in err
     with open(tmp_path / "out" / "matches.csv", newline="") as f:
         assert {row["query"] for row in csv.DictReader(f)} == {good}
 
 
-def test_index_with_channels_last_gives_the_same_embeddings(collection, tmp_path):
-    index = retrieve.load_index(collection["index"])
-    nhwc = retrieve.build_index(collection["checkpoint"], collection["images"], batch_size=3, device="cpu",
-                                channels_last=True)
-    assert nhwc["paths"] == index["paths"] and nhwc["failed"] == index["failed"]
-    torch.testing.assert_close(nhwc["embeddings"], index["embeddings"], atol=1e-5, rtol=0)
-    args = retrieve.get_args_parser().parse_args(["index", "c.pth", "images", "--channels-last"])
-    assert args.channels_last and args.workers == min(4, os.cpu_count() or 1)
+def test_channels_last_index_gives_the_same_vectors(collection, tmp_path):
+    other = tmp_path / "nhwc"
+    assert run(*cpu("index", str(collection["checkpoint"]), str(collection["images"]), "--index", str(other),
+                    "--channels-last")) == 1
+    np.testing.assert_allclose(stored(other)[1], stored(collection["index"])[1], atol=1e-5)
+
+
+def test_remove_readd_and_replace_leave_no_duplicates_or_orphans(collection, tmp_path, make_images, capsys):
+    index = tmp_path / "grow"
+    extra = tmp_path / "extra"
+    make_images(extra, {"s2": 2}, seed=9)
+    checkpoint, images = str(collection["checkpoint"]), str(collection["images"])
+    assert run(*cpu("index", checkpoint, images, str(extra), "--index", str(index))) == 1
+    assert run(*cpu("index", checkpoint, images, "--index", str(index))) == 0  # already there: skipped
+    assert "already indexed (7 patches), skipped" in capsys.readouterr().out
+
+    def counts() -> tuple:
+        with sqlite3.connect(index / "patches.sqlite") as db:
+            return (db.execute("SELECT COUNT(*) FROM patches").fetchone()[0],
+                    db.execute("SELECT COUNT(DISTINCT file) FROM patches").fetchone()[0],
+                    db.execute("SELECT COUNT(*) FROM patches WHERE source_id NOT IN (SELECT id FROM sources)").fetchone()[0],
+                    db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0])
+
+    assert counts() == (9, 9, 0, 2)
+    assert run("remove", "--index", str(index), str(extra)) == 0
+    assert counts() == (7, 7, 0, 1)
+    with SlideIndex.open(index) as opened:
+        assert opened.vectors.ntotal == 7
+    assert run(*cpu("index", checkpoint, str(extra), "--index", str(index))) == 0
+    assert run(*cpu("index", checkpoint, str(extra), "--index", str(index), "--replace")) == 0
+    assert counts() == (9, 9, 0, 2)
+    with SlideIndex.open(index) as opened:
+        assert opened.vectors.ntotal == 9
+        ids = set(int(i) for i in __import__("core.vector_index", fromlist=["x"]).index_ids(opened.vectors))
+        assert ids == {int(i) for s in opened.db.sources() for i in opened.db.patch_ids(s["id"])}
+    assert run("remove", "--index", str(index), str(tmp_path / "never")) == 1
+    assert "not in the index" in capsys.readouterr().err
+    assert run("list", "--index", str(index)) == 0
+    listing = capsys.readouterr().out
+    assert "9 patches in 2 source(s)" in listing and str(extra.resolve()) in listing
+
+
+def test_an_index_refuses_another_model_and_another_scale(collection, tmp_path, write_checkpoint):
+    other = tmp_path / "se_resnet50_other.pth"
+    write_checkpoint(other, "se_resnet50", crop_size=32, seed=1, attention=False)
+    with pytest.raises(retrieve.UserError, match=r"other settings.*weights \(model hash\)"):
+        run(*cpu("index", str(other), str(collection["images"]), "--index", str(collection["index"])))
+    with pytest.raises(retrieve.UserError, match=r"--mpp 0\.25 \(the index has 0\.5\)"):
+        run(*cpu("index", str(collection["checkpoint"]), str(collection["images"]), "--index",
+                 str(collection["index"]), "--mpp", "0.25"))
+    with pytest.raises(retrieve.UserError, match="not the weights this index was built with"):
+        run(*cpu("query", "--index", str(collection["index"]), str(collection["images"]), "--checkpoint", str(other),
+                 "--out-dir", str(tmp_path / "q")))
+
+
+def test_old_single_file_index_gets_a_rebuild_message(collection, tmp_path):
+    old = tmp_path / "index.pt"
+    torch.save({"format": 1, "embeddings": torch.zeros(1, 4)}, old)
+    with pytest.raises(retrieve.UserError, match=r"index\.pt: an index file of the old format.*--index DIR"):
+        run(*cpu("query", str(old), str(collection["images"])))
+    with pytest.raises(retrieve.UserError, match="an index file of the old format"):
+        run(*cpu("query", "--index", str(old), str(collection["images"])))
+    with pytest.raises(retrieve.UserError, match=r"--out index\.pt: indexes are now folders"):
+        run(*cpu("index", str(collection["checkpoint"]), str(collection["images"]), "--out", "index.pt"))
 
 
 def test_grid_frames_right_matches_green_and_wrong_ones_red(collection, tmp_path):
-    images = collection["images"]
-    matches = [{"rank": 1, "similarity": 0.9, "path": str(images / "s0" / "s0_0.png"), "class": "s0"},
-               {"rank": 2, "similarity": 0.8, "path": str(images / "s1" / "s1_0.png"), "class": "s1"}]
-    retrieve.draw_grid(tmp_path / "grid.png", str(images / "s0" / "s0_1.png"), "s0", matches)
-    pixels = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB")).reshape(-1, 3)
+    query = str((collection["images"] / "s0" / "s0_1.png").resolve())
+    assert run(*cpu("query", "--index", str(collection["index"]), query, "--top-k", "6",
+                    "--out-dir", str(tmp_path))) == 0
+    pixels = np.asarray(Image.open(tmp_path / "000_s0_1.png").convert("RGB")).reshape(-1, 3)
     colours = {tuple(p) for p in pixels}
     assert (0, 128, 0) in colours and (255, 0, 0) in colours
 
 
-def test_faiss_and_torch_give_the_same_top_k():
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        pytest.fail("this test needs faiss-cpu (listed in requirements.txt): pip install faiss-cpu")
-    generator = torch.Generator().manual_seed(0)
-    gallery = F.normalize(torch.randn(600, 32, generator=generator), dim=1)
-    queries = torch.cat([gallery[[5, 17]], F.normalize(torch.randn(8, 32, generator=generator), dim=1)])
-    exclude = torch.tensor([5, 17] + [-1] * 8)  # the first two queries are in the gallery
-    torch_scores, torch_indices = retrieve.search(queries, gallery, 10, exclude)
-    faiss_scores, faiss_indices = retrieve.search(queries, gallery, 10, exclude, use_faiss=True)
-    torch.testing.assert_close(faiss_indices, torch_indices)
-    torch.testing.assert_close(faiss_scores, torch_scores, atol=1e-5, rtol=0)
-    assert 5 not in torch_indices[0] and 17 not in torch_indices[1]
-
-
-def test_faiss_option_without_faiss_says_what_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` fail
-    with pytest.raises(retrieve.UserError, match="--faiss needs the faiss-cpu package: pip install faiss-cpu"):
-        retrieve.search(torch.eye(3), torch.eye(3), 1, torch.tensor([-1, -1, -1]), use_faiss=True)
-
-
 @pytest.mark.slow
-def test_query_script_rejects_a_file_that_is_not_an_index(tmp_path):
-    bogus = tmp_path / "index.pt"
-    torch.save({"embeddings": torch.zeros(2, 2)}, bogus)
-    image = tmp_path / "q.png"
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
-    run = subprocess.run([sys.executable, "retrieve.py", "query", str(bogus), str(image)], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2
-    assert run.stderr.strip() == f"error: {bogus}: not an index written by `python3 retrieve.py index`"
+def test_script_rejects_a_folder_that_is_not_an_index(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "retrieve.py"), "query", "--index", str(tmp_path), "x.png"],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().count("\n") == 0 and "not an index folder" in result.stderr
