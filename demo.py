@@ -2,7 +2,8 @@
 
 Generates the built-in synthetic Kimia-like source, preprocesses it, trains se_resnet50 with the
 Multi-Similarity loss, evaluates the best checkpoint with both protocols (with a t-SNE map of its
-test embeddings) and draws retrieval grids.
+test embeddings) and draws retrieval grids; then writes a few synthetic whole slides, indexes their
+tissue and searches them with a region of one of them.
 Before each step it prints the command that runs the same step on the real Kimia Path24.
 
 To fit in minutes on 2 CPU cores the demo shrinks the problem (fewer classes and patches, smaller
@@ -32,8 +33,10 @@ REAL_DATA_COMMANDS = {
     "data": "python3 KIMIA_data/data_process.py KIMIAPath24_RGB      # or Kimia_Path24.h5",
     "train": "python3 train.py se_resnet50 MSLoss",
     "test": "python3 multi_test.py model/ --protocol both --plot-embeddings",
-    "index": "python3 retrieve.py index model/<best>.pth KIMIA_data/train --out kimia_index.pt",
-    "query": "python3 retrieve.py query kimia_index.pt <your patches> --top-k 5 --out-dir retrieval/",
+    "index": "python3 retrieve.py index model/<best>.pth KIMIA_data/train --index kimia_index/",
+    "query": "python3 retrieve.py query --index kimia_index/ <your patches> --top-k 5 --out-dir retrieval/",
+    "slides": "python3 retrieve.py index model/<best>.pth /archive/*.svs --index slide_index/   # at 0.5 um/px",
+    "slide query": "python3 retrieve.py query --index slide_index/ case.svs --region X,Y,W,H --out-dir slide_search/",
 }
 
 
@@ -48,6 +51,7 @@ SETTINGS = (
     ("--batch-size", 32, "training batch", "the paper uses 60"),
     ("--lr", 0.01, "SGD learning rate", "the paper uses 0.001"),
     ("--queries", 3, "test patches to draw retrieval grids for", None),
+    ("--slides", 3, "synthetic whole slides to index and search", None),
     ("--seed", 0, "seed of the synthetic data", None),
     ("--workers", 2, "preprocessing and data-loading processes; 0 loads in the main process", None),
 )
@@ -117,18 +121,23 @@ def main(args: argparse.Namespace) -> dict:
     with open(best_dir / "results.csv", newline="") as f:
         result = next(row for row in reversed(list(csv.DictReader(f))) if row["protocol"] == "test")
 
-    index_path = out / "synthetic_index.pt"
-    index_argv = ["index", str(best), str(data / "train"), "--out", str(index_path), "--device", device]
+    index_dir = out / "patch_index"
+    shutil.rmtree(index_dir, ignore_errors=True)  # a rerun of the demo indexes its new model
+    index_argv = ["index", str(best), str(data / "train"), "--index", str(index_dir), "--device", device,
+                  "--workers", str(args.workers)]
     announce("index", ["python3", "retrieve.py", *index_argv])
     if retrieve.main(retrieve.get_args_parser().parse_args(index_argv)):
         raise UserError("retrieve.py index failed; see the messages above")
 
     test_classes = natural_sorted(p.name for p in (data / "test").iterdir() if p.is_dir())
     queries = [str(sorted((data / "test" / c).iterdir())[0]) for c in test_classes[: args.queries]]
-    query_argv = ["query", str(index_path), *queries, "--top-k", "5", "--out-dir", str(grids), "--device", device]
+    query_argv = ["query", "--index", str(index_dir), *queries, "--top-k", "5", "--out-dir", str(grids),
+                  "--device", device, "--workers", "0"]
     announce("query", ["python3", "retrieve.py", *query_argv])
     if retrieve.main(retrieve.get_args_parser().parse_args(query_argv)):
         raise UserError("retrieve.py query failed; see the messages above")
+
+    search_slides(args, out, best, device)
 
     eta = {key: float(result[key]) for key in ("eta_p", "eta_w", "eta_total")}
     chance_p = 1.0 / args.classes
@@ -137,8 +146,34 @@ def main(args: argparse.Namespace) -> dict:
     print(f"eta_W     {eta['eta_w']:.4f}   (chance {chance_p:.4f})")
     print(f"eta_total {eta['eta_total']:.4f}   (chance {chance_p * chance_p:.4f})")
     print(f"Outputs in {out}/: loss curve and checkpoints in model/, results, confusion matrices and the t-SNE map "
-          f"of the test embeddings in best_model/, retrieval grids in retrieval/. Took {time.time() - started:.0f} s.")
+          f"of the test embeddings in best_model/, retrieval grids in retrieval/, the slide search in slide_search/. Took {time.time() - started:.0f} s.")
     return {"best_checkpoint": str(best), **eta}
+
+
+def search_slides(args: argparse.Namespace, out: Path, checkpoint: Path, device: str) -> None:
+    """Index synthetic slides of the trained classes and search them with a region of the first.
+
+    The model was trained on 320 px patches drawn at 0.5 um/px and shrunk to --image-size, so it
+    saw tissue at 0.5 * 320 / image_size um/px: the slides are tiled at that scale.
+    """
+    slide_dir, index_dir = out / "slides", out / "slide_index"
+    records = synthetic.write_slide_set(slide_dir, count=args.slides, classes=min(3, args.classes), seed=args.seed)
+    shutil.rmtree(index_dir, ignore_errors=True)
+    mpp = synthetic.PATCH_MPP * synthetic.REFERENCE_PATCH / args.image_size
+    index_argv = ["index", str(checkpoint), *(str(slide_dir / r["file"]) for r in records), "--index", str(index_dir),
+                  "--mpp", f"{mpp:g}", "--device", device, "--workers", str(args.workers)]
+    announce("slides", ["python3", "retrieve.py", *index_argv])
+    if retrieve.main(retrieve.get_args_parser().parse_args(index_argv)):
+        raise UserError("retrieve.py index failed on the slides; see the messages above")
+    box = records[0]["regions"][0]  # a square of 2 x 2 patches in the middle of the first slide's tissue
+    side = 2 * round(args.crop_size * mpp / records[0]["mpp"])
+    x, y = box["x"] + (box["w"] - side) // 2, box["y"] + (box["h"] - side) // 2
+    query_argv = ["query", "--index", str(index_dir), str(slide_dir / records[0]["file"]), "--region",
+                  f"{x},{y},{side},{side}", "--top-k", "5", "--heatmap", "--out-dir", str(out / "slide_search"),
+                  "--device", device, "--workers", "0"]
+    announce("slide query", ["python3", "retrieve.py", *query_argv])
+    if retrieve.main(retrieve.get_args_parser().parse_args(query_argv)):
+        raise UserError("retrieve.py query failed on the slides; see the messages above")
 
 
 if __name__ == "__main__":

@@ -97,10 +97,11 @@ def _exclusions(index: SlideIndex, result: SourceResult) -> list[np.ndarray]:
 
 
 def rank_slides(matches: Sequence[Sequence[Match]]) -> list[dict]:
-    """The indexed sources ranked by the votes of the query patches' first matches, then by the
+    """The indexed slides ranked by the votes of the query patches' first matches, then by the
     mean similarity of their patches among all the top-k matches."""
     votes: dict[str, int] = {}
     similarities: dict[str, list[float]] = {}
+    matches = [[m for m in row if m.patch.file is None] for row in matches]  # folders of patches are no slides
     for patch_matches in matches:
         if patch_matches:
             first = patch_matches[0].patch.source

@@ -22,7 +22,7 @@ def test_demo_runs_every_step_and_writes_its_outputs(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     command = [sys.executable, "demo.py", "--output", str(out), "--device", "cpu", "--classes", str(CLASSES),
                "--train-per-class", "8", "--test-per-class", "3", "--image-size", "40", "--crop-size", "32",
-               "--epochs", "2", "--batch-size", "8", "--workers", "0", "--queries", "2"]
+               "--epochs", "2", "--batch-size", "8", "--workers", "0", "--queries", "2", "--slides", "2"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -30,7 +30,8 @@ def test_demo_runs_every_step_and_writes_its_outputs(tmp_path: Path) -> None:
 
     # Before each step, the command for the real data set.
     for real in ("python3 KIMIA_data/data_process.py KIMIAPath24_RGB", "python3 train.py se_resnet50 MSLoss",
-                 "python3 multi_test.py model/ --protocol both", "python3 retrieve.py index", "python3 retrieve.py query"):
+                 "python3 multi_test.py model/ --protocol both", "python3 retrieve.py index", "python3 retrieve.py query",
+                 "python3 retrieve.py index model/<best>.pth /archive/*.svs"):
         assert f"on the real dataset:  {real}" in stdout
     # The closing figures, named as in the paper, each with its chance level.
     figures = {name: (float(value), float(chance)) for name, value, chance in
@@ -69,6 +70,15 @@ def test_demo_runs_every_step_and_writes_its_outputs(tmp_path: Path) -> None:
     assert [g.name for g in grids] == ["000_s0_test_0.png", "001_s1_test_0.png"]
     with open(out / "retrieval" / "matches.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 2 * 5
+
+    # The slide search: a region of the first slide ranks that slide first.
+    assert "python3 retrieve.py query --index slide_index/ case.svs --region" in stdout
+    with open(out / "slide_search" / "slides.csv", newline="") as f:
+        ranked = list(csv.DictReader(f))
+    assert Path(ranked[0]["source"]).name == "slide_000.tif" and int(ranked[0]["votes"]) >= 1
+    with open(out / "slide_search" / "matches.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 4 * 5  # 2 x 2 query patches, 5 matches each
+    assert (out / "slide_search" / "000_slide_000.png").is_file()
 
 
 def readme_commands() -> list[str]:

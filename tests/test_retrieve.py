@@ -91,8 +91,7 @@ def test_query_matches_a_naive_search_and_never_returns_itself(collection, tmp_p
     assert first[0]["query_class"] == "s0" and first[0]["class"] in ("s0", "s1", "")
     assert len(matches) == 6 and sorted(p.name for p in out.glob("*.png")) == ["000_s0_1.png", "001_s1_0.png"]
     with open(out / "slides.csv", newline="") as f:
-        slides = list(csv.DictReader(f))
-    assert slides[0]["source"] == str(collection["images"].resolve()) and slides[0]["votes"] == "1"
+        assert list(csv.DictReader(f)) == []  # a folder of patches is not a slide to rank
     assert json.loads((out / "query.json").read_text())["top_k"] == 3
 
 
