@@ -125,6 +125,11 @@ class _ChunkReader(Dataset):
         return self._slide
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
+        f"{seconds / 3600:.1f} h"
+
+
 def _identity(item):
     return item
 
@@ -205,6 +210,8 @@ def embed_sources(jobs: Sequence[Job], embedder: Embedder, tiling: Tiling, crop_
     failures: dict[int, list] = {}
     errors: dict[int, str] = {}
     finished = 0
+    read_in_job: dict[int, int] = {}
+    run_started = time.perf_counter()
 
     def finish(number: int) -> SourceResult:
         plan = plans.pop(number)
@@ -226,7 +233,10 @@ def embed_sources(jobs: Sequence[Job], embedder: Embedder, tiling: Tiling, crop_
         if error is not None:
             result.boxes, result.vectors = result.boxes[:0], result.vectors[:0]
         n = len(result.boxes)
-        bar.set_postfix_str(f"{number + 1}/{len(jobs)} sources")
+        sources_done = number + 1
+        if sources_done < len(jobs):  # overall time left, from the time the finished sources took
+            left = (time.perf_counter() - run_started) / sources_done * (len(jobs) - sources_done)
+            bar.set_postfix_str(f"{sources_done}/{len(jobs)} sources, about {_duration(left)} left")
         if progress:
             what = f"failed: {error}" if error else f"{n} patches in {result.seconds:.1f} s" + \
                 (f" ({n / result.seconds:.0f}/s)" if result.seconds > 0 and n else "")
@@ -246,6 +256,11 @@ def embed_sources(jobs: Sequence[Job], embedder: Embedder, tiling: Tiling, crop_
                     parts.setdefault(chunk.job_number, []).append((chunk.start, vectors, positions))
                 failures.setdefault(chunk.job_number, []).extend(failed)
             bar.update(len(chunk.positions))
+            read_in_job[chunk.job_number] = read_in_job.get(chunk.job_number, 0) + len(chunk.positions)
+            rate = bar.format_dict.get("rate") or 0
+            if progress and rate:
+                left_in_slide = (len(plans[chunk.job_number].boxes) - read_in_job[chunk.job_number]) / rate
+                bar.set_description_str(f"{Path(chunk.path).name}: {_duration(left_in_slide)} left", refresh=False)
         while finished < len(jobs):
             yield finish(finished)
             finished += 1
@@ -257,9 +272,12 @@ def embed_sources(jobs: Sequence[Job], embedder: Embedder, tiling: Tiling, crop_
 def source_jobs(sources: Sequence[str]) -> list[tuple[Job, str]]:
     """(job, kind) for each source on the command line: a folder is a list of patch files (class
     from the first-level subfolder), a file is a slide."""
-    jobs = []
+    jobs, seen = [], set()
     for source in sources:
         path = os.path.abspath(source)
+        if path in seen:  # named twice (a shell glob and a path): indexed once
+            continue
+        seen.add(path)
         if Path(path).is_dir():
             found = list_images(path)
             jobs.append((Job(path, "files", files=tuple(os.path.abspath(p) for p, _ in found),
@@ -321,7 +339,7 @@ def index_sources(index: SlideIndex, sources: Sequence[str], embedder: Embedder,
             shard.add_source(record)
         else:
             known = index.db.source_by_path(path)
-            if known is not None and known["state"] == "indexed":  # --replace: the old one goes now
+            if replace and known is not None and known["state"] == "indexed":  # the old one goes now
                 index.remove(known["id"])
             index.add(record)
         report.indexed.append((path, len(result.boxes)))

@@ -179,10 +179,9 @@ class PatchDatabase:
         return ids
 
     # ------------------------------------------------------------------ reads
-    def sources(self, state: str | None = "indexed") -> list[sqlite3.Row]:
+    def _source_rows(self, where: str, values: tuple) -> list[sqlite3.Row]:
         self.connection.row_factory = sqlite3.Row
         try:
-            where, values = ("WHERE state = ?", (state,)) if state else ("", ())
             return self.connection.execute(
                 "SELECT id, path, kind, state, file_size, mtime, width, height, slide_mpp, backend, first_patch, "
                 f"patch_count, thumbnail_downsample, reason, indexed_at FROM sources {where} ORDER BY id",
@@ -190,9 +189,12 @@ class PatchDatabase:
         finally:
             self.connection.row_factory = None
 
+    def sources(self, state: str | None = "indexed") -> list[sqlite3.Row]:
+        return self._source_rows("WHERE state = ?", (state,)) if state else self._source_rows("", ())
+
     def source_by_path(self, path: str) -> sqlite3.Row | None:
-        matches = [row for row in self.sources(None) if row["path"] == path]
-        return matches[0] if matches else None
+        rows = self._source_rows("WHERE path = ?", (path,))
+        return rows[0] if rows else None
 
     def thumbnail(self, source_id: int) -> tuple[bytes | None, float | None]:
         row = self.connection.execute("SELECT thumbnail, thumbnail_downsample FROM sources WHERE id = ?",
@@ -353,6 +355,8 @@ class SlideIndex:
 
     def close(self) -> None:
         if self.writable and self._vectors is not None and self._vectors_generation == self.db.generation:
+            if self.settings.index_type == "ivf" and vector_index.index_kind(self._vectors) != "ivf":
+                self._vectors = self._rebuild()  # the first run's vectors are all here: train the lists on them
             self.save_vectors()
         self.db.close()
         if self._lock is not None:
@@ -409,7 +413,7 @@ class SlideIndex:
     def _new_vector_index(self, train: np.ndarray):
         kind = self.settings.index_type
         if kind == "ivf" and len(train) == 0:
-            kind = "flat"  # nothing to train on yet; an empty IVF is made when vectors arrive
+            kind = "flat"  # nothing to train on yet: exact until the run that adds vectors closes the index
         return vector_index.new_vector_index(kind, self.settings.dim, train if kind == "ivf" else None,
                                              self.settings.ivf_lists, self.settings.hnsw_m)
 
@@ -425,8 +429,6 @@ class SlideIndex:
         """Add one source (its patches and vectors); returns its id."""
         current = self.vectors  # brought up to date before this change
         source_id, ids = self.db.add_source(record, command_line())
-        if self.settings.index_type == "ivf" and vector_index.index_ids(current).size == 0 and len(ids):
-            self._vectors = current = self._new_vector_index(record.vectors)
         if len(ids):
             vector_index.add_vectors(current, np.ascontiguousarray(record.vectors, np.float32), ids)
         self._vectors_generation = self.db.generation
