@@ -311,6 +311,9 @@ class SlideIndex:
                 self._lock.close()
                 raise UserError(f"{directory}: another `retrieve.py index` or `remove` is writing this index; "
                                 "wait for it to finish") from None
+        if not writable and not (directory / DATABASE).is_file():
+            raise UserError(f"{directory}: an index with no patches yet (no {DATABASE}); add sources with "
+                            "`python3 retrieve.py index CHECKPOINT SOURCE... --index DIR`")
         self.db = PatchDatabase(directory / DATABASE, readonly=not writable)
         self._vectors = None
         self._vectors_generation = -1
@@ -326,9 +329,8 @@ class SlideIndex:
         if settings.index_type not in vector_index.INDEX_TYPES:
             raise UserError(f"--index-type {settings.index_type}: choose one of {', '.join(vector_index.INDEX_TYPES)}")
         directory.mkdir(parents=True, exist_ok=True)
-        index = cls(directory, settings, writable=True)
         atomic_write_text(directory / MANIFEST, json.dumps(settings.manifest(), indent=2) + "\n")
-        return index
+        return cls(directory, settings, writable=True)
 
     @classmethod
     def open(cls, directory: str | os.PathLike, writable: bool = False) -> SlideIndex:

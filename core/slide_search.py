@@ -247,12 +247,12 @@ def draw_query(index: SlideIndex, result: QueryResult, path: str, heatmap: bool)
         axes[0, 0].imshow(query_image)
     axes[0, 0].set_title(f"query ({result.kind})\n{Path(result.path).name}"
                          + (f"\n{result.class_name}" if result.class_name else ""), fontsize=8)
-    for ax, match in zip(axes[0, 1:], best):
+    for place, (ax, match) in enumerate(zip(axes[0, 1:], best), start=1):
         pixels = patch_pixels(index, match.patch)
         if pixels is not None:
             ax.imshow(pixels)
         where = Path(match.patch.file).name if match.patch.file else f"{match.patch.x},{match.patch.y}"
-        ax.set_title(f"#{match.rank} {match.similarity:.3f} {match.patch.class_name or ''}\n"
+        ax.set_title(f"#{place} {match.similarity:.3f} {match.patch.class_name or ''}\n"
                      f"{Path(match.patch.source).name}\n{where}", fontsize=7)
         if result.class_name is not None:  # a frame says right (green) or wrong (red) class
             ax.axis("on")

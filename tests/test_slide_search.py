@@ -241,3 +241,31 @@ def test_torchrun_shards_merge_into_the_single_process_index(archive, tmp_path):
     assert not list((index / "shards").glob("*.sqlite"))
     for path, vectors in stored_vectors(archive["index"]).items():
         np.testing.assert_allclose(stored_vectors(index)[path], vectors, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_indexes_find_a_region_and_forget_a_removed_slide(archive, tmp_path, kind):
+    from core import vector_index
+    from core.slide_index import SlideIndex
+
+    index = tmp_path / kind
+    assert run(*cpu("index", str(archive["checkpoint"]), *archive["paths"], "--index", str(index), "--mpp", MPP,
+                    "--index-type", kind)) == 0
+    with SlideIndex.open(index) as opened:
+        assert vector_index.index_kind(opened.vectors) == kind  # IVF trained when the first run closed
+        assert opened.vectors.ntotal == len(patch_rows(archive["index"]))
+    path, x, y, width, height = [r for r in patch_rows(index) if r[0] == archive["paths"][2]][3]
+    out = tmp_path / "out"
+    search = cpu("query", "--index", str(index), path, "--region", f"{x},{y},{width},{height}", "--out-dir", str(out),
+                 "--top-k", "5", "--nprobe", "1000", "--ef-search", "512")
+    assert run(*search) == 0
+    with open(out / "matches.csv", newline="") as f:
+        first = next(csv.DictReader(f))
+    assert (first["source"], int(first["x"]), int(first["y"])) == (path, x, y)
+    assert run("remove", "--index", str(index), path) == 0
+    with SlideIndex.open(index) as opened:
+        assert vector_index.index_kind(opened.vectors) == kind
+        assert opened.vectors.ntotal == len(patch_rows(index))
+    assert run(*search) == 0
+    with open(out / "matches.csv", newline="") as f:
+        assert path not in {row["source"] for row in csv.DictReader(f)}

@@ -1,0 +1,280 @@
+"""core.vector_index: search against a naive numpy top-k, exclusions, removal, ids, save/load, errors."""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from core import vector_index as vi
+from core.errors import UserError
+
+DIM = 32
+
+
+def unit_rows(n: int, seed: int, dim: int = DIM) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def naive_top_k(queries, vectors, ids, k, exclude=None):
+    """Exact top-k by inner product with numpy: argsort of all scores, excluded ones dropped."""
+    all_scores = queries.astype(np.float64) @ vectors.T.astype(np.float64)
+    scores = np.full((len(queries), k), -np.inf, np.float32)
+    found = np.full((len(queries), k), -1, np.int64)
+    for i, row in enumerate(all_scores):
+        order = np.argsort(-row, kind="stable")
+        if exclude is not None:
+            order = order[~np.isin(ids[order], exclude[i])]
+        order = order[:k]
+        scores[i, :len(order)], found[i, :len(order)] = row[order], ids[order]
+    return scores, found
+
+
+def assert_exact(result, expected):
+    np.testing.assert_array_equal(result[1], expected[1])
+    np.testing.assert_allclose(result[0], expected[0], atol=1e-5, rtol=0)
+    assert result[0].dtype == np.float32 and result[1].dtype == np.int64
+
+
+@pytest.fixture(scope="module")
+def data():
+    vectors = unit_rows(3000, seed=0)
+    ids = np.random.default_rng(1).permutation(10**6)[:3000].astype(np.int64)  # unordered, sparse ids
+    return vectors, ids, unit_rows(40, seed=2)
+
+
+def build(kind, vectors, ids, **kwargs):
+    index = vi.new_vector_index(kind, vectors.shape[1], train=vectors if kind == "ivf" else None, **kwargs)
+    vi.add_vectors(index, vectors, ids)
+    return index
+
+
+@pytest.fixture(params=["overfetch", "selector"])
+def exclusion_path(request, monkeypatch):
+    """Run a test with every exclusion set handled by over-fetching, then by an IDSelector."""
+    limit = 10**9 if request.param == "overfetch" else 0
+    monkeypatch.setattr(vi, "OVERFETCH_MAX", dict.fromkeys(vi.INDEX_TYPES, limit))
+    return request.param
+
+
+def few_ids_per_query(ids, n, seed=3):
+    """A different small exclusion set per query (some empty, some with ids not in the index)."""
+    rng = np.random.default_rng(seed)
+    sets = [rng.choice(ids, size=rng.integers(0, 6), replace=False) for _ in range(n)]
+    sets[0] = np.array([], np.int64)
+    sets[1] = np.array([-5, 2 * 10**6])
+    return sets
+
+
+def test_flat_equals_exact_without_exclusions(data):
+    vectors, ids, queries = data
+    assert_exact(vi.search(build("flat", vectors, ids), queries, 10), naive_top_k(queries, vectors, ids, 10))
+
+
+def test_flat_equals_exact_with_few_ids_per_query(data, exclusion_path):
+    vectors, ids, queries = data
+    index = build("flat", vectors, ids)
+    # Exclude each query's own true top matches, so that the exclusions matter.
+    top = naive_top_k(queries, vectors, ids, 3)[1]
+    exclude = [np.concatenate([top[i, :i % 4], extra]) for i, extra in enumerate(few_ids_per_query(ids, len(queries)))]
+    assert_exact(vi.search(index, queries, 10, exclude), naive_top_k(queries, vectors, ids, 10, exclude))
+
+
+def test_exclusions_as_rows_of_an_array_or_none(data):
+    """Rows of a 2-D array are new view objects each time (their ids get reused): never mixed up."""
+    vectors, ids, queries = data
+    index = build("flat", vectors, ids)
+    table = naive_top_k(queries, vectors, ids, 4)[1]  # each query's own 4 nearest
+    assert_exact(vi.search(index, queries, 10, table), naive_top_k(queries, vectors, ids, 10, table))
+    mixed = [None if i % 2 else table[i] for i in range(len(queries))]
+    expected = naive_top_k(queries, vectors, ids, 10, [np.array([], np.int64) if e is None else e for e in mixed])
+    assert_exact(vi.search(index, queries, 10, mixed), expected)
+
+
+def test_flat_equals_exact_with_a_big_shared_set(data, exclusion_path):
+    vectors, ids, queries = data
+    index = build("flat", vectors, ids)
+    slide_a, slide_b = ids[:1200], ids[1200:2000]  # two "own slides" shared by many queries
+    exclude = [slide_a if i % 3 == 0 else slide_b if i % 3 == 1 else ids[2990:2993] for i in range(len(queries))]
+    assert_exact(vi.search(index, queries, 10, exclude), naive_top_k(queries, vectors, ids, 10, exclude))
+
+
+def test_default_paths_with_a_set_above_the_flat_overfetch_limit():
+    vectors = unit_rows(vi.OVERFETCH_MAX["flat"] + 500, seed=4, dim=8)
+    ids = np.arange(len(vectors), dtype=np.int64)
+    queries = unit_rows(6, seed=5, dim=8)
+    exclude = [ids[:vi.OVERFETCH_MAX["flat"] + 1]] * 3 + [ids[:2]] * 3
+    index = build("flat", vectors, ids)
+    assert_exact(vi.search(index, queries, 7, exclude), naive_top_k(queries, vectors, ids, 7, exclude))
+
+
+def test_ivf_with_every_list_probed_equals_exact(data, exclusion_path):
+    vectors, ids, queries = data
+    index = build("ivf", vectors, ids)
+    assert index.nlist == vi.default_ivf_lists(len(vectors)) == 3000 // 39
+    exclude = few_ids_per_query(ids, len(queries))
+    exclude[5] = ids[:1500]
+    assert_exact(vi.search(index, queries, 10, exclude, nprobe=index.nlist),
+                 naive_top_k(queries, vectors, ids, 10, exclude))
+
+
+def test_hnsw_with_a_wide_walk_on_small_data_equals_exact(data, exclusion_path):
+    vectors, ids, queries = data
+    vectors, ids = vectors[:1000], ids[:1000]
+    index = build("hnsw", vectors, ids, hnsw_m=16)
+    exclude = few_ids_per_query(ids, len(queries))
+    exclude[7] = ids[:400]
+    assert_exact(vi.search(index, queries, 10, exclude, ef_search=1000),
+                 naive_top_k(queries, vectors, ids, 10, exclude))
+
+
+def test_approximate_defaults_find_most_neighbours():
+    # Clustered data, as embeddings are (uniform noise has no neighbourhood structure).
+    rng = np.random.default_rng(6)
+    centres = unit_rows(30, seed=7)
+    vectors = centres[rng.integers(0, 30, 3000)] + 0.15 * rng.standard_normal((3000, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = vectors[:50] + 0.05 * rng.standard_normal((50, DIM)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    ids = np.arange(3000, dtype=np.int64)
+    expected = naive_top_k(queries, vectors, ids, 10)[1]
+    for kind in ("ivf", "hnsw"):
+        found = vi.search(build(kind, vectors, ids), queries, 10)[1]
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, expected)])
+        assert recall >= 0.9, (kind, recall)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_rows_are_complete_when_exclusions_cover_the_neighbourhood(data, kind, monkeypatch):
+    """A narrow approximate search whose neighbourhood is excluded comes back short; search()
+    widens it (nprobe up to every list; ef_search, then an exact scan of HNSW's vectors)."""
+    vectors, ids, queries = data
+    index = build(kind, vectors, ids)
+    exclude = list(naive_top_k(queries, vectors, ids, 2500)[1])  # each query's 2500 nearest of 3000
+    width = {"nprobe": 1} if kind == "ivf" else {"ef_search": 16}
+    short = 0
+    for query, banned in zip(queries, exclude):  # what faiss alone returns
+        selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(banned))
+        short += (index.search(query[None], 10, params=vi._params(kind, 1, 16, selector))[1] < 0).any()
+    assert short >= 5
+    exact_scans = []
+    if kind == "hnsw":  # no widening: every short row goes to the exact scan
+        monkeypatch.setattr(vi, "HNSW_MAX_EF_SEARCH", 16)
+        translated = faiss.IDSelectorTranslated
+        monkeypatch.setattr(faiss, "IDSelectorTranslated", lambda *a: exact_scans.append(1) or translated(*a))
+    scores, found = vi.search(index, queries, 10, exclude, **width)
+    assert (found >= 0).all() and np.isfinite(scores).all()
+    assert not any(np.isin(row, banned).any() for row, banned in zip(found, exclude))
+    assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
+    assert bool(exact_scans) == (kind == "hnsw")
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_removed_ids_are_never_returned(data, kind):
+    vectors, ids, queries = data
+    index = build(kind, vectors, ids)
+    nprobe = index.nlist if kind == "ivf" else None
+    before = vi.search(index, queries, 10, nprobe=nprobe)[1]
+    gone = np.unique(np.concatenate([before[:, :3].ravel(), ids[:500]]))
+    assert vi.remove_ids(index, gone)
+    assert index.ntotal == len(vectors) - len(gone)
+    keep = ~np.isin(ids, gone)
+    result = vi.search(index, queries, 10, nprobe=nprobe)
+    assert not np.isin(result[1], gone).any()
+    assert_exact(result, naive_top_k(queries, vectors[keep], ids[keep], 10))
+    np.testing.assert_array_equal(vi.index_ids(index), np.sort(ids[keep]))
+    assert vi.remove_ids(index, np.array([], np.int64)) and vi.remove_ids(index, gone)  # nothing left to remove
+
+
+def test_hnsw_cannot_remove(data):
+    vectors, ids, _ = data
+    index = build("hnsw", vectors[:200], ids[:200])
+    assert vi.remove_ids(index, ids[:5]) is False
+    assert index.ntotal == 200
+    np.testing.assert_array_equal(vi.index_ids(index), np.sort(ids[:200]))
+
+
+@pytest.mark.parametrize("kind", vi.INDEX_TYPES)
+def test_index_ids_after_adds(data, kind):
+    vectors, ids, _ = data
+    index = vi.new_vector_index(kind, DIM, train=vectors if kind == "ivf" else None)
+    assert vi.index_ids(index).dtype == np.int64 and len(vi.index_ids(index)) == 0
+    vi.add_vectors(index, vectors[:1000], ids[:1000])
+    vi.add_vectors(index, vectors[1000:1500], ids[1000:1500].astype(np.int32))  # any integer dtype
+    np.testing.assert_array_equal(vi.index_ids(index), np.sort(ids[:1500]))
+    vi.add_vectors(index, np.empty((0, DIM), np.float32), np.empty(0, np.int64))
+    assert index.ntotal == 1500
+
+
+@pytest.mark.parametrize("kind", vi.INDEX_TYPES)
+def test_save_and_load_give_identical_results(data, kind, tmp_path):
+    vectors, ids, queries = data
+    index = build(kind, vectors, ids)
+    exclude = [ids[:700]] * 20 + few_ids_per_query(ids, 20)
+    path = tmp_path / "sub" / "vectors.faiss"
+    vi.save_vector_index(index, path)
+    assert [p.name for p in path.parent.iterdir()] == ["vectors.faiss"]  # no temp file left
+    loaded = vi.load_vector_index(path)
+    assert type(loaded) is type(index) and loaded.ntotal == index.ntotal
+    for got, want in zip(vi.search(loaded, queries, 10, exclude), vi.search(index, queries, 10, exclude)):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(vi.index_ids(loaded), vi.index_ids(index))
+    vi.save_vector_index(loaded, path)  # overwrites in place
+    assert [p.name for p in path.parent.iterdir()] == ["vectors.faiss"]
+
+
+@pytest.mark.parametrize("kind", vi.INDEX_TYPES)
+def test_padding_when_k_exceeds_the_allowed_vectors(data, kind, exclusion_path):
+    vectors, ids, queries = data
+    index = vi.new_vector_index(kind, DIM, train=vectors if kind == "ivf" else None, ivf_lists=4)
+    vi.add_vectors(index, vectors[:5], ids[:5])
+    nprobe = 4 if kind == "ivf" else None
+    scores, found = vi.search(index, queries[:3], 8, [ids[:2], np.array([], np.int64), ids[:5]], nprobe=nprobe)
+    assert ((found >= 0).sum(axis=1) == [3, 5, 0]).all()
+    assert (found[0, 3:] == -1).all() and np.isneginf(scores[0, 3:]).all()
+    assert np.isneginf(scores[2]).all() and (found[2] == -1).all()
+    assert set(found[0, :3]) == set(ids[2:5])
+    empty = vi.new_vector_index(kind, DIM, train=vectors if kind == "ivf" else None, ivf_lists=4)
+    scores, found = vi.search(empty, queries[:2], 3)
+    assert scores.shape == (2, 3) and (found == -1).all() and np.isneginf(scores).all()
+
+
+def test_ivf_default_lists():
+    assert vi.default_ivf_lists(1) == 1
+    assert vi.default_ivf_lists(390) == 10  # 39 points per list is the cap
+    assert vi.default_ivf_lists(10**6) == 4000
+    assert vi.default_ivf_lists(100_000) == round(4 * 100_000 ** 0.5)
+
+
+def one_line_error(call, *args, **kwargs) -> str:
+    with pytest.raises(UserError) as err:
+        call(*args, **kwargs)
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 200
+    return message
+
+
+def test_errors_say_what_is_wrong(data, tmp_path):
+    vectors, ids, queries = data
+    assert "unknown vector index type 'pq'" in one_line_error(vi.new_vector_index, "pq", DIM)
+    assert "flat, ivf, hnsw" in one_line_error(vi.new_vector_index, "pq", DIM)
+    assert "needs training vectors" in one_line_error(vi.new_vector_index, "ivf", DIM)
+    assert "n x 32" in one_line_error(vi.new_vector_index, "ivf", DIM, train=unit_rows(100, 0, dim=16))
+    assert "between 1 and the 100" in one_line_error(vi.new_vector_index, "ivf", DIM, train=vectors[:100],
+                                                      ivf_lists=101)
+    index = build("flat", vectors[:10], ids[:10])
+    assert "got shape (3, 16)" in one_line_error(vi.add_vectors, index, unit_rows(3, 0, dim=16), ids[20:23])
+    assert "float32, got float64" in one_line_error(vi.add_vectors, index, vectors[:3].astype(np.float64), ids[20:23])
+    assert "3 vectors but 2 ids" in one_line_error(vi.add_vectors, index, vectors[:3], ids[20:22])
+    assert "duplicates" in one_line_error(vi.add_vectors, index, vectors[:2], np.array([7, 7]))
+    assert "already in the index" in one_line_error(vi.add_vectors, index, vectors[:2], ids[9:11])
+    assert "non-negative" in one_line_error(vi.add_vectors, index, vectors[:1], np.array([-1]))
+    assert "integers" in one_line_error(vi.add_vectors, index, vectors[:1], np.array([1.5]))
+    assert index.ntotal == 10  # nothing was added by the failed calls
+    assert "queries must be n x 32" in one_line_error(vi.search, index, unit_rows(2, 0, dim=8), 3)
+    assert "2 queries but 1 exclusion sets" in one_line_error(vi.search, index, queries[:2], 3, [ids[:1]])
+    assert "k must be a positive integer" in one_line_error(vi.search, index, queries[:2], 0)
+    assert "nprobe must be a positive integer" in one_line_error(vi.search, index, queries[:2], 3, nprobe=0)
+    assert "no such vector index file" in one_line_error(vi.load_vector_index, tmp_path / "missing.faiss")
+    (tmp_path / "junk.faiss").write_bytes(b"not an index")
+    assert "not a faiss index" in one_line_error(vi.load_vector_index, tmp_path / "junk.faiss")
