@@ -29,14 +29,21 @@ DEFAULT_NPROBE_FRACTION = 1 / 64
 DEFAULT_MIN_NPROBE = 8
 DEFAULT_EF_SEARCH = 128
 TRAIN_POINTS_PER_LIST = 64
+# HNSW graph construction width. faiss's default (40) builds a good graph only when all vectors come
+# in one add() (it inserts them highest level first); added in batches, as slides are, recall@10
+# fell from 0.99 to 0.88 (200k x 512 clustered vectors, 5,000 per add, efSearch 128), and on the
+# bench's 1M (100,000 per add) to 0.67. With 120 it stayed at 0.99 on the 200k whatever the
+# batches, and with 128 the 1M reaches 0.97 at efSearch 32: about twice the build time.
+HNSW_EF_CONSTRUCTION = 128
 # search() widens an HNSW walk up to this before searching a short row's vectors exactly.
 HNSW_MAX_EF_SEARCH = 4096
 # Exclusion sets up to this size (per index type) are handled by asking for k + len(set) results
-# and dropping the excluded ones, bigger ones by a faiss IDSelector that skips them during the search
-# (bench/search_speed.py, 1M x 512, batches of 10, sets of ~500 ids per query). flat: over-fetching
-# keeps faiss's batched scan, while the selector tests each vector against the set (1.7x slower at
-# 50k); exact either way. ivf: same lists, same recall, and the selector is cheaper (8x at 50k).
-# hnsw: an over-fetching walk finds more (recall@10 0.92 against 0.83 at the same width).
+# and dropping the excluded ones, bigger ones by a faiss IDSelector that skips them during the search.
+# bench/search_speed.py, 1M x 512, batches of 10 queries, each excluding its own ~500-vector
+# component, over-fetch against IDSelector: flat 474 against 643 ms (the selector tests every
+# vector against the set), exact either way; hnsw 24 against 32 ms at recall@10 0.99 (and 0.90
+# against 0.81 at a narrower walk). ivf: the same lists are scanned either way, and with a shared
+# 10,000-id set the selector took 11 ms against 32 (recall 0.94 against 0.96).
 OVERFETCH_MAX = {"flat": 16384, "ivf": 256, "hnsw": 4096}
 
 
@@ -50,7 +57,7 @@ def new_vector_index(kind: str, dim: int, train: np.ndarray | None = None, ivf_l
     """An empty inner-product index with ids. flat: IndexIDMap2(IndexFlatIP) (exact). ivf:
     IndexIVFFlat with an IndexFlatIP quantizer, trained on `train` (required; ivf_lists defaults to
     default_ivf_lists(len(train)); k-means sees at most TRAIN_POINTS_PER_LIST of them per list).
-    hnsw: IndexIDMap2(IndexHNSWFlat(dim, hnsw_m)), faiss's default efConstruction (40)."""
+    hnsw: IndexIDMap2(IndexHNSWFlat(dim, hnsw_m)), efConstruction HNSW_EF_CONSTRUCTION."""
     if kind not in INDEX_TYPES:
         raise UserError(f"unknown vector index type {kind!r}; choose one of {', '.join(INDEX_TYPES)}")
     if not isinstance(dim, (int, np.integer)) or dim < 1:
@@ -60,7 +67,9 @@ def new_vector_index(kind: str, dim: int, train: np.ndarray | None = None, ivf_l
     if kind == "hnsw":
         if hnsw_m < 2:
             raise UserError(f"hnsw_m must be at least 2, got {hnsw_m}")
-        return faiss.IndexIDMap2(faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT))
+        graph = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        return faiss.IndexIDMap2(graph)
     if train is None or len(train) == 0:
         raise UserError("an ivf index needs training vectors (train=...): pass a sample of the vectors to index")
     train = _float_rows(train, dim, "training vectors")
@@ -68,8 +77,9 @@ def new_vector_index(kind: str, dim: int, train: np.ndarray | None = None, ivf_l
     if not 1 <= lists <= len(train):
         raise UserError(f"ivf_lists must be between 1 and the {len(train)} training vectors, got {lists}")
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
-    # k-means on at most 64 points per list (faiss samples them; its default, 256, makes training on
-    # 1M vectors take ~8 minutes on 2 cores instead of ~2 for hardly better lists).
+    # k-means on at most TRAIN_POINTS_PER_LIST points per list, a sample faiss draws: 4,000 lists on
+    # 1M x 512 trained in 48 s on 2 cores (bench); faiss's default, 256, takes about 4 times as long.
+    # faiss asks for at least 39 per list, and at 64 the lists searched as well as the bench needs.
     index.cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST
     index.train(train)
     return index
@@ -128,10 +138,12 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, exclude: Sequence[np
     allowed vectors) is redone wider, see _complete.
 
     nprobe (ivf): lists scanned; default max(8, nlist/64), at most nlist. ef_search (hnsw): width
-    of the graph walk; default 128 (at least k + the over-fetch). Both defaults reach recall@10 >=
-    0.95 on bench/search_speed.py's data with room to spare; check real embeddings against flat
-    before using smaller ones. Excluding a query's whole neighbourhood (e.g. its own slide, when
-    slides cluster) costs approximate indexes recall at any of these widths: see bench/results.md."""
+    of the graph walk; default 128. Both widen with the exclusions (_widened). The defaults are
+    wider than the fastest settings reaching recall@10 0.95 on bench/search_speed.py's 1M x 512
+    vectors (nprobe 4 of 4,000 lists; efSearch 32 at M 32) because excluding each query's own
+    neighbourhood (its own slide's patches, when a slide's patches cluster) needs it: there,
+    nprobe 4 kept recall@10 0.38 and the default (63) 0.99 at 19 ms per 10 queries (exact: 400 ms);
+    hnsw's default 0.99 at 24 ms. Check real embeddings against flat before narrowing them."""
     kind = index_kind(index)
     queries = _float_rows(queries, index.d, "queries")
     if not isinstance(k, (int, np.integer)) or k < 1:
@@ -295,14 +307,16 @@ def _search_widths(index: faiss.Index, kind: str, nprobe: int | None, ef_search:
 
 def _widened(index: faiss.Index, kind: str, k: int, excluded: int, nprobe: int, ef_search: int) -> tuple[int, int]:
     """The widths for a query with `excluded` ids excluded. Excluded vectors near a query (its own
-    slide's, say) take the places of the ones it should get, so the search must look further to get
-    k allowed ones: an HNSW walk k + excluded wide (at most HNSW_MAX_EF_SEARCH; a narrower one
-    returns short or far rows: bench recall@10 0.07 instead of 0.92 with ~500 ids of the query's
-    own component excluded), and as many more IVF lists as the excluded vectors fill."""
+    slide's, say) take the places of the ones it should get, so the search must look further: an
+    HNSW walk 2 (k + excluded) wide, at most HNSW_MAX_EF_SEARCH (bench/search_speed.py, each query
+    excluding the ~500 vectors of its own component: recall@10 0.07 at efSearch 16 on 50k vectors;
+    on 1M, 0.90 at k + excluded, 0.99 at twice that), and as many more IVF lists as the excluded
+    vectors would fill. IVF needs more than that when the exclusions hold the neighbourhood (1M,
+    same case: nprobe 4 of 4000 lists, recall 0.38; 64, 0.99): the default nprobe is chosen for it."""
     if kind == "ivf" and excluded:
         nprobe = min(index.nlist, nprobe + round(excluded * index.nlist / max(1, index.ntotal)))
-    if kind == "hnsw":
-        ef_search = max(ef_search, min(k + excluded, HNSW_MAX_EF_SEARCH))
+    if kind == "hnsw" and excluded:
+        ef_search = max(ef_search, min(2 * (k + excluded), HNSW_MAX_EF_SEARCH))
     return nprobe, ef_search
 
 
