@@ -509,7 +509,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if path and not args.no_record:
         precision = "bfloat16 autocast" if args.amp == "bf16" else "float32"
         layout = "channels_last" if args.channels_last else "contiguous"
-        record(path, f"{args.model}, {precision}, {layout}, {args.crop_size} px", text)
+        workers = "" if args.workers == [2, 1] else f", --workers {' '.join(map(str, args.workers))}"
+        record(path, f"{args.model}, {precision}, {layout}, {args.crop_size} px{workers}", text)
     return rows
 
 
