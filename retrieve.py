@@ -4,6 +4,7 @@
     python3 retrieve.py query --index DIR QUERY... [--top-k 10] [--region X,Y,W,H] [--heatmap]
     python3 retrieve.py list --index DIR
     python3 retrieve.py remove --index DIR SOURCE...
+    python3 retrieve.py serve --index DIR [--host 127.0.0.1] [--port 8000]
 
 `index` creates the index folder DIR or adds to it. A SOURCE is a whole-slide file (read through
 OpenSlide: Aperio SVS, tiled TIFF, NDPI, MRXS...; tiffslide for TIFFs OpenSlide cannot read; a
@@ -21,6 +22,10 @@ tissue patches). It writes matches.csv (each query patch's top-k matches), slide
 slides ranked by the votes of the query patches' first matches, then by mean similarity),
 query.json (the command and the index's manifest) and one PNG per query to --out-dir. Similarity
 is the mean over the model's learners of the cosine similarities. See docs/slide_search.md.
+
+`serve` opens the search page (docs/search_page.md) on http://localhost:8000/: the index's slides
+in a zoomable viewer, search by an uploaded patch or a drawn region, matches shown on the slides.
+It reads the index and never changes it, and listens on this machine only unless --host says otherwise.
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ from core.images import report_unreadable
 from core.indexing import index_sources
 from core.runtime import add_runtime_args, check_runtime
 from core.slide_index import SHARDS, IndexSettings, PatchDatabase, SlideIndex
-from core.slide_search import query_jobs, run_queries
+from core.slide_search import load_index_model, query_jobs, run_queries
 from core.slides import Tiling
 from core.vector_index import INDEX_TYPES
 
@@ -108,6 +113,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="the index's checkpoint, if it moved (default: the path in manifest.json)")
     query.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (default: the module's)")
     query.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth (default: the module's)")
+
+    serve = commands.add_parser("serve", parents=[model, where], help="open the search page on this machine")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: %(default)s, this machine only; put a reverse proxy "
+                            "with authentication in front before sharing the page on a network)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    serve.add_argument("--top-k", type=int, default=10, help="matches per query patch (default: %(default)s)")
+    serve.add_argument("--checkpoint", default=None,
+                       help="the index's checkpoint, if it moved (default: the path in manifest.json)")
+    serve.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (default: the module's)")
+    serve.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth (default: the module's)")
 
     listing = commands.add_parser("list", parents=[where], help="show an index's model, scale and sources")
     listing.add_argument("--failed", action="store_true", help="also list sources that failed (default: off)")
@@ -194,14 +210,7 @@ def run_index(args: argparse.Namespace, device: torch.device) -> int:
 def run_query(args: argparse.Namespace, device: torch.device) -> int:
     check_settings(args.batch_size, args.amp)
     with SlideIndex.open(require_index(args)) as index:
-        settings = index.settings
-        checkpoint = args.checkpoint or settings.checkpoint
-        if not Path(checkpoint).is_file():
-            raise UserError(f"{checkpoint}: the index's checkpoint is missing; pass its new place with --checkpoint")
-        loaded = load_model(checkpoint, device, settings.crop_size)
-        if loaded.weights_sha256() != settings.weights_sha256:
-            raise UserError(f"{checkpoint}: not the weights this index was built with (their hash differs); pass "
-                            "the index's checkpoint with --checkpoint")
+        loaded = load_index_model(index, device, args.checkpoint)
         embedder = Embedder(loaded.model, device, args.batch_size, args.amp, args.channels_last)
         jobs = query_jobs(args.queries, args.region, args.slide_mpp)
         results, failed = run_queries(index, jobs, embedder, args.top_k, args.out_dir, args.heatmap, args.workers,
@@ -249,6 +258,34 @@ def run_remove(args: argparse.Namespace) -> int:
     return 1 if missing else 0
 
 
+def run_serve(args: argparse.Namespace, device: torch.device) -> int:
+    import uvicorn
+
+    from core.search_service import SearchService
+    from core.server import VIEWER_INSTALL, create_app, viewer_installed
+
+    if not viewer_installed():
+        raise UserError(f"the page's slide viewer (OpenSeadragon) is not installed; run `{VIEWER_INSTALL}` in "
+                        f"{Path(__file__).resolve().parent} first")
+    if not 1 <= args.top_k <= 100:
+        raise UserError(f"--top-k must be from 1 to 100, got {args.top_k}")
+    service = SearchService.open(require_index(args), device, args.checkpoint, args.batch_size, args.amp,
+                                 args.channels_last, args.top_k, args.nprobe, args.ef_search)
+    summary = service.summary()
+    print(f"index {args.index}: {summary['slides']} slide(s), {summary['folders']} folder(s), "
+          f"{summary['patches']} patches ({summary['model_name']}, {summary['mpp']} um/px)")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: serving on {args.host}, with no authentication; put a reverse proxy with authentication in "
+              "front of it before sharing it on a network (README, 'The search page')", file=sys.stderr)
+    print(f"search page: http://{'localhost' if args.host in ('127.0.0.1', '::1') else args.host}:{args.port}/ "
+          "(Ctrl+C stops it)", flush=True)
+    try:
+        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+    finally:
+        service.close()
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     """Run one sub-command; returns the exit status (1 when a source, query or image was left out)."""
     if args.command == "list":
@@ -257,6 +294,8 @@ def main(args: argparse.Namespace) -> int:
         return run_remove(args)
     check_settings(args.batch_size, args.amp)
     device = check_runtime(args)
+    if args.command == "serve":
+        return run_serve(args, device)
     return run_index(args, device) if args.command == "index" else run_query(args, device)
 
 

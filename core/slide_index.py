@@ -103,7 +103,9 @@ class PatchDatabase:
     def __init__(self, path: str | os.PathLike, readonly: bool = False) -> None:
         self.path = Path(path)
         if readonly:
-            self.connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=60)
+            # A reader may be shared by a server's threads, which take turns under the server's lock.
+            self.connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=60,
+                                              check_same_thread=False)
         else:
             self.connection = sqlite3.connect(self.path, timeout=60)
             self.connection.executescript(SCHEMA)

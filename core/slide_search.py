@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from utils import pyplot, save_figure
 
+from .checkpoint import LoadedModel, load_model
 from .embedder import Embedder
 from .errors import UserError
 from .files import atomic_write_text, command_line, list_images, write_csv
@@ -53,6 +55,19 @@ class QueryResult:
     slides: list[dict] = field(default_factory=list)
     class_name: str | None = None  # a patch query's, when its folder or file-name prefix is a class of the index
     figure: str | None = None
+
+
+def load_index_model(index: SlideIndex, device: torch.device | str, checkpoint: str | None = None) -> LoadedModel:
+    """The model the index was built with (its manifest's checkpoint, or `checkpoint` if it moved),
+    refused when its weights are not those the index's vectors came from."""
+    checkpoint = checkpoint or index.settings.checkpoint
+    if not Path(checkpoint).is_file():
+        raise UserError(f"{checkpoint}: the index's checkpoint is missing; pass its new place with --checkpoint")
+    loaded = load_model(checkpoint, device, index.settings.crop_size)
+    if loaded.weights_sha256() != index.settings.weights_sha256:
+        raise UserError(f"{checkpoint}: not the weights this index was built with (their hash differs); pass "
+                        "the index's checkpoint with --checkpoint")
+    return loaded
 
 
 def query_jobs(items: Sequence[str], region: tuple[int, int, int, int] | None = None,
@@ -225,16 +240,29 @@ def slide_heat(index: SlideIndex, source_id: int, queries: np.ndarray) -> tuple[
     return ids, (vectors @ queries.T).max(axis=1) if len(ids) else np.zeros(0, np.float32)
 
 
-def draw_query(index: SlideIndex, result: QueryResult, path: str, heatmap: bool) -> None:
-    """The query, its best matches, then each of the first matched slides' thumbnails with the
-    matching patches outlined (and, with heatmap, every patch coloured by its similarity)."""
-    flat = sorted((m for row in result.matches for m in row), key=lambda m: -m.similarity)
+def best_matches(result: QueryResult) -> list[Match]:
+    """The matches of all the query's patches, best first, each indexed patch once."""
     best, seen = [], set()
-    for match in flat:  # the best matches over all query patches, each indexed patch once
+    for match in sorted((m for row in result.matches for m in row), key=lambda m: -m.similarity):
         if match.patch.id not in seen:
             seen.add(match.patch.id)
             best.append(match)
-    best = best[:max(len(row) for row in result.matches) if result.matches else 0]
+    return best
+
+
+def heat_colours(heat: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """(lowest, highest, n x 4 RGBA magma colours in [0, 1]) of patch similarities, spread over
+    their own range: an untrained or weak model's similarities crowd near 1."""
+    from matplotlib import colormaps
+    low, high = (float(heat.min()), float(heat.max())) if len(heat) else (0.0, 0.0)
+    return low, high, colormaps["magma"]((heat - low) / (high - low) if high > low else np.ones_like(heat))
+
+
+def draw_query(index: SlideIndex, result: QueryResult, path: str, heatmap: bool) -> None:
+    """The query, its best matches, then each of the first matched slides' thumbnails with the
+    matching patches outlined (and, with heatmap, every patch coloured by its similarity)."""
+    flat = best_matches(result)
+    best = flat[:max(len(row) for row in result.matches) if result.matches else 0]
     slides = [row["source"] for row in result.slides[:FIGURE_SLIDES]]
     columns = max(len(best) + 1, len(slides), 1)
     plt = pyplot()
@@ -271,9 +299,7 @@ def draw_query(index: SlideIndex, result: QueryResult, path: str, heatmap: bool)
         if heatmap:
             ids, heat = slide_heat(index, row["id"], result.vectors)
             boxes = index.db.patches(ids)
-            low, high = float(heat.min()), float(heat.max())
-            # Spread over this slide's own range: an untrained or weak model's similarities crowd near 1.
-            colours = plt.get_cmap("magma")((heat - low) / (high - low) if high > low else np.ones_like(heat))
+            low, high, colours = heat_colours(heat)
             ax.set_title(f"{Path(source).name}\nheat: similarity {low:.3f} to {high:.3f}", fontsize=8)
             for patch_id, colour in zip(ids.tolist(), colours):
                 p = boxes[patch_id]

@@ -55,3 +55,24 @@ def write_checkpoint():
         }, path)
 
     return write
+
+
+# ----------------------------------------------------------------------------- the search page
+@pytest.fixture(scope="session")
+def served_index(tmp_path_factory, write_checkpoint, make_images) -> dict:
+    """A small slide index for the search page: 3 synthetic slides (0.5 um/px, indexed at 1.0 um/px
+    in 32 px patches) and a folder of patch images; {"root", "index", "checkpoint", "slides", "records"}."""
+    import retrieve
+    from KIMIA_data import synthetic
+
+    root = tmp_path_factory.mktemp("served")
+    records = synthetic.write_slide_set(root / "slides", count=3, classes=3, size=(1536, 1024), seed=3)
+    make_images(root / "patches", {"s0": 2, "s1": 2}, size=32)
+    checkpoint = root / "se_resnet50_MSLoss_0.5000.pth"
+    write_checkpoint(checkpoint, "se_resnet50", crop_size=32, attention=False)
+    slides = [str(root / "slides" / r["file"]) for r in records]
+    index = root / "index"
+    argv = ["index", str(checkpoint), *slides, str(root / "patches"), "--index", str(index), "--mpp", "1.0",
+            "--device", "cpu", "--workers", "0", "--batch-size", "16"]
+    assert retrieve.main(retrieve.get_args_parser().parse_args(argv)) == 0
+    return {"root": root, "index": index, "checkpoint": checkpoint, "slides": slides, "records": records}

@@ -1,0 +1,350 @@
+"""The search page's engine, free of any web framework: one index, read only, and its model.
+
+    service = SearchService.open("slide_index", device="cpu")
+    service.sources()                                  # what the index holds, by id
+    search = service.search_upload(data, "patch.png")  # or service.search_region(source_id, box)
+    service.tile(source_id, level, col, row)           # Deep Zoom tiles (OpenSlide's DeepZoomGenerator)
+
+Everything is addressed by the ids of the index's own records (sources, patches, searches): no
+path from a request ever reaches the file system, so nothing outside the index can be read, and
+the index is opened read-only, so nothing in it can be changed. One lock serialises the model and
+the SQLite connection (searches are model-bound); tiles are read outside it, each slide through
+one cached handle of its own.
+"""
+from __future__ import annotations
+
+import io
+import tempfile
+import threading
+import uuid
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .embedder import Embedder
+from .errors import UserError
+from .images import UNREADABLE
+from .indexing import Job, slide_errors
+from .slide_index import Patch, SlideIndex
+from .slide_search import (QueryResult, best_matches, heat_colours, load_index_model, patch_pixels, query_pixels,
+                           run_queries)
+from .slides import Slide, decode_jpeg, open_slide
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_UPLOAD_PIXELS = 40_000_000  # about a 6,300 px square; Pillow's own bomb guard starts at 89 million
+MAX_REGION_PATCHES = 64  # a drawn region is tiled into at most this many query patches
+TILE_SIZE, TILE_OVERLAP, TILE_FORMAT, TILE_QUALITY = 254, 1, "jpeg", 80
+KEPT_SEARCHES = 32  # recent searches kept for their heat maps and query images
+OPEN_SLIDES = 8  # slides kept open for tiles
+
+
+class NotFound(UserError):
+    """An id the index does not hold (HTTP 404)."""
+
+
+class BadInput(UserError):
+    """A request the service cannot answer as sent (HTTP 400, or 413 with `too_large`)."""
+
+    def __init__(self, message: str, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
+
+
+@dataclass
+class Search:
+    id: str
+    kind: str  # "upload" | "region"
+    name: str
+    result: QueryResult
+    source_id: int | None = None  # a region search's slide
+    preview: bytes | None = None  # JPEG of the query as searched
+
+
+def jpeg_bytes(pixels: np.ndarray | Image.Image, quality: int = 85, max_side: int | None = None) -> bytes:
+    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+    if max_side and max(image.size) > max_side:
+        image = image.copy()
+        image.thumbnail((max_side, max_side))
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def check_upload(data: bytes, filename: str) -> Image.Image:
+    """The uploaded image, decoded; BadInput names the file and why it cannot be searched with."""
+    if not data:
+        raise BadInput(f"{filename}: the upload is empty")
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise BadInput(f"{filename}: {len(data) / 2**20:.1f} MB; uploads are limited to "
+                       f"{MAX_UPLOAD_BYTES // 2**20} MB", too_large=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                pixels = image.size[0] * image.size[1]
+                if pixels > MAX_UPLOAD_PIXELS:
+                    raise BadInput(f"{filename}: {image.size[0]} x {image.size[1]} pixels; uploads are limited to "
+                                   f"{MAX_UPLOAD_PIXELS:,} pixels (a patch at the index's scale is enough)",
+                                   too_large=True)
+                return image.convert("RGB")
+    except Image.DecompressionBombWarning as error:
+        raise BadInput(f"{filename}: too many pixels to decode safely ({error})", too_large=True) from None
+    except Image.UnidentifiedImageError:
+        raise BadInput(f"{filename}: not an image file; upload a PNG, JPEG or TIFF patch") from None
+    except UNREADABLE as error:
+        raise BadInput(f"{filename}: not an image Pillow can read (PNG, JPEG or TIFF): "
+                       f"{str(error) or type(error).__name__}") from None
+
+
+class _OpenSlide:
+    """A slide kept open for tiles: its Deep Zoom generator and, for readers that are not
+    thread-safe (tiffslide, Pillow), a lock around its reads."""
+
+    def __init__(self, slide: Slide) -> None:
+        import openslide
+        from openslide.deepzoom import DeepZoomGenerator
+        self.slide = slide
+        handle = openslide.ImageSlide(slide.handle) if slide.backend == "image" else slide.handle
+        self.deep_zoom = DeepZoomGenerator(handle, TILE_SIZE, TILE_OVERLAP, limit_bounds=False)
+        self.lock = threading.Lock() if slide.backend != "openslide" else None
+
+    def tile(self, level: int, col: int, row: int) -> Image.Image:
+        if self.lock is None:
+            return self.deep_zoom.get_tile(level, (col, row))
+        with self.lock:
+            return self.deep_zoom.get_tile(level, (col, row))
+
+
+class SearchService:
+    def __init__(self, index: SlideIndex, embedder: Embedder, top_k: int = 10, nprobe: int | None = None,
+                 ef_search: int | None = None) -> None:
+        self.index, self.embedder, self.top_k, self.nprobe, self.ef_search = index, embedder, top_k, nprobe, ef_search
+        self.lock = threading.RLock()
+        self._sources: dict[int, dict] = {}
+        self._classes: set[str] = set()
+        self._generation = -1
+        self._searches: OrderedDict[str, Search] = OrderedDict()
+        self._open: OrderedDict[int, _OpenSlide] = OrderedDict()
+        self._open_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, directory: str, device: torch.device | str = "cpu", checkpoint: str | None = None,
+             batch_size: int = 32, amp: str = "off", channels_last: bool = False, top_k: int = 10,
+             nprobe: int | None = None, ef_search: int | None = None) -> SearchService:
+        index = SlideIndex.open(directory, writable=False)
+        try:
+            loaded = load_index_model(index, device, checkpoint)
+            _ = index.vectors  # load (or rebuild) the faiss index now, not on the first search
+        except BaseException:
+            index.close()
+            raise
+        return cls(index, Embedder(loaded.model, device, batch_size, amp, channels_last), top_k, nprobe, ef_search)
+
+    def close(self) -> None:
+        with self._open_lock:
+            for entry in self._open.values():
+                entry.slide.close()
+            self._open.clear()
+        self.index.close()
+
+    # ------------------------------------------------------------------ what the index holds
+    def summary(self) -> dict:
+        s = self.index.settings
+        sources = self.sources()
+        return {"model_name": s.model_name, "model_options": s.model_options, "checkpoint": Path(s.checkpoint).name,
+                "crop_size": s.crop_size, "dim": s.dim, "mpp": s.mpp, "patch_size": s.patch_size,
+                "tissue_threshold": s.tissue_threshold, "index_type": s.index_type,
+                "slides": sum(row["kind"] == "slide" for row in sources.values()),
+                "folders": sum(row["kind"] == "folder" for row in sources.values()),
+                "patches": sum(row["patch_count"] for row in sources.values()),
+                "classes": sorted(self._classes), "top_k": self.top_k}
+
+    def sources(self) -> dict[int, dict]:
+        """The indexed sources by id, read again whenever an index run has changed the database."""
+        with self.lock:
+            generation = self.index.db.generation
+            if generation != self._generation:
+                self._sources = {row["id"]: dict(row) for row in self.index.db.sources()}
+                self._classes = self.index.db.classes()
+                self._generation = generation
+            return self._sources
+
+    def source(self, source_id: int, kind: str | None = None) -> dict:
+        row = self.sources().get(source_id)
+        if row is None:
+            raise NotFound(f"slide {source_id}: no such slide in the index; /api/slides lists them")
+        if kind is not None and row["kind"] != kind:
+            raise NotFound(f"source {source_id}: a folder of patch images, not a slide")
+        return row
+
+    def thumbnail(self, source_id: int) -> bytes:
+        self.source(source_id)
+        with self.lock:
+            data, _ = self.index.db.thumbnail(source_id)
+        if data is None:  # a folder: its first patch stands for it
+            with self.lock:
+                first = self.index.db.patch_ids(source_id)[:1]
+            return self.patch_image(int(first[0])) if len(first) else jpeg_bytes(np.full((8, 8, 3), 255, np.uint8))
+        return data
+
+    def patch(self, patch_id: int) -> Patch:
+        with self.lock:
+            found = self.index.db.patches([patch_id]).get(patch_id)
+        if found is None:
+            raise NotFound(f"patch {patch_id}: no such patch in the index")
+        return found
+
+    def patch_image(self, patch_id: int) -> bytes:
+        patch = self.patch(patch_id)
+        with self.lock:
+            pixels = patch_pixels(self.index, patch)
+        if pixels is None:
+            raise NotFound(f"patch {patch_id}: its slide or file can no longer be read")
+        return jpeg_bytes(pixels, max_side=256)
+
+    # ------------------------------------------------------------------ tiles
+    def _slide(self, source_id: int) -> _OpenSlide:
+        row = self.source(source_id, "slide")
+        with self._open_lock:
+            entry = self._open.get(source_id)
+            if entry is None:
+                try:
+                    entry = _OpenSlide(open_slide(row["path"], row["slide_mpp"]))
+                except slide_errors() as error:
+                    raise NotFound(f"slide {source_id}: its file can no longer be read ({error})") from None
+                self._open[source_id] = entry
+                while len(self._open) > OPEN_SLIDES:
+                    self._open.popitem(last=False)[1].slide.close()
+            self._open.move_to_end(source_id)
+            return entry
+
+    def dzi(self, source_id: int) -> str:
+        return self._slide(source_id).deep_zoom.get_dzi(TILE_FORMAT)
+
+    def tile(self, source_id: int, level: int, col: int, row: int) -> bytes:
+        entry = self._slide(source_id)
+        zoom = entry.deep_zoom
+        if not 0 <= level < zoom.level_count:
+            raise NotFound(f"slide {source_id}: no Deep Zoom level {level} (it has {zoom.level_count})")
+        cols, rows = zoom.level_tiles[level]
+        if not (0 <= col < cols and 0 <= row < rows):
+            raise NotFound(f"slide {source_id}: no tile {col}_{row} at level {level} ({cols} x {rows} tiles)")
+        try:
+            tile = entry.tile(level, col, row)
+        except slide_errors() as error:
+            raise NotFound(f"slide {source_id}: tile {level}/{col}_{row} cannot be read ({error})") from None
+        buffer = io.BytesIO()
+        tile.save(buffer, "JPEG", quality=TILE_QUALITY)
+        return buffer.getvalue()
+
+    # ------------------------------------------------------------------ searches
+    def search_upload(self, data: bytes, filename: str, top_k: int | None = None) -> Search:
+        """Search with an uploaded patch image (its centre crop at the index's scale)."""
+        name = Path(filename or "upload.png").name or "upload.png"
+        image = check_upload(data, name)
+        with tempfile.TemporaryDirectory(prefix="upload-") as folder:
+            path = Path(folder) / (Path(name).stem + ".png")  # the name's class prefix, if any, is kept
+            image.save(path)
+            result = self._search(Job(str(path), "files", files=(str(path),)), top_k)
+            preview = jpeg_bytes(image, max_side=512)
+        return self._keep(Search(uuid.uuid4().hex, "upload", name, result, preview=preview))
+
+    def search_region(self, source_id: int, box: tuple[int, int, int, int], top_k: int | None = None) -> Search:
+        """Search with a level-0 region of an indexed slide, tiled into the index's patches."""
+        row = self.source(source_id, "slide")
+        x, y, width, height = box
+        if width < 1 or height < 1 or x < 0 or y < 0 or x + width > row["width"] or y + height > row["height"]:
+            raise BadInput(f"region {x},{y},{width},{height}: must lie inside the slide ({row['width']} x "
+                           f"{row['height']} level-0 pixels) and have a positive size")
+        side = self.index.settings.patch_size * self.index.settings.mpp / row["slide_mpp"]
+        patches = max(1, round(width / side)) * max(1, round(height / side))
+        if patches > MAX_REGION_PATCHES:
+            raise BadInput(f"region {x},{y},{width},{height}: about {patches} patches; draw a smaller region (at "
+                           f"most {MAX_REGION_PATCHES} patches of {side:.0f} level-0 pixels)", too_large=True)
+        result = self._search(Job(row["path"], "region", region=(x, y, width, height)), top_k)
+        preview = query_pixels(result, self.index)
+        name = f"{Path(row['path']).name} @ {x},{y},{width},{height}"
+        return self._keep(Search(uuid.uuid4().hex, "region", name, result, source_id,
+                                 None if preview is None else jpeg_bytes(preview)))
+
+    def _search(self, job: Job, top_k: int | None) -> QueryResult:
+        top_k = top_k or self.top_k
+        if not 1 <= top_k <= 100:
+            raise BadInput(f"top_k {top_k}: choose from 1 to 100")
+        with self.lock:
+            results, failed = run_queries(self.index, [job], self.embedder, top_k, out_dir=None,
+                                          fallback_mpp=self.source_mpp(job), nprobe=self.nprobe,
+                                          ef_search=self.ef_search, progress=False)
+        if not results:
+            reason = failed[0][1] if failed else "no patch to search with"
+            raise BadInput(f"{Path(job.path).name}: cannot be searched with ({reason})")
+        return results[0]
+
+    def source_mpp(self, job: Job) -> float | None:
+        if job.kind != "region":
+            return None
+        with self.lock:
+            row = self.index.db.source_by_path(job.path)
+        return row["slide_mpp"] if row is not None else None
+
+    def _keep(self, search: Search) -> Search:
+        with self.lock:
+            self._searches[search.id] = search
+            while len(self._searches) > KEPT_SEARCHES:
+                self._searches.popitem(last=False)
+        return search
+
+    def search(self, search_id: str) -> Search:
+        with self.lock:
+            found = self._searches.get(search_id)
+        if found is None:
+            raise NotFound(f"search {search_id}: not kept any more (the page keeps the last {KEPT_SEARCHES}); "
+                           "search again")
+        return found
+
+    def matches(self, search: Search) -> list[dict]:
+        """Every match of the search's patches, best first, each indexed patch once."""
+        sources = self.sources()
+        rows = []
+        for place, match in enumerate(best_matches(search.result), start=1):
+            p = match.patch
+            source = sources.get(p.source_id, {"kind": "slide"})
+            rows.append({"rank": place, "similarity": match.similarity, "patch_id": p.id, "source_id": p.source_id,
+                         "source_name": Path(p.source).name, "source_kind": source["kind"],
+                         "file_name": Path(p.file).name if p.file else None, "x": p.x, "y": p.y, "width": p.width,
+                         "height": p.height, "class_name": p.class_name})
+        return rows
+
+    def slide_ranking(self, search: Search) -> list[dict]:
+        by_path = {row["path"]: row for row in self.sources().values()}
+        return [{"rank": row["rank"], "source_id": by_path[row["source"]]["id"], "name": Path(row["source"]).name,
+                 "votes": row["votes"], "score": row["score"]}
+                for row in search.result.slides if row["source"] in by_path]
+
+    def heatmap(self, search_id: str, source_id: int) -> tuple[bytes, float, float]:
+        """A PNG the size of the slide's thumbnail, each indexed patch coloured by its similarity to
+        the closest query patch (transparent elsewhere), and the similarity range it spans."""
+        search = self.search(search_id)
+        self.source(source_id, "slide")
+        with self.lock:
+            ids, vectors = self.index.db.source_vectors(source_id, self.index.settings.dim)
+            patches = self.index.db.patches(ids)
+            data, downsample = self.index.db.thumbnail(source_id)
+        height, width = decode_jpeg(data).shape[:2]
+        heat = (vectors @ search.result.vectors.T).max(axis=1) if len(ids) else np.zeros(0, np.float32)
+        low, high, colours = heat_colours(heat)
+        canvas = np.zeros((height, width, 4), np.uint8)
+        for patch_id, colour in zip(ids.tolist(), colours):
+            p = patches[patch_id]
+            x0, y0 = int(p.x / downsample), int(p.y / downsample)
+            x1, y1 = max(x0 + 1, round((p.x + p.width) / downsample)), max(y0 + 1, round((p.y + p.height) / downsample))
+            canvas[y0:y1, x0:x1, :3] = np.round(colour[:3] * 255)
+            canvas[y0:y1, x0:x1, 3] = 255
+        buffer = io.BytesIO()
+        Image.fromarray(canvas, "RGBA").save(buffer, "PNG")
+        return buffer.getvalue(), low, high

@@ -1,0 +1,312 @@
+// The search page: the index's slides, a Deep Zoom viewer, searches by upload or drawn region.
+// Everything it shows comes from the JSON API under /api/ (see /docs); slides go by their index id.
+"use strict";
+
+const $ = (selector) => document.querySelector(selector);
+const state = {
+  summary: null, slides: [], search: null,
+  viewer: null, slideId: null, pendingBox: null,
+  drawing: false, drawStart: null, region: null, regionBox: null, heatItem: null, heatUrl: null,
+};
+
+function element(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attributes)) {
+    if (key === "class") node.className = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function setStatus(text, isError = false) {
+  const status = $("#status");
+  status.textContent = text;
+  status.classList.toggle("error", isError);
+}
+
+async function api(url, options = {}) {
+  const response = await fetch(url, options);
+  if (!response.ok) {
+    let detail = response.statusText;
+    try {
+      const body = await response.json();
+      detail = typeof body.detail === "string" ? body.detail
+        : (body.detail || []).map((item) => `${item.loc.slice(-1)[0]}: ${item.msg}`).join("; ");
+    } catch (error) { /* not JSON: keep the status text */ }
+    throw new Error(detail || `HTTP ${response.status}`);
+  }
+  return response;
+}
+
+const similarity = (value) => value.toFixed(3);
+
+// ------------------------------------------------------------------ the index and its slides
+async function loadIndex() {
+  const summary = await (await api("/api/index")).json();
+  state.summary = summary;
+  $("#summary").textContent = `${summary.slides} slide(s), ${summary.patches.toLocaleString()} patches of `
+    + `${summary.patch_size} px at ${summary.mpp} µm/px · ${summary.model_name} · ${summary.index_type} index`;
+  $("#upload-hint").textContent = `A patch at ${summary.mpp} µm/px (about ${summary.patch_size} px); the model `
+    + `sees its central ${summary.crop_size} px. PNG, JPEG or TIFF, at most 20 MB.`;
+  state.slides = await (await api("/api/slides")).json();
+  const folders = state.slides.filter((s) => s.kind === "folder");
+  $("#folders").textContent = folders.length
+    ? `Also indexed: ${folders.length} folder(s) of patch images (${folders.map((f) => f.name).join(", ")}).` : "";
+  renderSlideList();
+}
+
+function renderSlideList() {
+  const text = $("#filter").value.trim().toLowerCase();
+  const list = $("#slide-list");
+  list.replaceChildren();
+  const shown = state.slides.filter((s) => s.kind === "slide" && s.name.toLowerCase().includes(text));
+  for (const slide of shown) {
+    const link = element("a", { href: `#/slide/${slide.id}`, "data-slide": slide.id,
+                                class: slide.id === state.slideId ? "open" : "" },
+      element("img", { src: slide.thumbnail_url, alt: "", loading: "lazy" }),
+      element("div", {}, slide.name,
+        element("small", {}, `${slide.width.toLocaleString()} × ${slide.height.toLocaleString()} px · `
+          + `${slide.patch_count} patches`)));
+    list.append(element("li", {}, link));
+  }
+  if (!shown.length) list.append(element("li", { class: "hint" }, text ? "No slide matches." : "No slides indexed."));
+}
+
+// ------------------------------------------------------------------ the viewer
+function imageRect(box) {
+  return state.viewer.viewport.imageToViewportRectangle(box.x, box.y, box.width, box.height);
+}
+
+function createViewer() {
+  const viewer = OpenSeadragon({
+    element: $("#viewer"), prefixUrl: "/vendor/openseadragon/images/", showNavigator: true,
+    navigatorPosition: "BOTTOM_RIGHT", animationTime: 0.4, maxZoomPixelRatio: 2, gestureSettingsMouse: { clickToZoom: false },
+  });
+  viewer.addHandler("open", () => {
+    drawOverlays();
+    if (state.pendingBox) goTo(state.pendingBox);
+    state.pendingBox = null;
+    if ($("#heat").checked) showHeat();
+  });
+  viewer.addHandler("open-failed", (event) => setStatus(`The slide could not be opened: ${event.message}`, true));
+  viewer.addHandler("canvas-press", (event) => {
+    if (!state.drawing) return;
+    state.drawStart = viewer.viewport.viewerElementToImageCoordinates(event.position);
+  });
+  viewer.addHandler("canvas-drag", (event) => {
+    if (!state.drawing || !state.drawStart) return;
+    event.preventDefaultAction = true;  // draw instead of panning
+    setRegion(state.drawStart, viewer.viewport.viewerElementToImageCoordinates(event.position));
+  });
+  viewer.addHandler("canvas-release", (event) => {
+    if (!state.drawing || !state.drawStart) return;
+    setRegion(state.drawStart, viewer.viewport.viewerElementToImageCoordinates(event.position));
+    state.drawStart = null;
+    setDrawing(false);
+  });
+  return viewer;
+}
+
+function currentSlide() { return state.slides.find((s) => s.id === state.slideId); }
+
+function setRegion(a, b) {
+  const slide = currentSlide();
+  const clamp = (value, high) => Math.max(0, Math.min(high, Math.round(value)));
+  const x0 = clamp(Math.min(a.x, b.x), slide.width), x1 = clamp(Math.max(a.x, b.x), slide.width);
+  const y0 = clamp(Math.min(a.y, b.y), slide.height), y1 = clamp(Math.max(a.y, b.y), slide.height);
+  state.region = { x: x0, y: y0, width: x1 - x0, height: y1 - y0 };
+  const ok = state.region.width > 0 && state.region.height > 0;
+  if (!state.regionBox) {
+    state.regionBox = element("div", { class: "region-box" });
+    state.viewer.addOverlay(state.regionBox, imageRect(state.region));
+  } else {
+    state.viewer.updateOverlay(state.regionBox, imageRect(state.region));
+  }
+  $("#search-region").disabled = !ok;
+  $("#region-text").textContent = ok ? `region ${x0}, ${y0}, ${x1 - x0} × ${y1 - y0} px` : "";
+}
+
+function setDrawing(on) {
+  state.drawing = on;
+  $("#draw").classList.toggle("active", on);
+  $("#viewer").classList.toggle("drawing", on);
+  $("#draw").textContent = on ? "Drag on the slide…" : "Draw a region";
+}
+
+function openSlide(id, box) {
+  const slide = state.slides.find((s) => s.id === id && s.kind === "slide");
+  if (!slide) { setStatus(`Slide ${id} is not in the index.`, true); return; }
+  $("#welcome").hidden = true;
+  $("#viewer-section").hidden = false;
+  $("#slide-name").textContent = slide.name;
+  if (!state.viewer) state.viewer = createViewer();
+  if (state.slideId === id && state.viewer.world.getItemCount()) {
+    drawOverlays();
+    if (box) goTo(box);
+  } else {
+    state.slideId = id;
+    state.pendingBox = box || null;
+    state.region = null;
+    state.regionBox = null;
+    state.heatItem = null;
+    $("#search-region").disabled = true;
+    $("#region-text").textContent = "";
+    $("#heat-legend").textContent = "";
+    state.viewer.open(slide.dzi_url);
+  }
+  renderSlideList();
+}
+
+function goTo(box) {
+  const margin = Math.max(box.width, box.height) * 1.5;
+  state.viewer.viewport.fitBounds(imageRect({ x: box.x - margin, y: box.y - margin,
+                                              width: box.width + 2 * margin, height: box.height + 2 * margin }));
+}
+
+function drawOverlays() {
+  const viewer = state.viewer;
+  viewer.clearOverlays();
+  state.regionBox = null;
+  if (state.region) setRegion({ x: state.region.x, y: state.region.y },
+                              { x: state.region.x + state.region.width, y: state.region.y + state.region.height });
+  const search = state.search;
+  if (!search) return;
+  if (search.kind === "region" && search.source_id === state.slideId) {
+    for (const [x, y, width, height] of search.query_boxes) {
+      viewer.addOverlay(element("div", { class: "query-box" }), imageRect({ x, y, width, height }));
+    }
+  }
+  search.matches.filter((m) => m.source_id === state.slideId).forEach((match, i) => {
+    const box = element("div", { class: "match-box" + (i === 0 ? " first" : ""), "data-patch": match.patch_id,
+                                 title: `#${match.rank} similarity ${similarity(match.similarity)}` });
+    viewer.addOverlay(box, imageRect(match));
+  });
+}
+
+async function showHeat() {
+  hideHeat();
+  if (!state.search || state.slideId === null) return;
+  try {
+    const response = await api(`/api/searches/${state.search.id}/heatmap/${state.slideId}.png`);
+    const low = Number(response.headers.get("X-Similarity-Low")), high = Number(response.headers.get("X-Similarity-High"));
+    state.heatUrl = URL.createObjectURL(await response.blob());
+    state.viewer.addSimpleImage({ url: state.heatUrl, x: 0, y: 0, width: 1, opacity: 0.55,
+                                  success: (event) => { state.heatItem = event.item; } });
+    $("#heat-legend").textContent = `dark ${similarity(low)} → bright ${similarity(high)}`;
+  } catch (error) {
+    setStatus(`Heat map: ${error.message}`, true);
+  }
+}
+
+function hideHeat() {
+  if (state.heatItem) state.viewer.world.removeItem(state.heatItem);
+  if (state.heatUrl) URL.revokeObjectURL(state.heatUrl);
+  state.heatItem = state.heatUrl = null;
+  $("#heat-legend").textContent = "";
+}
+
+// ------------------------------------------------------------------ searches
+async function searchWith(request, label) {
+  setStatus(`Searching with ${label}…`);
+  try {
+    const search = await (await api(request.url, request.options)).json();
+    state.search = search;
+    renderResults(search);
+    setStatus(`${search.matches.length} match(es) for ${search.name}.`);
+    $("#heat").disabled = false;
+    if (state.viewer && state.slideId !== null) {
+      drawOverlays();
+      if ($("#heat").checked) showHeat();
+    }
+  } catch (error) {
+    setStatus(`Search failed: ${error.message}`, true);
+  }
+}
+
+function searchUpload(file) {
+  const form = new FormData();
+  form.append("file", file);
+  searchWith({ url: "/api/search/upload", options: { method: "POST", body: form } }, file.name);
+}
+
+function searchRegion() {
+  if (!state.region) return;
+  const body = JSON.stringify({ slide_id: state.slideId, ...state.region });
+  searchWith({ url: "/api/search/region", options: { method: "POST", body,
+                                                     headers: { "Content-Type": "application/json" } } },
+             `a region of ${currentSlide().name}`);
+}
+
+function place(match) {
+  return match.file_name || `${match.x.toLocaleString()}, ${match.y.toLocaleString()}`;
+}
+
+function renderResults(search) {
+  $("#results").hidden = false;
+  $("#welcome").hidden = true;
+  $("#query").replaceChildren(
+    element("img", { src: search.query_image_url, alt: "the query" }),
+    element("div", {}, element("strong", {}, search.kind === "upload" ? "Uploaded patch" : "Region"),
+      element("div", {}, search.name),
+      element("div", { class: "hint" }, search.query_class ? `class ${search.query_class}` : ""),
+      element("div", { class: "hint" }, search.kind === "region" ? `${search.query_boxes.length} query patch(es)` : "")));
+  const grid = $("#matches");
+  grid.replaceChildren();
+  for (const match of search.matches) {
+    const verdict = search.query_class && match.class_name
+      ? (match.class_name === search.query_class ? " right" : " wrong") : "";
+    const card = element("button", { type: "button", class: "match" + verdict, "data-patch": match.patch_id,
+                                      title: match.source_kind === "slide" ? "Open this place on its slide" : match.file_name },
+      element("img", { src: match.image_url, alt: "", loading: "lazy" }),
+      element("strong", {}, `#${match.rank} · ${similarity(match.similarity)}`),
+      element("span", {}, match.source_name),
+      element("span", {}, place(match)),
+      element("span", {}, match.class_name || ""));
+    if (match.source_kind === "slide") {
+      card.addEventListener("click", () => {
+        location.hash = `#/slide/${match.source_id}/${match.x},${match.y},${match.width},${match.height}`;
+      });
+    } else {
+      card.disabled = true;
+    }
+    grid.append(card);
+  }
+  const body = $("#ranking tbody");
+  body.replaceChildren();
+  for (const row of search.slides) {
+    body.append(element("tr", {}, element("td", {}, String(row.rank)),
+      element("td", {}, element("a", { href: `#/slide/${row.source_id}` }, row.name)),
+      element("td", {}, String(row.votes)), element("td", {}, similarity(row.score))));
+  }
+}
+
+// ------------------------------------------------------------------ wiring
+function route() {
+  const found = location.hash.match(/^#\/slide\/(\d+)(?:\/(\d+),(\d+),(\d+),(\d+))?$/);
+  if (!found) return;
+  const box = found[2] === undefined ? null
+    : { x: Number(found[2]), y: Number(found[3]), width: Number(found[4]), height: Number(found[5]) };
+  openSlide(Number(found[1]), box);
+}
+
+function wire() {
+  $("#filter").addEventListener("input", renderSlideList);
+  $("#file").addEventListener("change", (event) => { if (event.target.files[0]) searchUpload(event.target.files[0]); });
+  const drop = $("#drop");
+  drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    if (event.dataTransfer.files[0]) searchUpload(event.dataTransfer.files[0]);
+  });
+  $("#draw").addEventListener("click", () => setDrawing(!state.drawing));
+  $("#search-region").addEventListener("click", searchRegion);
+  $("#heat").addEventListener("change", (event) => (event.target.checked ? showHeat() : hideHeat()));
+  window.addEventListener("hashchange", route);
+}
+
+wire();
+loadIndex().then(route).catch((error) => setStatus(`The index could not be loaded: ${error.message}`, true));
