@@ -1,0 +1,211 @@
+"""The search page as a person uses it: `retrieve.py serve` on a free loopback port, driven in
+Debian's Chromium through Playwright (the system browser; nothing is downloaded). Each step leaves
+a screenshot in the test's temporary folder.
+
+Without Chromium, Playwright or the viewer's npm packages these tests are skipped, with the reason
+in pytest's summary; `.ci/run` installs all three.
+"""
+from __future__ import annotations
+
+import io
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from core.server import VIEWER_INSTALL, viewer_installed
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# The flags a closed network needs: no background connections, no first-run work, no sandbox as root.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # pragma: no cover - reported as a skip
+    sync_playwright = None
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: install Debian's chromium package "
+                                                "(apt-get install -y chromium; .ci/run does so as root)"),
+    pytest.mark.skipif(sync_playwright is None, reason="Playwright is not installed: pip install -r requirements.txt"),
+    pytest.mark.skipif(not viewer_installed(), reason=f"the page's viewer is not installed: {VIEWER_INSTALL}"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base_url(served_index, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, str(REPO / "retrieve.py"), "serve", "--index",
+                                    str(served_index["index"]), "--port", str(port), "--device", "cpu",
+                                    "--batch-size", "16"], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(url + "/api/index", timeout=2).read()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"retrieve.py serve did not come up: {log.read_text()}")
+                time.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser, base_url, tmp_path):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, base_url=base_url)
+    opened = context.new_page()
+    errors: list[str] = []
+    opened.on("pageerror", lambda error: errors.append(str(error)))
+    opened.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    opened.shots = tmp_path  # where each step's screenshot goes
+    yield opened
+    context.close()
+    if getattr(opened, "expects_refusals", False):  # the browser logs each 4xx answer as an error
+        errors = [e for e in errors if not e.startswith("Failed to load resource")]
+    assert not errors, f"the page reported errors: {errors}"
+
+
+def viewer_loaded(page) -> None:
+    page.wait_for_function("() => state.viewer && state.viewer.world.getItemCount() > 0 "
+                           "&& state.viewer.world.getItemAt(0).getFullyLoaded()", timeout=30_000)
+
+
+def cut_patch(served_index, tmp_path: Path) -> tuple[dict, Path]:
+    """An indexed patch of the second slide, cut as the index cut it, saved as a PNG."""
+    from core.search_service import SearchService
+    from core.slide_search import patch_pixels
+
+    service = SearchService.open(str(served_index["index"]), "cpu")
+    try:
+        source = next(row for row in service.sources().values() if row["path"] == served_index["slides"][1])
+        patch = service.patch(int(service.index.db.patch_ids(source["id"])[10]))
+        path = tmp_path / "cut_from_slide_001.png"
+        Image.fromarray(patch_pixels(service.index, patch)).save(path)
+    finally:
+        service.close()
+    return {"id": patch.id, "source_id": patch.source_id, "x": patch.x, "y": patch.y, "width": patch.width,
+            "height": patch.height}, path
+
+
+def test_the_home_page_lists_the_slides(page):
+    page.goto("/")
+    expect(page.locator("#slide-list li a")).to_have_count(3)
+    expect(page.locator("#summary")).to_contain_text("3 slide(s)")
+    expect(page.locator("#folders")).to_contain_text("1 folder(s)")
+    assert page.locator("#slide-list li a").all_inner_texts()[0].startswith("slide_000.tif")
+    page.wait_for_function("() => [...document.querySelectorAll('#slide-list img')].every(i => i.naturalWidth > 0)")
+    page.fill("#filter", "002")
+    expect(page.locator("#slide-list li a")).to_have_count(1)
+    expect(page.locator("#slide-list li a")).to_contain_text("slide_002.tif")
+    page.screenshot(path=page.shots / "1_home.png")
+
+
+def test_an_uploaded_patch_finds_its_place_and_opens_it(page, served_index, tmp_path):
+    patch, path = cut_patch(served_index, tmp_path)
+    page.goto("/")
+    expect(page.locator("#slide-list li a")).to_have_count(3)
+    page.set_input_files("#file", str(path))
+    first = page.locator("#matches .match").first
+    expect(first).to_have_attribute("data-patch", str(patch["id"]), timeout=30_000)
+    expect(first).to_contain_text("#1 · 1.000")
+    expect(first).to_contain_text("slide_001.tif")
+    expect(first).to_contain_text(f"{patch['x']:,}, {patch['y']:,}")
+    expect(page.locator("#ranking tbody tr").first).to_contain_text("slide_001.tif")
+    page.screenshot(path=page.shots / "2_upload_results.png", full_page=True)
+
+    first.click()
+    expect(page.locator("#slide-name")).to_have_text("slide_001.tif")
+    box = f"{patch['x']},{patch['y']},{patch['width']},{patch['height']}"
+    assert page.evaluate("location.hash") == f"#/slide/{patch['source_id']}/{box}"
+    viewer_loaded(page)
+    outlined = page.locator(f".match-box[data-patch='{patch['id']}']")
+    expect(outlined).to_have_count(1)
+    centre = page.evaluate("() => state.viewer.viewport.viewportToImageCoordinates("
+                           "state.viewer.viewport.getCenter(true))")
+    assert abs(centre["x"] - (patch["x"] + patch["width"] / 2)) < patch["width"]
+    assert abs(centre["y"] - (patch["y"] + patch["height"] / 2)) < patch["height"]
+    on_screen, viewer_box = outlined.bounding_box(), page.locator("#viewer").bounding_box()
+    assert viewer_box["x"] <= on_screen["x"] and on_screen["x"] + on_screen["width"] <= viewer_box["x"] + viewer_box["width"]
+
+    page.check("#heat")
+    page.wait_for_function("() => state.viewer.world.getItemCount() === 2")
+    expect(page.locator("#heat-legend")).to_contain_text("bright 1.000")
+    page.screenshot(path=page.shots / "3_match_on_slide_with_heat.png")
+
+
+def test_a_region_drawn_in_the_viewer_is_searched(page):
+    page.goto("/#/slide/1")
+    viewer_loaded(page)
+    page.click("#draw")
+    canvas = page.locator("#viewer .openseadragon-canvas").first.bounding_box()
+    start = (canvas["x"] + canvas["width"] * 0.40, canvas["y"] + canvas["height"] * 0.35)
+    page.mouse.move(*start)
+    page.mouse.down()
+    page.mouse.move(start[0] + 40, start[1] + 30, steps=4)
+    page.mouse.move(start[0] + 90, start[1] + 70, steps=4)
+    page.mouse.up()
+    expect(page.locator("#search-region")).to_be_enabled()
+    region = page.evaluate("() => state.region")
+    assert region["width"] > 0 and region["height"] > 0
+    expect(page.locator("#region-text")).to_contain_text(f"region {region['x']}, {region['y']}")
+    page.click("#search-region")
+    expect(page.locator("#status")).to_contain_text("match(es) for slide_000.tif @", timeout=30_000)
+    assert page.locator("#matches .match").count() > 0
+    assert page.locator(".query-box").count() >= 1
+    search = page.evaluate("() => state.search")
+    assert search["kind"] == "region" and search["source_id"] == 1
+    x, y, width, height = search["query_boxes"][0]
+    assert region["x"] <= x + width and x <= region["x"] + region["width"]  # the query patches lie on the region
+    page.screenshot(path=page.shots / "4_region_results.png", full_page=True)
+
+
+def test_a_bad_upload_says_why_on_the_page(page, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not pixels")
+    page.expects_refusals = True
+    page.goto("/")
+    page.set_input_files("#file", str(text))
+    expect(page.locator("#status")).to_contain_text("notes.txt: not an image file")
+    expect(page.locator("#status")).to_have_class("error")
+
+
+def test_the_served_page_needs_no_internet(base_url):
+    html = urllib.request.urlopen(base_url + "/").read().decode()
+    assert "http://" not in html and "https://" not in html  # every script and style comes from this server
+    viewer = urllib.request.urlopen(base_url + "/vendor/openseadragon/openseadragon.min.js").read()
+    assert len(viewer) > 100_000
+    icon = urllib.request.urlopen(base_url + "/vendor/openseadragon/images/zoomin_rest.png").read()
+    assert Image.open(io.BytesIO(icon)).size[0] > 0
