@@ -174,6 +174,8 @@ def search_slides(args: argparse.Namespace, out: Path, checkpoint: Path, device:
     announce("slide query", ["python3", "retrieve.py", *query_argv])
     if retrieve.main(retrieve.get_args_parser().parse_args(query_argv)):
         raise UserError("retrieve.py query failed on the slides; see the messages above")
+    print(f"\nTo browse and search these slides in a web page: {shlex.join(['python3', 'retrieve.py', 'serve', '--index', str(index_dir)])}"
+          " (once `npm ci --prefix web` has installed its viewer; then open http://localhost:8000/)")
 
 
 if __name__ == "__main__":

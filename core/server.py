@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from .errors import UserError
-from .search_service import MAX_UPLOAD_BYTES, BadInput, NotFound, Search, SearchService
+from .search_service import MAX_UPLOAD_BYTES, NotFound, Search, SearchService
 
 WEB = Path(__file__).resolve().parent.parent / "web"
 STATIC = WEB / "static"
