@@ -404,11 +404,11 @@ def breakdown(index_dir: Path, queries: list[dict], args: argparse.Namespace) ->
     parts = ("decode", "model", "faiss", "sqlite")
     rest = median["search"] - sum(median[p] for p in parts)
     return [("SearchService.search_upload, whole", median["search"]),
-            ("  decoding the upload (check_upload)", median["decode"]),
-            ("  the model's forward pass on one patch (Embedder.embed)", median["model"]),
-            (f"  faiss search, flat, k={args.top_k} (SlideIndex.search)", median["faiss"]),
-            ("  patch rows from SQLite (PatchDatabase.patches)", median["sqlite"]),
-            ("  the rest: temporary PNG, DataLoader, ranking, JPEG preview", rest),
+            ("· decoding the upload (check_upload)", median["decode"]),
+            ("· the model's forward pass on one patch (Embedder.embed)", median["model"]),
+            (f"· faiss search, flat, k={args.top_k} (SlideIndex.search)", median["faiss"]),
+            ("· patch rows from SQLite (PatchDatabase.patches)", median["sqlite"]),
+            ("· the rest: temporary PNG, DataLoader, ranking, JPEG preview", rest),
             ("response built and serialised to JSON (SearchOut)", median["response"])]
 
 

@@ -257,19 +257,19 @@ function renderResults(search) {
   for (const match of search.matches) {
     const verdict = search.query_class && match.class_name
       ? (match.class_name === search.query_class ? " right" : " wrong") : "";
-    const card = element("button", { type: "button", class: "match" + verdict, "data-patch": match.patch_id,
-                                      title: match.source_kind === "slide" ? "Open this place on its slide" : match.file_name },
+    const onSlide = match.source_kind === "slide";  // a folder's patch has no slide to open
+    const card = element(onSlide ? "button" : "div", { class: "match" + verdict, "data-patch": match.patch_id,
+                                                       title: onSlide ? "Open this place on its slide" : match.file_name },
       element("img", { src: match.image_url, alt: "", loading: "lazy" }),
       element("strong", {}, `#${match.rank} · ${similarity(match.similarity)}`),
       element("span", {}, match.source_name),
       element("span", {}, place(match)),
       element("span", {}, match.class_name || ""));
-    if (match.source_kind === "slide") {
+    if (onSlide) {
+      card.type = "button";
       card.addEventListener("click", () => {
         location.hash = `#/slide/${match.source_id}/${match.x},${match.y},${match.width},${match.height}`;
       });
-    } else {
-      card.disabled = true;
     }
     grid.append(card);
   }
