@@ -33,7 +33,7 @@ from .indexing import Job, slide_errors
 from .slide_index import Patch, SlideIndex
 from .slide_search import (QueryResult, best_matches, heat_colours, load_index_model, patch_pixels, query_pixels,
                            run_queries)
-from .slides import Slide, decode_jpeg, open_slide
+from .slides import Slide, best_level, decode_jpeg, open_slide
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 40_000_000  # about a 6,300 px square; Pillow's own bomb guard starts at 89 million
@@ -101,15 +101,32 @@ def check_upload(data: bytes, filename: str) -> Image.Image:
                        f"{str(error) or type(error).__name__}") from None
 
 
+class _SlideLevels:
+    """What DeepZoomGenerator asks of a slide, answered through core.slides.Slide, for the slides
+    OpenSlide does not read itself (tiffslide's regions have no alpha channel for it to composite)."""
+
+    def __init__(self, slide: Slide) -> None:
+        self.slide = slide
+        self.properties: dict[str, str] = {}
+        self.level_count = len(slide.level_dimensions)
+        self.level_dimensions, self.level_downsamples = slide.level_dimensions, slide.level_downsamples
+        self.dimensions = slide.dimensions
+
+    def get_best_level_for_downsample(self, downsample: float) -> int:
+        return best_level(self.level_downsamples, downsample)
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        return Image.fromarray(self.slide.read(*location, level, *size)).convert("RGBA")
+
+
 class _OpenSlide:
     """A slide kept open for tiles: its Deep Zoom generator and, for readers that are not
     thread-safe (tiffslide, Pillow), a lock around its reads."""
 
     def __init__(self, slide: Slide) -> None:
-        import openslide
         from openslide.deepzoom import DeepZoomGenerator
         self.slide = slide
-        handle = openslide.ImageSlide(slide.handle) if slide.backend == "image" else slide.handle
+        handle = slide.handle if slide.backend == "openslide" else _SlideLevels(slide)
         self.deep_zoom = DeepZoomGenerator(handle, TILE_SIZE, TILE_OVERLAP, limit_bounds=False)
         self.lock = threading.Lock() if slide.backend != "openslide" else None
 

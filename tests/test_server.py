@@ -14,6 +14,7 @@ from PIL import Image
 
 import retrieve
 from core import search_service, server
+from core import slides as slide_module
 from core.search_service import SearchService
 from core.slide_search import heat_colours, patch_pixels
 from core.slides import open_slide
@@ -99,6 +100,17 @@ def test_deep_zoom_tiles_are_the_slides_pixels(client, served_index):
     folder = client.get("/api/slides", params={"kind": "folder"}).json()[0]
     response = client.get(f"/api/slides/{folder['id']}/image.dzi")
     assert response.status_code == 404 and "not a slide" in response.json()["detail"]
+
+
+def test_tiles_are_the_same_whichever_library_reads_the_slide(service, served_index, monkeypatch):
+    expected = [service.tile(1, level, col, row) for level, col, row in ((11, 1, 1), (10, 2, 1), (4, 0, 0))]
+    monkeypatch.setattr(slide_module, "_openslide", lambda: None)  # as where OpenSlide cannot be loaded
+    other = SearchService.open(str(served_index["index"]), "cpu")
+    try:
+        assert [other.tile(1, level, col, row) for level, col, row in ((11, 1, 1), (10, 2, 1), (4, 0, 0))] == expected
+        assert other._slide(1).slide.backend == "tiffslide"
+    finally:
+        other.close()
 
 
 def test_an_upload_cut_from_a_slide_finds_that_place_first(client, service, served_index):
