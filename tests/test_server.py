@@ -2,6 +2,7 @@
 upload and by region, heat maps, and every way a request can be wrong or reach for a file."""
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import sqlite3
@@ -135,6 +136,22 @@ def test_an_upload_cut_from_a_slide_finds_that_place_first(client, service, serv
     image = client.get(first["image_url"])
     assert image.headers["content-type"] == "image/jpeg"
     assert np.abs(np.asarray(Image.open(io.BytesIO(image.content)), np.float64) - pixels).mean() < 6
+
+
+def test_the_page_gives_the_matches_the_command_line_gives(client, service, served_index, tmp_path):
+    patch = service.patch(int(db_rows(served_index["index"], "SELECT id FROM patches WHERE source_id = 2 "
+                                                            "ORDER BY id LIMIT 1 OFFSET 5")[0][0]))
+    query = tmp_path / "query.png"
+    query.write_bytes(png(patch_pixels(service.index, patch)))
+    argv = ["query", "--index", str(served_index["index"]), str(query), "--top-k", "5", "--out-dir",
+            str(tmp_path / "out"), "--device", "cpu", "--workers", "0"]
+    assert retrieve.main(retrieve.get_args_parser().parse_args(argv)) == 0
+    with open(tmp_path / "out" / "matches.csv", newline="") as f:
+        expected = [(Path(r["source"]).name, int(r["x"]), int(r["y"]), round(float(r["similarity"]), 5))
+                    for r in csv.DictReader(f)]
+    search = client.post("/api/search/upload", files={"file": ("query.png", query.read_bytes(), "image/png")},
+                         data={"top_k": "5"}).json()
+    assert [(m["source_name"], m["x"], m["y"], round(m["similarity"], 5)) for m in search["matches"]] == expected
 
 
 def test_an_upload_named_by_class_is_judged_by_its_class(client, served_index):
