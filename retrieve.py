@@ -98,9 +98,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                               "(default: skip them)")
     index.add_argument("--out", default=None, help=argparse.SUPPRESS)  # the old single-file index
 
-    query = commands.add_parser("query", parents=[model, where], help="search the index with patches, regions or slides")
+    searching = argparse.ArgumentParser(add_help=False)
+    searching.add_argument("--top-k", type=int, default=10, help="matches per query patch (default: %(default)s)")
+    searching.add_argument("--checkpoint", default=None,
+                           help="the index's checkpoint, if it moved (default: the path in manifest.json)")
+    searching.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (default: the module's)")
+    searching.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth (default: the module's)")
+
+    query = commands.add_parser("query", parents=[model, where, searching], help="search the index with patches, regions or slides")
     query.add_argument("queries", nargs="+", help="image files, folders of them, or slide files")
-    query.add_argument("--top-k", type=int, default=10, help="matches per query patch (default: %(default)s)")
     query.add_argument("--region", type=parse_region, default=None,
                        help="X,Y,WIDTH,HEIGHT: search with this level-0 region of each slide given (default: "
                             "whole slides)")
@@ -109,21 +115,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     query.add_argument("--heatmap", action="store_true",
                        help="colour each patch of the matched slides' thumbnails by its similarity to the query "
                             "(default: off)")
-    query.add_argument("--checkpoint", default=None,
-                       help="the index's checkpoint, if it moved (default: the path in manifest.json)")
-    query.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (default: the module's)")
-    query.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth (default: the module's)")
 
-    serve = commands.add_parser("serve", parents=[model, where], help="open the search page on this machine")
+    serve = commands.add_parser("serve", parents=[model, where, searching], help="open the search page on this machine")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default: %(default)s, this machine only; put a reverse proxy "
                             "with authentication in front before sharing the page on a network)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
-    serve.add_argument("--top-k", type=int, default=10, help="matches per query patch (default: %(default)s)")
-    serve.add_argument("--checkpoint", default=None,
-                       help="the index's checkpoint, if it moved (default: the path in manifest.json)")
-    serve.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (default: the module's)")
-    serve.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth (default: the module's)")
 
     listing = commands.add_parser("list", parents=[where], help="show an index's model, scale and sources")
     listing.add_argument("--failed", action="store_true", help="also list sources that failed (default: off)")

@@ -38,9 +38,11 @@ times the service time.
 Breakdown (after the server has stopped, in this process, over --breakdown-repeats searches): the
 same index opened with core.search_service.SearchService, whole search_upload timed, and apart:
 decoding the upload, the model's forward pass on one patch, the faiss search, the patch rows read
-from SQLite, and the response model built and serialised to JSON (core.server's SearchOut); the
-difference between the HTTP service time (wall / requests) and the in-process search is HTTP,
-multipart parsing, the thread pool and the client threads sharing the cores.
+from SQLite, and the response model built and serialised to JSON (core.server's SearchOut). They
+run in a thread other than the main one, as the server runs its searches (FastAPI's thread pool);
+the forward pass is also timed from the main thread, where torch runs faster. The difference
+between the HTTP service time (wall / requests) and the in-process search is HTTP, multipart
+parsing, the thread pool and the client threads sharing the cores.
 
 Writes serve.md and serve.json to --out and puts the tables (command, machine, date) in
 bench/results.md's "Search page under load" section (--record PATH elsewhere; --no-record: never).
@@ -373,12 +375,16 @@ def load(base: str, queries: list[dict], args: argparse.Namespace) -> tuple[list
 
 # ----------------------------------------------------------------------------- breakdown (in process)
 def breakdown(index_dir: Path, queries: list[dict], args: argparse.Namespace) -> list[tuple[str, float]]:
-    """(step, median ms) of a search by upload in this process, over --breakdown-repeats searches."""
+    """(step, median ms) of a search by upload in this process, over --breakdown-repeats searches, run
+    in a thread other than the main one as the server runs them (FastAPI's thread pool); the model's
+    forward pass is timed from the main thread as well, for comparison."""
     from core.search_service import SearchService, check_upload
     from core.server import _search_out
 
     service = SearchService.open(str(index_dir), "cpu", top_k=args.top_k)
+    crop = eval_crop(service.index.settings.crop_size)
     times: dict[str, list[float]] = {}
+    failures: list[BaseException] = []
 
     def timed(name: str, call, *a, **kw):
         start = time.perf_counter()
@@ -386,18 +392,34 @@ def breakdown(index_dir: Path, queries: list[dict], args: argparse.Namespace) ->
         times.setdefault(name, []).append(time.perf_counter() - start)
         return value
 
+    def forward(image):
+        return service.embedder.embed(crop(image)[None]).float().numpy()
+
+    def searches() -> None:
+        try:
+            for repeat in range(args.breakdown_repeats + 1):
+                query = queries[repeat % len(queries)]
+                found = timed("search", service.search_upload, query["png"], query["name"], args.top_k)
+                timed("response", lambda: _search_out(service, found).model_dump_json())
+                image = timed("decode", check_upload, query["png"], query["name"])
+                vector = timed("model", forward, image)
+                _, ids = timed("faiss", service.index.search, vector, args.top_k)
+                timed("sqlite", service.index.db.patches, ids[0].tolist())
+                if repeat == 0:  # a warm-up
+                    times.clear()
+        except BaseException as error:  # re-raised in the main thread
+            failures.append(error)
+
     try:
-        crop = eval_crop(service.index.settings.crop_size)
-        for repeat in range(args.breakdown_repeats + 1):
-            query = queries[repeat % len(queries)]
-            found = timed("search", service.search_upload, query["png"], query["name"], args.top_k)
-            timed("response", lambda: _search_out(service, found).model_dump_json())
-            image = timed("decode", check_upload, query["png"], query["name"])
-            vector = timed("model", lambda: service.embedder.embed(crop(image)[None]).float().numpy())
-            _, ids = timed("faiss", service.index.search, vector, args.top_k)
-            timed("sqlite", service.index.db.patches, ids[0].tolist())
-            if repeat == 0:  # a warm-up
-                times.clear()
+        worker = threading.Thread(target=searches, name="breakdown")
+        worker.start()
+        worker.join()
+        if failures:
+            raise failures[0]
+        image = check_upload(queries[0]["png"], queries[0]["name"])
+        forward(image)
+        for _ in range(args.breakdown_repeats):
+            timed("model_main", forward, image)
     finally:
         service.close()
     median = {name: statistics.median(values) * 1e3 for name, values in times.items()}
@@ -409,6 +431,7 @@ def breakdown(index_dir: Path, queries: list[dict], args: argparse.Namespace) ->
             (f"· faiss search, flat, k={args.top_k} (SlideIndex.search)", median["faiss"]),
             ("· patch rows from SQLite (PatchDatabase.patches)", median["sqlite"]),
             ("· the rest: temporary PNG, DataLoader, ranking, JPEG preview", rest),
+            ("the same forward pass from the main thread (not in the sum)", median["model_main"]),
             ("response built and serialised to JSON (SearchOut)", median["response"])]
 
 
@@ -460,7 +483,8 @@ def report(args: argparse.Namespace, built: dict, summary: dict, results: list[d
     ]
     if parts:
         lines += ["", f"Where a search's time goes (this process, the server stopped, median of "
-                      f"{args.breakdown_repeats}):", "", "| step | ms |", "|---|---|"]
+                      f"{args.breakdown_repeats}, in a thread other than the main one as in the server):", "",
+                  "| step | ms |", "|---|---|"]
         lines += [f"| {name} | {ms:.2f} |" for name, ms in parts]
         lines += ["", f"HTTP, multipart parsing, the thread pool and the clients sharing the cores: about "
                       f"{data['service_ms'] - parts[0][1] - parts[-1][1]:.1f} ms per request (service time less "
@@ -535,7 +559,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     stamp = f"Command: `{data['command']}` on {data['machine']}, {data['date']}\n\n"
     atomic_write_text(out / "serve.md", f"{SECTION}\n\n{stamp}{text}")
-    atomic_write_text(out / "serve.json", json.dumps(data, indent=1) + "\n")
+    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in data.items()}
+    atomic_write_text(out / "serve.json", json.dumps(finite, indent=1) + "\n")
     print(f"written: {out / 'serve.md'}, {out / 'serve.json'} (the bench took {data['total_s']:.0f} s)")
     if not args.no_record:
         record(args.record, text)

@@ -32,7 +32,7 @@ from .images import UNREADABLE
 from .indexing import Job, slide_errors
 from .slide_index import Patch, SlideIndex
 from .slide_search import (QueryResult, best_matches, heat_colours, load_index_model, patch_pixels, query_pixels,
-                           run_queries)
+                           run_queries, slide_heat)
 from .slides import Slide, best_level, decode_jpeg, open_slide
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -349,11 +349,10 @@ class SearchService:
         search = self.search(search_id)
         self.source(source_id, "slide")
         with self.lock:
-            ids, vectors = self.index.db.source_vectors(source_id, self.index.settings.dim)
+            ids, heat = slide_heat(self.index, source_id, search.result.vectors)
             patches = self.index.db.patches(ids)
             data, downsample = self.index.db.thumbnail(source_id)
         height, width = decode_jpeg(data).shape[:2]
-        heat = (vectors @ search.result.vectors.T).max(axis=1) if len(ids) else np.zeros(0, np.float32)
         low, high, colours = heat_colours(heat)
         canvas = np.zeros((height, width, 4), np.uint8)
         for patch_id, colour in zip(ids.tolist(), colours):
