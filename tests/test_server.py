@@ -154,6 +154,16 @@ def test_the_page_gives_the_matches_the_command_line_gives(client, service, serv
     assert [(m["source_name"], m["x"], m["y"], round(m["similarity"], 5)) for m in search["matches"]] == expected
 
 
+@pytest.mark.parametrize("fmt, suffix", [("PNG", "png"), ("JPEG", "jpg"), ("TIFF", "tif")])
+def test_uploads_in_each_format_are_searched(client, served_index, fmt, suffix):
+    buffer = io.BytesIO()
+    Image.open(served_index["root"] / "patches" / "s0" / "s0_1.png").save(buffer, fmt)
+    response = client.post("/api/search/upload", files={"file": (f"s0_query.{suffix}", buffer.getvalue(), "image/" + suffix)})
+    assert response.status_code == 200, response.text
+    first = response.json()["matches"][0]
+    assert first["file_name"] == "s0_1.png" and first["similarity"] > 0.99  # JPEG changes the pixels a little
+
+
 def test_an_upload_named_by_class_is_judged_by_its_class(client, served_index):
     source = served_index["root"] / "patches" / "s1" / "s1_0.png"
     response = client.post("/api/search/upload", files={"file": ("s1_query.png", source.read_bytes(), "image/png")})
