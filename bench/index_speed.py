@@ -73,9 +73,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import models
 import retrieve
-from core.checkpoint import load_model, save_torch_file, training_checkpoint
+from bench.timing import write_checkpoint
+from core.checkpoint import load_model
 from core.embedder import Embedder
 from core.files import atomic_write_text, command_line
 from core.indexing import Job, _Chunk, _ChunkReader, index_sources, plan_job
@@ -133,20 +133,6 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- set-up (not timed)
-def write_checkpoint(path: Path, model_name: str, crop_size: int, seed: int) -> None:
-    """A randomly initialised model in train.py's checkpoint dict (core.checkpoint.training_checkpoint)."""
-    torch.manual_seed(seed)
-    model = models.build_model(model_name)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10)
-    run = {"model_name": models.canonical_model_name(model_name), "loss_name": "MSLoss",
-           "model_options": models.default_model_options(model_name), "loss_options": {},
-           "class_names": ["s0", "s1", "s2"], "history": [{"val_loss": 0.5}], "best_val_loss": 0.5,
-           "train_files": [], "command": "python3 train.py"}
-    save_torch_file(training_checkpoint(model, optimizer, scheduler, None, 0,
-                                        {"model": model_name, "crop_size": crop_size, "seed": seed}, run), path)
-
-
 def write_slides(folder: Path, count: int, size: tuple[int, int], mpp: float, seed: int) -> list[str]:
     """`count` slides, each two tissue boxes side by side (classes k and k+1 of three) over most of it."""
     width, height = size

@@ -23,7 +23,8 @@ from core.runtime import cpu_name, cpu_runs_natively  # noqa: E402
 
 # --only name -> the module under bench/
 BENCHMARKS = {"data_process": "data_process_speed", "losses": "loss_speed", "models": "model_speed", "evaluate": "evaluate_speed",
-              "evaluate_memory": "evaluate_memory", "index": "index_speed", "vector_search": "search_speed"}
+              "evaluate_memory": "evaluate_memory", "index": "index_speed", "vector_search": "search_speed",
+              "serve": "serve"}
 
 
 def machine_description() -> str:
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> str:
         rows += importlib.import_module(f"bench.{module}").main(["--quick"] if args.quick else [])
         print(f"--- bench/{module}.py took {time.time() - started:.0f} s", flush=True)
     text = f"Machine: {machine_description()}\n\nCommand: `{command_line()}`\n\n{format_table(rows)}"
-    # Keep the "## ..." sections that benchmarks record below the table (index_speed, search_speed).
+    # Keep the "## ..." sections that benchmarks record below the table (index_speed, search_speed, serve).
     old = Path(args.out).read_text(encoding="utf-8") if Path(args.out).exists() else ""
     sections = old[old.index("\n## "):] if "\n## " in old else ""
     atomic_write_text(args.out, text + sections)

@@ -1,6 +1,6 @@
 """The search page under load: searches by upload against `retrieve.py serve`, over HTTP, with concurrent clients.
 
-    python3 bench/serve.py                     # 100,000 patches, 8 clients, 400 searches (about 2 min on 2 cores)
+    python3 bench/serve.py                     # 100,000 patches, 8 clients, 400 searches (about 1 min on 2 cores)
     python3 bench/serve.py --patches 2000 --clients 2 --requests 8 --crop-size 32 --slide-size 1024x1024
 
 Set-up (not timed), in a temporary folder or --work DIR:
@@ -15,7 +15,7 @@ Set-up (not timed), in a temporary folder or --work DIR:
   of the model's embedding size, on a grid of patch-sized boxes over the whole of each slide. Each
   source is a hard link (a copy where links fail) of one of the slide files, so that every source
   has a path of its own; as many sources as the grid needs to hold --patches;
-- QUERIES query patches cut from the slides' tissue at the index's scale, as PNGs in memory, whose
+- QUERIES (8) query patches cut from the slides' tissue at the index's scale, as PNGs in memory, whose
   real embeddings (the model's, as the server computes them) replace the random vectors at their
   own boxes: each upload has a true nearest neighbour, its own patch, and the bench counts how
   many responses rank it first.
@@ -57,6 +57,7 @@ import json
 import math
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -75,9 +76,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import models  # noqa: E402
 import retrieve  # noqa: E402
-from core.checkpoint import load_model, save_torch_file, training_checkpoint  # noqa: E402
+from bench.timing import write_checkpoint  # noqa: E402
+from core.checkpoint import load_model  # noqa: E402
 from core.data import eval_crop  # noqa: E402
 from core.embedder import Embedder  # noqa: E402
 from core.errors import UserError  # noqa: E402
@@ -104,7 +105,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--requests", type=int, default=400, help="searches by upload, in all (default: 400)")
     parser.add_argument("--crop-size", type=int, default=64,
                         help="model input and patch side in pixels (default: 64, to keep the model fast)")
-    parser.add_argument("--model", default="se_resnet50", help="architecture, its default options (default: se_resnet50)")
+    parser.add_argument("--model", default="se_resnet50",
+                        help="architecture, with its default options (default: se_resnet50)")
     parser.add_argument("--top-k", type=int, default=10, help="matches per search, the form's top_k (default: 10)")
     parser.add_argument("--work", default=None,
                         help="new or empty folder for the checkpoint, slides, index and server logs, kept "
@@ -123,7 +125,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Markdown file whose 'Search page under load' section gets the tables "
                              "(default: bench/results.md)")
     parser.add_argument("--no-record", action="store_true", help="do not touch --record (default: record)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a check that it works: 2,000 patches, one 1024 px slide, 32 px crops, 2 clients, 16 "
+                             "requests, 3 breakdown repeats (default: off)")
     return parser
+
+
+QUICK = {"patches": 2000, "slides": 1, "slide_size": (1024, 1024), "crop_size": 32, "clients": 2, "requests": 16,
+         "breakdown_repeats": 3}
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -146,27 +155,14 @@ def machine() -> str:
 
 
 # ----------------------------------------------------------------------------- set-up (not timed)
-def write_checkpoint(path: Path, model_name: str, crop_size: int, seed: int) -> None:
-    """A randomly initialised model (its default options) in train.py's checkpoint dict."""
-    torch.manual_seed(seed)
-    model = models.build_model(model_name)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10)
-    run = {"model_name": models.canonical_model_name(model_name), "loss_name": "MSLoss",
-           "model_options": models.default_model_options(model_name), "loss_options": {},
-           "class_names": ["s0", "s1", "s2"], "history": [{"val_loss": 0.5}], "best_val_loss": 0.5,
-           "train_files": [], "command": "python3 train.py"}
-    save_torch_file(training_checkpoint(model, optimizer, scheduler, None, 0,
-                                        {"model": model_name, "crop_size": crop_size, "seed": seed}, run), path)
-
-
 def grid_boxes(width: int, height: int, side: int) -> np.ndarray:
     """Level-0 x, y, w, h of every patch of a non-overlapping grid over the slide, row by row."""
     ys, xs = np.meshgrid(np.arange(0, height - side + 1, side), np.arange(0, width - side + 1, side), indexing="ij")
     return np.stack([xs.ravel(), ys.ravel(), np.full(xs.size, side), np.full(xs.size, side)], 1).astype(np.int64)
 
 
-def pick_queries(records: list[dict], slides_used: int, side: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:
+def pick_queries(records: list[dict], slides_used: int, side: int,
+                 rng: np.random.Generator) -> list[tuple[int, int, int]]:
     """(slide number, x, y) of QUERIES grid patches inside the slides' tissue boxes (their middle
     60%, clear of the ragged edge), slides in turn, distinct where the boxes allow."""
     chosen: list[tuple[int, int, int]] = []
@@ -319,6 +315,29 @@ def stop(process: subprocess.Popen) -> None:
 
 
 # ----------------------------------------------------------------------------- the load
+def process_cpu(pid: int | None = None) -> float:
+    """CPU seconds (user + system, all threads) of process `pid`, or of this process."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def system_busy() -> float:
+    """CPU seconds the whole machine has spent busy (user, nice, system, irq, softirq, steal) since boot."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return float("nan")
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def search(client, query: dict, top_k: int, timeout: float) -> dict:
     """One POST /api/search/upload: its latency, and an error or whether its first match is the query's patch."""
     started = time.perf_counter()
@@ -333,7 +352,7 @@ def search(client, query: dict, top_k: int, timeout: float) -> dict:
         if not isinstance(matches, list) or not matches:
             return {"latency": latency, "error": "no matches in the response"}
         first = matches[0]
-        own = first.get("source_name") == query["source"] and (first.get("x"), first.get("y")) == (query["x"], query["y"])
+        own = (first.get("source_name"), first.get("x"), first.get("y")) == (query["source"], query["x"], query["y"])
         return {"latency": latency, "error": None, "own_first": own, "similarity": first.get("similarity"),
                 "matches": len(matches)}
     except Exception as error:  # any failure of a request counts, whatever raised it
@@ -400,7 +419,7 @@ def breakdown(index_dir: Path, queries: list[dict], args: argparse.Namespace) ->
             for repeat in range(args.breakdown_repeats + 1):
                 query = queries[repeat % len(queries)]
                 found = timed("search", service.search_upload, query["png"], query["name"], args.top_k)
-                timed("response", lambda: _search_out(service, found).model_dump_json())
+                timed("response", lambda search: _search_out(service, search).model_dump_json(), found)
                 image = timed("decode", check_upload, query["png"], query["name"])
                 vector = timed("model", forward, image)
                 _, ids = timed("faiss", service.index.search, vector, args.top_k)
@@ -442,7 +461,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def report(args: argparse.Namespace, built: dict, summary: dict, results: list[dict], wall: float,
            warmup: dict, start_seconds: float, server_command: list[str], parts: list[tuple[str, float]],
-           load_avg: tuple[float, float]) -> tuple[dict, str]:
+           load_avg: tuple[float, float], cores: dict[str, float]) -> tuple[dict, str]:
     ok = [r for r in results if r["error"] is None]
     errors = [r for r in results if r["error"] is not None]
     latencies = [r["latency"] * 1e3 for r in ok]
@@ -460,7 +479,7 @@ def report(args: argparse.Namespace, built: dict, summary: dict, results: list[d
         "max_ms": max(latencies) if latencies else float("nan"),
         "service_ms": wall / len(ok) * 1e3 if ok else float("nan"),
         "own_patch_first": own, "warmup_ms": warmup["latency"] * 1e3, "server_start_s": start_seconds,
-        "setup_s": built["setup_seconds"], "load_average": list(load_avg),
+        "setup_s": built["setup_seconds"], "load_average": list(load_avg), "cpu_cores": cores,
         "breakdown_ms": dict(parts), "latencies_ms": latencies}
     table = ("| patches | clients | requests | errors | requests/s | median ms | p95 ms | max ms |\n"
              "|---|---|---|---|---|---|---|---|\n"
@@ -479,16 +498,19 @@ def report(args: argparse.Namespace, built: dict, summary: dict, results: list[d
         f"Service time (wall / requests, searches run one at a time): {data['service_ms']:.1f} ms; the first "
         f"search (warm-up, not counted) {data['warmup_ms']:.0f} ms; the server answered {start_seconds:.1f} s "
         f"after it started; set-up {built['setup_seconds']:.0f} s. The query's own patch ranked first in "
-        f"{own} of {len(ok)} responses." + (f" Errors: {'; '.join(data['error_messages'])}" if errors else ""),
+        f"{own} of {len(ok)} responses. During the load the server used {cores['server']:.2f} cores, the client "
+        f"threads {cores['clients']:.2f}, other programs {cores['other']:.2f} (of {os.cpu_count()})."
+        + (f" Errors: {'; '.join(data['error_messages'])}" if errors else ""),
     ]
     if parts:
         lines += ["", f"Where a search's time goes (this process, the server stopped, median of "
                       f"{args.breakdown_repeats}, in a thread other than the main one as in the server):", "",
                   "| step | ms |", "|---|---|"]
         lines += [f"| {name} | {ms:.2f} |" for name, ms in parts]
-        lines += ["", f"HTTP, multipart parsing, the thread pool and the clients sharing the cores: about "
-                      f"{data['service_ms'] - parts[0][1] - parts[-1][1]:.1f} ms per request (service time less "
-                      "the in-process search and response)."]
+        overhead = data["service_ms"] - parts[0][1] - parts[-1][1]
+        noise = " (within the noise of the two measurements)" if abs(overhead) < 0.05 * data["service_ms"] else ""
+        lines += ["", f"The HTTP service time less the in-process search and response, i.e. HTTP, multipart parsing, "
+                      f"the thread pool and the clients sharing the cores: {overhead:.1f} ms per request{noise}."]
     return data, "\n".join(lines) + "\n"
 
 
@@ -529,7 +551,12 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict, str]:
             raise UserError(f"the first search failed: {warmup['error']}; the server's stderr:\n{tail(stderr)}")
         print(f"warm-up search: {warmup['latency'] * 1e3:.0f} ms; {args.requests} searches from {args.clients} "
               "clients ...", flush=True)
+        before = (process_cpu(process.pid), process_cpu(), system_busy())
         results, wall = load(base, built["queries"], args)
+        server, clients, busy = (b - a for a, b in zip(before, (process_cpu(process.pid), process_cpu(),
+                                                                 system_busy())))
+        cores = {"server": server / wall, "clients": clients / wall,
+                 "other": max(0.0, busy - server - clients) / wall}
     finally:
         stop(process)
     if process.returncode not in (0, -signal.SIGTERM):
@@ -537,13 +564,15 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict, str]:
     load_after = os.getloadavg()[0]
     parts = breakdown(built["index"], built["queries"], args) if args.breakdown_repeats > 0 else []
     data, text = report(args, built, summary, results, wall, warmup, start_seconds, shown, parts,
-                        (load_before, load_after))
+                        (load_before, load_after), cores)
     return data, text
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run, write --out, record; returns the rows for bench/run_all.py (each with the error count)."""
     args = get_args_parser().parse_args(argv)
+    if args.quick:
+        vars(args).update(QUICK)
     check_args(args)
     started = time.perf_counter()
     if args.work:

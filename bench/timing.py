@@ -1,8 +1,9 @@
-"""Timing shared by the benchmarks."""
+"""Timing, and the random checkpoint, shared by the benchmarks."""
 from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -22,3 +23,21 @@ def median_seconds(step: Callable[[], None], device: torch.device, iterations: i
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def write_checkpoint(path: Path, model_name: str, crop_size: int, seed: int) -> None:
+    """A randomly initialised model (its default options) in train.py's checkpoint dict
+    (core.checkpoint.training_checkpoint), for benchmarks that need a model but not a trained one."""
+    import models
+    from core.checkpoint import save_torch_file, training_checkpoint
+
+    torch.manual_seed(seed)
+    model = models.build_model(model_name)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10)
+    run = {"model_name": models.canonical_model_name(model_name), "loss_name": "MSLoss",
+           "model_options": models.default_model_options(model_name), "loss_options": {},
+           "class_names": ["s0", "s1", "s2"], "history": [{"val_loss": 0.5}], "best_val_loss": 0.5,
+           "train_files": [], "command": "python3 train.py"}
+    save_torch_file(training_checkpoint(model, optimizer, scheduler, None, 0,
+                                        {"model": model_name, "crop_size": crop_size, "seed": seed}, run), path)
