@@ -295,14 +295,14 @@ class SearchService:
             raise BadInput(f"top_k {top_k}: choose from 1 to 100")
         with self.lock:
             results, failed = run_queries(self.index, [job], self.embedder, top_k, out_dir=None,
-                                          fallback_mpp=self.source_mpp(job), nprobe=self.nprobe,
+                                          fallback_mpp=self._region_mpp(job), nprobe=self.nprobe,
                                           ef_search=self.ef_search, progress=False)
         if not results:
             reason = failed[0][1] if failed else "no patch to search with"
             raise BadInput(f"{Path(job.path).name}: cannot be searched with ({reason})")
         return results[0]
 
-    def source_mpp(self, job: Job) -> float | None:
+    def _region_mpp(self, job: Job) -> float | None:
         if job.kind != "region":
             return None
         with self.lock:

@@ -97,7 +97,9 @@ def test_readme_opens_with_the_two_commands_and_the_files_they_name_exist() -> N
             if word.endswith((".py", ".txt")):
                 assert (REPO / word).is_file(), f"README names {word}, which does not exist"
     assert shlex.split(install_and_demo)[5:] == ["python3", "demo.py"]
-    assert shlex.split(install_and_test)[5:8] == ["python3", "-m", "pytest"]
+    # The search page's viewer comes from the npm registry, pinned by its lock file.
+    assert shlex.split(install_and_test)[5:13] == ["npm", "ci", "--prefix", "web", "&&", "python3", "-m", "pytest"]
+    assert (REPO / "web" / "package-lock.json").is_file()
     assert (REPO / "tests").is_dir()
 
 
