@@ -172,7 +172,7 @@ def run_index(args: argparse.Namespace, device: torch.device) -> int:
     distributed.barrier()
     if index is None:
         index = SlideIndex.open(directory, writable=False)
-    embedder = Embedder(loaded.model, device, args.batch_size, args.amp, args.channels_last)
+    embedder = Embedder(loaded.model, device, args.batch_size, args.amp, args.channels_last, loaded.preprocessing)
     shard = None
     if world_size > 1:
         (directory / SHARDS).mkdir(exist_ok=True)
@@ -208,7 +208,7 @@ def run_query(args: argparse.Namespace, device: torch.device) -> int:
     check_settings(args.batch_size, args.amp)
     with SlideIndex.open(require_index(args)) as index:
         loaded = load_index_model(index, device, args.checkpoint)
-        embedder = Embedder(loaded.model, device, args.batch_size, args.amp, args.channels_last)
+        embedder = Embedder(loaded.model, device, args.batch_size, args.amp, args.channels_last, loaded.preprocessing)
         jobs = query_jobs(args.queries, args.region, args.slide_mpp)
         results, failed = run_queries(index, jobs, embedder, args.top_k, args.out_dir, args.heatmap, args.workers,
                                       args.slide_mpp, args.nprobe, args.ef_search)

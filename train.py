@@ -35,10 +35,12 @@ from core.distributed import all_gather_lists, run_distributed_script, setup_dis
 from core.errors import UserError
 from core.files import command_line, write_csv
 from core.images import report_unreadable
+from core.preprocessing import Preprocessing
 from core.runtime import check_runtime, seed_everything
-from core.training import (add_training_arguments, best_checkpoint_path, build_datasets, build_loaders,
+from core.training import (TensorBoardLog, add_training_arguments, best_checkpoint_path, build_datasets, build_loaders,
                            build_training_model, check_training_arguments, describe_train_files, load_resume_checkpoint,
-                           plot_losses, resolve_names, seed_epoch, step_lr_scheduler, train_one_epoch, validate)
+                           plot_losses, resolve_names, seed_epoch, start_model, step_lr_scheduler, train_one_epoch,
+                           validate)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -63,7 +65,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     device, rank, world_size = setup_distributed(check_runtime(args, training=True))
     is_main = rank == 0
     dataset, train_indices, val_indices, num_images = build_datasets(args)
-    train_loader, val_loader = build_loaders(args, dataset, train_indices, val_indices, device, rank, world_size)
 
     output_dir = Path(args.output_dir)
     prefix = f"{model_name}_{loss_name}"
@@ -77,6 +78,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     checkpoint = load_resume_checkpoint(args.resume, run, args) if args.resume else None
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
+        preprocessing = Preprocessing.from_dict(checkpoint.get("preprocessing"))
+        run["pretrained"] = checkpoint.get("pretrained")
+    else:
+        preprocessing, run["pretrained"] = start_model(model, model_name, args, verbose=is_main)
+    run["preprocessing"] = preprocessing.to_dict()
+    train_loader, val_loader = build_loaders(args, dataset, train_indices, val_indices, device, rank, world_size,
+                                             preprocessing)
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -104,8 +112,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
               f"{len(dataset.classes)} classes, {len(train_loader)} steps of {args.batch_size} x {world_size} "
               f"process(es) per epoch, on {device}" + (f", resuming at epoch {start_epoch + 1}" if start_epoch else ""),
               flush=True)
+        if not preprocessing.is_reference:
+            print(f"input preprocessing: {preprocessing.describe()}", flush=True)
         if start_epoch >= args.epochs:
             print(f"{args.resume} already holds epoch {start_epoch} of {args.epochs}; raise --epochs to train on")
+    board = TensorBoardLog(args.tensorboard) if is_main and args.tensorboard else None
     unreadable: set[tuple[str, str]] = set()
     saved_best = [best_path] if best_path else []  # best checkpoints of this run, oldest first (--keep-best)
     for epoch in range(start_epoch, args.epochs):
@@ -144,9 +155,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             # holds exactly the checkpoint's epochs.
             write_csv(run["history"], output_dir / f"{prefix}_log.csv")
             plot_losses(run["history"], output_dir / f"{prefix}_loss.png", f"{model_name} + {loss_name}")
+            if board is not None:
+                board.epoch(run["history"][-1])
             print(f"epoch {epoch + 1}/{args.epochs}  train loss {stats['train_loss']:.4f}  val loss {val_loss:.4f}  "
                   f"lr {lr:.3g}  {stats['images_per_s']:.1f} img/s  skipped {stats['skipped_batches']}/"
                   f"{stats['train_batches']}" + (f"  saved {best_path}" if improved else ""), flush=True)
+    if board is not None:
+        board.embeddings(model, dataset, val_indices, args, preprocessing, device)
+        board.close()
+        print(f"TensorBoard log in {args.tensorboard}: tensorboard --logdir {args.tensorboard}")
     # Each process reads its own share of the images: every process returns (and rank 0 reports) them all.
     unreadable_files = sorted(set(all_gather_lists(sorted(unreadable))))
     if is_main:

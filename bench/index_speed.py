@@ -358,7 +358,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], str]:
         command = index_command(checkpoint, slides, folder / "probe", args, args.workers[0])
         device = check_runtime(command)
         loaded = load_model(str(checkpoint), device, command.crop_size)
-        embedder = Embedder(loaded.model, device, command.batch_size, command.amp, command.channels_last)
+        embedder = Embedder(loaded.model, device, command.batch_size, command.amp, command.channels_last,
+                            loaded.preprocessing)
         settings = retrieve.index_settings(loaded, str(checkpoint), command)
         tiling = Tiling(settings.mpp, settings.patch_size, settings.tissue_threshold)
         patches = sum(len(plan_job(Job(path, "slide"), tiling, None)[1]) for path in slides)

@@ -226,7 +226,7 @@ def build_index(work: Path, args: argparse.Namespace) -> dict:
         Image.fromarray(pixels).save(buffer, "PNG")
         pngs.append(buffer.getvalue())
         crops.append(eval_crop(settings.crop_size)(Image.fromarray(pixels)))
-    real = Embedder(loaded.model, "cpu").embed(torch.stack(crops)).float().numpy()
+    real = Embedder(loaded.model, "cpu", preprocessing=loaded.preprocessing).embed(torch.stack(crops)).float().numpy()
 
     info = {}  # per slide file: its size, scale, thumbnail (as index_sources records them)
     for k in range(slides_used):

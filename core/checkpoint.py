@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ import models
 
 from .errors import UserError, one_line
 from .files import atomic_write
+from .preprocessing import Preprocessing
 
 REFERENCE_CROP_SIZE = 224
 # File-name prefixes of the reference's bare state_dicts (an optional training-set ratio may precede them).
@@ -68,6 +69,9 @@ def training_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, lr_s
         "epoch": epoch,
         "args": {key: os.fspath(value) if isinstance(value, os.PathLike) else value for key, value in args.items()},
         **{key: run[key] for key in ("model_name", "loss_name", "model_options", "loss_options", "class_names")},
+        # Beyond the reference: how inputs are normalised, and where the weights started from.
+        "preprocessing": run.get("preprocessing") or Preprocessing().to_dict(),
+        "pretrained": run.get("pretrained"),
         "crop_size": args["crop_size"],
         "history": run["history"],
         "val_loss": run["history"][-1]["val_loss"],
@@ -102,6 +106,7 @@ class LoadedModel:
     loss_name: str | None
     source: str  # "checkpoint" (train.py) or "reference state_dict"
     seed: int | None
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)  # applied by every Embedder of it
 
     def weights_sha256(self) -> str:
         """SHA-256 of the model's tensors in key order: the same weights give the same hash
@@ -134,7 +139,8 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", crop
             raise CheckpointError(f"{name}: its 'model' entry is a {type(state_dict).__name__}, not a state_dict")
         details = {"crop_size": int(content.get("crop_size", REFERENCE_CROP_SIZE)),
                    "class_names": list(content.get("class_names") or []) or None,
-                   "loss_name": content.get("loss_name"), "source": "checkpoint", "seed": content.get("seed")}
+                   "loss_name": content.get("loss_name"), "source": "checkpoint", "seed": content.get("seed"),
+                   "preprocessing": Preprocessing.from_dict(content.get("preprocessing"))}
     elif is_bare_state_dict(content):
         match = REFERENCE_PREFIX.match(name)
         if match is None:

@@ -18,17 +18,31 @@ from torchvision import transforms
 from .errors import UserError, one_line
 from .files import folder_images, list_classes
 from .images import UNREADABLE, load_rgb
+from .preprocessing import NormalizeStep, Preprocessing, StainStep
 
 
 # ----------------------------------------------------------------------------- transforms
-def train_transform(crop_size: int = 224) -> transforms.Compose:
-    """The reference's training transform (no normalisation)."""
-    return transforms.Compose([
-        transforms.RandomHorizontalFlip(),
-        transforms.RandomVerticalFlip(),
-        transforms.RandomCrop(crop_size),
-        transforms.ToTensor(),
-    ])
+AUGMENTS = ("reference", "stain")
+
+
+def train_transform(crop_size: int = 224, augment: str = "reference",
+                    preprocessing: Preprocessing | None = None) -> transforms.Compose:
+    """The reference's training transform (flips, random crop, ToTensor; no normalisation); with
+    augment "stain" stain and brightness/contrast variation after the crop (core.stain.StainAugment),
+    and with `preprocessing` its stain normalisation (before the variation) and its normalisation."""
+    if augment not in AUGMENTS:
+        raise UserError(f"--augment {augment}: choose one of {', '.join(AUGMENTS)}")
+    preprocessing = preprocessing or Preprocessing()
+    steps = [transforms.RandomHorizontalFlip(), transforms.RandomVerticalFlip(), transforms.RandomCrop(crop_size)]
+    if preprocessing.stain:
+        steps.append(StainStep(preprocessing))
+    if augment == "stain":
+        from .stain import StainAugment
+        steps.append(StainAugment())
+    steps.append(transforms.ToTensor())
+    if preprocessing.mean:
+        steps.append(NormalizeStep(preprocessing))
+    return transforms.Compose(steps)
 
 
 def eval_crop(crop_size: int = 224) -> transforms.Compose:
@@ -43,10 +57,18 @@ def to_unit_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div(255)
 
 
-def eval_transform(crop_size: int = 224) -> transforms.Compose:
+def eval_transform(crop_size: int = 224, preprocessing: Preprocessing | None = None) -> transforms.Compose:
     """The reference's validation and test transform, CenterCrop then ToTensor (no normalisation),
-    as eval_crop then to_unit_float."""
-    return transforms.Compose([eval_crop(crop_size), to_unit_float])
+    as eval_crop then to_unit_float; with `preprocessing`, its steps in the order the Embedder
+    applies them (stain on the uint8 crop, then the normalisation)."""
+    preprocessing = preprocessing or Preprocessing()
+    steps = [eval_crop(crop_size)]
+    if preprocessing.stain:
+        steps.append(StainStep(preprocessing))
+    steps.append(to_unit_float)
+    if preprocessing.mean:
+        steps.append(NormalizeStep(preprocessing))
+    return transforms.Compose(steps)
 
 
 def _uint8_tensor(image: Image.Image) -> torch.Tensor:

@@ -27,6 +27,7 @@ from metrics import combine_learners
 from .data import SkipUnreadable, collate_readable, eval_crop, to_unit_float
 from .errors import UserError
 from .images import load_rgb
+from .preprocessing import Preprocessing
 from .runtime import AMP_DTYPES
 
 DECODE_BATCH = 64  # images per decoding batch when nothing else sets it
@@ -135,15 +136,18 @@ def check_settings(batch_size: int, amp: str) -> None:
 class Embedder:
     """A model in eval mode on its device, turning batches of uint8 crops into embedding rows.
 
+    `preprocessing` (the checkpoint's: core.checkpoint.LoadedModel.preprocessing) adds the stain
+    normalisation and the mean and standard deviation a model was trained with; the reference has none.
     amp runs the forward pass under autocast (the rows stay float32); channels_last runs it in NHWC
     memory format: the same embeddings to float rounding, faster on CPUs and GPUs at the paper's
     224 px (slower for ResNets at small crops on CPU). The model is put in that format here.
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str = "cpu", batch_size: int = 32, amp: str = "off",
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, preprocessing: Preprocessing | None = None) -> None:
         check_settings(batch_size, amp)
         self.model, self.device, self.batch_size, self.amp = model, torch.device(device), batch_size, amp
+        self.preprocessing = preprocessing or Preprocessing()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         model.to(memory_format=self.memory_format)
 
@@ -180,6 +184,7 @@ class Embedder:
                                                     enabled=dtype is not None):
             for images in batches:
                 for start in range(0, images.shape[0], self.batch_size):
-                    batch = to_unit_float(images[start:start + self.batch_size].to(self.device, non_blocking=True))
+                    crops = self.preprocessing.normalize_stain_batch(images[start:start + self.batch_size])
+                    batch = self.preprocessing.normalize(to_unit_float(crops.to(self.device, non_blocking=True)))
                     parts.append(combine_learners(self.model(batch.contiguous(memory_format=self.memory_format))))
         return parts

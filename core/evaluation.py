@@ -95,7 +95,8 @@ class Evaluator:
         class_names = natural_sorted({name for _, names in splits.values() for name in names})
         index = {name: i for i, name in enumerate(class_names)}
         labels = {split: [index[name] for name in names] for split, (_, names) in splits.items()}
-        embedder = Embedder(loaded.model, self.device, self.batch_size, self.amp, self.channels_last)
+        embedder = Embedder(loaded.model, self.device, self.batch_size, self.amp, self.channels_last,
+                            loaded.preprocessing)
         embeddings = {split: embedder.embed(cache.batches(self.batch_size)) for split, (cache, _) in splits.items()}
         results = []
         for protocol in protocols:

@@ -160,7 +160,8 @@ class SearchService:
         except BaseException:
             index.close()
             raise
-        return cls(index, Embedder(loaded.model, device, batch_size, amp, channels_last), top_k, nprobe, ef_search)
+        embedder = Embedder(loaded.model, device, batch_size, amp, channels_last, loaded.preprocessing)
+        return cls(index, embedder, top_k, nprobe, ef_search)
 
     def close(self) -> None:
         with self._open_lock:

@@ -31,8 +31,10 @@ import models
 from utils import pyplot, save_figure
 
 from .checkpoint import CheckpointError, is_training_checkpoint, read_torch_file
-from .data import (KimiaDataset, SkipUnreadable, collate_readable, eval_transform, split_train_val, subsample_per_class,
-                   train_transform)
+from .data import (AUGMENTS, KimiaDataset, SkipUnreadable, collate_readable, eval_transform, split_train_val,
+                   subsample_per_class, train_transform)
+from .preprocessing import Preprocessing
+from .pretrained import load_pretrained
 from .distributed import all_reduce_sum, gather_with_grad
 from .errors import UserError
 from .images import UNREADABLE
@@ -49,7 +51,8 @@ LOSS_OPTION_DESTS = {
 # Settings a resumed run must share with its checkpoint's (argument destinations); --epochs may grow, and
 # the runtime ones (device, precision, memory format, workers) only change rounding.
 RESUME_SETTINGS = ("seed", "val_ratio", "val_batches", "data_ratio", "batch_size", "sampler", "samples_per_class",
-                   "crop_size", "lr", "momentum", "weight_decay", "lr_step", "lr_gamma", "lr_step_at")
+                   "crop_size", "lr", "momentum", "weight_decay", "lr_step", "lr_gamma", "lr_step_at", "pretrained",
+                   "augment", "stain_normalize", "stain_target")
 PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each one reads the loss from the device)
 
 
@@ -105,6 +108,20 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     model.add_argument("--no-attention", action="store_true",
                        help="se_resnet50 without its mixed-attention branch, the paper's ablation (default: off)")
 
+    start = parser.add_argument_group("pretrained start and stain (beyond the paper; off by default)")
+    start.add_argument("--pretrained", default=None, metavar="PATH|imagenet",
+                       help="initialise the backbone from a torchvision-layout ResNet-50 (resnet50, se_resnet50) or "
+                            "GoogLeNet (ABE_M) state_dict file, or from torchvision's ImageNet weights; inputs are "
+                            "then normalised as those weights expect (default: none, random initialisation)")
+    start.add_argument("--augment", choices=AUGMENTS, default="reference",
+                       help="reference: the paper's flips and random crop; stain: adds HED stain, brightness and "
+                            "contrast variation after the crop (default: %(default)s)")
+    start.add_argument("--stain-normalize", choices=("none", "macenko"), default="none",
+                       help="macenko: normalise every patch to --stain-target's stain, in training and in every tool "
+                            "that embeds with the checkpoint (default: %(default)s)")
+    start.add_argument("--stain-target", default=None, metavar="IMAGE",
+                       help="the image whose stain --stain-normalize macenko matches (default: none)")
+
     loss = parser.add_argument_group("loss hyper-parameters (each used only by its loss; defaults are the reference's)")
     loss.add_argument("--self-pair", choices=("reference", "exclude"), default="reference",
                       help="reference: an anchor's positives are its class's similarities below 1, as the reference "
@@ -132,17 +149,42 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                      help="continue from a checkpoint written by this script, at the epoch after it; refused when "
                           "its settings or training files differ from this command's, but --epochs may grow "
                           "(default: none)")
+    run.add_argument("--tensorboard", default=None, metavar="DIR",
+                     help="also write the losses, learning rate, speed and skipped batches of each epoch, and at the "
+                          "end the validation embeddings for the embedding projector, to this TensorBoard log folder "
+                          "(default: none)")
     run.add_argument("--summary", action="store_true",
                      help="print the model's layers and parameter counts, then exit (default: off)")
     return parser
 
 
 def check_training_arguments(args: argparse.Namespace) -> None:
-    """Refuse numbers below their least meaningful value (UserError naming the flag)."""
+    """Refuse numbers below their least meaningful value and flags that need another (UserError naming the flag)."""
     for flag, value, minimum in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 2),
                                  ("--crop-size", args.crop_size, 1), ("--keep-best", args.keep_best, 0)):
         if value < minimum:
             raise UserError(f"{flag} must be at least {minimum}, got {value}")
+    if args.stain_normalize == "macenko" and not args.stain_target:
+        raise UserError("--stain-normalize macenko needs --stain-target IMAGE, a patch whose stain the others match")
+    if args.stain_target and args.stain_normalize == "none":
+        raise UserError(f"--stain-target {args.stain_target} is used only with --stain-normalize macenko")
+
+
+def start_model(model: nn.Module, model_name: str, args: argparse.Namespace,
+                verbose: bool = True) -> tuple[Preprocessing, dict | None]:
+    """A new run's pretrained weights (printing what was loaded) and input preprocessing: the
+    normalisation the weights expect, and the stain normalisation to --stain-target."""
+    mean = std = report = None
+    if args.pretrained:
+        report = load_pretrained(model, model_name, args.pretrained)
+        mean, std = report.normalization
+        if verbose:
+            print(report.summary(), flush=True)
+    stain = None
+    if args.stain_normalize == "macenko":
+        from .stain import load_stain_target  # torchstain and scikit-image only when asked for
+        stain = load_stain_target(args.stain_target).state()
+    return Preprocessing(mean, std, stain), report.record() if report else None
 
 
 # ----------------------------------------------------------------------------- model and loss
@@ -228,7 +270,8 @@ def check_crop_size(dataset: KimiaDataset, crop_size: int) -> None:
 
 
 def build_loaders(args: argparse.Namespace, dataset: KimiaDataset, train_indices: list[int], val_indices: list[int],
-                  device: torch.device, rank: int, world_size: int) -> tuple[DataLoader, DataLoader]:
+                  device: torch.device, rank: int, world_size: int,
+                  preprocessing: Preprocessing | None = None) -> tuple[DataLoader, DataLoader]:
     """Training loader (random or P x K, sharded over processes) and validation loader (ValidationBatches).
 
     Workers are started anew each epoch with seeds drawn from the loader's generator, which the
@@ -236,9 +279,9 @@ def build_loaders(args: argparse.Namespace, dataset: KimiaDataset, train_indices
     from one epoch into the next, and a resumed run would not repeat them.
     """
     train_set = copy.copy(dataset)
-    train_set.transform = train_transform(args.crop_size)
+    train_set.transform = train_transform(args.crop_size, args.augment, preprocessing)
     val_set = copy.copy(dataset)
-    val_set.transform = eval_transform(args.crop_size)
+    val_set.transform = eval_transform(args.crop_size, preprocessing)
     common = dict(num_workers=args.workers, pin_memory=device.type == "cuda", collate_fn=collate_readable)
     train_data = SkipUnreadable(train_set, train_indices)
     if args.sampler == "pk":
@@ -434,3 +477,50 @@ def plot_losses(history: list[dict], path: Path, title: str) -> None:
     ax.legend()
     fig.tight_layout()
     save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+PROJECTOR_IMAGES = 2000  # validation images shown in the embedding projector at most
+PROJECTOR_THUMBNAIL = 48  # their thumbnails' side in pixels
+
+
+class TensorBoardLog:
+    """--tensorboard DIR: each epoch's figures as scalars, and at the end the validation embeddings
+    with their thumbnails and classes for TensorBoard's embedding projector."""
+
+    def __init__(self, log_dir: str) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--tensorboard needs the tensorboard package: pip install -r requirements.txt") from None
+        self.writer = SummaryWriter(log_dir)
+
+    def epoch(self, row: dict) -> None:
+        """One row of the run's history (train.py's log.csv), at step epoch + 1."""
+        step = row["epoch"] + 1
+        for tag, key in (("loss/train", "train_loss"), ("loss/validation", "val_loss"), ("learning_rate", "lr"),
+                         ("images_per_second", "images_per_s"), ("skipped_batches", "skipped_batches")):
+            self.writer.add_scalar(tag, row[key], step)
+        self.writer.flush()
+
+    def embeddings(self, model: nn.Module, dataset: KimiaDataset, val_indices: Sequence[int], args: argparse.Namespace,
+                   preprocessing: Preprocessing, device: torch.device) -> None:
+        """The validation images' embeddings (the first PROJECTOR_IMAGES), as every tool embeds them."""
+        from .embedder import CropCache, Embedder
+
+        indices = list(val_indices)[:PROJECTOR_IMAGES]
+        paths = [dataset.samples[i][0] for i in indices]
+        model.eval()
+        embedder = Embedder(model, device, args.batch_size, args.amp, args.channels_last, preprocessing)
+        with CropCache(paths, args.crop_size, args.workers) as cache:
+            if not len(cache):
+                return
+            vectors = embedder.embed(cache.batches(args.batch_size)).float().cpu()
+            thumbnails = torch.cat([nn.functional.interpolate(batch.float().div(255), size=PROJECTOR_THUMBNAIL,
+                                                              mode="area") for batch in cache.batches(args.batch_size)])
+            classes = [dataset.classes[dataset.samples[indices[k]][1]] for k in cache.kept]
+        self.writer.add_embedding(vectors, metadata=classes, label_img=thumbnails, global_step=args.epochs,
+                                  tag="validation")
+
+    def close(self) -> None:
+        self.writer.close()
