@@ -143,10 +143,11 @@ def index_settings(loaded, checkpoint: str, args: argparse.Namespace) -> IndexSe
     options = loaded.model_options
     tiling = Tiling(args.mpp, args.patch_size or loaded.crop_size, args.tissue_threshold)
     tiling.check()
+    # A vector is the combined row of the learners, which split embedding_dim among them.
     return IndexSettings(
         os.path.abspath(checkpoint), loaded.weights_sha256(), loaded.model_name, options, loaded.crop_size,
-        options.get("num_learners", 1) * options["embedding_dim"], tiling.mpp, tiling.patch_size,
-        tiling.tissue_threshold, args.index_type, args.ivf_lists)
+        options["embedding_dim"], tiling.mpp, tiling.patch_size, tiling.tissue_threshold, args.index_type,
+        args.ivf_lists)
 
 
 def run_index(args: argparse.Namespace, device: torch.device) -> int:

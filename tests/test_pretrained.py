@@ -3,6 +3,7 @@ through the torch cache), the input normalisation they bring, saved with the che
 by every tool that embeds with it, and the --tensorboard log."""
 from __future__ import annotations
 
+import sqlite3
 import urllib.error
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torchvision
 from PIL import Image
 
 import models
+import retrieve
 import train
 from core.checkpoint import load_model
 from core.data import eval_transform
@@ -154,6 +156,16 @@ def test_the_normalisation_is_saved_and_applied_where_models_embed(resnet_file, 
     # Without the checkpoint's preprocessing the same image embeds elsewhere: the step matters.
     plain, _, _ = Embedder(loaded.model, "cpu").embed_files([str(image)], 64)
     assert not torch.allclose(plain, naive, atol=1e-3)
+    # The slide search's index (and so the search page) embeds with it too.
+    index = tmp_path / "index"
+    argv = ["index", result["best_checkpoint"], str(tmp_path / "data"), "--index", str(index), "--device", "cpu",
+            "--workers", "0"]
+    assert retrieve.main(retrieve.get_args_parser().parse_args(argv)) == 0
+    with sqlite3.connect(index / "patches.sqlite") as db:
+        (data,) = db.execute("SELECT data FROM vectors").fetchone()
+        (position,) = db.execute("SELECT COUNT(*) FROM patches WHERE file < ?", (str(image),)).fetchone()
+    stored = np.frombuffer(data, np.float32).reshape(-1, naive.shape[1])[position]
+    assert np.allclose(stored, naive[0].numpy(), atol=1e-5)
 
 
 def test_the_reference_default_normalises_nothing(make_images, tmp_path):
