@@ -68,6 +68,12 @@ class Preprocessing:
         from .stain import MacenkoNormalizer
         return MacenkoNormalizer.from_state(self.stain)
 
+    def passed_through_note(self) -> str | None:
+        """One line on the patches whose stain could not be estimated (they went in unchanged), or None."""
+        count = self.stain_normalizer.passed_through if self.stain else 0
+        return (f"stain normalisation: {count} patch(es) had no stain to estimate (blank or nearly white) and went "
+                "in unchanged") if count else None
+
     # ------------------------------------------------------------------ the steps
     def normalize_stain(self, image: np.ndarray) -> np.ndarray:
         """H x W x 3 uint8 -> the same, stain-normalised (unchanged without a stain step)."""

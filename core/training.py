@@ -278,6 +278,8 @@ def build_loaders(args: argparse.Namespace, dataset: KimiaDataset, train_indices
     epoch loop seeds from (seed, epoch, rank): persistent workers would carry their random streams
     from one epoch into the next, and a resumed run would not repeat them.
     """
+    if preprocessing is not None and preprocessing.stain:
+        _ = preprocessing.stain_normalizer  # made here, so that the workers share its count of pass-throughs
     train_set = copy.copy(dataset)
     train_set.transform = train_transform(args.crop_size, args.augment, preprocessing)
     val_set = copy.copy(dataset)

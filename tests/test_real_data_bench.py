@@ -1,0 +1,185 @@
+"""bench/real_data.py: the three rows end to end on tiny synthetic data, the colour histogram recomputed
+by hand, the options that reach train.py, and the one-line errors for a bad ROOT."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ["colour histogram", "untrained network", "trained"]
+METRICS = ["eta_p", "eta_W", "eta_total", "recall@1", "map@r"]
+BINS = 8
+
+
+def run_bench(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, "bench/real_data.py", *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def make_root(tmp_path: Path, classes: int = 8, train: int = 5, test: int = 3) -> Path:
+    """Synthetic tissue as ROOT/train/<class>/ and ROOT/test/<class>/ (8 classes on 4 stain palettes, so
+    that colour alone does not separate every class)."""
+    from KIMIA_data import synthetic
+
+    source = tmp_path / "source"
+    synthetic.main(synthetic.get_args_parser().parse_args(
+        ["--out", str(source), "--classes", str(classes), "--train-per-class", str(train), "--test-per-class", str(test),
+         "--patch-size", "64", "--workers", "1"]))
+    root = tmp_path / "root"
+    root.mkdir()
+    (source / "Training").rename(root / "train")
+    (source / "RGBPatches-test").rename(root / "test")
+    return root
+
+
+# ----------------------------------------------------------------------------- the naive colour histogram
+def naive_histogram(path: Path, crop: int) -> list[float]:
+    """The joint RGB histogram of the image's centre crop (torchvision's CenterCrop offsets), L1-normalised,
+    counted pixel by pixel."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        width, height = image.size
+        left, top = int(round((width - crop) / 2.0)), int(round((height - crop) / 2.0))
+        pixels = np.asarray(image.crop((left, top, left + crop, top + crop))).reshape(-1, 3).tolist()
+    counts = [0] * BINS ** 3  # a plain loop over the pixels
+    for r, g, b in pixels:
+        counts[(r * BINS // 256 * BINS + g * BINS // 256) * BINS + b * BINS // 256] += 1
+    return [c / len(pixels) for c in counts]
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def naive_scores(queries: list[tuple[str, list[float]]], gallery: list[tuple[str, list[float]]],
+                 leave_one_out: bool) -> dict[str, float]:
+    """eta_p, eta_W, eta_total, Recall@1 and mAP@R of nearest-neighbour search, by plain loops."""
+    hits: dict[str, list[bool]] = {}
+    average_precisions = []
+    for i, (label, histogram) in enumerate(queries):
+        ranked = sorted(((cosine(histogram, other), other_label) for j, (other_label, other) in enumerate(gallery)
+                         if not (leave_one_out and i == j)), key=lambda pair: -pair[0])
+        hits.setdefault(label, []).append(ranked[0][1] == label)
+        relevant = sum(other_label == label for _, other_label in ranked)
+        found, precision_sum = 0, 0.0
+        for rank, (_, other_label) in enumerate(ranked[:relevant], 1):
+            if other_label == label:
+                found += 1
+                precision_sum += found / rank
+        average_precisions.append(precision_sum / relevant)
+    eta_p = sum(sum(h) for h in hits.values()) / len(queries)
+    eta_w = sum(sum(h) / len(h) for h in hits.values()) / len(hits)
+    return {"eta_p": eta_p, "eta_W": eta_w, "eta_total": eta_p * eta_w, "recall@1": eta_p,  # no lone query here
+            "map@r": sum(average_precisions) / len(average_precisions)}
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_bench_writes_three_rows_and_its_colour_histogram_is_the_naive_one(tmp_path: Path) -> None:
+    import torch
+
+    import models
+
+    root = make_root(tmp_path)
+    before = sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*"))
+    out = tmp_path / "check"
+    # --lr 0: the parameters stay at their initialisation, so the untrained network's must equal them.
+    result = run_bench(str(root), "--out", str(out), "--image-size", "40", "--",
+                       "--epochs", "1", "--crop-size", "32", "--batch-size", "8", "--device", "cpu", "--workers", "0",
+                       "--val-batches", "fixed", "--lr", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for step in ("[1/4] preprocessing", "[2/4] training", "[3/4] untrained network", "[4/4] evaluating"):
+        assert step in result.stdout
+    assert sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*")) == before  # ROOT untouched
+
+    with open(out / "real_data_results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["method"] for row in rows] == METHODS
+    for row in rows:
+        for protocol in ("test", "train"):
+            for metric in METRICS:
+                value = float(row[f"{protocol}_{metric}"])
+                assert math.isfinite(value) and 0.0 <= value <= 1.0, (row["method"], protocol, metric, value)
+            assert float(row[f"{protocol}_eta_total"]) == pytest.approx(
+                float(row[f"{protocol}_eta_p"]) * float(row[f"{protocol}_eta_W"]))
+        assert row["test_queries"] == "24" and row["test_gallery"] == "24" and row["train_gallery"] == "40"
+        assert row["seed"] == "1" and row["crop_size"] == "32" and "bench/real_data.py" in row["command"]
+    markdown = (out / "real_data_results.md").read_text()
+    assert all(f"| {method} |" in markdown for method in METHODS) and "Command: `" in markdown
+
+    # The colour-histogram row equals a recomputation by hand on the preprocessed images.
+    data = out / "data"
+    histograms = {split: [(c.name, naive_histogram(p, 32)) for c in sorted((data / split).iterdir()) if c.is_dir()
+                          for p in sorted(c.glob("*.png"))] for split in ("test", "train")}
+    expected = {"test": naive_scores(histograms["test"], histograms["test"], leave_one_out=True),
+                "train": naive_scores(histograms["test"], histograms["train"], leave_one_out=False)}
+    for protocol, scores in expected.items():  # to float32 rounding: mAP@R is summed in float32
+        for metric, value in scores.items():
+            assert float(rows[0][f"{protocol}_{metric}"]) == pytest.approx(value, abs=1e-6), (protocol, metric)
+
+    # The options after -- reached train.py; the untrained network is train.py's own initialisation.
+    settings = json.loads((out / "real_data_settings.json").read_text())
+    assert settings["seed"] == 1 and settings["train_options"][:2] == ["--epochs", "1"]
+    assert "train.py se_resnet50 MSLoss" in settings["train_command"]
+    trained = torch.load(settings["trained_checkpoint"], map_location="cpu", weights_only=True)
+    assert trained["args"]["epochs"] == 1 and trained["args"]["crop_size"] == 32 and trained["args"]["device"] == "cpu"
+    untrained = torch.load(settings["untrained_checkpoint"], map_location="cpu", weights_only=True)
+    assert untrained["model_options"] == trained["model_options"] and untrained["crop_size"] == 32
+    parameters = [name for name, _ in models.build_model("se_resnet50", **trained["model_options"]).named_parameters()]
+    assert all(torch.equal(untrained["model"][name], trained["model"][name]) for name in parameters)
+
+
+# ----------------------------------------------------------------------------- options and errors
+def test_options_after_the_separator_reach_train_py_untouched(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import real_data
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    options = ["--epochs", "3", "--crop-size", "48", "--device", "cpu", "--pretrained", "imagenet", "--keep-best", "2"]
+    args = real_data.parse_args(["ROOT", "--out", str(tmp_path), "--model", "resnet50", "--", *options])
+    assert args.train_options == options and args.model == "resnet50"
+    targs = real_data.parse_train_options(real_data.train_argv(args, tmp_path), tmp_path)
+    assert (targs.epochs, targs.crop_size, targs.device, targs.pretrained, targs.keep_best) == (3, 48, "cpu", "imagenet", 2)
+    assert targs.data_dir == str(tmp_path / "data" / "train") and targs.output_dir == str(tmp_path / "model")
+    with pytest.raises(real_data.UserError, match="--output-dir is set by the bench"):
+        real_data.parse_train_options(real_data.train_argv(real_data.parse_args(
+            ["ROOT", "--out", str(tmp_path), "--", "--output-dir", "elsewhere"]), tmp_path), tmp_path)
+    with pytest.raises(real_data.UserError, match="train.py options after `--`: unrecognized arguments: --bogus"):
+        real_data.parse_train_options(real_data.train_argv(real_data.parse_args(
+            ["ROOT", "--out", str(tmp_path), "--", "--bogus"]), tmp_path), tmp_path)
+
+
+@pytest.mark.parametrize("layout, message", [
+    (None, "no such folder"),
+    ({"train": ["s0", "s1"]}, "no test/ folder"),
+    ({"train": ["s0", "s1", "s2"], "test": ["s0", "s1", "s3"]},
+     "train/ and test/ have different classes (only in train/: s2; only in test/: s3)"),
+    ({"train": ["s0", "s1"], "test": []}, "no class folders"),
+])
+def test_a_bad_root_is_refused_in_one_line(tmp_path: Path, make_images, layout, message: str) -> None:
+    root = tmp_path / "root"
+    for split, classes in (layout or {}).items():
+        (root / split).mkdir(parents=True)
+        if classes:
+            make_images(root / split, {name: 1 for name in classes}, size=8)
+    result = run_bench(str(root), "--out", str(tmp_path / "out"), "--", "--epochs", "1", timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_options_before_the_separator_are_refused() -> None:
+    result = run_bench("ROOT", "--epochs", "1", timeout=60)
+    assert result.returncode == 2 and "train.py's options go after `--`" in result.stderr
