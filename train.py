@@ -4,6 +4,7 @@
     python3 train.py ABE_M ABELoss --amp bf16 --channels-last    # faster on a recent GPU
     python3 train.py se_resnet50 MSLoss --resume model/checkpoint.pth
     torchrun --nproc_per_node=4 train.py se_resnet50 MSLoss --batch-size 15   # 4 GPUs, 60 images per step
+    python3 train.py se_resnet50 MSLoss --pretrained imagenet --augment stain   # one's own tissue (README)
 
 Every epoch writes `<output-dir>/checkpoint.pth` (for --resume) and, when the validation loss improves,
 `<output-dir>/<model>_<loss>_<val_loss:.4f>.pth` (a bare state_dict with --save-bare-state-dict, as the
