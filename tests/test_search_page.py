@@ -64,7 +64,7 @@ def base_url(served_index, tmp_path_factory):
                 break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"retrieve.py serve did not come up: {log.read_text()}")
+                    raise RuntimeError(f"retrieve.py serve did not come up: {log.read_text()}") from None
                 time.sleep(0.3)
         yield url
     finally:
