@@ -71,6 +71,16 @@ def eval_transform(crop_size: int = 224, preprocessing: Preprocessing | None = N
     return transforms.Compose(steps)
 
 
+def eval_crop_array(pixels, crop_size: int) -> torch.Tensor:
+    """eval_crop of an H x W x 3 uint8 array, cut from the array itself: the same values as
+    eval_crop(Image.fromarray(pixels)) (CenterCrop's rounding), without the trip through PIL."""
+    height, width = pixels.shape[:2]
+    if height < crop_size or width < crop_size:  # CenterCrop pads first: leave that to it
+        return eval_crop(crop_size)(Image.fromarray(pixels))
+    top, left = int(round((height - crop_size) / 2.0)), int(round((width - crop_size) / 2.0))
+    return torch.from_numpy(pixels[top:top + crop_size, left:left + crop_size]).permute(2, 0, 1).contiguous()
+
+
 def _uint8_tensor(image: Image.Image) -> torch.Tensor:
     # PILToTensor returns a permuted view; stacking such views would give channels_last batches.
     return transforms.functional.pil_to_tensor(image).contiguous()

@@ -19,11 +19,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .data import eval_crop
+from .data import eval_crop, eval_crop_array
 from .embedder import Embedder
 from .files import list_images
 from .images import UNREADABLE, load_rgb
@@ -108,7 +107,7 @@ class _ChunkReader(Dataset):
                 slide = self._open(chunk.path, chunk.fallback_mpp)
                 for i, (x, y, w, h) in enumerate(chunk.positions):
                     pixels = read_scaled(slide, chunk.level, x, y, w, h, chunk.out_size, chunk.out_size)
-                    images.append(self.crop(Image.fromarray(pixels)))
+                    images.append(eval_crop_array(pixels, self.crop_size))
                     kept.append(i)
         except slide_errors() as error:
             return chunk, torch.zeros(0, 3, self.crop_size, self.crop_size, dtype=torch.uint8), [], [], \

@@ -89,7 +89,11 @@ class Slide:
             region = self.handle.crop((x, y, x + width, y + height))
         else:
             region = self.handle.read_region((x, y), level, (width, height))
+        if region.mode == "RGB":
+            return np.array(region)
         rgba = np.asarray(region.convert("RGBA") if region.mode != "RGBA" else region)
+        if rgba[..., 3].min() == 255:  # scanned everywhere: nothing to composite (most reads)
+            return np.ascontiguousarray(rgba[..., :3])
         rgb, alpha = rgba[..., :3].astype(np.uint16), rgba[..., 3:].astype(np.uint16)
         return (rgb * alpha // 255 + (255 - alpha)).astype(np.uint8)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import retrieve
@@ -269,3 +270,20 @@ def test_approximate_indexes_find_a_region_and_forget_a_removed_slide(archive, t
     assert run(*search) == 0
     with open(out / "matches.csv", newline="") as f:
         assert path not in {row["source"] for row in csv.DictReader(f)}
+
+
+def test_the_fast_paths_of_reading_give_the_same_pixels(archive):
+    """Slide.read skips the composite where every pixel is scanned, and the index cuts its eval crop
+    from the array: both exactly as the general path (composite, then CenterCrop through PIL)."""
+    from core.data import eval_crop, eval_crop_array
+
+    with open_slide(archive["paths"][0]) as slide:
+        for x, y, level, size in ((0, 0, 0, 64), (300, 200, 1, 50), (1500, 1000, 0, 40)):  # the last crosses the edge
+            region = slide.handle.read_region((x, y), level, (size, size))
+            rgba = np.asarray(region).astype(np.uint16)
+            general = (rgba[..., :3] * rgba[..., 3:] // 255 + (255 - rgba[..., 3:])).astype(np.uint8)
+            assert np.array_equal(slide.read(x, y, level, size, size), general)
+    rng = np.random.default_rng(0)
+    for height, width, crop in ((64, 64, 32), (65, 70, 32), (33, 40, 32), (32, 32, 32), (20, 40, 32)):
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        assert torch.equal(eval_crop_array(pixels, crop), eval_crop(crop)(Image.fromarray(pixels)))
