@@ -202,8 +202,8 @@ def run_index(args: argparse.Namespace, device: torch.device) -> int:
         for path, reason in failed:
             print(f"  {path} ({reason})", file=sys.stderr)
     report_unreadable(unreadable)
-    if loaded.preprocessing.passed_through_note():
-        print(loaded.preprocessing.passed_through_note())
+    if note := loaded.preprocessing.passed_through_note():
+        print(note)
     return 1 if failed or unreadable else 0
 
 
@@ -226,8 +226,8 @@ def run_query(args: argparse.Namespace, device: torch.device) -> int:
     if args.out_dir and results:
         print(f"\nmatches.csv, slides.csv and figures written to {args.out_dir}")
     report_unreadable(failed)
-    if loaded.preprocessing.passed_through_note():
-        print(loaded.preprocessing.passed_through_note())
+    if note := loaded.preprocessing.passed_through_note():
+        print(note)
     return 1 if failed else 0
 
 

@@ -169,8 +169,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     unreadable_files = sorted(set(all_gather_lists(sorted(unreadable))))
     if is_main:
         report_unreadable(unreadable_files)
-        if preprocessing.passed_through_note():
-            print(preprocessing.passed_through_note())
+        if note := preprocessing.passed_through_note():
+            print(note)
     return {"best_checkpoint": best_path, "best_val_loss": run["best_val_loss"], "history": run["history"],
             "output_dir": str(output_dir), "device": str(device), "num_images": num_images, "num_train_images": len(train_indices),
             "num_val_images": len(val_indices), "class_names": run["class_names"], "unreadable": unreadable_files}

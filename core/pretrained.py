@@ -54,7 +54,8 @@ class PretrainedReport:
         return PRETRAINED_NORMALIZATION[self.family]
 
     def summary(self) -> str:
-        used = [key for key in self.file_keys if key not in set(self.unused)]
+        unused = set(self.unused)
+        used = [key for key in self.file_keys if key not in unused]
         lines = [f"pretrained {self.source}: loaded {len(self.loaded)} tensors"
                  + (f", and zeroed the biases of {len(self.zeroed)} of its convolutions (the file's have none)"
                     if self.zeroed else ""),
@@ -195,9 +196,8 @@ def load_pretrained(model: nn.Module, model_name: str, source: str) -> Pretraine
                         f"{'ResNet-50' if family == 'resnet' else 'GoogLeNet'} state_dict")
     # ABE_M's convolutions have a bias, torchvision's GoogLeNet's (followed by BN) none: zeroing it
     # makes conv + BN compute what the file's did, where its initial value would shift every output.
-    zeroed = [key for key in own if key.endswith(".bias") and key not in updates and own[key].dim() == 1
-              and own.get(key[:-5] + ".weight") is not None and own[key[:-5] + ".weight"].dim() == 4
-              and key[:-5] + ".weight" in updates]
+    zeroed = [key for key in own if key.endswith(".bias") and key not in updates
+              and updates.get(key[:-5] + ".weight", torch.empty(0)).dim() == 4]
     with torch.no_grad():
         for target, value in updates.items():
             own[target].copy_(value.to(own[target].dtype))
@@ -205,5 +205,6 @@ def load_pretrained(model: nn.Module, model_name: str, source: str) -> Pretraine
             own[key].zero_()
     report.loaded = sorted(updates)
     report.zeroed = zeroed
-    report.new = [key for key in own if key not in updates and key not in set(zeroed)]
+    left = set(updates) | set(zeroed)
+    report.new = [key for key in own if key not in left]
     return report

@@ -33,7 +33,7 @@ from .indexing import Job, slide_errors
 from .slide_index import Patch, SlideIndex
 from .slide_search import (QueryResult, best_matches, heat_colours, load_index_model, patch_pixels, query_pixels,
                            run_queries, slide_heat)
-from .slides import Slide, best_level, decode_jpeg, open_slide
+from .slides import Slide, best_level, open_slide
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 40_000_000  # about a 6,300 px square; Pillow's own bomb guard starts at 89 million
@@ -256,9 +256,7 @@ class SearchService:
             tile = entry.tile(level, col, row)
         except slide_errors() as error:
             raise NotFound(f"slide {source_id}: tile {level}/{col}_{row} cannot be read ({error})") from None
-        buffer = io.BytesIO()
-        tile.save(buffer, "JPEG", quality=TILE_QUALITY)
-        return buffer.getvalue()
+        return jpeg_bytes(tile, TILE_QUALITY)
 
     # ------------------------------------------------------------------ searches
     def search_upload(self, data: bytes, filename: str, top_k: int | None = None) -> Search:
@@ -284,31 +282,24 @@ class SearchService:
         if patches > MAX_REGION_PATCHES:
             raise BadInput(f"region {x},{y},{width},{height}: about {patches} patches; draw a smaller region (at "
                            f"most {MAX_REGION_PATCHES} patches of {side:.0f} level-0 pixels)", too_large=True)
-        result = self._search(Job(row["path"], "region", region=(x, y, width, height)), top_k)
+        result = self._search(Job(row["path"], "region", region=(x, y, width, height)), top_k, row["slide_mpp"])
         preview = query_pixels(result, self.index)
         name = f"{Path(row['path']).name} @ {x},{y},{width},{height}"
         return self._keep(Search(uuid.uuid4().hex, "region", name, result, source_id,
                                  None if preview is None else jpeg_bytes(preview)))
 
-    def _search(self, job: Job, top_k: int | None) -> QueryResult:
+    def _search(self, job: Job, top_k: int | None, slide_mpp: float | None = None) -> QueryResult:
         top_k = top_k or self.top_k
         if not 1 <= top_k <= 100:
             raise BadInput(f"top_k {top_k}: choose from 1 to 100")
         with self.lock:
             results, failed = run_queries(self.index, [job], self.embedder, top_k, out_dir=None,
-                                          fallback_mpp=self._region_mpp(job), nprobe=self.nprobe,
+                                          fallback_mpp=slide_mpp, nprobe=self.nprobe,
                                           ef_search=self.ef_search, progress=False)
         if not results:
             reason = failed[0][1] if failed else "no patch to search with"
             raise BadInput(f"{Path(job.path).name}: cannot be searched with ({reason})")
         return results[0]
-
-    def _region_mpp(self, job: Job) -> float | None:
-        if job.kind != "region":
-            return None
-        with self.lock:
-            row = self.index.db.source_by_path(job.path)
-        return row["slide_mpp"] if row is not None else None
 
     def _keep(self, search: Search) -> Search:
         with self.lock:
@@ -353,7 +344,8 @@ class SearchService:
             ids, heat = slide_heat(self.index, source_id, search.result.vectors)
             patches = self.index.db.patches(ids)
             data, downsample = self.index.db.thumbnail(source_id)
-        height, width = decode_jpeg(data).shape[:2]
+        with Image.open(io.BytesIO(data)) as thumbnail:  # its size, from the JPEG's header
+            width, height = thumbnail.size
         low, high, colours = heat_colours(heat)
         canvas = np.zeros((height, width, 4), np.uint8)
         for patch_id, colour in zip(ids.tolist(), colours):
