@@ -13,15 +13,17 @@ microns per pixel; or a folder of patch images (an image in a subfolder takes th
 folder's name as its class, as in KIMIA_data/train/<class>/). Sources already indexed are skipped
 (--replace indexes them again); each source is committed as soon as it is embedded, so a stopped
 run keeps what it finished, and running it again finishes the rest. Under torchrun, each process
-indexes its share of the sources. A slide that cannot be read is named, skipped and reported at
-the end, and the exit status is then 1.
+indexes its share of the sources. A slide that cannot be read, or a SOURCE that is not there, is
+named, skipped and reported at the end, and the exit status is then 1; when no SOURCE is there,
+nothing is created or changed and the exit status is 2.
 
 `query` embeds each QUERY with the index's model: an image file (a patch at the index's scale),
 a folder of them, a region of a slide (--region, level-0 pixels), or a whole slide (each of its
 tissue patches). It writes matches.csv (each query patch's top-k matches), slides.csv (the indexed
 slides ranked by the votes of the query patches' first matches, then by mean similarity),
 query.json (the command and the index's manifest) and one PNG per query to --out-dir. Similarity
-is the mean over the model's learners of the cosine similarities. See docs/slide_search.md.
+is the mean over the model's learners of the cosine similarities. An index with no patches is
+refused (exit status 2, nothing written). See docs/slide_search.md.
 
 `serve` opens the search page (docs/search_page.md) on http://localhost:8000/: the index's slides
 in a zoomable viewer, search by an uploaded patch or a drawn region, matches shown on the slides.
@@ -42,7 +44,7 @@ from core.embedder import Embedder, check_settings
 from core.errors import UserError
 from core.files import command_line
 from core.images import report_unreadable
-from core.indexing import index_sources
+from core.indexing import check_sources, index_sources
 from core.runtime import add_runtime_args, check_runtime
 from core.slide_index import SHARDS, IndexSettings, PatchDatabase, SlideIndex
 from core.slide_search import load_index_model, query_jobs, run_queries
@@ -155,6 +157,7 @@ def run_index(args: argparse.Namespace, device: torch.device) -> int:
         raise UserError(f"--out {args.out}: indexes are now folders; pass --index DIR instead "
                         "(python3 retrieve.py index CHECKPOINT SOURCE... --index DIR)")
     directory = Path(require_index(args))
+    check_sources(args.sources)  # before anything is created: a typo must not leave an empty index behind
     device, rank, world_size = distributed.setup_distributed(device)
     loaded = load_model(args.checkpoint, device, args.crop_size)
     settings = index_settings(loaded, args.checkpoint, args)
@@ -207,9 +210,22 @@ def run_index(args: argparse.Namespace, device: torch.device) -> int:
     return 1 if failed or unreadable else 0
 
 
+def check_not_empty(index: SlideIndex) -> None:
+    """Refuse to search an index with no patches (every source failed, or none was added): there is
+    nothing to match, and empty result files would read as "no similar tissue"."""
+    if index.db.patch_count():
+        return
+    failed = len(index.db.sources("failed"))
+    why = f" ({failed} source(s) failed: `python3 retrieve.py list --index {index.directory} --failed` says why)" \
+        if failed else ""
+    raise UserError(f"{index.directory}: the index is empty, no patches to search{why}; add sources with "
+                    f"`python3 retrieve.py index CHECKPOINT SOURCE... --index {index.directory}`")
+
+
 def run_query(args: argparse.Namespace, device: torch.device) -> int:
     check_settings(args.batch_size, args.amp)
     with SlideIndex.open(require_index(args)) as index:
+        check_not_empty(index)
         loaded = load_index_model(index, device, args.checkpoint)
         embedder = Embedder(loaded.model, device, args.batch_size, args.amp, args.channels_last, loaded.preprocessing)
         jobs = query_jobs(args.queries, args.region, args.slide_mpp)

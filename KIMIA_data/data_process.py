@@ -1,7 +1,7 @@
 """Turn a data set into the 300x300 training and test folders the rest of the project reads.
 
     python3 KIMIA_data/data_process.py [SOURCE] [--out DIR] [--size 300] [--resize reference|antialias]
-        [--workers N] [--png-compression 0-9] [--overwrite] [--tile-size N]
+        [--workers N] [--png-compression 0-9] [--overwrite] [--keep-truncated] [--tile-size N]
 
 SOURCE (default: KIMIAPath24_RGB at the repository root, where the reference expects it) is one of:
   1. the RGB folder release: SOURCE/Training/<class>/... and SOURCE/RGBPatches-test/<class>/...;
@@ -38,6 +38,12 @@ Writes DIR/manifest.csv (source, split, class, output for every image) and DIR/d
 (command, settings, classes, counts). Re-running skips outputs that are complete; --overwrite
 redoes them. Unreadable images are listed at the end; main() returns the record with them under
 "failed", and the command then exits with status 1.
+
+A truncated JPEG or PNG file (its end marker, FF D9 or the IEND chunk, is not among its last
+TAIL_BYTES bytes: OpenCV would only warn and fill the missing part with grey) is left out and listed
+with the unreadable ones; --keep-truncated writes it as OpenCV decodes it instead, and it is still
+listed at the end (record["truncated"]), with exit status 1. Only files are checked (HDF5 patches
+are arrays). With --resize antialias, Pillow refuses truncated files, so --keep-truncated keeps none.
 """
 from __future__ import annotations
 
@@ -83,6 +89,13 @@ WHITE_LEVEL = 220  # a pixel with every channel at least this bright is glass or
 BLANK_BLOCK_FRACTION = 0.99  # a block this near-white is blank
 MAX_BLANK_BLOCKS = 0.5  # a tile with more blank blocks than this is dropped
 BLOCKS_PER_SIDE = 8
+# A whole file's end marker is among its last TAIL_BYTES bytes (room for a little trailing padding);
+# in a cut-off JPEG the last bytes are entropy-coded data, where byte stuffing rules out FF D9.
+TAIL_BYTES = 1024
+END_MARKERS = {  # file signature: (end marker, what it is)
+    b"\xff\xd8\xff": (b"\xff\xd9", "JPEG end marker FF D9"),
+    b"\x89PNG\r\n\x1a\n": (b"IEND", "PNG end chunk IEND"),
+}
 
 
 # ----------------------------------------------------------------------------- items
@@ -266,6 +279,19 @@ def to_bgr(array: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(array, cv2.COLOR_RGB2BGR if array.shape[2] == 3 else cv2.COLOR_RGBA2BGR)
 
 
+def truncation(path: Path) -> str | None:
+    """Why a JPEG or PNG file looks cut short, or None (a whole file, or another format): reads its
+    first and last bytes only, so the check costs next to nothing beside the decode."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        f.seek(max(0, f.seek(0, os.SEEK_END) - TAIL_BYTES))
+        tail = f.read()
+    for signature, (marker, name) in END_MARKERS.items():
+        if head.startswith(signature) and marker not in tail:
+            return f"truncated: no {name} at its end"
+    return None
+
+
 def reference_bgr(item: Item, size: int) -> np.ndarray | None:
     """The reference's resize of the item: cv2.imread, cv2.resize(INTER_CUBIC); None for a dropped tile."""
     if item.dataset is None:
@@ -386,24 +412,30 @@ def _unreadable() -> tuple[type[BaseException], ...]:
 
 
 def convert(item: Item, size: int, overwrite: bool, png_compression: int | None = None,
-            resize: str = "reference") -> tuple[Item, str, str]:
+            resize: str = "reference", keep_truncated: bool = False) -> tuple[Item, str, str]:
     """Process one item; returns (item, status, detail) with status written, skipped, dropped or failed.
 
-    An image that cannot be read or written fails alone and is reported at the end; any other
-    exception is a bug and stops the run.
+    An image that cannot be read or written fails alone and is reported at the end, as does a
+    truncated file unless `keep_truncated`; a kept truncated file is written or skipped with the
+    truncation as its detail. Any other exception is a bug and stops the run.
     """
-    if not overwrite and is_complete(item.output, size):
-        return item, "skipped", ""
+    cut = None
     try:
+        # Checked before the skip, so that a re-run still reports a truncated file written earlier.
+        cut = truncation(item.source) if item.dataset is None else None
+        if cut and not keep_truncated:
+            return item, "failed", f"{cut}; left out, --keep-truncated writes it as OpenCV decodes it"
+        if not overwrite and is_complete(item.output, size):
+            return item, "skipped", cut or ""
         bgr = RESIZERS[resize](item, size)
         if bgr is None:
             return item, "dropped", ""
         save_png(bgr, item.output, png_compression)
-        return item, "written", ""
+        return item, "written", cut or ""
     except Exception as err:
         if not isinstance(err, _unreadable()):
             raise
-        return item, "failed", one_line(err)
+        return item, "failed", f"{cut}, and {one_line(err)}" if cut else one_line(err)
 
 
 @contextmanager
@@ -424,10 +456,10 @@ def _one_torch_thread(active: bool) -> Iterator[None]:
 
 
 def run_items(items: list[Item], size: int, overwrite: bool, workers: int, png_compression: int | None = None,
-              resize: str = "reference") -> Iterator[tuple[Item, str, str]]:
+              resize: str = "reference", keep_truncated: bool = False) -> Iterator[tuple[Item, str, str]]:
     """convert() every item on `workers` threads; yields the results in the order of `items`."""
     def job(item: Item) -> tuple[Item, str, str]:
-        return convert(item, size, overwrite, png_compression, resize)
+        return convert(item, size, overwrite, png_compression, resize, keep_truncated)
 
     try:
         if workers <= 1:
@@ -526,6 +558,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="zlib level of the PNGs; 0 (none) is the fastest, with files about 1.9x larger "
                              "(default: OpenCV's own setting, as the reference)")
     parser.add_argument("--overwrite", action="store_true", help="redo outputs that already exist (default: skip them)")
+    parser.add_argument("--keep-truncated", action="store_true",
+                        help="write truncated JPEG and PNG files as OpenCV decodes them (grey where the data stops); "
+                             "they are still listed at the end, with exit status 1 (default: leave them out)")
     parser.add_argument("--tile-size", type=int, default=None,
                         help="HDF5 only: side of the training tiles cut from the scans (default: the test patches' side)")
     return parser
@@ -552,12 +587,16 @@ def main(args: argparse.Namespace) -> dict:
     statuses: Counter = Counter()
     done: list[Item] = []
     failures: list[tuple[Item, str]] = []
+    kept_truncated: list[tuple[Item, str]] = []
     dropped: Counter = Counter()
-    results = run_items(items, args.size, args.overwrite, workers, args.png_compression, args.resize)
+    results = run_items(items, args.size, args.overwrite, workers, args.png_compression, args.resize,
+                        args.keep_truncated)
     for item, status, detail in _progress(results, len(items)):
         statuses[status] += 1
         if status in ("written", "skipped"):
             done.append(item)
+            if detail:
+                kept_truncated.append((item, detail))
         elif status == "dropped":
             dropped[item.class_name] += 1
         else:
@@ -571,7 +610,9 @@ def main(args: argparse.Namespace) -> dict:
               "size": args.size, "resize": args.resize, "resize_method": RESIZES[args.resize],
               "png_compression": args.png_compression, "classes": classes,
               "counts": {split: {c: counts[split, c] for c in classes} for split in SPLITS},
-              "failed": [item.describe() for item, _ in failures]}
+              "failed": [item.describe() for item, _ in failures],
+              "truncated": sorted(item.describe() for item, detail in failures + kept_truncated
+                                  if detail.startswith("truncated:"))}
     tile_sizes = {item.tile for item in items if item.tile}
     if tile_sizes:
         record["tile_rule"] = {"tile_size": tile_sizes.pop(),
@@ -580,7 +621,9 @@ def main(args: argparse.Namespace) -> dict:
                                "dropped": dict(dropped)}
     atomic_write_text(out / "data_process.json", json.dumps(record, indent=1) + "\n")
     print(f"{statuses['written']} written, {statuses['skipped']} already complete (skipped), "
-          f"{sum(dropped.values())} tiles dropped, {len(failures)} failed; manifest: {out / 'manifest.csv'}")
+          f"{sum(dropped.values())} tiles dropped, {len(failures)} failed"
+          + (f", {len(kept_truncated)} truncated but kept" if kept_truncated else "")
+          + f"; manifest: {out / 'manifest.csv'}")
     stale = stale_outputs(out, done)
     if stale:
         print(f"warning: {len(stale)} images under {out / 'train'} and {out / 'test'} are not from {source} "
@@ -589,12 +632,19 @@ def main(args: argparse.Namespace) -> dict:
         from core.images import report_unreadable
 
         report_unreadable([(item.describe(), detail) for item, detail in failures])
+    if kept_truncated:
+        print(f"{len(kept_truncated)} truncated image(s) were kept as OpenCV decodes them, grey where the data "
+              "stops (--keep-truncated):", file=sys.stderr)
+        for item, detail in sorted(kept_truncated, key=lambda pair: pair[0].describe()):
+            print(f"  {item.describe()} ({detail})", file=sys.stderr)
     return record
 
 
 def command(args: argparse.Namespace) -> int:
-    """The command line's main: exit status 1 when some images could not be read (main lists them)."""
-    return 1 if main(args)["failed"] else 0
+    """The command line's main: exit status 1 when some images could not be read or were truncated
+    (main lists them)."""
+    record = main(args)
+    return 1 if record["failed"] or record["truncated"] else 0
 
 
 if __name__ == "__main__":

@@ -23,14 +23,16 @@ Set-up (not timed), in a temporary folder or --work DIR:
 Then `python3 retrieve.py serve --index DIR --host 127.0.0.1 --port PORT --device cpu` starts as a
 subprocess, as a user runs it; once GET /api/index answers (or --start-timeout passes: an error with
 the server's stderr), one search warms it up (reported apart), and --clients threads, each with its
-own httpx.Client, send --requests POST /api/search/upload in all (multipart `file` = a query PNG,
+own httpx2.Client, send --requests POST /api/search/upload in all (multipart `file` = a query PNG,
 in turn; `top_k` = --top-k), each taking the next request number until all are sent or --timeout
 passes (requests not sent by then count as errors). A request is an error when it raises, answers
 other than 200, or its JSON has no `matches` list. The server is stopped (terminate, then kill)
 whatever happens.
 
 Reported: requests per second (requests / wall time of the load), median and 95th-percentile latency,
-errors, the index's patch count (from /api/index), the machine, load averages and both commands.
+errors, the server's peak memory (its peak resident set, VmHWM in /proc/PID/status, read at the end of
+the load: start-up, index and model included), the index's patch count (from /api/index), the machine,
+load averages and both commands.
 The search service holds one lock around the model and the database, so searches run one at a
 time: with c clients a request waits for the c - 1 ahead of it, and the median latency is about c
 times the service time.
@@ -285,7 +287,7 @@ def tail(path: Path, lines: int = 30) -> str:
 def wait_until_up(process: subprocess.Popen, base: str, timeout: float, stderr: Path) -> tuple[dict, float]:
     """The server's /api/index once it answers, and the seconds that took; UserError with its stderr if
     it exits or does not answer within `timeout`."""
-    import httpx
+    import httpx2
 
     started = time.perf_counter()
     while time.perf_counter() - started < timeout:
@@ -293,10 +295,10 @@ def wait_until_up(process: subprocess.Popen, base: str, timeout: float, stderr: 
             raise UserError(f"the server exited with status {process.returncode} before answering; its stderr:\n"
                             f"{tail(stderr)}")
         try:
-            response = httpx.get(f"{base}/api/index", timeout=5)
+            response = httpx2.get(f"{base}/api/index", timeout=5)
             if response.status_code == 200:
                 return response.json(), time.perf_counter() - started
-        except httpx.HTTPError:
+        except httpx2.HTTPError:
             pass
         time.sleep(0.25)
     raise UserError(f"the server did not answer GET /api/index within {timeout:.0f} s (--start-timeout); its "
@@ -326,6 +328,18 @@ def process_cpu(pid: int | None = None) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return float("nan")
+
+
+def peak_memory_mib(pid: int) -> float:
+    """Peak resident memory of process `pid` so far (VmHWM), in MiB; nan where /proc does not say."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return float("nan")
 
 
 def system_busy() -> float:
@@ -361,7 +375,7 @@ def search(client, query: dict, top_k: int, timeout: float) -> dict:
 
 def load(base: str, queries: list[dict], args: argparse.Namespace) -> tuple[list[dict], float]:
     """--requests searches from --clients threads; (one result per request, wall seconds)."""
-    import httpx
+    import httpx2
 
     results: list[dict | None] = [None] * args.requests
     next_number = iter(range(args.requests))
@@ -370,7 +384,7 @@ def load(base: str, queries: list[dict], args: argparse.Namespace) -> tuple[list
     deadline = started + args.timeout
 
     def client_loop() -> None:
-        with httpx.Client(base_url=base) as client:
+        with httpx2.Client(base_url=base) as client:
             while True:
                 with lock:
                     number = next(next_number, None)
@@ -461,7 +475,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def report(args: argparse.Namespace, built: dict, summary: dict, results: list[dict], wall: float,
            warmup: dict, start_seconds: float, server_command: list[str], parts: list[tuple[str, float]],
-           load_avg: tuple[float, float], cores: dict[str, float]) -> tuple[dict, str]:
+           load_avg: tuple[float, float], cores: dict[str, float], peak_mib: float) -> tuple[dict, str]:
     ok = [r for r in results if r["error"] is None]
     errors = [r for r in results if r["error"] is not None]
     latencies = [r["latency"] * 1e3 for r in ok]
@@ -480,17 +494,17 @@ def report(args: argparse.Namespace, built: dict, summary: dict, results: list[d
         "service_ms": wall / len(ok) * 1e3 if ok else float("nan"),
         "own_patch_first": own, "warmup_ms": warmup["latency"] * 1e3, "server_start_s": start_seconds,
         "setup_s": built["setup_seconds"], "load_average": list(load_avg), "cpu_cores": cores,
-        "breakdown_ms": dict(parts), "latencies_ms": latencies}
-    table = ("| patches | clients | requests | errors | requests/s | median ms | p95 ms | max ms |\n"
-             "|---|---|---|---|---|---|---|---|\n"
+        "breakdown_ms": dict(parts), "latencies_ms": latencies, "server_peak_mib": peak_mib}
+    table = ("| patches | clients | requests | errors | requests/s | median ms | p95 ms | max ms | server peak MiB |\n"
+             "|---|---|---|---|---|---|---|---|---|\n"
              f"| {data['patches']:,} | {args.clients} | {len(results)} | {len(errors)} | {rps:.1f} | "
-             f"{data['median_ms']:.0f} | {data['p95_ms']:.0f} | {data['max_ms']:.0f} |\n")
+             f"{data['median_ms']:.0f} | {data['p95_ms']:.0f} | {data['max_ms']:.0f} | {peak_mib:.0f} |\n")
     lines = [
         f"POST /api/search/upload against `{data['server_command']}`: {data['patches']:,} patches in "
         f"{built['sources']} sources ({settings.model_name} {settings.model_options}, randomly initialised, "
         f"crop {settings.crop_size} px, not the paper's 224; {settings.dim}-d random unit vectors but for the "
         f"queries' own patches, flat faiss index), {len(built['queries'])} query PNGs of {settings.patch_size} px "
-        f"uploaded in turn, top_k {args.top_k}, {args.clients} concurrent clients (threads, httpx) on the same "
+        f"uploaded in turn, top_k {args.top_k}, {args.clients} concurrent clients (threads, httpx2) on the same "
         f"machine; load average {load_avg[0]:.1f} at the start, {load_avg[1]:.1f} at the end, on "
         f"{os.cpu_count()} cores.",
         "",
@@ -544,8 +558,8 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict, str]:
         summary, start_seconds = wait_until_up(process, base, args.start_timeout, stderr)
         print(f"server up in {start_seconds:.1f} s: {summary['patches']:,} patches, {summary['slides']} slides",
               flush=True)
-        import httpx
-        with httpx.Client(base_url=base) as client:
+        import httpx2
+        with httpx2.Client(base_url=base) as client:
             warmup = search(client, built["queries"][0], args.top_k, args.start_timeout)
         if warmup["error"]:
             raise UserError(f"the first search failed: {warmup['error']}; the server's stderr:\n{tail(stderr)}")
@@ -557,6 +571,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict, str]:
                                                                  system_busy())))
         cores = {"server": server / wall, "clients": clients / wall,
                  "other": max(0.0, busy - server - clients) / wall}
+        peak_mib = peak_memory_mib(process.pid)  # while it runs: /proc forgets a process once it has exited
     finally:
         stop(process)
     if process.returncode not in (0, -signal.SIGTERM):
@@ -564,7 +579,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict, str]:
     load_after = os.getloadavg()[0]
     parts = breakdown(built["index"], built["queries"], args) if args.breakdown_repeats > 0 else []
     data, text = report(args, built, summary, results, wall, warmup, start_seconds, shown, parts,
-                        (load_before, load_after), cores)
+                        (load_before, load_after), cores, peak_mib)
     return data, text
 
 

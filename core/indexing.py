@@ -268,24 +268,43 @@ def embed_sources(jobs: Sequence[Job], embedder: Embedder, tiling: Tiling, crop_
 
 
 # ----------------------------------------------------------------------------- sources to jobs
-def source_jobs(sources: Sequence[str]) -> list[tuple[Job, str]]:
+MISSING = "no such slide, image or folder"
+
+
+def _source_kind(path: str) -> str | None:
+    """"folder" or "slide" for a source that is there, None for one that is not (or is neither)."""
+    return "folder" if Path(path).is_dir() else "slide" if Path(path).is_file() else None
+
+
+def check_sources(sources: Sequence[str]) -> None:
+    """Refuse a command none of whose sources is there, before an index folder is created or opened;
+    a missing source among others is left to index_sources, which skips it and reports it at the end."""
+    if any(_source_kind(source) for source in sources):
+        return
+    what = MISSING if len(sources) == 1 else "none of these slides, images or folders exists"
+    names = ", ".join(sources[:3]) + (", ..." if len(sources) > 3 else "")
+    raise UserError(f"{names}: {what}; nothing to index, so no index folder was created or changed")
+
+
+def source_jobs(sources: Sequence[str]) -> tuple[list[tuple[Job, str]], list[tuple[str, str]]]:
     """(job, kind) for each source on the command line: a folder is a list of patch files (class
-    from the first-level subfolder), a file is a slide."""
-    jobs, seen = [], set()
+    from the first-level subfolder), a file is a slide; and (path, reason) for each source not there."""
+    jobs, missing, seen = [], [], set()
     for source in sources:
         path = os.path.abspath(source)
         if path in seen:  # named twice (a shell glob and a path): indexed once
             continue
         seen.add(path)
-        if Path(path).is_dir():
+        kind = _source_kind(path)
+        if kind == "folder":
             found = list_images(path)
             jobs.append((Job(path, "files", files=tuple(os.path.abspath(p) for p, _ in found),
                              classes=tuple(c for _, c in found)), "folder"))
-        elif Path(path).is_file():
+        elif kind == "slide":
             jobs.append((Job(path, "slide"), "slide"))
         else:
-            raise UserError(f"{source}: no such slide, image or folder")
-    return jobs
+            missing.append((path, MISSING))
+    return jobs, missing
 
 
 @dataclass
@@ -300,11 +319,15 @@ def index_sources(index: SlideIndex, sources: Sequence[str], embedder: Embedder,
                   fallback_mpp: float | None = None, replace: bool = False, progress: bool = True,
                   rank: int = 0, world_size: int = 1, shard: PatchDatabase | None = None) -> IndexReport:
     """Index every source not indexed yet (each committed as soon as it is embedded); with
-    `replace`, re-index those that are. With world_size > 1 this process takes every
-    world_size-th source and writes it into `shard` (merged by SlideIndex.merge_shards)."""
+    `replace`, re-index those that are. A source that is not there is skipped and reported in
+    `failed` (check_sources refuses a command with none that is). With world_size > 1 this process
+    takes every world_size-th source and writes it into `shard` (merged by SlideIndex.merge_shards)."""
     report = IndexReport()
     todo = []
-    for job, kind in source_jobs(sources):
+    jobs, missing = source_jobs(sources)
+    if rank == 0:  # reported once, not by every process
+        report.failed += missing
+    for job, kind in jobs:
         known = index.db.source_by_path(job.path)
         if known is not None and known["state"] == "indexed":
             if not replace:
@@ -315,7 +338,8 @@ def index_sources(index: SlideIndex, sources: Sequence[str], embedder: Embedder,
                       + ("; the file changed since, pass --replace to index it again" if changed else ""))
                 continue
         if kind == "folder" and not job.files:
-            report.failed.append((job.path, "no image files in this folder or its subfolders"))
+            if rank == 0:
+                report.failed.append((job.path, "no image files in this folder or its subfolders"))
             continue
         todo.append((job, kind))
     todo = todo[rank::world_size]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -36,8 +37,14 @@ def test_serve_bench_answers_every_search_and_records_its_table(tmp_path: Path) 
     assert data["own_patch_first"] == 8  # each upload's own patch (its real embedding) ranks first
     assert "retrieve.py serve --index" in data["server_command"] and "--device cpu" in data["server_command"]
 
-    row = re.search(r"^\| 2,000 \| 2 \| 8 \| 0 \| ([\d.]+) \| \d+ \| \d+ \| \d+ \|$", result.stdout, re.M)
+    # The server's peak resident memory: a Python process with torch and a model loaded holds well over
+    # 100 MiB, and no more than this machine has.
+    total_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    assert 100 < data["server_peak_mib"] < total_mib
+    assert "| server peak MiB |" in result.stdout
+    row = re.search(r"^\| 2,000 \| 2 \| 8 \| 0 \| ([\d.]+) \| \d+ \| \d+ \| \d+ \| (\d+) \|$", result.stdout, re.M)
     assert row and float(row.group(1)) == pytest.approx(data["rps"], abs=0.05)
+    assert int(row.group(2)) == round(data["server_peak_mib"])
     text = record.read_text()
     assert "## Other bench\n\nkept\n" in text and "an older run" not in text  # its own section replaced
     assert text.count("## Search page under load (bench/serve.py)") == 1 and "| 2,000 | 2 | 8 | 0 |" in text

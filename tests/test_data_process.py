@@ -320,6 +320,77 @@ def test_corrupt_images_are_reported_after_the_others(tmp_path: Path, capsys) ->
     assert sorted((p.name, p.read_bytes()) for p in (src / "train/s0").iterdir()) == before  # source untouched
 
 
+def test_truncated_files_are_named_and_left_out_unless_kept(tmp_path: Path, capsys) -> None:
+    """A cut-off JPEG decodes in OpenCV with a warning only (grey where the data stops): it is left out
+    and named at the end, or written as OpenCV decodes it with --keep-truncated, named all the same;
+    whole files keep the reference's pixels, trailing padding after the end marker included."""
+    src = tmp_path / "src"
+    for split in ("train", "test"):
+        (src / split / "s0").mkdir(parents=True)
+    Image.fromarray(texture(3, 96)).save(src / "train/s0/good.jpg", quality=90)
+    whole = (src / "train/s0/good.jpg").read_bytes()
+    assert whole.endswith(b"\xff\xd9")
+    (src / "train/s0/cut.jpg").write_bytes(whole[: len(whole) * 2 // 3])
+    (src / "train/s0/padded.jpg").write_bytes(whole + b"\0" * 64)
+    Image.fromarray(texture(4)).save(src / "train/s0/whole.png")
+    png = (src / "train/s0/whole.png").read_bytes()
+    (src / "train/s0/short.png").write_bytes(png[:-12])  # the IEND chunk gone
+    Image.fromarray(texture(5, 96)).save(src / "test/s0/q.jpg")
+    assert cv2.imread(str(src / "train/s0/cut.jpg")) is not None  # OpenCV decodes it, grey-filled
+    png_decodes = cv2.imread(str(src / "train/s0/short.png")) is not None  # OpenCV 5.1 refuses it
+    before = sorted((p.name, p.read_bytes()) for p in (src / "train/s0").iterdir())
+    cut_jpg, cut_png = str(src / "train/s0/cut.jpg"), str(src / "train/s0/short.png")
+
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert run_script(data_process.command, arguments(src, out)) == 1
+    err = capsys.readouterr().err
+    assert "2 unreadable image(s) were left out:" in err
+    assert f"  {cut_jpg} (truncated: no JPEG end marker FF D9 at its end; left out, --keep-truncated writes it" in err
+    assert f"  {cut_png} (truncated: no PNG end chunk IEND at its end;" in err
+    assert outputs(out) == ["test/s0/s0_q.png", "train/s0/s0_good.png", "train/s0/s0_padded.png",
+                            "train/s0/s0_whole.png"]
+    assert assert_reference_outputs(out, SIZE, tmp_path) == 4  # every whole file: the reference's pixels and bytes
+    record = data_process.main(arguments(src, out))  # a re-run skips the written ones and still names the cut ones
+    assert record["failed"] == record["truncated"] == [cut_jpg, cut_png]
+
+    kept = tmp_path / "kept"
+    for attempt in range(2):  # the second run skips the outputs it wrote and still reports the cut file
+        capsys.readouterr()
+        assert run_script(data_process.command, arguments(src, kept, "--keep-truncated")) == 1
+        err = capsys.readouterr().err
+        assert f"{1 + png_decodes} truncated image(s) were kept as OpenCV decodes them, grey where the data " \
+               "stops" in err
+        assert f"  {cut_jpg} (truncated: no JPEG end marker FF D9 at its end)" in err
+        assert f"  {cut_png} (truncated: no PNG end chunk IEND at its end" + \
+            (")" if png_decodes else ", and OpenCV cannot decode it") in err
+    assert outputs(kept) == ["test/s0/s0_q.png", "train/s0/s0_cut.png", "train/s0/s0_good.png",
+                             "train/s0/s0_padded.png"] + ["train/s0/s0_short.png"] * png_decodes + [
+                            "train/s0/s0_whole.png"]
+    assert assert_reference_outputs(kept, SIZE, tmp_path) == 5 + png_decodes  # the cut ones as OpenCV decodes them
+    record = data_process.main(arguments(src, kept, "--keep-truncated"))
+    assert record["failed"] == [cut_png] * (not png_decodes) and record["truncated"] == [cut_jpg, cut_png]
+    assert sorted((p.name, p.read_bytes()) for p in (src / "train/s0").iterdir()) == before  # source untouched
+
+
+def test_truncation_check_reads_only_the_ends(tmp_path: Path) -> None:
+    """JPEG and PNG files by their signature, whatever their name; other formats are not judged."""
+    jpeg = tmp_path / "a.png"  # a JPEG under another name
+    Image.fromarray(texture(6)).save(jpeg, format="JPEG")
+    data = jpeg.read_bytes()
+    assert data_process.truncation(jpeg) is None
+    jpeg.write_bytes(data + b"\0" * (data_process.TAIL_BYTES - 2))
+    assert data_process.truncation(jpeg) is None
+    jpeg.write_bytes(data + b"\0" * data_process.TAIL_BYTES)  # more padding than the check allows for
+    assert data_process.truncation(jpeg) == "truncated: no JPEG end marker FF D9 at its end"
+    jpeg.write_bytes(data[:-2])
+    assert data_process.truncation(jpeg) == "truncated: no JPEG end marker FF D9 at its end"
+    tiff = tmp_path / "b.tif"
+    Image.fromarray(texture(6)).save(tiff)
+    tiff.write_bytes(tiff.read_bytes()[:-40])
+    assert data_process.truncation(tiff) is None
+
+
 def test_rerun_skips_complete_outputs_and_redoes_broken_ones(synthetic_source, tmp_path: Path, capsys) -> None:
     release, _ = synthetic_source
     out = tmp_path / "out"

@@ -3,6 +3,7 @@ and shrinking the index, refusals and the old single-file index's message."""
 import csv
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -162,6 +163,68 @@ def test_an_index_refuses_another_model_and_another_scale(collection, tmp_path, 
     with pytest.raises(retrieve.UserError, match="not the weights this index was built with"):
         run(*cpu("query", "--index", str(collection["index"]), str(collection["images"]), "--checkpoint", str(other),
                  "--out-dir", str(tmp_path / "q")))
+
+
+def runs_logged(index_dir: Path) -> int:
+    with sqlite3.connect(index_dir / "patches.sqlite") as db:
+        return db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+
+
+def test_index_of_sources_that_are_not_there_creates_nothing(collection, tmp_path):
+    checkpoint, index = str(collection["checkpoint"]), tmp_path / "new_index"
+    with pytest.raises(retrieve.UserError, match=r"missing\.svs: no such slide, image or folder; nothing to index, "
+                                                 r"so no index folder was created or changed"):
+        run(*cpu("index", checkpoint, str(tmp_path / "missing.svs"), "--index", str(index)))
+    assert not index.exists()
+    with pytest.raises(retrieve.UserError, match=r"a\.svs, .*b: none of these slides, images or folders exists"):
+        run(*cpu("index", checkpoint, str(tmp_path / "a.svs"), str(tmp_path / "b"), "--index", str(index)))
+    assert not index.exists()
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(retrieve.UserError, match="bad.pth"):
+        run(*cpu("index", str(bad), str(collection["images"]), "--index", str(index)))
+    assert not index.exists()
+    # An index that exists is left as it was: not even the run is logged.
+    runs = runs_logged(collection["index"])
+    with pytest.raises(retrieve.UserError, match="no such slide, image or folder"):
+        run(*cpu("index", checkpoint, str(tmp_path / "missing.svs"), "--index", str(collection["index"])))
+    assert runs_logged(collection["index"]) == runs
+
+
+def test_a_missing_source_among_others_is_skipped_and_reported_with_exit_1(collection, tmp_path, make_images,
+                                                                          capsys):
+    extra, index = tmp_path / "extra", tmp_path / "mixed"
+    make_images(extra, {"s2": 2}, seed=9)
+    missing = tmp_path / "typo.svs"
+    capsys.readouterr()
+    assert run(*cpu("index", str(collection["checkpoint"]), str(missing), str(extra), "--index", str(index))) == 1
+    out, err = capsys.readouterr()
+    assert "indexed 1 source(s), 2 patches" in out
+    assert "1 source(s) could not be indexed:" in err and f"  {missing} (no such slide, image or folder)" in err
+    assert len(stored(index)[0]) == 2
+    assert run("list", "--index", str(index), "--failed") == 0
+    assert str(missing) not in capsys.readouterr().out  # not there is not a failed slide to retry: not recorded
+
+
+def test_query_on_an_index_with_no_patches_says_so_and_writes_nothing(collection, tmp_path, capsys):
+    unreadable, corrupt = tmp_path / "unreadable", tmp_path / "corrupt.svs"
+    (unreadable / "s0").mkdir(parents=True)
+    (unreadable / "s0" / "s0_0.png").write_bytes(b"not a png")
+    corrupt.write_bytes(b"not a slide")
+    query = str(collection["images"] / "s0" / "s0_0.png")
+    for source, index, failed in ((unreadable, tmp_path / "empty1", ""),
+                                  (corrupt, tmp_path / "empty2", r" \(1 source\(s\) failed: `python3 retrieve\.py list "
+                                                                 r"--index .*empty2 --failed` says why\)")):
+        assert run(*cpu("index", str(collection["checkpoint"]), str(source), "--index", str(index))) == 1
+        out_dir = tmp_path / f"out_{index.name}"
+        capsys.readouterr()
+        with pytest.raises(retrieve.UserError,
+                           match=rf"^{re.escape(str(index))}: the index is empty, no patches to search{failed}; add "
+                                 rf"sources with `python3 retrieve\.py index CHECKPOINT SOURCE\.\.\. --index "
+                                 rf"{re.escape(str(index))}`$"):
+            run(*cpu("query", "--index", str(index), query, "--out-dir", str(out_dir)))
+        assert not out_dir.exists()
+        assert capsys.readouterr().out == ""
 
 
 def test_old_single_file_index_gets_a_rebuild_message(collection, tmp_path):
