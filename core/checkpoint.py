@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,9 @@ REFERENCE_CROP_SIZE = 224
 REFERENCE_PREFIX = re.compile(r"^(?:\d+(?:\.\d+)?_?)?(ABE_M|se_resnet50|se_resnet|resnet50)_")
 # Per-learner heads whose count gives M in a bare state_dict, and the final linear layer.
 REFERENCE_HEADS = {"resnet50": ("att_branches.", "last_linear.weight"), "ABE_M": ("att_conv_branches.", "linear.weight")}
+# How torch.save's files begin: a zip archive (the format since PyTorch 1.6), or the legacy format's
+# pickle (protocol 2 or later).
+TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
 class CheckpointError(UserError):
@@ -38,15 +42,34 @@ class CheckpointError(UserError):
 
 def read_torch_file(path: str | os.PathLike, mmap: bool = False, label: str | None = None) -> Any:
     """The content of a .pth file (tensors on the CPU, weights_only); CheckpointError naming the file
-    (as `label`, default its path) when it is missing or cannot be read. `mmap` leaves the tensors on
-    disk (zip-format files only)."""
+    (as `label`, default its path) when it is missing, not written by torch.save, damaged, or holds
+    objects that only an unsafe load could rebuild. `mmap` leaves the tensors on disk (zip-format
+    files only)."""
     label = label or os.fspath(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with open(path, "rb") as file:
+            head = file.read(len(TORCH_FILE_MAGIC[0]))
     except FileNotFoundError:
         raise CheckpointError(f"{label}: no such file") from None
-    except Exception as err:  # torch raises many types for damaged or foreign files
-        raise CheckpointError(f"{label}: cannot be read as a torch file ({one_line(err)})") from None
+    except OSError as err:
+        raise CheckpointError(f"{label}: cannot be read ({one_line(err)})") from None
+    # Checked first: PyTorch's own error for a foreign file is a bare number or advice to load it unsafely.
+    if not head.startswith(TORCH_FILE_MAGIC):
+        what = "an empty file" if not head else "neither the zip archive nor the pickle that torch.save writes"
+        raise CheckpointError(f"{label}: not a PyTorch checkpoint ({what})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # torch raises many types for damaged files
+        if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
+            raise CheckpointError(f"{label}: holds Python objects besides tensors and plain data, which are not "
+                                  "loaded (they could run code); save the model's state_dict or a train.py "
+                                  "checkpoint") from None
+        raise CheckpointError(f"{label}: a damaged PyTorch checkpoint ({_first_sentence(err)})") from None
+
+
+def _first_sentence(err: BaseException) -> str:
+    """The first sentence of an exception's first line: PyTorch follows it with advice that does not apply."""
+    return one_line(err).split(". ")[0].rstrip(".")
 
 
 def save_torch_file(obj: Any, path: str | os.PathLike) -> None:
