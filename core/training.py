@@ -337,6 +337,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
                     device: torch.device, args: argparse.Namespace, scaler: torch.amp.GradScaler | None,
                     epoch: int, show_progress: bool) -> dict[str, Any]:
     """One pass over the training batches; returns the epoch's figures summed over processes.
+    UserError when no batch held a readable image (before anything of the epoch is written).
 
     A batch whose loss used no anchor (no positive pair, or nothing mined) is not stepped. The counts
     and loss sums stay on the device and are read once at the end of the epoch; the one per-step
@@ -387,6 +388,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         if show_progress and step % PROGRESS_EVERY == 0:
             batches.set_postfix(loss=f"{detached.item():.4f}")
     totals = all_reduce_sum(totals).tolist()
+    if totals[3] == 0:  # summed over processes, so that every process stops together
+        raise UserError(no_readable_batch(args.data_dir, f"training batch of epoch {epoch + 1}", unreadable,
+                                          "replace or remove the unreadable images"))
     steps = len(loader) * (dist.get_world_size() if dist.is_initialized() else 1)
     return {"train_loss": totals[0] / steps, "skipped_batches": int(totals[1]), "train_batches": steps,
             "nonfinite_batches": int(totals[2]), "images_per_s": totals[3] / (time.perf_counter() - started),
@@ -398,7 +402,7 @@ def validate(model: nn.Module, criterion: nn.Module, loader: DataLoader, device:
              args: argparse.Namespace) -> tuple[float, list[tuple[str, str]]]:
     """The validation loss: the mean loss over all validation batches of all processes (a skipped
     batch counts as 0, as a batch with nothing left to mine is one the loss has nothing against);
-    also the unreadable files, as (path, reason)."""
+    also the unreadable files, as (path, reason). UserError when no batch held a readable image."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, batches
     unreadable: list[tuple[str, str]] = []
@@ -409,7 +413,17 @@ def validate(model: nn.Module, criterion: nn.Module, loader: DataLoader, device:
         totals[0] += criterion(learner_embeddings(model, x, device, args), labels.to(device, non_blocking=True))
         totals[1] += 1
     loss_sum, batches = all_reduce_sum(totals).tolist()
-    return loss_sum / max(batches, 1), unreadable
+    if batches == 0:  # a loss of 0 from no image would be saved as the best checkpoint
+        raise UserError(no_readable_batch(args.data_dir, "validation batch", unreadable,
+                                          "replace or remove the unreadable images, or raise --val-ratio"))
+    return loss_sum / batches, unreadable
+
+
+def no_readable_batch(data_dir: str, what: str, unreadable: Sequence[tuple[str, str]], remedy: str) -> str:
+    """The one-line message for a pass in which no batch could be formed from readable images."""
+    example = f", e.g. {unreadable[0][0]} ({unreadable[0][1]})" if unreadable else ""
+    return (f"{data_dir}: no {what} could be formed: none of its {len(unreadable)} image(s) could be read"
+            f"{example}; {remedy}")
 
 
 # ----------------------------------------------------------------------------- resume
