@@ -199,7 +199,8 @@ def test_sweep_over_a_folder_of_every_kind_of_file(data_dir, tmp_path, capsys, m
     assert {r["model"] for r in rows} == {"ABE_M", "resnet50", "se_resnet50"}
     bare = [r for r in rows if r["checkpoint"] == "se_resnet_MsLoss_0.7590.pth"]
     assert all(r["source"] == "reference state_dict" and '"attention": false' in r["model_options"] for r in bare)
-    assert all(float(r["val_loss"]) == 0.759 and r["run"] == "se_resnet_MsLoss" for r in bare)  # from the name
+    # The validation loss from the name; the run from the name and the keys (no attention branch).
+    assert all(float(r["val_loss"]) == 0.759 and r["run"] == "se_resnet-noattention_MsLoss" for r in bare)
     assert {r["selected_by"] for r in rows} == {"validation"}  # each file is the only one of its run
     # The bare ABE_M weights named resnet50_ are their run's selection, so that run has no result.
     assert "resnet50_MsLoss_0.1000.pth: selected by validation but could not be evaluated" in out

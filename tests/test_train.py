@@ -281,7 +281,9 @@ def test_train_traindata_takes_the_100_percent_bar_from_the_main_weights(
     rows = train_traindata.main(args)
     assert [r["run"] for r in rows] == ["ratio 0.5, batch 6", f"main experiment, given as --main-weights {main_dir}"]
     assert rows[1]["checkpoint"] == main_run["best_checkpoint"]  # the newest best, not checkpoint.pth
-    assert [r["unreadable_images"] for r in rows] == [0, ""] and train_traindata.command(args) == 0
+    assert [r["unreadable_images"] for r in rows] == [0, ""]
+    args.output_dir = str(tmp_path / "traindata_again")  # the first sweep's folder holds its runs: a new one
+    assert train_traindata.command(args) == 0
     assert not (tmp_path / "traindata" / "main").exists()
     with pytest.raises(UserError, match=r"--main-weights .*: expected one ABE_M_MSLoss_<val_loss>\.pth run, found none"):
         train_traindata.main(train_traindata.get_args_parser().parse_args(
