@@ -107,6 +107,7 @@ def main(args: argparse.Namespace) -> dict:
                   "--crop-size", str(args.crop_size), "--workers", str(args.workers), "--device", device,
                   "--keep-best", "1", "--val-batches", "fixed"]  # a small validation set: let every image count
     announce("train", ["python3", "train.py", *train_argv])
+    shutil.rmtree(model_dir, ignore_errors=True)  # a rerun of the demo trains anew: train.py refuses a folder holding its run
     trained = train.main(train.get_args_parser().parse_args(train_argv))
     best = Path(trained["best_checkpoint"])
 

@@ -2,17 +2,23 @@
 
     python3 train.py se_resnet50 MSLoss                          # the paper's model and loss, reference settings
     python3 train.py ABE_M ABELoss --amp bf16 --channels-last    # faster on a recent GPU
+    python3 train.py se_resnet50 MSLoss --no-attention           # the paper's ablation: se_resnet50-noattention_MSLoss_*
     python3 train.py se_resnet50 MSLoss --resume model/checkpoint.pth
     torchrun --nproc_per_node=4 train.py se_resnet50 MSLoss --batch-size 15   # 4 GPUs, 60 images per step
     python3 train.py se_resnet50 MSLoss --pretrained imagenet --augment stain   # one's own tissue (README)
 
-Every epoch writes `<output-dir>/checkpoint.pth` (for --resume) and, when the validation loss improves,
-`<output-dir>/<model>_<loss>_<val_loss:.4f>.pth` (a bare state_dict with --save-bare-state-dict, as the
-reference writes it); otherwise both are dicts holding the model state_dict in the
-reference layout with everything needed to resume or evaluate it (see `core.checkpoint.training_checkpoint`).
-The per-epoch figures go to `<output-dir>/<model>_<loss>_log.csv` and a loss-curve PNG beside it.
-Images that cannot be decoded are left out of their batches and listed at the end; the exit status
-is then 1.
+Every file is named after the run's identity, `<model>_<loss>` with a tag for each model or loss option
+that differs from its default (`se_resnet50_MSLoss` for the paper's run, `se_resnet50-noattention_MSLoss`
+for its ablation; `core.checkpoint.run_identity`). Every epoch writes the last-epoch checkpoint (for
+--resume: `<output-dir>/checkpoint.pth`, or `<identity>_checkpoint.pth` for a run with options) and, when
+the validation loss improves, `<output-dir>/<identity>_<val_loss:.4f>.pth` (a bare state_dict with
+--save-bare-state-dict, as the reference writes it); otherwise both are dicts holding the model
+state_dict in the reference layout with everything needed to resume or evaluate it (see
+`core.checkpoint.training_checkpoint`). The per-epoch figures go to `<output-dir>/<identity>_log.csv`
+and a loss-curve PNG beside it. A new run refuses a folder that already holds a run of its identity
+(pass --resume to continue that run, or another --output-dir). Images that cannot be decoded are left
+out of their batches and listed at the end; the exit status is then 1; when no batch can be formed
+from readable images, the run stops before writing anything of that epoch.
 
 Under torchrun the script runs DistributedDataParallel (NCCL on GPUs, gloo on CPU); --batch-size and
 --workers are per process, and only rank 0 prints and writes files. The pieces live in
@@ -38,10 +44,10 @@ from core.files import command_line, write_csv
 from core.images import report_unreadable
 from core.preprocessing import Preprocessing
 from core.runtime import check_runtime, seed_everything
-from core.training import (TensorBoardLog, add_training_arguments, best_checkpoint_path, build_datasets, build_loaders,
-                           build_training_model, check_training_arguments, describe_train_files, load_resume_checkpoint,
-                           plot_losses, resolve_names, seed_epoch, start_model, step_lr_scheduler, train_one_epoch,
-                           validate)
+from core.training import (RunFiles, TensorBoardLog, add_training_arguments, build_datasets, build_loaders,
+                           build_training_model, check_training_arguments, describe_train_files,
+                           load_resume_checkpoint, plot_losses, refuse_other_run, resolve_names, seed_epoch,
+                           start_model, step_lr_scheduler, train_one_epoch, validate)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -57,18 +63,20 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     Raises UserError for bad arguments or data before any training starts, and when the loss
     becomes non-finite (the last good checkpoints are kept).
     """
-    model_name, loss_name, requested_model_options, loss_options = resolve_names(args)
+    names = resolve_names(args)
+    model_name, loss_name, requested_model_options, loss_options = names
     if args.summary:
         model, _ = build_training_model(model_name, requested_model_options)
         print(models.summary(model, args.crop_size))
         return {}
     check_training_arguments(args)
+    files = RunFiles(Path(args.output_dir), names.identity)
+    if not args.resume:
+        refuse_other_run(files)
     device, rank, world_size = setup_distributed(check_runtime(args, training=True))
     is_main = rank == 0
     dataset, train_indices, val_indices, num_images = build_datasets(args)
 
-    output_dir = Path(args.output_dir)
-    prefix = f"{model_name}_{loss_name}"
     seed_everything(args.seed)
     model, model_options = build_training_model(model_name, requested_model_options)
     criterion = losses.build_loss(loss_name, **loss_options).to(device)
@@ -100,7 +108,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             scaler.load_state_dict(checkpoint["scaler"])
         start_epoch = checkpoint["epoch"] + 1
         run["history"], run["best_val_loss"] = list(checkpoint["history"]), checkpoint["best_val_loss"]
-        best_path = next((str(best_checkpoint_path(output_dir, prefix, h["val_loss"])) for h in reversed(run["history"])
+        best_path = next((str(files.best(h["val_loss"])) for h in reversed(run["history"])
                           if h["val_loss"] == run["best_val_loss"]), None)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -109,7 +117,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     if is_main:
-        print(f"{prefix}: {len(train_indices)} training / {len(val_indices)} validation images of "
+        print(f"{files.identity}: {len(train_indices)} training / {len(val_indices)} validation images of "
               f"{len(dataset.classes)} classes, {len(train_loader)} steps of {args.batch_size} x {world_size} "
               f"process(es) per epoch, on {device}" + (f", resuming at epoch {start_epoch + 1}" if start_epoch else ""),
               flush=True)
@@ -132,7 +140,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             lr_scheduler.step()
         unreadable.update(stats.pop("unreadable"), val_unreadable)
         if stats["nonfinite_batches"] or not math.isfinite(val_loss):
-            last = f"; the last good checkpoint is {output_dir / 'checkpoint.pth'}" if epoch > start_epoch or args.resume else ""
+            last = f"; the last good checkpoint is {files.last_epoch}" if epoch > start_epoch or args.resume else ""
             raise UserError(f"epoch {epoch + 1}: the loss became non-finite ({stats['nonfinite_batches']} training "
                             f"batches, validation loss {val_loss}){last}; lower --lr, or use --amp off")
         run["history"].append({"epoch": epoch, "train_loss": stats["train_loss"], "val_loss": val_loss, "lr": lr,
@@ -144,18 +152,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if is_main:
             state = training_checkpoint(model, optimizer, lr_scheduler, scaler, epoch, vars(args), run)
             if improved:
-                best_path = str(best_checkpoint_path(output_dir, prefix, val_loss))
+                best_path = str(files.best(val_loss))
                 save_torch_file(state["model"] if args.save_bare_state_dict else state, best_path)
                 saved_best = [p for p in saved_best if p != best_path] + [best_path]
                 if args.keep_best:
                     for older in saved_best[:-args.keep_best]:
                         Path(older).unlink(missing_ok=True)
                     saved_best = saved_best[-args.keep_best:]
-            save_torch_file(state, output_dir / "checkpoint.pth")
+            save_torch_file(state, files.last_epoch)
             # Rewritten from the history every epoch, not appended to, so that after a resume the log
             # holds exactly the checkpoint's epochs.
-            write_csv(run["history"], output_dir / f"{prefix}_log.csv")
-            plot_losses(run["history"], output_dir / f"{prefix}_loss.png", f"{model_name} + {loss_name}")
+            write_csv(run["history"], files.log)
+            plot_losses(run["history"], files.plot, f"{model_name} + {loss_name}" + (
+                f" ({files.identity})" if files.identity != f"{model_name}_{loss_name}" else ""))
             if board is not None:
                 board.epoch(run["history"][-1])
             print(f"epoch {epoch + 1}/{args.epochs}  train loss {stats['train_loss']:.4f}  val loss {val_loss:.4f}  "
@@ -172,7 +181,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if note := preprocessing.passed_through_note():
             print(note)
     return {"best_checkpoint": best_path, "best_val_loss": run["best_val_loss"], "history": run["history"],
-            "output_dir": str(output_dir), "device": str(device), "num_images": num_images, "num_train_images": len(train_indices),
+            "output_dir": str(files.output_dir), "device": str(device), "num_images": num_images, "num_train_images": len(train_indices),
             "num_val_images": len(val_indices), "class_names": run["class_names"], "unreadable": unreadable_files}
 
 

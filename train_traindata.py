@@ -8,7 +8,8 @@
 As the reference, the ratios 0.2, 0.4, 0.6 and 0.8 train at batch 20: every class of --data-dir is cut
 to int(n_c * r) images (drawn with --seed), then train.py's split and training run with checkpoints in
 `<output-dir>/ratio_<r>/`. The paper's 100% bar is its main experiment: taken from --main-weights (the
-checkpoint that run's validation loss selected), otherwise trained here with the main recipe
+checkpoint that the validation loss selected among the folder's files of this command's run identity,
+e.g. se_resnet50_MSLoss, never an ablation beside it), otherwise trained here with the main recipe
 (--main-batch-size 60, every image) into `<output-dir>/main/`. Each run's validation-selected checkpoint
 is evaluated by multi_test's protocol (core.evaluation) on `<eval-data-dir>/test` (the reference's protocol: leave-one-out
 retrieval inside the test set). Results go to `<output-dir>/traindata_results.csv` (ratio, images used,
@@ -25,8 +26,6 @@ from typing import Any, Sequence
 
 import torch.distributed as dist
 
-import losses
-import models
 import train
 from core.distributed import run_distributed_script
 from core.errors import UserError
@@ -34,7 +33,7 @@ from core.checkpoint import load_model
 from core.evaluation import Evaluator
 from core.files import command_line, write_csv
 from core.runtime import select_device
-from core.selection import VALIDATION, select_checkpoints, validation_loss
+from core.selection import VALIDATION, describe_checkpoint, select, validation_loss
 from core.training import add_training_arguments, resolve_names
 from utils import pyplot, save_figure
 
@@ -87,25 +86,16 @@ def plot_results(rows: Sequence[dict], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
-def run_names(path: Path) -> tuple[str, str] | None:
-    """(model, loss) in canonical spelling from a best-validation file's name, e.g. the reference's
-    se_resnet_MsLoss_0.1234.pth; None for another name (a ratio prefix, checkpoint.pth)."""
-    parts = path.name.rsplit("_", 2)
-    try:
-        return models.canonical_model_name(parts[0]), losses.canonical_loss_name(parts[1])
-    except (IndexError, ValueError):
-        return None
-
-
-def selected_checkpoint(folder: Path, model_name: str, loss_name: str) -> Path:
-    """The checkpoint that the validation loss of the `model_name` + `loss_name` run in `folder` selected."""
+def selected_checkpoint(folder: Path, identity: str) -> Path:
+    """The checkpoint that the validation loss of the `identity` run in `folder` selected (its recorded
+    settings say which run a file belongs to, so an ablation in the same folder is never taken)."""
     if not folder.is_dir():
         raise UserError(f"--main-weights {folder}: no such folder; pass the --output-dir of the main train.py run")
-    chosen = [path for path, label in select_checkpoints(sorted(folder.glob("*.pth"))).items()
-              if label == VALIDATION and run_names(path) == (model_name, loss_name)]
+    runs = {path: describe_checkpoint(path) for path in sorted(folder.glob("*.pth"))}
+    chosen = [path for path, label in select(runs.values()).items() if label == VALIDATION and runs[path].run == identity]
     if len(chosen) != 1:
         found = "none" if not chosen else ", ".join(p.name for p in chosen)
-        raise UserError(f"--main-weights {folder}: expected one {model_name}_{loss_name}_<val_loss>.pth run, found "
+        raise UserError(f"--main-weights {folder}: expected one {identity}_<val_loss>.pth run, found "
                         f"{found}; pass the folder of the main run")
     return chosen[0]
 
@@ -125,7 +115,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise UserError(f"{eval_dir / 'test'}: no such folder to evaluate on; run KIMIA_data/data_process.py "
                         "or pass --eval-data-dir")
     output_dir = Path(args.output_dir)
-    main_weights = selected_checkpoint(Path(args.main_weights), model_name, loss_name) if args.main_weights else None
+    main_weights = selected_checkpoint(Path(args.main_weights), names.identity) if args.main_weights else None
     runs = [(ratio, args.batch_size, f"ratio_{ratio}") for ratio in args.ratios]
     if not args.skip_main and main_weights is None:
         runs.append((1.0, args.main_batch_size, "main"))

@@ -3,22 +3,30 @@
     checkpoint = read_torch_file(path)                 # the one reader of .pth files (one-line errors)
     loaded = load_model(path, device)                  # any checkpoint -> a model in eval mode, with its facts
     torch.save(training_checkpoint(...), path)         # the one writer of train.py's dict
+    identity = run_identity("se_resnet50", {"attention": False}, "MSLoss", {})   # se_resnet50-noattention_MSLoss
 
 train.py's checkpoint is a dict holding the state_dict (`model`, in the reference's layout) and
 everything needed to resume or evaluate it; the reference writes bare state_dicts named after their
 architecture (`se_resnet_MsLoss_0.1234.pth`), whose options are read from their keys and shapes.
+
+A training run's identity names its files: `<model>_<loss>` as the reference names them, with a
+`-<option><value>` tag for each model or loss option that differs from its default, so that the
+paper's attention ablation (`se_resnet50-noattention_MSLoss`) never shares a file or a selection with
+the main run (`se_resnet50_MSLoss`).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
+import losses
 import models
 
 from .errors import UserError, one_line
@@ -30,6 +38,11 @@ REFERENCE_CROP_SIZE = 224
 REFERENCE_PREFIX = re.compile(r"^(?:\d+(?:\.\d+)?_?)?(ABE_M|se_resnet50|se_resnet|resnet50)_")
 # Per-learner heads whose count gives M in a bare state_dict, and the final linear layer.
 REFERENCE_HEADS = {"resnet50": ("att_branches.", "last_linear.weight"), "ABE_M": ("att_conv_branches.", "linear.weight")}
+# How torch.save's files begin: a zip archive (the format since PyTorch 1.6), or the legacy format's
+# pickle (protocol 2 or later).
+TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
+OPTION_SEPARATOR = "-"  # no model or loss name holds one, so a run identity with options is told apart by it
+LAST_EPOCH_NAME = "checkpoint.pth"  # the last epoch of a run without options (train.py's name for it)
 
 
 class CheckpointError(UserError):
@@ -38,15 +51,34 @@ class CheckpointError(UserError):
 
 def read_torch_file(path: str | os.PathLike, mmap: bool = False, label: str | None = None) -> Any:
     """The content of a .pth file (tensors on the CPU, weights_only); CheckpointError naming the file
-    (as `label`, default its path) when it is missing or cannot be read. `mmap` leaves the tensors on
-    disk (zip-format files only)."""
+    (as `label`, default its path) when it is missing, not written by torch.save, damaged, or holds
+    objects that only an unsafe load could rebuild. `mmap` leaves the tensors on disk (zip-format
+    files only)."""
     label = label or os.fspath(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with open(path, "rb") as file:
+            head = file.read(len(TORCH_FILE_MAGIC[0]))
     except FileNotFoundError:
         raise CheckpointError(f"{label}: no such file") from None
-    except Exception as err:  # torch raises many types for damaged or foreign files
-        raise CheckpointError(f"{label}: cannot be read as a torch file ({one_line(err)})") from None
+    except OSError as err:
+        raise CheckpointError(f"{label}: cannot be read ({one_line(err)})") from None
+    # Checked first: PyTorch's own error for a foreign file is a bare number or advice to load it unsafely.
+    if not head.startswith(TORCH_FILE_MAGIC):
+        what = "an empty file" if not head else "neither the zip archive nor the pickle that torch.save writes"
+        raise CheckpointError(f"{label}: not a PyTorch checkpoint ({what})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # torch raises many types for damaged files
+        if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
+            raise CheckpointError(f"{label}: holds Python objects besides tensors and plain data, which are not "
+                                  "loaded (they could run code); save the model's state_dict or a train.py "
+                                  "checkpoint") from None
+        raise CheckpointError(f"{label}: a damaged PyTorch checkpoint ({_first_sentence(err)})") from None
+
+
+def _first_sentence(err: BaseException) -> str:
+    """The first sentence of an exception's first line: PyTorch follows it with advice that does not apply."""
+    return one_line(err).split(". ")[0].rstrip(".")
 
 
 def save_torch_file(obj: Any, path: str | os.PathLike) -> None:
@@ -80,6 +112,64 @@ def training_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, lr_s
         "train_files": run["train_files"],
         "command": run["command"],
     }
+
+
+# ----------------------------------------------------------------------------- run identity
+def run_identity(model_name: str, model_options: Mapping[str, Any] | None, loss_name: str,
+                 loss_options: Mapping[str, Any] | None) -> str:
+    """The name shared by a training run's files: `<model>_<loss>`, each followed by a
+    `-<option><value>` tag (`-noattention`, `-embeddingdim256`, `-selfpairexclude`) for every option that
+    differs from the model's or loss's default. Options a checkpoint does not record count as their
+    defaults, so a run with default options keeps the reference's name. The names are kept as given
+    (train.py records canonical ones; the reference's `se_resnet_MsLoss` stays its own run)."""
+    return (f"{_tagged(model_name, model_options, models.canonical_model_name, models.default_model_options)}_"
+            f"{_tagged(loss_name, loss_options, losses.canonical_loss_name, losses.default_loss_options)}")
+
+
+def _tagged(name: str, options: Mapping[str, Any] | None, canonical: Callable[[str], str],
+            defaults: Callable[[str], dict[str, Any]]) -> str:
+    try:
+        default = defaults(canonical(name))
+    except ValueError:
+        return name  # an unknown name: no defaults to tell options by
+    options = options if isinstance(options, Mapping) else {}
+    tags = [_option_tag(key, options[key]) for key, value in default.items() if key in options and options[key] != value]
+    return OPTION_SEPARATOR.join([name, *tags])
+
+
+def _option_tag(key: str, value: Any) -> str:
+    word = key.replace("_", "")
+    if isinstance(value, bool):
+        return word if value else f"no{word}"
+    return f"{word}{format(value, '.12g') if isinstance(value, float) else value}"
+
+
+def content_identity(name: str, content: Any) -> str | None:
+    """The run identity of a .pth file's content: the settings a train.py checkpoint recorded, or for
+    a bare reference state_dict named `<model>_<loss>_...` its names with the options its keys show;
+    None when neither says (another name, another content)."""
+    if isinstance(content, dict) and "model_name" in content:
+        return run_identity(str(content["model_name"]), content.get("model_options"),
+                            str(content.get("loss_name") or ""), content.get("loss_options"))
+    if not is_bare_state_dict(content):
+        return None
+    model_name, _, loss_name = re.sub(r"_[^_]*$", "", name).rpartition("_")
+    try:
+        canonical_model, _ = models.canonical_model_name(model_name), losses.canonical_loss_name(loss_name)
+    except ValueError:
+        return None
+    return run_identity(model_name, _reference_options(canonical_model, content), loss_name, None)
+
+
+def last_epoch_name(identity: str) -> str:
+    """The file name of a run's last-epoch checkpoint: `checkpoint.pth` for a run without options (shared
+    by the default runs of one folder, as before), `<identity>_checkpoint.pth` otherwise."""
+    return f"{identity}_{LAST_EPOCH_NAME}" if OPTION_SEPARATOR in identity else LAST_EPOCH_NAME
+
+
+def is_last_epoch_name(name: str) -> bool:
+    """Whether a file name is a run's last-epoch checkpoint (see last_epoch_name)."""
+    return name == LAST_EPOCH_NAME or name.endswith(f"_{LAST_EPOCH_NAME}")
 
 
 def is_training_checkpoint(content: Any) -> bool:

@@ -9,11 +9,15 @@ state_dicts. Scoring every file on the test set and keeping the best would selec
 set, so a run's result is the file its validation loss selects: the best-validation file with
 the lowest validation loss, which is the newest best (see docs/reproduction.md).
 
-A run is the files of one folder that share `<model>_<loss>`: read from the dict for train.py's
-checkpoints, from the file name (everything before `_<val_loss>.pth`) for bare state_dicts, so a
-ratio prefix such as the reference's `0.2se_resnet_MsLoss_0.1234.pth` makes its own run.
-Labels: "validation" for each run's selected file, "last_epoch" for checkpoint.pth, "" for the
-rest (older bests, and files whose validation loss cannot be read: those are no candidates).
+A run is the files of one folder that share a run identity (core.checkpoint.run_identity: the
+model and loss with their non-default options, e.g. `se_resnet50_MSLoss` for the paper's run and
+`se_resnet50-noattention_MSLoss` for its ablation), read from the settings a train.py checkpoint
+recorded, never from its name; for a bare state_dict from its name and keys, and from the name alone
+(everything before `_<val_loss>.pth`) when that is not `<model>_<loss>`, so a ratio prefix such as
+the reference's `0.2se_resnet_MsLoss_0.1234.pth` makes its own run.
+Labels: "validation" for each run's selected file, "last_epoch" for the last-epoch files
+(`checkpoint.pth`, `<identity>_checkpoint.pth`), "" for the rest (older bests, and files whose
+validation loss cannot be read: those are no candidates).
 """
 from __future__ import annotations
 
@@ -25,12 +29,11 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 
-from .checkpoint import CheckpointError, is_bare_state_dict, read_torch_file
+from .checkpoint import CheckpointError, content_identity, is_bare_state_dict, is_last_epoch_name, read_torch_file
 
 VALIDATION = "validation"
 LAST_EPOCH = "last_epoch"
 NOT_SELECTED = ""
-LAST_EPOCH_NAME = "checkpoint.pth"
 # `<run>_<val_loss>.pth`, as train.py and the reference name their best-validation files ({:.4f}).
 LOSS_IN_NAME = re.compile(r"^(?P<run>.+)_(?P<loss>-?\d+\.\d+)\.pth$")
 
@@ -42,10 +45,10 @@ class CheckpointFile:
     """What a checkpoint file says about its place in a training run."""
 
     path: PathLike
-    run: str  # "<model>_<loss>"; "" when unknown
+    run: str  # the run identity, e.g. "se_resnet50_MSLoss"; "" when unknown
     val_loss: float | None  # that epoch's validation loss; None when unknown
     epoch: int | None  # train.py's checkpoints only
-    candidate: bool  # for the run's selection: a known validation loss, and not checkpoint.pth
+    candidate: bool  # for the run's selection: a known validation loss, and not a last-epoch file
 
 
 def _read(path: PathLike) -> Any:
@@ -67,20 +70,21 @@ def _finite(value: Any) -> float | None:
 
 def describe_checkpoint(path: PathLike) -> CheckpointFile:
     """Run, validation loss and epoch of one file: from the dict of a train.py checkpoint, from the
-    name (`<run>_<val_loss>.pth`) of a bare state_dict."""
+    name (`<run>_<val_loss>.pth`) and keys of a bare state_dict."""
     name = os.path.basename(path)
     content = _read(path)
     match = LOSS_IN_NAME.match(name)
+    last_epoch = is_last_epoch_name(name)
     if isinstance(content, dict) and "model" in content and "model_name" in content:  # needs no model_options
         val_loss = _finite(content.get("val_loss"))
         if val_loss is None and match:  # a checkpoint written without the key: trust its name
             val_loss = float(match["loss"])
         epoch = content.get("epoch")
-        run = f"{content['model_name']}_{content.get('loss_name') or ''}"
-        return CheckpointFile(path, run, val_loss, epoch if isinstance(epoch, int) else None,
-                              val_loss is not None and name != LAST_EPOCH_NAME)
+        return CheckpointFile(path, content_identity(name, content), val_loss, epoch if isinstance(epoch, int) else None,
+                              val_loss is not None and not last_epoch)
     if is_bare_state_dict(content) and match:
-        return CheckpointFile(path, match["run"], float(match["loss"]), None, name != LAST_EPOCH_NAME)
+        return CheckpointFile(path, content_identity(name, content) or match["run"], float(match["loss"]), None,
+                              not last_epoch)
     return CheckpointFile(path, match["run"] if match else "", None, None, False)
 
 
@@ -91,10 +95,10 @@ def validation_loss(path: PathLike) -> float | None:
 
 
 def select(files: Iterable[CheckpointFile]) -> dict[PathLike, str]:
-    """Label described files: per run (folder and `<model>_<loss>`), the candidate with the lowest
-    validation loss gets "validation" (ties: the later epoch); checkpoint.pth gets "last_epoch"."""
+    """Label described files: per run (folder and run identity), the candidate with the lowest
+    validation loss gets "validation" (ties: the later epoch); last-epoch files get "last_epoch"."""
     files = list(files)
-    labels = {f.path: LAST_EPOCH if os.path.basename(f.path) == LAST_EPOCH_NAME else NOT_SELECTED for f in files}
+    labels = {f.path: LAST_EPOCH if is_last_epoch_name(os.path.basename(f.path)) else NOT_SELECTED for f in files}
     runs: dict[tuple[str, str], list[CheckpointFile]] = defaultdict(list)
     for f in files:
         if f.candidate:

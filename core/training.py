@@ -2,6 +2,7 @@
 
     parser = add_training_arguments(argparse.ArgumentParser())    # every option but the model and loss
     names = resolve_names(args)                                   # canonical names and their options
+    files = RunFiles(args.output_dir, names.identity)             # the run's file names; refuse_other_run(files)
     dataset, train_indices, val_indices, num_images = build_datasets(args)
     train_loader, val_loader = build_loaders(args, dataset, train_indices, val_indices, device, rank, world_size)
     stats = train_one_epoch(model, criterion, optimizer, train_loader, device, args, scaler, epoch, show_progress)
@@ -30,7 +31,8 @@ import losses
 import models
 from utils import pyplot, save_figure
 
-from .checkpoint import CheckpointError, is_training_checkpoint, read_torch_file
+from .checkpoint import (LAST_EPOCH_NAME, CheckpointError, content_identity, is_training_checkpoint, last_epoch_name,
+                         read_torch_file, run_identity)
 from .data import (AUGMENTS, KimiaDataset, SkipUnreadable, collate_readable, eval_transform, split_train_val,
                    subsample_per_class, train_transform)
 from .preprocessing import Preprocessing
@@ -40,6 +42,7 @@ from .errors import UserError
 from .images import UNREADABLE
 from .runtime import AMP_DTYPES, add_runtime_args, seed_everything
 from .sampler import PKBatchSampler, ValidationBatches
+from .selection import LOSS_IN_NAME
 
 # Per loss: its build_loss keyword -> the parser destination of its flag. Only the chosen loss's own
 # hyper-parameters are passed to it.
@@ -196,6 +199,11 @@ class ResolvedNames(NamedTuple):
     requested_model_options: dict[str, Any]  # build_model options the command sets (num_learners only when given)
     loss_options: dict[str, Any]  # build_loss options: the chosen loss's hyper-parameters only
 
+    @property
+    def identity(self) -> str:
+        """The run identity that names the run's files (core.checkpoint.run_identity)."""
+        return run_identity(self.model_name, self.requested_model_options, self.loss_name, self.loss_options)
+
 
 def resolve_names(args: argparse.Namespace) -> ResolvedNames:
     """The command's model and loss names and options; UserError for an unknown name or an option the
@@ -337,6 +345,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
                     device: torch.device, args: argparse.Namespace, scaler: torch.amp.GradScaler | None,
                     epoch: int, show_progress: bool) -> dict[str, Any]:
     """One pass over the training batches; returns the epoch's figures summed over processes.
+    UserError when no batch held a readable image (before anything of the epoch is written).
 
     A batch whose loss used no anchor (no positive pair, or nothing mined) is not stepped. The counts
     and loss sums stay on the device and are read once at the end of the epoch; the one per-step
@@ -387,6 +396,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         if show_progress and step % PROGRESS_EVERY == 0:
             batches.set_postfix(loss=f"{detached.item():.4f}")
     totals = all_reduce_sum(totals).tolist()
+    if totals[3] == 0:  # summed over processes, so that every process stops together
+        raise UserError(no_readable_batch(args.data_dir, f"training batch of epoch {epoch + 1}", unreadable,
+                                          "replace or remove the unreadable images"))
     steps = len(loader) * (dist.get_world_size() if dist.is_initialized() else 1)
     return {"train_loss": totals[0] / steps, "skipped_batches": int(totals[1]), "train_batches": steps,
             "nonfinite_batches": int(totals[2]), "images_per_s": totals[3] / (time.perf_counter() - started),
@@ -398,7 +410,7 @@ def validate(model: nn.Module, criterion: nn.Module, loader: DataLoader, device:
              args: argparse.Namespace) -> tuple[float, list[tuple[str, str]]]:
     """The validation loss: the mean loss over all validation batches of all processes (a skipped
     batch counts as 0, as a batch with nothing left to mine is one the loss has nothing against);
-    also the unreadable files, as (path, reason)."""
+    also the unreadable files, as (path, reason). UserError when no batch held a readable image."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, batches
     unreadable: list[tuple[str, str]] = []
@@ -409,7 +421,17 @@ def validate(model: nn.Module, criterion: nn.Module, loader: DataLoader, device:
         totals[0] += criterion(learner_embeddings(model, x, device, args), labels.to(device, non_blocking=True))
         totals[1] += 1
     loss_sum, batches = all_reduce_sum(totals).tolist()
-    return loss_sum / max(batches, 1), unreadable
+    if batches == 0:  # a loss of 0 from no image would be saved as the best checkpoint
+        raise UserError(no_readable_batch(args.data_dir, "validation batch", unreadable,
+                                          "replace or remove the unreadable images, or raise --val-ratio"))
+    return loss_sum / batches, unreadable
+
+
+def no_readable_batch(data_dir: str, what: str, unreadable: Sequence[tuple[str, str]], remedy: str) -> str:
+    """The one-line message for a pass in which no batch could be formed from readable images."""
+    example = f", e.g. {unreadable[0][0]} ({unreadable[0][1]})" if unreadable else ""
+    return (f"{data_dir}: no {what} could be formed: none of its {len(unreadable)} image(s) could be read"
+            f"{example}; {remedy}")
 
 
 # ----------------------------------------------------------------------------- resume
@@ -460,9 +482,67 @@ def step_lr_scheduler(lr_scheduler: torch.optim.lr_scheduler.LRScheduler) -> Non
 
 
 # ----------------------------------------------------------------------------- outputs
-def best_checkpoint_path(output_dir: str | os.PathLike, prefix: str, val_loss: float) -> Path:
-    """`<output-dir>/<model>_<loss>_<val_loss:.4f>.pth`, the reference's name for a best-validation file."""
-    return Path(output_dir) / f"{prefix}_{val_loss:.4f}.pth"
+class RunFiles(NamedTuple):
+    """The files a training run writes into its --output-dir, each named after the run's identity."""
+
+    output_dir: Path
+    identity: str
+
+    @property
+    def last_epoch(self) -> Path:
+        """Rewritten every epoch, for --resume: checkpoint.pth, or <identity>_checkpoint.pth for a run with options."""
+        return Path(self.output_dir) / last_epoch_name(self.identity)
+
+    @property
+    def log(self) -> Path:
+        return Path(self.output_dir) / f"{self.identity}_log.csv"
+
+    @property
+    def plot(self) -> Path:
+        return Path(self.output_dir) / f"{self.identity}_loss.png"
+
+    def best(self, val_loss: float) -> Path:
+        return best_checkpoint_path(self.output_dir, self.identity, val_loss)
+
+    def existing(self) -> list[Path]:
+        """The files of a run of this identity already in the folder: the log, the plot, best-validation
+        files by name, and the last-epoch file (checkpoint.pth only when its recorded run is this one,
+        since the folder's runs without options share it)."""
+        folder = Path(self.output_dir)
+        if not folder.is_dir():
+            return []
+        found = [path for path in (self.log, self.plot) if path.exists()]
+        found += sorted(path for path in folder.glob("*.pth")
+                        if (match := LOSS_IN_NAME.match(path.name)) and match["run"] == self.identity)
+        if self.last_epoch.exists() and self._last_epoch_is_this_run():
+            found.append(self.last_epoch)
+        return found
+
+    def _last_epoch_is_this_run(self) -> bool:
+        if self.last_epoch.name != LAST_EPOCH_NAME:
+            return True  # <identity>_checkpoint.pth: no other run writes it
+        try:
+            return content_identity(self.last_epoch.name, read_torch_file(self.last_epoch, mmap=True)) == self.identity
+        except CheckpointError:
+            return False  # not a run's checkpoint: no run is lost by replacing it
+
+
+def refuse_other_run(files: RunFiles) -> None:
+    """UserError (one line) when the output folder already holds a run of the same identity, which a new
+    run would overwrite (log, plot, last epoch) and mix with (its best-validation files would compete
+    in the selection); --resume continues such a run instead."""
+    found = files.existing()
+    if found:
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        resume = files.last_epoch if files.last_epoch in found else "<its last checkpoint>"
+        raise UserError(f"{files.output_dir} already holds a {files.identity} run ({found[0].name}{more}), which this "
+                        f"run would overwrite; pass --resume {resume} to continue it, or a new --output-dir")
+
+
+def best_checkpoint_path(output_dir: str | os.PathLike, identity: str, val_loss: float) -> Path:
+    """`<output-dir>/<identity>_<val_loss:.4f>.pth`: the reference's name for a best-validation file
+    (`<model>_<loss>_...`) for a run without options."""
+    return Path(output_dir) / f"{identity}_{val_loss:.4f}.pth"
 
 
 def plot_losses(history: list[dict], path: Path, title: str) -> None:

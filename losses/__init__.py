@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 from .abe import ABELoss
@@ -33,6 +34,12 @@ def canonical_loss_name(name: str) -> str:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}") from None
 
 
+def default_loss_options(name: str) -> dict[str, Any]:
+    """The options `build_loss(name, ...)` accepts, with their defaults (the reference code's)."""
+    parameters = inspect.signature(_BUILDERS[canonical_loss_name(name)]).parameters
+    return {key: parameter.default for key, parameter in parameters.items()}
+
+
 def build_loss(name: str, **options: Any) -> MetricLoss:
     """Build a loss by name with keyword hyper-parameters (defaults: the reference code's), such as
     `self_pair` ("reference" or "exclude", see `losses.base`)."""
@@ -40,4 +47,4 @@ def build_loss(name: str, **options: Any) -> MetricLoss:
 
 
 __all__ = ["ABELoss", "ContrastiveLoss", "LOSS_NAMES", "MSLoss", "MetricLoss", "SELF_PAIR_RULES", "build_loss",
-           "canonical_loss_name"]
+           "canonical_loss_name", "default_loss_options"]

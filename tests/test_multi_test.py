@@ -16,7 +16,7 @@ import models
 import multi_test
 from core import embedder as embedder_module
 from core import evaluation, selection
-from core.checkpoint import CheckpointError, load_model
+from core.checkpoint import CheckpointError, load_model, read_torch_file
 from core.data import KimiaDataset, eval_crop, eval_transform
 from core.embedder import CropCache, Embedder
 from core.evaluation import Evaluator, evaluate_checkpoint
@@ -114,7 +114,11 @@ def test_bare_reference_state_dict_architecture_from_name_and_keys(tmp_path):
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("broken.pth", b"\x00not a torch file", r"broken\.pth: cannot be read as a torch file"),
+    ("broken.pth", b"\x00not a torch file", r"broken\.pth: not a PyTorch checkpoint \(neither the zip archive nor the "
+                                            r"pickle that torch\.save writes\)$"),
+    ("empty.pth", b"", r"empty\.pth: not a PyTorch checkpoint \(an empty file\)$"),
+    ("cut.pth", "cut", r"cut\.pth: a damaged PyTorch checkpoint \(PytorchStreamReader failed reading zip archive: "
+                       r"failed finding central directory\)$"),
     ("list.pth", [1, 2], r"list\.pth: not a checkpoint \(holds a list"),
     ("weights.pth", {"w": torch.zeros(2)}, r"weights\.pth: a bare state_dict whose name does not start with ABE_M_"),
     ("ABE_M_x.pth", {"w": torch.zeros(2)}, r"ABE_M_x\.pth: does not fit ABE_M .*missing keys"),
@@ -123,10 +127,41 @@ def test_unusable_files_are_named_with_the_reason(tmp_path, name, content, messa
     path = tmp_path / name
     if isinstance(content, bytes):
         path.write_bytes(content)
+    elif content == "cut":  # a zip-format checkpoint cut short, as an interrupted copy leaves it
+        torch.save({"w": torch.zeros(100)}, path)
+        path.write_bytes(path.read_bytes()[:200])
     else:
         torch.save(content, path)
     with pytest.raises(CheckpointError, match=message):
         load_model(path)
+
+
+class Pickled:
+    """A Python object that only an unsafe (weights_only=False) load rebuilds."""
+
+
+def test_a_file_that_is_no_torch_checkpoint_is_named_in_one_line_without_pytorchs_advice(
+        data_dir, tmp_path, capsys, write_checkpoint):
+    weights = tmp_path / "model"
+    weights.mkdir()
+    (weights / "x.pth").write_text("some notes, saved under the wrong name\n")
+    torch.save({"model": Pickled()}, weights / "objects.pth")
+    write_checkpoint(weights / "se_resnet50_MSLoss_0.5000.pth", "se_resnet50", crop_size=CROP)
+    with pytest.raises(CheckpointError) as err:
+        read_torch_file(weights / "objects.pth", label="objects.pth")
+    assert str(err.value) == ("objects.pth: holds Python objects besides tensors and plain data, which are not loaded "
+                              "(they could run code); save the model's state_dict or a train.py checkpoint")
+    args = multi_test.get_args_parser().parse_args(
+        [str(weights), "--data-dir", str(data_dir), "--batch-size", "9", "--device", "cpu", "--workers", "0"])
+    assert multi_test.main(args) == 1  # the sweep goes on past both, and says so in its exit status
+    out, err = capsys.readouterr()
+    not_torch = "x.pth: not a PyTorch checkpoint (neither the zip archive nor the pickle that torch.save writes)"
+    assert f"FAILED {not_torch}\n" in out
+    assert "se_resnet50_MSLoss_0.5000.pth [se_resnet50, protocol test, selected by validation]" in out
+    assert err.splitlines()[-3:] == ["2 of 3 files failed:", "  objects.pth: holds Python objects besides tensors and "
+                                     "plain data, which are not loaded (they could run code); save the model's "
+                                     "state_dict or a train.py checkpoint", f"  {not_torch}"]
+    assert "weights_only" not in out + err
 
 
 def test_sweep_over_a_folder_of_every_kind_of_file(data_dir, tmp_path, capsys, make_images, write_checkpoint):
@@ -151,7 +186,7 @@ def test_sweep_over_a_folder_of_every_kind_of_file(data_dir, tmp_path, capsys, m
     out, err = capsys.readouterr()
 
     assert status == 1
-    assert "FAILED corrupt.pth: cannot be read as a torch file" in out
+    assert "FAILED corrupt.pth: not a PyTorch checkpoint (neither the zip archive nor the pickle" in out
     assert re.search(r"FAILED resnet50_MsLoss_0\.1000\.pth: does not fit resnet50 .*missing keys", out)
     assert "2 of 6 files failed" in err
     assert re.search(r"1 unreadable image\(s\) were left out:\n  \S*s1_broken\.png \(", err)
@@ -164,7 +199,8 @@ def test_sweep_over_a_folder_of_every_kind_of_file(data_dir, tmp_path, capsys, m
     assert {r["model"] for r in rows} == {"ABE_M", "resnet50", "se_resnet50"}
     bare = [r for r in rows if r["checkpoint"] == "se_resnet_MsLoss_0.7590.pth"]
     assert all(r["source"] == "reference state_dict" and '"attention": false' in r["model_options"] for r in bare)
-    assert all(float(r["val_loss"]) == 0.759 and r["run"] == "se_resnet_MsLoss" for r in bare)  # from the name
+    # The validation loss from the name; the run from the name and the keys (no attention branch).
+    assert all(float(r["val_loss"]) == 0.759 and r["run"] == "se_resnet-noattention_MsLoss" for r in bare)
     assert {r["selected_by"] for r in rows} == {"validation"}  # each file is the only one of its run
     # The bare ABE_M weights named resnet50_ are their run's selection, so that run has no result.
     assert "resnet50_MsLoss_0.1000.pth: selected by validation but could not be evaluated" in out

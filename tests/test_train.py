@@ -24,6 +24,7 @@ import models
 import train
 import train_traindata
 from core import training
+from core.distributed import run_distributed_script
 from core.data import subsample_per_class
 from core.errors import UserError
 from core.runtime import DEFAULT_WORKERS
@@ -280,7 +281,9 @@ def test_train_traindata_takes_the_100_percent_bar_from_the_main_weights(
     rows = train_traindata.main(args)
     assert [r["run"] for r in rows] == ["ratio 0.5, batch 6", f"main experiment, given as --main-weights {main_dir}"]
     assert rows[1]["checkpoint"] == main_run["best_checkpoint"]  # the newest best, not checkpoint.pth
-    assert [r["unreadable_images"] for r in rows] == [0, ""] and train_traindata.command(args) == 0
+    assert [r["unreadable_images"] for r in rows] == [0, ""]
+    args.output_dir = str(tmp_path / "traindata_again")  # the first sweep's folder holds its runs: a new one
+    assert train_traindata.command(args) == 0
     assert not (tmp_path / "traindata" / "main").exists()
     with pytest.raises(UserError, match=r"--main-weights .*: expected one ABE_M_MSLoss_<val_loss>\.pth run, found none"):
         train_traindata.main(train_traindata.get_args_parser().parse_args(
@@ -519,6 +522,47 @@ def test_bad_data_fails_before_training(data_root: Path, tmp_path: Path) -> None
     assert re.search(r"--crop-size 100 is larger than the images \(.*s0_0\.png is 72x72\)",
                      fails(data_root / "train", "--crop-size", "100"))
     assert not out.exists()
+
+
+def write_unreadable(root: Path, per_class: dict[str, int]) -> Path:
+    """`root/<class>/<class>_<i>.png` files that no decoder reads."""
+    for name, count in per_class.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            (root / name / f"{name}_{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a PNG")
+    return root
+
+
+def test_no_readable_training_image_stops_before_writing_anything(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    data = write_unreadable(tmp_path / "unreadable", {"s0": 8, "s1": 8})
+    out = tmp_path / "out"
+    args = parse("ABE_M", "MSLoss", "--data-dir", data, "--output-dir", out, "--epochs", 2, "--val-batches", "fixed",
+                 *QUICK)
+    assert run_distributed_script(train.command, args) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {data}: no training batch of epoch 1 could be formed: none "
+                                               f"of its 12 image(s) could be read, e.g. {data}")
+    assert err[0].endswith("; replace or remove the unreadable images")
+    assert not list(out.glob("**/*.pth"))  # (the glob of a missing folder is empty)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_no_readable_validation_image_stops_before_writing_anything(data_root: Path, tmp_path: Path) -> None:
+    data = tmp_path / "train"
+    shutil.copytree(data_root / "train", data)
+    args = parse("ABE_M", "MSLoss", "--data-dir", data, "--output-dir", tmp_path / "out", "--epochs", 1,
+                 "--val-batches", "fixed", *QUICK)
+    dataset, _, val_indices, _ = training.build_datasets(args)
+    for index in val_indices:
+        Path(dataset.samples[index][0]).write_bytes(b"not an image")
+    with pytest.raises(UserError) as err:
+        train.main(args)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{data}: no validation batch could be formed: none of its 6 image(s) could be read")
+    assert message.endswith("replace or remove the unreadable images, or raise --val-ratio")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_resume_refuses_another_models_checkpoint(data_root: Path, tmp_path: Path) -> None:
