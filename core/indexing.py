@@ -28,7 +28,8 @@ from .files import list_images
 from .images import UNREADABLE, load_rgb
 from .errors import UserError
 from .slide_index import PatchDatabase, SlideIndex, SourceRecord, file_stat
-from .slides import SlideError, Tiling, display_thumbnail, open_slide, read_plan, read_scaled, tissue_grid
+from .slides import (SlideError, SlideOpener, Tiling, display_thumbnail, open_slide, read_plan, read_scaled,
+                     tissue_grid)
 
 SLIDE_ERRORS = (SlideError, *UNREADABLE, RuntimeError)  # RuntimeError: OpenSlide's own on a corrupt tile
 
@@ -88,9 +89,10 @@ class _Chunk:
 class _ChunkReader(Dataset):
     """Reads a chunk's patches as uint8 eval crops; a worker keeps its last slide open."""
 
-    def __init__(self, crop_size: int) -> None:
+    def __init__(self, crop_size: int, opener: SlideOpener = open_slide) -> None:
         self.crop = eval_crop(crop_size)
         self.crop_size = crop_size
+        self.opener = opener
         self._slide = None
 
     def __getitem__(self, chunk: _Chunk) -> tuple[_Chunk, torch.Tensor, list[int], list[tuple[str, str]], str | None]:
@@ -120,7 +122,7 @@ class _ChunkReader(Dataset):
             if self._slide is not None:
                 self._slide.close()
             self._slide = None
-            self._slide = open_slide(path, fallback_mpp)
+            self._slide = self.opener(path, fallback_mpp)
         return self._slide
 
 
@@ -145,13 +147,14 @@ class _Plan:
     started: float = 0.0
 
 
-def plan_job(job: Job, tiling: Tiling, fallback_mpp: float | None) -> tuple[_Plan, list[tuple], int, int]:
+def plan_job(job: Job, tiling: Tiling, fallback_mpp: float | None,
+             opener: SlideOpener = open_slide) -> tuple[_Plan, list[tuple], int, int]:
     """The job's patches: (plan, per-patch read items, level, output size)."""
     if job.kind == "files":
         boxes = np.zeros((len(job.files), 4), np.int64)
         return _Plan(boxes, files=list(job.files), classes=list(job.classes or [None] * len(job.files))), \
             list(job.files), 0, 0
-    with open_slide(job.path, fallback_mpp) as slide:
+    with opener(job.path, fallback_mpp) as slide:
         size, mtime = file_stat(job.path)
         info = {"file_size": size, "mtime": mtime, "width": slide.dimensions[0], "height": slide.dimensions[1],
                 "slide_mpp": slide.mpp, "backend": slide.backend}
@@ -181,8 +184,10 @@ def plan_job(job: Job, tiling: Tiling, fallback_mpp: float | None) -> tuple[_Pla
 
 
 def embed_sources(jobs: Sequence[Job], embedder: Embedder, tiling: Tiling, crop_size: int, workers: int = 0,
-                  fallback_mpp: float | None = None, progress: bool = True) -> Iterator[SourceResult]:
-    """Embed every job's patches; yields one SourceResult per job, in the order of `jobs`."""
+                  fallback_mpp: float | None = None, progress: bool = True,
+                  opener: SlideOpener = open_slide) -> Iterator[SourceResult]:
+    """Embed every job's patches; yields one SourceResult per job, in the order of `jobs`. Slides
+    are opened with `opener` (a lender of open slides must be in-process: workers=0)."""
     plans: dict[int, _Plan] = {}
     chunk_size = embedder.batch_size
     bar = tqdm(total=0, unit="patch", disable=not progress, dynamic_ncols=True, file=sys.stderr)
@@ -191,7 +196,7 @@ def embed_sources(jobs: Sequence[Job], embedder: Embedder, tiling: Tiling, crop_
         for number, job in enumerate(jobs):
             started = time.perf_counter()
             try:
-                plan, items, level, out_size = plan_job(job, tiling, fallback_mpp)
+                plan, items, level, out_size = plan_job(job, tiling, fallback_mpp, opener)
             except slide_errors() as error:
                 plans[number] = _Plan(np.zeros((0, 4), np.int64), error=str(error), started=started)
                 continue
@@ -203,7 +208,7 @@ def embed_sources(jobs: Sequence[Job], embedder: Embedder, tiling: Tiling, crop_
                 yield _Chunk(number, job.path, job.kind, start, tuple(items[start:start + chunk_size]), level,
                              out_size, fallback_mpp)
 
-    loader = DataLoader(_ChunkReader(crop_size), batch_size=None, sampler=sampler(), num_workers=workers,
+    loader = DataLoader(_ChunkReader(crop_size, opener), batch_size=None, sampler=sampler(), num_workers=workers,
                         collate_fn=_identity)
     parts: dict[int, list] = {}
     failures: dict[int, list] = {}

@@ -8,8 +8,10 @@
 Everything is addressed by the ids of the index's own records (sources, patches, searches): no
 path from a request ever reaches the file system, so nothing outside the index can be read, and
 the index is opened read-only, so nothing in it can be changed. One lock serialises the model and
-the SQLite connection (searches are model-bound); tiles are read outside it, each slide through
-one cached handle of its own.
+the SQLite connection (searches are model-bound); tiles are read outside it. Each slide's pixels
+(tiles, patch images, region searches) come through one cached handle of its own, checked before
+every use against the index's current record of its id and against its file: a file changed since
+it was indexed is refused (SlideChanged, HTTP 409), never mixed with what the index holds.
 """
 from __future__ import annotations
 
@@ -30,17 +32,18 @@ from .embedder import Embedder
 from .errors import UserError
 from .images import UNREADABLE
 from .indexing import Job, slide_errors
-from .slide_index import Patch, SlideIndex
-from .slide_search import (QueryResult, best_matches, heat_colours, load_index_model, patch_pixels, query_pixels,
-                           run_queries, slide_heat)
-from .slides import Slide, best_level, open_slide
+from .slide_index import Patch, SlideChanged, SlideIndex, check_unchanged, open_indexed_slide
+from .slide_search import (QueryResult, best_matches, cut_patch, heat_colours, load_index_model, patch_pixels,
+                           query_pixels, run_queries, slide_heat)
+from .slides import Slide, SlideOpener, best_level, open_slide
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 40_000_000  # about a 6,300 px square; Pillow's own bomb guard starts at 89 million
 MAX_REGION_PATCHES = 64  # a drawn region is tiled into at most this many query patches
 TILE_SIZE, TILE_OVERLAP, TILE_FORMAT, TILE_QUALITY = 254, 1, "jpeg", 80
 KEPT_SEARCHES = 32  # recent searches kept for their heat maps and query images
-OPEN_SLIDES = 8  # slides kept open for tiles
+OPEN_SLIDE_BYTES = 512 * 2**20  # what the slides kept open may hold: a plain image's decoded pixels count whole
+HANDLE_BYTES = 64 * 2**20  # a pyramid file's handle counts this much (nominal: its reader's own tile cache)
 
 
 class NotFound(UserError):
@@ -119,22 +122,29 @@ class _SlideLevels:
         return Image.fromarray(self.slide.read(*location, level, *size)).convert("RGBA")
 
 
-class _OpenSlide:
-    """A slide kept open for tiles: its Deep Zoom generator and, for readers that are not
-    thread-safe (tiffslide, Pillow), a lock around its reads."""
+def _record_key(row: dict) -> tuple:
+    """What names an indexed slide's file: its id, path, size and modification time."""
+    return row["id"], row["path"], row["file_size"], row["mtime"]
 
-    def __init__(self, slide: Slide) -> None:
+
+class _OpenSlide:
+    """A slide kept open for its tiles, patch images and region searches: its Deep Zoom generator,
+    the index record it was opened for, and the bytes it counts for in the cache."""
+
+    def __init__(self, slide: Slide, row: dict) -> None:
         from openslide.deepzoom import DeepZoomGenerator
         self.slide = slide
         handle = slide.handle if slide.backend == "openslide" else _SlideLevels(slide)
         self.deep_zoom = DeepZoomGenerator(handle, TILE_SIZE, TILE_OVERLAP, limit_bounds=False)
-        self.lock = threading.Lock() if slide.backend != "openslide" else None
+        self.record = _record_key(row)
+        width, height = slide.dimensions
+        self.nbytes = width * height * len(slide.handle.getbands()) if slide.backend == "image" else HANDLE_BYTES
 
-    def tile(self, level: int, col: int, row: int) -> Image.Image:
-        if self.lock is None:
-            return self.deep_zoom.get_tile(level, (col, row))
-        with self.lock:
-            return self.deep_zoom.get_tile(level, (col, row))
+    def lend(self, path: str, fallback_mpp: float | None) -> Slide:
+        """A SlideOpener for the searches of this slide: its open handle, not closed by them."""
+        if path != self.slide.path:
+            raise ValueError(f"{path}: not the slide lent ({self.slide.path})")
+        return self.slide.shared()
 
 
 class SearchService:
@@ -146,6 +156,8 @@ class SearchService:
         self._classes: set[str] = set()
         self._generation = -1
         self._searches: OrderedDict[str, Search] = OrderedDict()
+        # Least recently used first. A slide dropped from it is not closed there: a request may still be
+        # reading it (closing an OpenSlide handle under a read is unsafe); it closes when the last lets go.
         self._open: OrderedDict[int, _OpenSlide] = OrderedDict()
         self._open_lock = threading.Lock()
 
@@ -219,26 +231,46 @@ class SearchService:
 
     def patch_image(self, patch_id: int) -> bytes:
         patch = self.patch(patch_id)
-        with self.lock:
-            pixels = patch_pixels(self.index, patch)
+        try:
+            if patch.file:
+                pixels = patch_pixels(self.index, patch)
+            else:  # through the slide's open handle: a plain image is not decoded again for each patch
+                pixels = cut_patch(self._slide(patch.source_id).slide, patch, self.index.settings.patch_size)
+        except slide_errors():
+            pixels = None
         if pixels is None:
             raise NotFound(f"patch {patch_id}: its slide or file can no longer be read")
         return jpeg_bytes(pixels, max_side=256)
 
-    # ------------------------------------------------------------------ tiles
+    # ------------------------------------------------------------------ open slides
     def _slide(self, source_id: int) -> _OpenSlide:
+        """The slide's open handle, for the file the index holds under this id: opened again when
+        the index's record of the id is not the one it was opened for, refused (SlideChanged) when
+        the file is not the one indexed any more."""
         row = self.source(source_id, "slide")
+        sources = self.sources()
         with self._open_lock:
+            for sid in [sid for sid, kept in self._open.items()
+                        if sid not in sources or kept.record != _record_key(sources[sid])]:
+                del self._open[sid]  # removed from the index, or its id now names another file
             entry = self._open.get(source_id)
-            if entry is None:
-                try:
-                    entry = _OpenSlide(open_slide(row["path"], row["slide_mpp"]))
-                except slide_errors() as error:
-                    raise NotFound(f"slide {source_id}: its file can no longer be read ({error})") from None
-                self._open[source_id] = entry
-                while len(self._open) > OPEN_SLIDES:
-                    self._open.popitem(last=False)[1].slide.close()
+            try:
+                if entry is None:
+                    entry = _OpenSlide(open_indexed_slide(row), row)
+                    self._open[source_id] = entry
+                else:
+                    check_unchanged(row)
+            except SlideChanged:
+                self._open.pop(source_id, None)
+                raise SlideChanged(f"slide {source_id} ({Path(row['path']).name}): the slide changed since it was "
+                                   "indexed; index it again with `retrieve.py index ... --replace`") from None
+            except slide_errors() as error:
+                self._open.pop(source_id, None)
+                raise NotFound(f"slide {source_id}: its file can no longer be read ({error})") from None
             self._open.move_to_end(source_id)
+            # The least recently used go first; the one just used stays, however large.
+            while len(self._open) > 1 and sum(kept.nbytes for kept in self._open.values()) > OPEN_SLIDE_BYTES:
+                self._open.popitem(last=False)
             return entry
 
     def dzi(self, source_id: int) -> str:
@@ -253,7 +285,7 @@ class SearchService:
         if not (0 <= col < cols and 0 <= row < rows):
             raise NotFound(f"slide {source_id}: no tile {col}_{row} at level {level} ({cols} x {rows} tiles)")
         try:
-            tile = entry.tile(level, col, row)
+            tile = zoom.get_tile(level, (col, row))  # tiffslide and Pillow reads take turns in Slide.read
         except slide_errors() as error:
             raise NotFound(f"slide {source_id}: tile {level}/{col}_{row} cannot be read ({error})") from None
         return jpeg_bytes(tile, TILE_QUALITY)
@@ -282,20 +314,23 @@ class SearchService:
         if patches > MAX_REGION_PATCHES:
             raise BadInput(f"region {x},{y},{width},{height}: about {patches} patches; draw a smaller region (at "
                            f"most {MAX_REGION_PATCHES} patches of {side:.0f} level-0 pixels)", too_large=True)
-        result = self._search(Job(row["path"], "region", region=(x, y, width, height)), top_k, row["slide_mpp"])
-        preview = query_pixels(result, self.index)
+        entry = self._slide(source_id)  # the indexed file, through its open handle, or SlideChanged
+        result = self._search(Job(row["path"], "region", region=(x, y, width, height)), top_k, row["slide_mpp"],
+                              entry.lend)
+        preview = query_pixels(result, self.index, entry.lend)
         name = f"{Path(row['path']).name} @ {x},{y},{width},{height}"
         return self._keep(Search(uuid.uuid4().hex, "region", name, result, source_id,
                                  None if preview is None else jpeg_bytes(preview)))
 
-    def _search(self, job: Job, top_k: int | None, slide_mpp: float | None = None) -> QueryResult:
+    def _search(self, job: Job, top_k: int | None, slide_mpp: float | None = None,
+                opener: SlideOpener = open_slide) -> QueryResult:
         top_k = top_k or self.top_k
         if not 1 <= top_k <= 100:
             raise BadInput(f"top_k {top_k}: choose from 1 to 100")
         with self.lock:
             results, failed = run_queries(self.index, [job], self.embedder, top_k, out_dir=None,
                                           fallback_mpp=slide_mpp, nprobe=self.nprobe,
-                                          ef_search=self.ef_search, progress=False)
+                                          ef_search=self.ef_search, progress=False, opener=opener)
         if not results:
             reason = failed[0][1] if failed else "no patch to search with"
             raise BadInput(f"{Path(job.path).name}: cannot be searched with ({reason})")

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 
 from .errors import UserError
 from .search_service import MAX_UPLOAD_BYTES, NotFound, Search, SearchService
+from .slide_index import SlideChanged
 
 WEB = Path(__file__).resolve().parent.parent / "web"
 STATIC = WEB / "static"
@@ -217,7 +218,8 @@ def create_app(service: SearchService, viewer: Path = VIEWER) -> FastAPI:
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, error: UserError) -> JSONResponse:
-        status = 404 if isinstance(error, NotFound) else 413 if getattr(error, "too_large", False) else 400
+        status = 404 if isinstance(error, NotFound) else 409 if isinstance(error, SlideChanged) else \
+            413 if getattr(error, "too_large", False) else 400
         return JSONResponse({"detail": str(error)}, status_code=status)
 
     app.include_router(api_router(service))

@@ -11,6 +11,10 @@ killed run leaves each source either complete or absent. The faiss file is deriv
 saved with the generation of the database it reflects, and rebuilt from the stored vectors when
 the two differ (after a run was killed before saving it). Under torchrun each process writes its
 sources into a shard database of the same layout (DIR/shards/), which the first process merges.
+
+Source and patch ids are never given twice (counters in the meta table), so an id in a URL or a
+cache names one file for good. A slide's pixels are read again only through open_indexed_slide,
+which refuses a file whose size or modification time is not the recorded one (SlideChanged).
 """
 from __future__ import annotations
 
@@ -21,13 +25,14 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from . import vector_index
 from .errors import UserError
 from .files import atomic_write_text, command_line
+from .slides import Slide, SlideError, open_slide
 
 FORMAT = 1
 MANIFEST, DATABASE, VECTORS, SHARDS = "manifest.json", "patches.sqlite", "vectors.faiss", "shards"
@@ -97,6 +102,40 @@ def file_stat(path: str | os.PathLike) -> tuple[int, float]:
     return stat.st_size, stat.st_mtime
 
 
+class SlideChanged(UserError):
+    """An indexed slide whose file is not the one the index was built from any more (its size or
+    modification time differs): its patches, boxes and tiles would describe another image (HTTP 409)."""
+
+
+def check_unchanged(record: Mapping) -> None:
+    """Raise SlideChanged when the file at an indexed slide's path is not the one its record
+    describes, SlideError when it is gone. The modification time is compared exactly: SQLite's
+    REAL keeps os.stat's float as it was."""
+    path = record["path"]
+    try:
+        current = file_stat(path)
+    except OSError:
+        raise SlideError(f"{path}: no such slide file") from None
+    if current != (record["file_size"], record["mtime"]):
+        raise SlideChanged(f"{path}: the slide changed since it was indexed (its size or modification time "
+                           "differs); index it again with `retrieve.py index CHECKPOINT "
+                           f"{path} --index DIR --replace`")
+
+
+def open_indexed_slide(record: Mapping) -> Slide:
+    """The file of an indexed slide (a sources row), opened only when it is the file the index was
+    built from; checked again once open, so that a file replaced while it was being opened is not
+    taken for the indexed one."""
+    check_unchanged(record)
+    slide = open_slide(record["path"], record["slide_mpp"])
+    try:
+        check_unchanged(record)
+    except BaseException:
+        slide.close()
+        raise
+    return slide
+
+
 class PatchDatabase:
     """The SQLite record of sources, patches and vectors (an index's, or a torchrun shard's)."""
 
@@ -111,6 +150,11 @@ class PatchDatabase:
             self.connection.executescript(SCHEMA)
             # WAL: a reader (a query, the search page) never waits for an index run's write.
             self.connection.execute("PRAGMA journal_mode=WAL")
+            with self.connection:
+                # An index from before the counter: start it above every id it holds now, before a
+                # removal can free its highest one (SQLite alone would give that id again).
+                self.connection.execute("INSERT OR IGNORE INTO meta (key, value) "
+                                        "SELECT 'next_source_id', COALESCE(MAX(id), 0) + 1 FROM sources")
         self.connection.execute("PRAGMA foreign_keys=ON")
 
     def close(self) -> None:
@@ -128,6 +172,14 @@ class PatchDatabase:
     def generation(self) -> int:
         """Incremented by every change of the patches, so a saved faiss index knows whether it is current."""
         return self.meta("generation")
+
+    def _new_source_id(self) -> int:
+        """An id no source of this database ever had (ids name slides in the search page's URLs
+        and caches); call inside the transaction that inserts the source."""
+        highest = self.connection.execute("SELECT COALESCE(MAX(id), 0) FROM sources").fetchone()[0]
+        source_id = max(self.meta("next_source_id", 1), highest + 1)
+        self._set_meta("next_source_id", source_id + 1)
+        return source_id
 
     def log_run(self, command: str) -> None:
         with self.connection:
@@ -147,11 +199,12 @@ class PatchDatabase:
         with self.connection:
             self.connection.execute("DELETE FROM sources WHERE path = ? AND state = 'failed'", (record.path,))
             first = self.meta("next_patch_id", 1)
-            cursor = self.connection.execute(
-                f"INSERT INTO sources ({', '.join(SOURCE_COLUMNS)}, state, first_patch, patch_count, indexed_at, "
-                f"command) VALUES ({', '.join('?' * (len(SOURCE_COLUMNS) + 5))})",
-                (*(getattr(record, name) for name in SOURCE_COLUMNS), "indexed", first, count, _now(), command))
-            source_id = cursor.lastrowid
+            source_id = self._new_source_id()
+            self.connection.execute(
+                f"INSERT INTO sources (id, {', '.join(SOURCE_COLUMNS)}, state, first_patch, patch_count, "
+                f"indexed_at, command) VALUES ({', '.join('?' * (len(SOURCE_COLUMNS) + 6))})",
+                (source_id, *(getattr(record, name) for name in SOURCE_COLUMNS), "indexed", first, count, _now(),
+                 command))
             ids = np.arange(first, first + count, dtype=np.int64)
             self.connection.executemany(
                 "INSERT INTO patches (id, source_id, x, y, width, height, tissue, file, class) "
@@ -167,10 +220,14 @@ class PatchDatabase:
     def add_failure(self, path: str, reason: str, command: str = "") -> None:
         """Record a source that could not be indexed (shown by `list`, retried by the next run)."""
         with self.connection:
-            self.connection.execute(
-                "INSERT INTO sources (path, kind, state, reason, indexed_at, command) VALUES (?, 'slide', 'failed', ?, ?, ?) "
-                "ON CONFLICT(path) DO UPDATE SET reason = excluded.reason, indexed_at = excluded.indexed_at "
-                "WHERE state = 'failed'", (path, reason, _now(), command))
+            known = self.connection.execute("SELECT state FROM sources WHERE path = ?", (path,)).fetchone()
+            if known is None:
+                self.connection.execute(
+                    "INSERT INTO sources (id, path, kind, state, reason, indexed_at, command) "
+                    "VALUES (?, ?, 'slide', 'failed', ?, ?, ?)", (self._new_source_id(), path, reason, _now(), command))
+            elif known[0] == "failed":
+                self.connection.execute("UPDATE sources SET reason = ?, indexed_at = ? WHERE path = ?",
+                                        (reason, _now(), path))
 
     def remove_source(self, source_id: int) -> np.ndarray:
         """Delete a source, its patches and vectors; returns the patch ids it had."""

@@ -6,11 +6,16 @@ Every query patch gets its top-k matches; a query never gets itself back: an ind
 is left out of its own matches, an indexed slide out of its own search. Slides are ranked as
 Yottixel and SISH rank them: by the votes of the query patches' best matches (each patch's first
 match votes for its slide), then by the mean similarity of the slide's patches among the top-k.
+
+An indexed slide whose file changed since it was indexed (size or modification time) is not the
+slide its patches were cut from: its matches are listed but their pixels are not drawn from the new
+file, and a query with that file is searched as a new slide (its indexed patches are not left out).
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -26,8 +31,8 @@ from .errors import UserError
 from .files import atomic_write_text, command_line, list_images, write_csv
 from .images import UNREADABLE, load_rgb
 from .indexing import Job, SourceResult, slide_errors, embed_sources
-from .slide_index import Patch, SlideIndex
-from .slides import Tiling, best_level, decode_jpeg, open_slide, read_scaled
+from .slide_index import Patch, SlideChanged, SlideIndex, check_unchanged, open_indexed_slide
+from .slides import Slide, SlideOpener, Tiling, best_level, decode_jpeg, open_slide, read_scaled
 
 MATCH_FIELDS = ["query", "query_class", "query_x", "query_y", "query_width", "query_height", "rank", "source", "file", "x", "y",
                 "width", "height", "mpp", "similarity", "class"]
@@ -106,6 +111,12 @@ def _exclusions(index: SlideIndex, result: SourceResult) -> list[np.ndarray]:
     if result.job.kind == "slide":
         known = index.db.source_by_path(result.job.path)
         if known is not None and known["state"] == "indexed":
+            try:
+                check_unchanged(known)
+            except SlideChanged as changed:
+                print(f"note: {changed}; until then it is searched as a new slide, its indexed patches "
+                      "included", file=sys.stderr)
+                return [none] * len(result.boxes)
             ids = index.db.patch_ids(known["id"])
             return [ids] * len(result.boxes)
     return [none] * len(result.boxes)
@@ -131,16 +142,18 @@ def rank_slides(matches: Sequence[Sequence[Match]]) -> list[dict]:
 def run_queries(index: SlideIndex, jobs: Sequence[Job], embedder: Embedder, top_k: int = 10,
                 out_dir: str | os.PathLike | None = "retrieval", heatmap: bool = False, workers: int = 0,
                 fallback_mpp: float | None = None, nprobe: int | None = None, ef_search: int | None = None,
-                progress: bool = True) -> tuple[list[QueryResult], list[tuple[str, str]]]:
+                progress: bool = True, opener: SlideOpener = open_slide,
+                ) -> tuple[list[QueryResult], list[tuple[str, str]]]:
     """Search the index with every query; returns the results and (path, reason) of the queries
-    that could not be read. matches.csv, slides.csv, query.json and one PNG per query go to out_dir."""
+    that could not be read. matches.csv, slides.csv, query.json and one PNG per query go to out_dir.
+    Query slides are opened with `opener` (the search page lends its open handle)."""
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     settings = index.settings
     tiling = Tiling(settings.mpp, settings.patch_size, settings.tissue_threshold)
     results, failed = [], []
     known = index.db.classes()
-    for result in embed_sources(jobs, embedder, tiling, settings.crop_size, workers, fallback_mpp, progress):
+    for result in embed_sources(jobs, embedder, tiling, settings.crop_size, workers, fallback_mpp, progress, opener):
         failed += result.failed
         if result.error is not None:
             failed.append((result.job.path, result.error))
@@ -182,9 +195,10 @@ def write_outputs(index: SlideIndex, results: Sequence[QueryResult], out_dir: Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     mpp = index.settings.mpp
     match_rows, slide_rows = [], []
+    changed: dict[str, str] = {}
     for number, result in enumerate(results):
         result.figure = str(out_dir / f"{number:03d}_{Path(result.path).stem}.png")
-        draw_query(index, result, result.figure, heatmap)
+        draw_query(index, result, result.figure, heatmap, changed)
         for (qx, qy, qw, qh), patch_matches in zip(result.boxes.tolist(), result.matches):
             for match in patch_matches:
                 p = match.patch
@@ -195,6 +209,8 @@ def write_outputs(index: SlideIndex, results: Sequence[QueryResult], out_dir: Pa
                     "file": p.file or "", "x": p.x, "y": p.y, "width": p.width, "height": p.height,
                     "mpp": "" if p.file else mpp, "similarity": f"{match.similarity:.6f}", "class": p.class_name or ""})
         slide_rows += [{"query": result.name, **row, "score": f"{row['score']:.6f}"} for row in result.slides]
+    for reason in changed.values():
+        print(f"note: {reason}; its matches are listed, their patches not drawn", file=sys.stderr)
     write_csv(match_rows, out_dir / "matches.csv", MATCH_FIELDS)
     write_csv(slide_rows, out_dir / "slides.csv", SLIDE_FIELDS)
     atomic_write_text(out_dir / "query.json", json.dumps({
@@ -203,25 +219,33 @@ def write_outputs(index: SlideIndex, results: Sequence[QueryResult], out_dir: Pa
         "queries": [r.name for r in results]}, indent=2) + "\n")
 
 
+def cut_patch(slide: Slide, patch: Patch, size: int) -> np.ndarray:
+    """An indexed slide patch's pixels, as the index cut them (size x size), from its open slide."""
+    level = best_level(slide.level_downsamples, patch.width / size)
+    return read_scaled(slide, level, patch.x, patch.y, patch.width, patch.height, size, size)
+
+
 def patch_pixels(index: SlideIndex, patch: Patch) -> np.ndarray | None:
-    """The pixels of an indexed patch as the index cut them, or None when its file is gone."""
+    """The pixels of an indexed patch as the index cut them, or None when its file is gone;
+    SlideChanged when its slide's file is not the one indexed any more."""
     try:
         if patch.file:
             return np.asarray(load_rgb(patch.file))
-        size = index.settings.patch_size
-        with open_slide(patch.source, index.db.source_by_path(patch.source)["slide_mpp"]) as slide:
-            level = best_level(slide.level_downsamples, patch.width / size)
-            return read_scaled(slide, level, patch.x, patch.y, patch.width, patch.height, size, size)
-    except (*slide_errors(), TypeError):
+        record = index.db.source_by_path(patch.source)
+        if record is None:
+            return None
+        with open_indexed_slide(record) as slide:
+            return cut_patch(slide, patch, index.settings.patch_size)
+    except slide_errors():
         return None
 
 
-def query_pixels(result: QueryResult, index: SlideIndex) -> np.ndarray | None:
+def query_pixels(result: QueryResult, index: SlideIndex, opener: SlideOpener = open_slide) -> np.ndarray | None:
     """What the figure shows as the query: the image, the region, or the slide's thumbnail."""
     try:
         if result.kind == "patch":
             return np.asarray(load_rgb(result.path))
-        with open_slide(result.path, None) as slide:
+        with opener(result.path, None) as slide:
             x0, y0 = result.boxes[:, 0].min(), result.boxes[:, 1].min()
             x1, y1 = (result.boxes[:, 0] + result.boxes[:, 2]).max(), (result.boxes[:, 1] + result.boxes[:, 3]).max()
             if result.kind == "slide":
@@ -258,9 +282,11 @@ def heat_colours(heat: np.ndarray) -> tuple[float, float, np.ndarray]:
     return low, high, colormaps["magma"]((heat - low) / (high - low) if high > low else np.ones_like(heat))
 
 
-def draw_query(index: SlideIndex, result: QueryResult, path: str, heatmap: bool) -> None:
+def draw_query(index: SlideIndex, result: QueryResult, path: str, heatmap: bool,
+               changed: dict[str, str] | None = None) -> None:
     """The query, its best matches, then each of the first matched slides' thumbnails with the
-    matching patches outlined (and, with heatmap, every patch coloured by its similarity)."""
+    matching patches outlined (and, with heatmap, every patch coloured by its similarity). A match
+    on a slide whose file changed since it was indexed is left blank; `changed` gets its reason."""
     flat = best_matches(result)
     best = flat[:max(len(row) for row in result.matches) if result.matches else 0]
     slides = [row["source"] for row in result.slides[:FIGURE_SLIDES]]
@@ -276,7 +302,12 @@ def draw_query(index: SlideIndex, result: QueryResult, path: str, heatmap: bool)
     axes[0, 0].set_title(f"query ({result.kind})\n{Path(result.path).name}"
                          + (f"\n{result.class_name}" if result.class_name else ""), fontsize=8)
     for place, (ax, match) in enumerate(zip(axes[0, 1:], best), start=1):
-        pixels = patch_pixels(index, match.patch)
+        try:
+            pixels = patch_pixels(index, match.patch)
+        except SlideChanged as reason:
+            pixels = None
+            if changed is not None:
+                changed[match.patch.source] = str(reason)
         if pixels is not None:
             ax.imshow(pixels)
         where = Path(match.patch.file).name if match.patch.file else f"{match.patch.x},{match.patch.y}"

@@ -13,10 +13,13 @@ to `patch_size`, so that one patch covers `patch_size * mpp` microns whatever th
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -57,11 +60,14 @@ class Slide:
     """One open slide, whichever library reads it: its levels, its scale and RGB reads.
 
     `mpp` is the level-0 scale from the file's metadata, or `fallback_mpp` (--slide-mpp) when the
-    file has none; None when neither is known.
+    file has none; None when neither is known. Reads may come from several threads: OpenSlide is
+    thread-safe, tiffslide and Pillow are not, so their reads take turns under the slide's lock.
     """
 
     def __init__(self, path: str | os.PathLike, handle: object, backend: str, fallback_mpp: float | None) -> None:
         self.path, self.handle, self.backend = os.fspath(path), handle, backend
+        self._lock = None if backend == "openslide" else threading.Lock()
+        self._owns_handle = True
         if backend == "image":
             self.level_dimensions: tuple[tuple[int, int], ...] = (handle.size,)
             self.level_downsamples: tuple[float, ...] = (1.0,)
@@ -85,10 +91,16 @@ class Slide:
     def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         """height x width x 3 uint8 RGB of a region whose top-left corner is (x, y) in level-0
         pixels, read at `level`; transparent (unscanned) areas come back white, as glass."""
-        if self.backend == "image":
-            region = self.handle.crop((x, y, x + width, y + height))
-        else:
+        if self._lock is None:
             region = self.handle.read_region((x, y), level, (width, height))
+        else:
+            with self._lock:
+                if self.backend == "image":
+                    region = self.handle.crop((x, y, x + width, y + height))
+                    if region.mode != "RGB":  # kept in the file's own mode: converted region by region
+                        region = region.convert("RGB")
+                else:
+                    region = self.handle.read_region((x, y), level, (width, height))
         if region.mode == "RGB":
             return np.array(region)
         rgba = np.asarray(region.convert("RGBA") if region.mode != "RGBA" else region)
@@ -115,14 +127,25 @@ class Slide:
             thumbnail = cv2.resize(thumbnail, (out_width, out_height), interpolation=cv2.INTER_AREA)
         return thumbnail
 
+    def shared(self) -> Slide:
+        """This slide for a borrower that closes what it is given: the same handle and lock, and
+        a close() that leaves them open for their owner."""
+        view = copy.copy(self)
+        view._owns_handle = False
+        return view
+
     def close(self) -> None:
-        self.handle.close()
+        if self._owns_handle:
+            self.handle.close()
 
     def __enter__(self) -> Slide:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+SlideOpener = Callable[[str, "float | None"], Slide]  # open_slide, or a lender of slides already open
 
 
 def _metadata_mpp(properties: dict, backend: str) -> float | None:
@@ -167,11 +190,16 @@ def open_slide(path: str | os.PathLike, fallback_mpp: float | None = None) -> Sl
         except (*UNREADABLE, KeyError, IndexError, RuntimeError) as error:
             reasons.append(f"tiffslide: {error}")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return Slide(path, image.convert("RGB"), "image", fallback_mpp)
+        image = Image.open(path)
     except UNREADABLE as error:
         reasons.append(f"Pillow: {error}")
+    else:
+        try:
+            image.load()  # decoded once, in its own mode: no converted copy of the whole image
+            return Slide(path, image, "image", fallback_mpp)
+        except UNREADABLE as error:
+            image.close()
+            reasons.append(f"Pillow: {error}")
     raise SlideError(f"{path}: cannot be read as a slide or an image ({'; '.join(reasons)})")
 
 
