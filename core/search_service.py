@@ -53,7 +53,6 @@ MAX_REGION_PATCHES = 64  # a drawn region is tiled into at most this many query 
 TILE_SIZE, TILE_OVERLAP, TILE_FORMAT, TILE_QUALITY = 254, 1, "jpeg", 80
 KEPT_SEARCHES = 32  # recent searches kept for their heat maps and query images
 OPEN_SLIDES = 8  # slides kept open for tiles
-_DECODING = threading.BoundedSemaphore(DECODES_AT_ONCE)
 
 
 class NotFound(UserError):
@@ -149,6 +148,9 @@ def check_upload(upload: bytes | BinaryIO, filename: str) -> Image.Image:
     except UNREADABLE as error:
         raise BadInput(f"{filename}: not an image Pillow can read (PNG, JPEG or TIFF): "
                        f"{str(error) or type(error).__name__}") from None
+
+
+_DECODING = threading.BoundedSemaphore(DECODES_AT_ONCE)
 
 
 def decode_upload(upload: bytes | BinaryIO, filename: str, crop_size: int) -> tuple[Image.Image, Image.Image]:
