@@ -4,7 +4,7 @@
     python3 retrieve.py query --index DIR QUERY... [--top-k 10] [--region X,Y,W,H] [--heatmap]
     python3 retrieve.py list --index DIR
     python3 retrieve.py remove --index DIR SOURCE...
-    python3 retrieve.py serve --index DIR [--host 127.0.0.1] [--port 8000]
+    python3 retrieve.py serve --index DIR [--host 127.0.0.1] [--port 8000] [--allowed-hosts HOST[,HOST]]
 
 `index` creates the index folder DIR or adds to it. A SOURCE is a whole-slide file (read through
 OpenSlide: Aperio SVS, tiled TIFF, NDPI, MRXS...; tiffslide for TIFFs OpenSlide cannot read; a
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -59,6 +60,15 @@ def parse_region(text: str) -> tuple[int, int, int, int]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected X,Y,WIDTH,HEIGHT in level-0 pixels, "
                                          "e.g. 1024,2048,448,448") from None
     return x, y, width, height
+
+
+def parse_hosts(text: str) -> list[str]:
+    hosts = [part.strip() for part in text.split(",") if part.strip()]
+    for host in hosts:
+        if not re.fullmatch(r"[A-Za-z0-9.-]+|\[?[0-9A-Fa-f:.]+\]?", host) or host.count(":") == 1:
+            raise argparse.ArgumentTypeError(f"{host!r}: expected host names or addresses without a scheme or "
+                                             "port, comma-separated, e.g. search.example.org,10.0.0.5")
+    return hosts
 
 
 def positive_float(text: str) -> float:
@@ -123,6 +133,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="address to listen on (default: %(default)s, this machine only; put a reverse proxy "
                             "with authentication in front before sharing the page on a network)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    serve.add_argument("--allowed-hosts", type=parse_hosts, default=[], metavar="HOST[,HOST]",
+                       help="more host names the page answers to, such as the public name a reverse proxy "
+                            "forwards (default: none; 127.0.0.1, localhost, [::1] and --host always); any other "
+                            "Host header is refused")
 
     listing = commands.add_parser("list", parents=[where], help="show an index's model, scale and sources")
     listing.add_argument("--failed", action="store_true", help="also list sources that failed (default: off)")
@@ -294,11 +308,13 @@ def run_serve(args: argparse.Namespace, device: torch.device) -> int:
           f"{summary['patches']} patches ({summary['model_name']}, {summary['mpp']} um/px)")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: serving on {args.host}, with no authentication; put a reverse proxy with authentication in "
-              "front of it before sharing it on a network (README, 'The search page')", file=sys.stderr)
+              "front of it before sharing it on a network (README, 'The search page'); requests naming another "
+              "host than 127.0.0.1, localhost, [::1], --host or --allowed-hosts are refused", file=sys.stderr)
     print(f"search page: http://{'localhost' if args.host in ('127.0.0.1', '::1') else args.host}:{args.port}/ "
           "(Ctrl+C stops it)", flush=True)
     try:
-        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(create_app(service, allowed_hosts=[args.host, *args.allowed_hosts]), host=args.host,
+                    port=args.port, log_level="warning", server_header=False)
     finally:
         service.close()
     return 0

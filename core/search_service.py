@@ -16,6 +16,7 @@ it was indexed is refused (SlideChanged, HTTP 409), never mixed with what the in
 from __future__ import annotations
 
 import io
+import re
 import tempfile
 import threading
 import uuid
@@ -23,22 +24,33 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Iterable
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .data import eval_crop
 from .embedder import Embedder
 from .errors import UserError
 from .images import UNREADABLE
 from .indexing import Job, slide_errors
 from .slide_index import Patch, SlideChanged, SlideIndex, check_unchanged, open_indexed_slide
 from .slide_search import (QueryResult, best_matches, cut_patch, heat_colours, load_index_model, patch_pixels,
-                           query_pixels, run_queries, slide_heat)
+                           query_class, query_pixels, run_queries, slide_heat)
 from .slides import Slide, SlideOpener, best_level, open_slide
 
-MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-MAX_UPLOAD_PIXELS = 40_000_000  # about a 6,300 px square; Pillow's own bomb guard starts at 89 million
+# The search page's limits, in one place (docs/search_page.md, "Security"); core/server.py enforces
+# the request ones before a body is read.
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # an uploaded image file
+UPLOAD_FORM_OVERHEAD = 64 * 1024  # multipart boundaries and headers around it
+MAX_BODY_BYTES = 4 * 1024  # any other request body: a region search's JSON is about 100 bytes
+MAX_UPLOAD_SIDE = 4096  # pixels a side: a query is a patch or a small region, never a whole slide
+UPLOAD_FORMATS = ("PNG", "JPEG", "TIFF")  # single frame; Pillow tries no other decoder (none reaches Ghostscript)
+DECODES_AT_ONCE = 2  # uploads decoded at the same time, so that memory stays bounded whatever the load
+MAX_NAME_BYTES = 255  # an upload's file name, the longest most file systems allow
+MAX_ID = 2**63 - 1  # SQLite's largest integer: no id above it can be in an index
+PREVIEW_SIDE = 512  # the query image shown with a search's results
 MAX_REGION_PATCHES = 64  # a drawn region is tiled into at most this many query patches
 TILE_SIZE, TILE_OVERLAP, TILE_FORMAT, TILE_QUALITY = 254, 1, "jpeg", 80
 KEPT_SEARCHES = 32  # recent searches kept for their heat maps and query images
@@ -51,11 +63,12 @@ class NotFound(UserError):
 
 
 class BadInput(UserError):
-    """A request the service cannot answer as sent (HTTP 400, or 413 with `too_large`)."""
+    """A request the service cannot answer as sent: HTTP 400, 413 with `too_large`, 415 with `unsupported`."""
 
-    def __init__(self, message: str, too_large: bool = False) -> None:
+    def __init__(self, message: str, too_large: bool = False, unsupported: bool = False) -> None:
         super().__init__(message)
         self.too_large = too_large
+        self.status = 413 if too_large else 415 if unsupported else 400
 
 
 @dataclass
@@ -78,30 +91,79 @@ def jpeg_bytes(pixels: np.ndarray | Image.Image, quality: int = 85, max_side: in
     return buffer.getvalue()
 
 
-def check_upload(data: bytes, filename: str) -> Image.Image:
-    """The uploaded image, decoded; BadInput names the file and why it cannot be searched with."""
-    if not data:
+# A run of directories of an absolute path (POSIX or Windows), but not the API's own "/api/..." routes.
+_DIRECTORIES = re.compile(r"(?<![\w.~-])(?:[A-Za-z]:)?[\\/](?!api/)(?:[^\\/\s'\"()\[\],;]+[\\/])+")
+
+
+def without_paths(message: str, paths: Iterable[str] = ()) -> str:
+    """`message` with each absolute path in it cut to its last part: the known `paths` whole (they
+    may hold spaces), then anything else that looks like one."""
+    for path in sorted(set(paths), key=len, reverse=True):
+        message = message.replace(path, Path(path).name)
+    return _DIRECTORIES.sub("", message)
+
+
+def upload_label(filename: str | None) -> str:
+    """The upload's file name as a label for its search: never a path here, it names no file. A
+    client may send a path; its last part is kept. BadInput when it cannot be a file name."""
+    name = re.split(r"[\\/]", filename or "")[-1] or "upload"
+    shown, size = repr(name if len(name) <= 60 else name[:60] + "..."), len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise BadInput(f"upload file name {shown}: {size} bytes; file names are limited to {MAX_NAME_BYTES}: "
+                       "rename the file")
+    if name in (".", "..") or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise BadInput(f"upload file name {shown}: not a file name (a dot entry or a control character); "
+                       "rename the file, e.g. patch.png")
+    return name
+
+
+def check_upload(upload: bytes | BinaryIO, filename: str) -> Image.Image:
+    """The uploaded image, decoded as RGB; BadInput names the file and why it cannot be searched with.
+    Only PNG, JPEG and TIFF of one frame, at most MAX_UPLOAD_SIDE a side (read from the header,
+    before any pixel is decoded)."""
+    stream = io.BytesIO(upload) if isinstance(upload, bytes) else upload
+    size = stream.seek(0, io.SEEK_END)
+    stream.seek(0)
+    if not size:
         raise BadInput(f"{filename}: the upload is empty")
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise BadInput(f"{filename}: {len(data) / 2**20:.1f} MB; uploads are limited to "
+    if size > MAX_UPLOAD_BYTES:
+        raise BadInput(f"{filename}: {size / 2**20:.1f} MB; uploads are limited to "
                        f"{MAX_UPLOAD_BYTES // 2**20} MB", too_large=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                pixels = image.size[0] * image.size[1]
-                if pixels > MAX_UPLOAD_PIXELS:
-                    raise BadInput(f"{filename}: {image.size[0]} x {image.size[1]} pixels; uploads are limited to "
-                                   f"{MAX_UPLOAD_PIXELS:,} pixels (a patch at the index's scale is enough)",
-                                   too_large=True)
+            with Image.open(stream, formats=UPLOAD_FORMATS) as image:
+                width, height = image.size
+                if width > MAX_UPLOAD_SIDE or height > MAX_UPLOAD_SIDE:
+                    raise BadInput(f"{filename}: {width} x {height} pixels; uploads are limited to "
+                                   f"{MAX_UPLOAD_SIDE} x {MAX_UPLOAD_SIDE} pixels (a patch at the index's scale "
+                                   "is enough)", too_large=True)
+                if getattr(image, "is_animated", False):
+                    raise BadInput(f"{filename}: an image of several frames; upload a single patch image",
+                                   unsupported=True)
                 return image.convert("RGB")
-    except Image.DecompressionBombWarning as error:
-        raise BadInput(f"{filename}: too many pixels to decode safely ({error})", too_large=True) from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise BadInput(f"{filename}: too many pixels to decode safely ({error}); uploads are limited to "
+                       f"{MAX_UPLOAD_SIDE} x {MAX_UPLOAD_SIDE} pixels", too_large=True) from None
     except Image.UnidentifiedImageError:
-        raise BadInput(f"{filename}: not an image file; upload a PNG, JPEG or TIFF patch") from None
+        raise BadInput(f"{filename}: not a PNG, JPEG or TIFF image; save the patch in one of those formats",
+                       unsupported=True) from None
     except UNREADABLE as error:
         raise BadInput(f"{filename}: not an image Pillow can read (PNG, JPEG or TIFF): "
                        f"{str(error) or type(error).__name__}") from None
+
+
+_DECODING = threading.BoundedSemaphore(DECODES_AT_ONCE)
+
+
+def decode_upload(upload: bytes | BinaryIO, filename: str, crop_size: int) -> tuple[Image.Image, Image.Image]:
+    """(the centre crop the model sees, a preview at most PREVIEW_SIDE a side) of an upload. The whole
+    image lives only here, DECODES_AT_ONCE at a time: what follows holds a crop and a thumbnail."""
+    with _DECODING:
+        image = check_upload(upload, filename)
+        crop = eval_crop(crop_size)(image)  # 3 x c x c uint8, exactly what the loader would cut from the file
+        image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+    return Image.fromarray(crop.permute(1, 2, 0).numpy()), image
 
 
 class _SlideLevels:
@@ -212,6 +274,13 @@ class SearchService:
             raise NotFound(f"source {source_id}: a folder of patch images, not a slide")
         return row
 
+    def public_message(self, message: str) -> str:
+        """An error message as the API shows it: slides and folders by their file names, and no
+        other path of this machine (a slide library's error names the file it could not read)."""
+        with self.lock:
+            paths = [row["path"] for row in self._sources.values()] + [str(self.index.directory)]
+        return without_paths(message, paths)
+
     def thumbnail(self, source_id: int) -> bytes:
         self.source(source_id)
         with self.lock:
@@ -291,16 +360,18 @@ class SearchService:
         return jpeg_bytes(tile, TILE_QUALITY)
 
     # ------------------------------------------------------------------ searches
-    def search_upload(self, data: bytes, filename: str, top_k: int | None = None) -> Search:
-        """Search with an uploaded patch image (its centre crop at the index's scale)."""
-        name = Path(filename or "upload.png").name or "upload.png"
-        image = check_upload(data, name)
+    def search_upload(self, upload: bytes | BinaryIO, filename: str | None, top_k: int | None = None) -> Search:
+        """Search with an uploaded patch image (its centre crop at the index's scale). The file name is
+        a label only; its `<class>_` prefix, when the index knows the class, judges the matches."""
+        name = upload_label(filename)
+        crop, preview = decode_upload(upload, name, self.index.settings.crop_size)
+        self.sources()  # the classes the index knows, read again if it changed
+        known = query_class(name, self._classes)
         with tempfile.TemporaryDirectory(prefix="upload-") as folder:
-            path = Path(folder) / (Path(name).stem + ".png")  # the name's class prefix, if any, is kept
-            image.save(path)
+            path = Path(folder) / (f"{known}_query.png" if known else "query.png")
+            crop.save(path)
             result = self._search(Job(str(path), "files", files=(str(path),)), top_k)
-            preview = jpeg_bytes(image, max_side=512)
-        return self._keep(Search(uuid.uuid4().hex, "upload", name, result, preview=preview))
+        return self._keep(Search(uuid.uuid4().hex, "upload", name, result, preview=jpeg_bytes(preview)))
 
     def search_region(self, source_id: int, box: tuple[int, int, int, int], top_k: int | None = None) -> Search:
         """Search with a level-0 region of an indexed slide, tiled into the index's patches."""

@@ -1,32 +1,55 @@
 """The search page's web app: a JSON API under /api/ and the page itself, over a SearchService.
 
-    app = create_app(SearchService.open("slide_index"))
-    uvicorn.run(app, host="127.0.0.1", port=8000)          # what `retrieve.py serve` does
+    app = create_app(SearchService.open("slide_index"), allowed_hosts=["search.example.org"])
+    uvicorn.run(app, host="127.0.0.1", port=8000, server_header=False)  # what `retrieve.py serve` does
 
 The API is documented by FastAPI at /docs and /openapi.json. The page (web/static) and the
 OpenSeadragon viewer installed into web/node_modules by `npm ci --prefix web` are served by the
-app itself, so the page needs no internet.
+app itself, so the page needs no internet. RequestGuard checks each request's host, origin and body
+size before the app reads it (docs/search_page.md, "Security").
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import UserError
-from .search_service import MAX_UPLOAD_BYTES, NotFound, Search, SearchService
+from .search_service import (MAX_BODY_BYTES, MAX_ID, MAX_UPLOAD_BYTES, MAX_UPLOAD_SIDE, UPLOAD_FORM_OVERHEAD,
+                             NotFound, Search, SearchService)
 from .slide_index import SlideChanged
 
 WEB = Path(__file__).resolve().parent.parent / "web"
 STATIC = WEB / "static"
 VIEWER = WEB / "node_modules" / "openseadragon" / "build" / "openseadragon"
 VIEWER_INSTALL = "npm ci --prefix web"
-FORM_OVERHEAD = 64 * 1024  # multipart boundaries and headers around the file
 SEARCH_ID = r"^[0-9a-f]{32}$"
+UPLOAD_ROUTE = "/api/search/upload"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")  # the names of this machine a browser may use
+UNSAFE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+DOCS_PATHS = ("/docs", "/redoc", "/docs/oauth2-redirect")  # FastAPI's own pages
+# The page's own scripts, styles and images only. OpenSeadragon injects one fixed <style> (allowed by
+# its hash), draws on a canvas and may decode tiles in a worker it makes from a blob.
+OSD_STYLE_HASH = "sha256-9xTiqzfwFaL2SGb1rmr8gysEwVVjIvqWAgmZgqFqpEE="  # OpenSeadragon 6.1.1's; a new one
+# makes the browser log a refused style (tests/test_search_page.py fails): hash its text again
+PAGE_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self' '" + OSD_STYLE_HASH + "'; "
+               "img-src 'self' data: blob:; connect-src 'self'; worker-src 'self' blob:; object-src 'none'; "
+               "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+# FastAPI's /docs and /redoc load Swagger UI and ReDoc (and ReDoc's fonts) from CDNs and run an inline
+# script: those pages only, which show nothing but the API's description and need the internet anyway.
+DOCS_CDN = "https://cdn.jsdelivr.net"
+DOCS_POLICY = (f"default-src 'self'; script-src 'self' 'unsafe-inline' {DOCS_CDN}; style-src 'self' 'unsafe-inline' "
+               f"{DOCS_CDN} https://fonts.googleapis.com; font-src 'self' https://fonts.gstatic.com; img-src 'self' "
+               "data: https://fastapi.tiangolo.com https://cdn.redoc.ly; worker-src 'self' blob:; connect-src 'self'; "
+               "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
 
 class IndexSummary(BaseModel):
@@ -95,7 +118,9 @@ class SearchOut(BaseModel):
 
 
 class RegionQuery(BaseModel):
-    slide_id: int
+    model_config = ConfigDict(extra="forbid")
+
+    slide_id: int = Field(ge=0, le=MAX_ID)
     x: int = Field(ge=0, description="level-0 pixels")
     y: int = Field(ge=0)
     width: int = Field(gt=0)
@@ -129,7 +154,7 @@ def _image(data: bytes, media_type: str = "image/jpeg") -> Response:
 
 def api_router(service: SearchService) -> APIRouter:
     router = APIRouter(prefix="/api")
-    slide_id = PathParam(description="a slide's id in the index (see /api/slides)")
+    slide_id = PathParam(ge=0, le=MAX_ID, description="a slide's id in the index (see /api/slides)")
 
     @router.get("/index", response_model=IndexSummary, summary="The index's model, scale and size")
     def index_summary() -> IndexSummary:
@@ -160,15 +185,15 @@ def api_router(service: SearchService) -> APIRouter:
         return _image(service.tile(slide_id, level, col, row))
 
     @router.get("/patches/{patch_id}/image.jpeg", response_class=Response, summary="An indexed patch's pixels")
-    def patch_image(patch_id: int) -> Response:
+    def patch_image(patch_id: int = PathParam(ge=0, le=MAX_ID, description="an indexed patch's id")) -> Response:
         return _image(service.patch_image(patch_id))
 
     @router.post("/search/upload", response_model=SearchOut, summary="Search with an uploaded patch image")
-    def search_upload(file: UploadFile = File(description=f"PNG, JPEG or TIFF, at most "
-                                                           f"{MAX_UPLOAD_BYTES // 2**20} MB"),
+    def search_upload(file: UploadFile = File(description=f"PNG, JPEG or TIFF of one frame, at most "
+                                                           f"{MAX_UPLOAD_BYTES // 2**20} MB and {MAX_UPLOAD_SIDE} x "
+                                                           f"{MAX_UPLOAD_SIDE} pixels"),
                       top_k: int | None = Form(None, ge=1, le=100)) -> SearchOut:
-        data = file.file.read(MAX_UPLOAD_BYTES + 1)
-        return _search_out(service, service.search_upload(data, file.filename or "upload", top_k))
+        return _search_out(service, service.search_upload(file.file, file.filename, top_k))
 
     @router.post("/search/region", response_model=SearchOut, summary="Search with a region of an indexed slide")
     def search_region(query: RegionQuery) -> SearchOut:
@@ -198,29 +223,130 @@ def api_router(service: SearchService) -> APIRouter:
     return router
 
 
-def create_app(service: SearchService, viewer: Path = VIEWER) -> FastAPI:
-    """The app over one service; the page's viewer is served from `viewer` when it is installed."""
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` once a body passes its route's limit: FastAPI lets an HTTPException out of
+    its body parsing as it is, so the client gets the 413 and its message."""
+
+
+def _json(status: int, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+def _host_name(host: str) -> str:
+    """A host name or address as --host, --allowed-hosts or a Host header give it, without its
+    port or IPv6 brackets, lower case: "[::1]:8000" -> "::1"."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host if host.count(":") > 1 else host.split(":", 1)[0]
+
+
+def _origin(scheme: str, host: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port), the default port filled in; None when they make no origin."""
+    try:
+        parts = urlsplit(f"{scheme}://{host}")
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        return None
+    return (parts.scheme, parts.hostname, port) if parts.hostname and port else None
+
+
+def _same_origin(origin: str, scheme: str, host: str) -> bool:
+    """Whether a request's Origin header ("null" from a sandboxed page) is the server's own: the
+    request's scheme, and the host and port of its Host header."""
+    sent_scheme, _, sent_host = origin.partition("://")
+    own = _origin(scheme, host)
+    return own is not None and _origin(sent_scheme, sent_host) == own
+
+
+class RequestGuard:
+    """Every request passes here before the app sees it (pure ASGI, so nothing is read first): its
+    Host must be one the server was started for (a DNS-rebinding page's is not), a POST from a page
+    must come from the server's own origin, and its body is counted as it arrives and refused past
+    its route's limit, whatever Content-Length says. Every response gets the security headers."""
+
+    def __init__(self, app: ASGIApp, hosts: Iterable[str]) -> None:
+        self.app = app
+        self.hosts = sorted({_host_name(host) for host in hosts})
+
+    def limit(self, scope: Scope) -> int:
+        upload = scope["method"] == "POST" and scope["path"] == UPLOAD_ROUTE
+        return MAX_UPLOAD_BYTES + UPLOAD_FORM_OVERHEAD if upload else MAX_BODY_BYTES
+
+    def too_large(self, scope: Scope, size: int | None) -> str:
+        """Why a body is refused: its declared `size`, or None once more than the limit has arrived."""
+        if self.limit(scope) > MAX_BODY_BYTES:
+            sent = f"more than {MAX_UPLOAD_BYTES // 2**20} MB" if size is None else f"{size / 2**20:.1f} MB"
+            return f"the upload is {sent}; uploads are limited to {MAX_UPLOAD_BYTES // 2**20} MB"
+        sent = f"more than {MAX_BODY_BYTES:,}" if size is None else f"{size:,}"
+        return f"the request body is {sent} bytes; {scope['path']} takes at most {MAX_BODY_BYTES:,} bytes"
+
+    def refusal(self, scope: Scope, headers: Headers) -> JSONResponse | None:
+        host = headers.get("host", "")
+        if _host_name(host) not in self.hosts:
+            return _json(400, f"Host {host!r}: not a name this server answers to ({', '.join(self.hosts)}); "
+                              f"behind a reverse proxy, start it with --allowed-hosts {_host_name(host) or 'NAME'}")
+        origin = headers.get("origin")
+        if scope["method"] in UNSAFE_METHODS and origin is not None and not _same_origin(origin, scope["scheme"],
+                                                                                          host):
+            return _json(403, f"Origin {origin}: a page of another site may not send requests here; use the "
+                              f"search page itself, {scope['scheme']}://{host}/")
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit(scope):
+            return _json(413, self.too_large(scope, int(length)))
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        policy = DOCS_POLICY if scope["path"] in DOCS_PATHS else PAGE_POLICY
+        started = False
+
+        async def send_secured(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", []), (b"x-content-type-options", b"nosniff"),
+                                      (b"content-security-policy", policy.encode())]
+            await send(message)
+
+        refused = self.refusal(scope, Headers(scope=scope))
+        if refused is not None:
+            await refused(scope, receive, send_secured)
+            return
+        limit, received = self.limit(scope), 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(413, self.too_large(scope, None))
+            return message
+
+        try:
+            await self.app(scope, counted, send_secured)
+        except BodyTooLarge as error:  # raised where no handler turned it into the response
+            if started:
+                raise
+            await _json(413, error.detail)(scope, receive, send_secured)
+
+
+def create_app(service: SearchService, viewer: Path = VIEWER, allowed_hosts: Iterable[str] = ()) -> FastAPI:
+    """The app over one service; the page's viewer is served from `viewer` when it is installed.
+    Requests are answered for this machine's names (LOCAL_HOSTS) and `allowed_hosts` only."""
     app = FastAPI(title="Histopathology image search", version="1",
                   description="Search an index of whole slides built by `retrieve.py index`: by an uploaded "
                               "patch or by a region of an indexed slide. Read only.")
-
-    @app.middleware("http")
-    async def limit_uploads(request: Request, call_next):
-        # Refuse an oversized upload from its header, before its body is read.
-        if request.method == "POST" and request.url.path == "/api/search/upload":
-            length = request.headers.get("content-length")
-            if length is None or not length.isdigit():
-                return JSONResponse({"detail": "send the upload with a Content-Length header"}, status_code=411)
-            if int(length) > MAX_UPLOAD_BYTES + FORM_OVERHEAD:
-                return JSONResponse({"detail": f"the upload is {int(length) / 2**20:.1f} MB; uploads are limited "
-                                               f"to {MAX_UPLOAD_BYTES // 2**20} MB"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(RequestGuard, hosts=[*LOCAL_HOSTS, *allowed_hosts])
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, error: UserError) -> JSONResponse:
         status = 404 if isinstance(error, NotFound) else 409 if isinstance(error, SlideChanged) else \
-            413 if getattr(error, "too_large", False) else 400
-        return JSONResponse({"detail": str(error)}, status_code=status)
+            getattr(error, "status", 400)
+        return _json(status, service.public_message(str(error)))
 
     app.include_router(api_router(service))
 

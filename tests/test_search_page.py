@@ -199,7 +199,7 @@ def test_a_bad_upload_says_why_on_the_page(page, tmp_path):
     page.expects_refusals = True
     page.goto("/")
     page.set_input_files("#file", str(text))
-    expect(page.locator("#status")).to_contain_text("notes.txt: not an image file")
+    expect(page.locator("#status")).to_contain_text("notes.txt: not a PNG, JPEG or TIFF image")
     expect(page.locator("#status")).to_have_class("error")
 
 

@@ -30,7 +30,7 @@ def service(served_index):
 
 @pytest.fixture(scope="module")
 def client(service):
-    with TestClient(server.create_app(service)) as test_client:
+    with TestClient(server.create_app(service, allowed_hosts=["testserver"])) as test_client:
         yield test_client
 
 
@@ -174,7 +174,7 @@ def test_an_upload_named_by_class_is_judged_by_its_class(client, served_index):
 
 
 @pytest.mark.parametrize("name, data, status, words", [
-    ("notes.txt", b"these are not pixels", 400, "not an image file"),
+    ("notes.txt", b"these are not pixels", 415, "not a PNG, JPEG or TIFF image"),
     ("empty.png", b"", 400, "empty"),
     ("broken.png", png(np.zeros((40, 40, 3), np.uint8))[:60], 400, "not an image Pillow can read"),
 ])
@@ -189,7 +189,7 @@ def test_oversized_uploads_are_refused(client, monkeypatch):
     response = client.post("/api/search/upload", files={"file": ("huge.png", big, "image/png")})
     assert response.status_code == 413 and "limited to 20 MB" in response.json()["detail"]
     # Small in bytes, large in pixels: refused from the header, before it is decoded.
-    monkeypatch.setattr(search_service, "MAX_UPLOAD_PIXELS", 1000)
+    monkeypatch.setattr(search_service, "MAX_UPLOAD_SIDE", 32)
     response = client.post("/api/search/upload",
                            files={"file": ("wide.png", png(np.zeros((40, 40, 3), np.uint8)), "image/png")})
     assert response.status_code == 413 and "40 x 40 pixels" in response.json()["detail"]
@@ -274,7 +274,7 @@ def test_a_path_in_place_of_an_id_reads_no_file(client, served_index, tmp_path):
 
 def test_nothing_in_the_index_changes(served_index, service):
     before = folder_hashes(served_index["index"])
-    with TestClient(server.create_app(service)) as fresh:
+    with TestClient(server.create_app(service, allowed_hosts=["testserver"])) as fresh:
         slide = first_slide(fresh)
         fresh.post("/api/search/region", json={"slide_id": slide["id"], "x": 64, "y": 64, "width": 64, "height": 64})
         for method in (fresh.put, fresh.delete, fresh.patch):
