@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -25,10 +26,15 @@ namespace = argparse.Namespace
 
 
 @pytest.fixture
-def ieee_float32(monkeypatch: pytest.MonkeyPatch) -> None:
-    """TF32 off on CUDA for the test, as bench/gpu.py's stacked-tail stage sets it: float32 comparisons."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+def ieee_float32() -> Iterator[None]:
+    """TF32 off on CUDA for the test, as bench/gpu.py's stacked-tail stage sets it: float32 comparisons.
+    Set and restored by hand: torch answers these flags through __getattr__, which monkeypatch's undo
+    takes for attributes it must delete."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = False
+    yield
+    matmul.allow_tf32, cudnn.allow_tf32 = before
 
 
 # ----------------------------------------------------------------------------- stacked tail
