@@ -180,7 +180,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         report_unreadable(unreadable_files)
         if note := preprocessing.passed_through_note():
             print(note)
-    return {"best_checkpoint": best_path, "best_val_loss": run["best_val_loss"], "history": run["history"],
+    return {"best_checkpoint": best_path, "last_checkpoint": str(files.last_epoch), "best_val_loss": run["best_val_loss"], "history": run["history"],
             "output_dir": str(files.output_dir), "device": str(device), "num_images": num_images, "num_train_images": len(train_indices),
             "num_val_images": len(val_indices), "class_names": run["class_names"], "unreadable": unreadable_files}
 

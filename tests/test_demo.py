@@ -90,15 +90,20 @@ def readme_commands() -> list[str]:
 
 def test_readme_opens_with_the_two_commands_and_the_files_they_name_exist() -> None:
     install_and_demo, install_and_test = readme_commands()
+    # Each runs in a fresh virtual environment: the system Python may refuse pip (PEP 668).
+    venv = ["python3", "-m", "venv", ".venv", "&&", ".", ".venv/bin/activate", "&&"]
+    install = ["pip", "install", "-r", "requirements.txt", "&&"]
     for command in (install_and_demo, install_and_test):
         words = shlex.split(command)
-        assert words[:4] == ["pip", "install", "-r", "requirements.txt"] and words[4] == "&&"
+        assert words[:len(venv) + len(install)] == venv + install
         for word in words:
             if word.endswith((".py", ".txt")):
                 assert (REPO / word).is_file(), f"README names {word}, which does not exist"
-    assert shlex.split(install_and_demo)[5:] == ["python3", "demo.py"]
+    rest = len(venv) + len(install)
+    assert shlex.split(install_and_demo)[rest:] == ["python3", "demo.py"]
     # The search page's viewer comes from the npm registry, pinned by its lock file.
-    assert shlex.split(install_and_test)[5:13] == ["npm", "ci", "--prefix", "web", "&&", "python3", "-m", "pytest"]
+    assert shlex.split(install_and_test)[rest:rest + 8] == ["npm", "ci", "--prefix", "web", "&&", "python3", "-m",
+                                                            "pytest"]
     assert (REPO / "web" / "package-lock.json").is_file()
     assert (REPO / "tests").is_dir()
 

@@ -137,7 +137,8 @@ def test_the_normalisation_is_saved_and_applied_where_models_embed(resnet_file, 
         "--device", "cpu", "--num-learners", "2", "--pretrained", str(resnet_file[0]),
         "--tensorboard", str(tmp_path / "board")])
     result = train.main(args)
-    checkpoint = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert result["last_checkpoint"] == str(out / "resnet50-numlearners2_MSLoss_checkpoint.pth")
+    checkpoint = torch.load(result["last_checkpoint"], map_location="cpu", weights_only=True)
     assert checkpoint["preprocessing"] == {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "stain": None}
     assert checkpoint["pretrained"]["source"] == str(resnet_file[0]) and checkpoint["pretrained"]["loaded"] == 318
 

@@ -105,7 +105,7 @@ def tile_url(source_id: int, level: int, col: int, row: int) -> str:
 
 def open_client(index: Path):
     service = SearchService.open(str(index), "cpu", batch_size=16)
-    return service, TestClient(server.create_app(service))
+    return service, TestClient(server.create_app(service, allowed_hosts=["testserver"]))
 
 
 # ----------------------------------------------------------------------------- ids never reused

@@ -392,7 +392,8 @@ def test_training_with_stain_normalisation_and_augmentation_end_to_end(tmp_path:
     printed = capsys.readouterr().out
     assert "input preprocessing: Macenko stain normalisation to" in printed
     assert "patch(es) had no stain to estimate" in printed  # the glass patch, in the loader's workers
-    checkpoint = torch.load(tmp_path / "model" / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert result["last_checkpoint"] == str(tmp_path / "model" / "se_resnet50-noattention_MSLoss_checkpoint.pth")
+    checkpoint = torch.load(result["last_checkpoint"], map_location="cpu", weights_only=True)
     stain = checkpoint["preprocessing"]["stain"]
     assert stain["method"] == "macenko" and stain["target"] == str(tmp_path / "target.png")
     assert checkpoint["args"]["augment"] == "stain" and checkpoint["preprocessing"]["mean"] is None

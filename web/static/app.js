@@ -49,7 +49,7 @@ async function loadIndex() {
   $("#summary").textContent = `${summary.slides} slide(s), ${summary.patches.toLocaleString()} patches of `
     + `${summary.patch_size} px at ${summary.mpp} µm/px · ${summary.model_name} · ${summary.index_type} index`;
   $("#upload-hint").textContent = `A patch at ${summary.mpp} µm/px (about ${summary.patch_size} px); the model `
-    + `sees its central ${summary.crop_size} px. PNG, JPEG or TIFF, at most 20 MB.`;
+    + `sees its central ${summary.crop_size} px. PNG, JPEG or TIFF, at most 20 MB and 4096 x 4096 pixels.`;
   state.slides = await (await api("/api/slides")).json();
   const folders = state.slides.filter((s) => s.kind === "folder");
   $("#folders").textContent = folders.length
