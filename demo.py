@@ -25,9 +25,9 @@ import multi_test
 import retrieve
 import train
 from KIMIA_data import data_process, synthetic
-from core.errors import UserError, run_script
-from core.files import natural_sorted
-from core.runtime import select_device
+from histo_retrieval.errors import UserError, run_script
+from histo_retrieval.files import natural_sorted
+from histo_retrieval.runtime import select_device
 
 REAL_DATA_COMMANDS = {
     "data": "python3 KIMIA_data/data_process.py KIMIAPath24_RGB      # or Kimia_Path24.h5",

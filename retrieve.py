@@ -39,18 +39,18 @@ from pathlib import Path
 
 import torch
 
-from core import distributed
-from core.checkpoint import load_model
-from core.embedder import Embedder, check_settings
-from core.errors import UserError
-from core.files import command_line
-from core.images import report_unreadable
-from core.indexing import check_sources, index_sources
-from core.runtime import add_runtime_args, check_runtime
-from core.slide_index import SHARDS, IndexSettings, PatchDatabase, SlideIndex
-from core.slide_search import load_index_model, query_jobs, run_queries
-from core.slides import Tiling
-from core.vector_index import INDEX_TYPES
+from histo_retrieval import distributed
+from histo_retrieval.evaluation.checkpoint import load_model
+from histo_retrieval.evaluation.embedder import Embedder, check_settings
+from histo_retrieval.errors import UserError
+from histo_retrieval.files import command_line
+from histo_retrieval.images import report_unreadable
+from histo_retrieval.search.indexing import check_sources, index_sources
+from histo_retrieval.runtime import add_runtime_args, check_runtime
+from histo_retrieval.search.index import SHARDS, IndexSettings, PatchDatabase, SlideIndex
+from histo_retrieval.search.queries import load_index_model, query_jobs, run_queries
+from histo_retrieval.search.slides import Tiling
+from histo_retrieval.search.vector_index import INDEX_TYPES
 
 
 def parse_region(text: str) -> tuple[int, int, int, int]:
@@ -293,8 +293,8 @@ def run_remove(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace, device: torch.device) -> int:
     import uvicorn
 
-    from core.search_service import SearchService
-    from core.server import VIEWER_INSTALL, create_app, viewer_installed
+    from histo_retrieval.search.service import SearchService
+    from histo_retrieval.search.app import VIEWER_INSTALL, create_app, viewer_installed
 
     if not viewer_installed():
         raise UserError(f"the page's slide viewer (OpenSeadragon) is not installed; run `{VIEWER_INSTALL}` in "

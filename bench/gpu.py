@@ -41,8 +41,8 @@ from losses import build_loss  # noqa: E402
 from models import build_model  # noqa: E402
 from models.layers import StackedBatchNorm2d  # noqa: E402
 from models.reference import per_head_copy  # noqa: E402
-from core.errors import UserError, run_script  # noqa: E402
-from core.files import atomic_write_text  # noqa: E402
+from histo_retrieval.errors import UserError, run_script  # noqa: E402
+from histo_retrieval.files import atomic_write_text  # noqa: E402
 
 STAGES = ("stacked-tail", "train", "ddp", "tests")
 # (precision, memory format) of the training bench: the reference's float32 NCHW first, then train.py's

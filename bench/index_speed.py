@@ -15,14 +15,14 @@ random tensors of the same batch size and precision), so that reading, tissue de
 cost little beside the network.
 
 Set-up (not timed): a randomly initialised model saved as train.py saves it
-(core.checkpoint.training_checkpoint), and --slides synthetic pyramidal slides (KIMIA_data/synthetic.py's
+(histo_retrieval.evaluation.checkpoint.training_checkpoint), and --slides synthetic pyramidal slides (KIMIA_data/synthetic.py's
 write_slide, Aperio-layout JPEG TIFFs read through OpenSlide), each with two tissue boxes side by side
 covering most of the slide, so that a slide has hundreds of patches as a scanned one has thousands.
-The model is loaded once (core.checkpoint.load_model) and warmed up with two batches.
+The model is loaded once (histo_retrieval.evaluation.checkpoint.load_model) and warmed up with two batches.
 
 Indexing rate: the path of `retrieve.py index` (retrieve.run_index) for a fresh index folder each
 repeat: the command line parsed by retrieve's own parser, retrieve.index_settings, SlideIndex.create,
-core.indexing.index_sources (tissue detection, the DataLoader of --workers reader processes, the model,
+histo_retrieval.search.indexing.index_sources (tissue detection, the DataLoader of --workers reader processes, the model,
 a commit to SQLite and faiss per slide) and SlideIndex.close (the faiss file saved); the model load
 is left out. Patches indexed / wall seconds. Without a progress bar (progress=False).
 Model-bound rate: the same Embedder (batch size, --amp, --channels-last) over the same number of
@@ -42,9 +42,9 @@ whatever CPU the readers take. A run during which other programs took more than 
 run again (up to --retries times) and the quietest kept; the table gives the most they took.
 
 Breakdown (measured apart, in this process, torch held to 1 thread as in a DataLoader worker):
-tissue detection per slide (core.indexing.plan_job: open, thumbnail, tissue mask, grid, display JPEG),
-reading per patch (OpenSlide's read_region; core.slides' RGBA-to-RGB composite; the worker's eval crop
-to a uint8 tensor and the chunk's stack: core.indexing._ChunkReader, one handle per pass), and the
+tissue detection per slide (histo_retrieval.search.indexing.plan_job: open, thumbnail, tissue mask, grid, display JPEG),
+reading per patch (OpenSlide's read_region; histo_retrieval.search.slides' RGBA-to-RGB composite; the worker's eval crop
+to a uint8 tensor and the chunk's stack: histo_retrieval.search.indexing._ChunkReader, one handle per pass), and the
 commit of each slide (SlideIndex.add of its patches and random vectors, then the faiss save on close).
 
 Records its tables (command, machine, date) in bench/results.md's "Indexing throughput" section,
@@ -75,13 +75,13 @@ sys.path.insert(0, str(REPO))
 
 import retrieve
 from bench.timing import write_checkpoint
-from core.checkpoint import load_model
-from core.embedder import Embedder
-from core.files import atomic_write_text, command_line
-from core.indexing import Job, _Chunk, _ChunkReader, index_sources, plan_job
-from core.runtime import check_runtime, cpu_name, cpu_runs_natively
-from core.slide_index import SlideIndex, SourceRecord
-from core.slides import Tiling, open_slide, read_scaled
+from histo_retrieval.evaluation.checkpoint import load_model
+from histo_retrieval.evaluation.embedder import Embedder
+from histo_retrieval.files import atomic_write_text, command_line
+from histo_retrieval.search.indexing import Job, _Chunk, _ChunkReader, index_sources, plan_job
+from histo_retrieval.runtime import check_runtime, cpu_name, cpu_runs_natively
+from histo_retrieval.search.index import SlideIndex, SourceRecord
+from histo_retrieval.search.slides import Tiling, open_slide, read_scaled
 from KIMIA_data import synthetic
 
 SECTION = "## Indexing throughput (bench/index_speed.py)"
@@ -451,7 +451,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], parts: dict, p
         ("tissue detection (plan_job: open, thumbnail, mask, grid, JPEG)", "model's process (sampler)",
          median(tissue) * 1e3, "slide", sum(tissue)),
         ("OpenSlide read_region (JPEG tiles decoded)", "reader", parts["decode"] / n * 1e3, "patch", parts["decode"]),
-        ("RGBA-to-RGB composite (core.slides Slide.read)", "reader", parts["composite"] / n * 1e3, "patch",
+        ("RGBA-to-RGB composite (histo_retrieval.search.slides Slide.read)", "reader", parts["composite"] / n * 1e3, "patch",
          parts["composite"]),
         ("eval crop to a uint8 tensor + the chunk's stack", "reader", parts["crop"] / n * 1e3, "patch", parts["crop"]),
         ("reading, all of it (_ChunkReader, one handle)", "reader", parts["reader"] / n * 1e3, "patch",

@@ -20,8 +20,8 @@ Steps (each prints its progress):
   3. the untrained network: the same architecture and options, initialised with the same seed as
      train.py initialises it (before any --pretrained weights), saved as train.py saves its
      checkpoint (the trained checkpoint's dict with these weights, hence the same crop, classes and
-     input preprocessing) in DIR/untrained/, and loaded with core.checkpoint.load_model as the trained one;
-  4. evaluate: both models through core.evaluation.Evaluator, and the colour histogram on the very
+     input preprocessing) in DIR/untrained/, and loaded with histo_retrieval.evaluation.checkpoint.load_model as the trained one;
+  4. evaluate: both models through histo_retrieval.evaluation.protocols.Evaluator, and the colour histogram on the very
      same decoded eval crops; every row scored by metrics.retrieval_metrics under both protocols:
        test  (the paper's): leave-one-out inside the test set;
        train (Kimia Path24's own): each test patch searched against the training set.
@@ -51,8 +51,8 @@ from typing import Any, Sequence
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from core.errors import UserError, run_script  # noqa: E402  (torch-free: a bad ROOT is refused at once)
-from core.files import atomic_write_text, folder_images, natural_sorted, write_csv  # noqa: E402
+from histo_retrieval.errors import UserError, run_script  # noqa: E402  (torch-free: a bad ROOT is refused at once)
+from histo_retrieval.files import atomic_write_text, folder_images, natural_sorted, write_csv  # noqa: E402
 
 METHODS = ("colour histogram", "untrained network", "trained")
 PROTOCOLS = ("test", "train")
@@ -196,7 +196,7 @@ def untrained_state_dict(model_name: str, model_options: dict, seed: int) -> dic
     """The weights train.py starts from without --pretrained: seed_everything(seed) then the model built
     with the run's options (train.py builds it right after seeding)."""
     import models
-    from core.runtime import seed_everything
+    from histo_retrieval.runtime import seed_everything
 
     seed_everything(seed)
     model = models.build_model(model_name, **model_options)
@@ -206,7 +206,7 @@ def untrained_state_dict(model_name: str, model_options: dict, seed: int) -> dic
 def write_untrained_checkpoint(trained_path: str | os.PathLike, path: Path) -> Path:
     """train.py's checkpoint dict of `trained_path` with the untrained weights of its architecture,
     options and seed (the crop, classes and input preprocessing stay the trained model's)."""
-    from core.checkpoint import read_torch_file, save_torch_file
+    from histo_retrieval.evaluation.checkpoint import read_torch_file, save_torch_file
 
     content = read_torch_file(trained_path)
     if not isinstance(content, dict) or "model_name" not in content:
@@ -225,7 +225,7 @@ def write_untrained_checkpoint(trained_path: str | os.PathLike, path: Path) -> P
 # ----------------------------------------------------------------------------- the colour histogram
 def colour_histograms(batches, bins: int = 8, stain=None):
     """n x bins^3 float64 joint RGB histograms, L1-normalised, of n x 3 x H x W uint8 batches; `stain`
-    (a core.preprocessing.Preprocessing with a stain step, or None) normalises each crop first."""
+    (a histo_retrieval.data.preprocessing.Preprocessing with a stain step, or None) normalises each crop first."""
     import torch
 
     rows = []
@@ -245,7 +245,7 @@ def histogram_results(evaluator, crop_size: int, bins: int, stain) -> list[dict]
     """The colour histogram's metrics under both protocols, on the Evaluator's own decoded crops and labels."""
     import torch.nn.functional as F
 
-    from metrics import retrieval_metrics
+    from histo_retrieval.evaluation.metrics import retrieval_metrics
 
     splits = {split: evaluator.decoded(split, crop_size) for split in ("test", "train")}
     class_names = natural_sorted({name for _, names in splits.values() for name in names})
@@ -320,8 +320,8 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     import train
-    from core.checkpoint import load_model
-    from core.evaluation import Evaluator
+    from histo_retrieval.evaluation.checkpoint import load_model
+    from histo_retrieval.evaluation.protocols import Evaluator
 
     data = out / "data"
     step = time.time()

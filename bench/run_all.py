@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.files import atomic_write_text, command_line  # noqa: E402
-from core.runtime import cpu_name, cpu_runs_natively  # noqa: E402
+from histo_retrieval.files import atomic_write_text, command_line  # noqa: E402
+from histo_retrieval.runtime import cpu_name, cpu_runs_natively  # noqa: E402
 
 # --only name -> the module under bench/
 BENCHMARKS = {"data_process": "data_process_speed", "losses": "loss_speed", "models": "model_speed", "evaluate": "evaluate_speed",

@@ -38,9 +38,9 @@ time: with c clients a request waits for the c - 1 ahead of it, and the median l
 times the service time.
 
 Breakdown (after the server has stopped, in this process, over --breakdown-repeats searches): the
-same index opened with core.search_service.SearchService, whole search_upload timed, and apart:
+same index opened with histo_retrieval.search.service.SearchService, whole search_upload timed, and apart:
 decoding the upload, the model's forward pass on one patch, the faiss search, the patch rows read
-from SQLite, and the response model built and serialised to JSON (core.server's SearchOut). They
+from SQLite, and the response model built and serialised to JSON (histo_retrieval.search.app's SearchOut). They
 run in a thread other than the main one, as the server runs its searches (FastAPI's thread pool);
 the forward pass is also timed from the main thread, where torch runs faster. The difference
 between the HTTP service time (wall / requests) and the in-process search is HTTP, multipart
@@ -80,15 +80,15 @@ sys.path.insert(0, str(REPO))
 
 import retrieve  # noqa: E402
 from bench.timing import write_checkpoint  # noqa: E402
-from core.checkpoint import load_model  # noqa: E402
-from core.data import eval_crop  # noqa: E402
-from core.embedder import Embedder  # noqa: E402
-from core.errors import UserError  # noqa: E402
-from core.files import atomic_write_text, command_line  # noqa: E402
-from core.indexing import Job, plan_job  # noqa: E402
-from core.runtime import cpu_name  # noqa: E402
-from core.slide_index import SlideIndex, SourceRecord  # noqa: E402
-from core.slides import Tiling, open_slide  # noqa: E402
+from histo_retrieval.evaluation.checkpoint import load_model  # noqa: E402
+from histo_retrieval.data.datasets import eval_crop  # noqa: E402
+from histo_retrieval.evaluation.embedder import Embedder  # noqa: E402
+from histo_retrieval.errors import UserError  # noqa: E402
+from histo_retrieval.files import atomic_write_text, command_line  # noqa: E402
+from histo_retrieval.search.indexing import Job, plan_job  # noqa: E402
+from histo_retrieval.runtime import cpu_name  # noqa: E402
+from histo_retrieval.search.index import SlideIndex, SourceRecord  # noqa: E402
+from histo_retrieval.search.slides import Tiling, open_slide  # noqa: E402
 from KIMIA_data import synthetic  # noqa: E402
 
 SECTION = "## Search page under load (bench/serve.py)"
@@ -411,8 +411,8 @@ def breakdown(index_dir: Path, queries: list[dict], args: argparse.Namespace) ->
     """(step, median ms) of a search by upload in this process, over --breakdown-repeats searches, run
     in a thread other than the main one as the server runs them (FastAPI's thread pool); the model's
     forward pass is timed from the main thread as well, for comparison."""
-    from core.search_service import SearchService, check_upload
-    from core.server import _search_out
+    from histo_retrieval.search.service import SearchService, check_upload
+    from histo_retrieval.search.app import _search_out
 
     service = SearchService.open(str(index_dir), "cpu", top_k=args.top_k)
     crop = eval_crop(service.index.settings.crop_size)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from core.server import viewer_installed
+from histo_retrieval.search.app import viewer_installed
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core import checkpoint, data, errors, files, images, runtime
+from histo_retrieval import errors, files, images, runtime
+from histo_retrieval.data import datasets as data
+from histo_retrieval.evaluation import checkpoint
 
 
 def make_split(root: Path, counts: dict[str, int], size: int = 40) -> None:

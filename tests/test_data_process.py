@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from KIMIA_data import data_process, synthetic
-from core.errors import UserError, run_script
+from histo_retrieval.errors import UserError, run_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""multi_test.py and its library (core.embedder, core.evaluation): checkpoint loading, the one eval
+"""multi_test.py and its library (histo_retrieval.evaluation.embedder, histo_retrieval.evaluation.protocols): checkpoint loading, the one eval
 transform, the crop cache, both protocols, the folder sweep, its result files and embedding maps."""
 import csv
 import re
@@ -14,14 +14,15 @@ from torchvision import transforms
 
 import models
 import multi_test
-from core import embedder as embedder_module
-from core import evaluation, selection
-from core.checkpoint import CheckpointError, load_model, read_torch_file
-from core.data import KimiaDataset, eval_crop, eval_transform
-from core.embedder import CropCache, Embedder
-from core.evaluation import Evaluator, evaluate_checkpoint
-from core.files import command_line
-from metrics import kimia_accuracy
+from histo_retrieval.evaluation import embedder as embedder_module
+from histo_retrieval.evaluation import protocols as evaluation
+from histo_retrieval.evaluation import selection
+from histo_retrieval.evaluation.checkpoint import CheckpointError, load_model, read_torch_file
+from histo_retrieval.data.datasets import KimiaDataset, eval_crop, eval_transform
+from histo_retrieval.evaluation.embedder import CropCache, Embedder
+from histo_retrieval.evaluation.protocols import Evaluator, evaluate_checkpoint
+from histo_retrieval.files import command_line
+from histo_retrieval.evaluation.metrics import kimia_accuracy
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ("s0", "s1", "s2")

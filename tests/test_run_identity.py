@@ -12,11 +12,11 @@ from PIL import Image
 
 import train
 import train_traindata
-from core import training
-from core.checkpoint import run_identity, save_torch_file, training_checkpoint
-from core.distributed import run_distributed_script
-from core.errors import UserError
-from core.selection import describe_checkpoint, select_checkpoints
+from histo_retrieval.training import loop as training
+from histo_retrieval.evaluation.checkpoint import run_identity, save_torch_file, training_checkpoint
+from histo_retrieval.distributed import run_distributed_script
+from histo_retrieval.errors import UserError
+from histo_retrieval.evaluation.selection import describe_checkpoint, select_checkpoints
 
 # As tests/test_train.py: 64 px crops of 72 px images, batches of 6, one process, the CPU.
 QUICK = ["--crop-size", "64", "--batch-size", "6", "--workers", "0", "--val-ratio", "0.25", "--device", "cpu"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from core.server import VIEWER_INSTALL, viewer_installed
+from histo_retrieval.search.app import VIEWER_INSTALL, viewer_installed
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -105,8 +105,8 @@ def viewer_loaded(page) -> None:
 
 def cut_patch(served_index, tmp_path: Path) -> tuple[dict, Path]:
     """An indexed patch of the second slide, cut as the index cut it, saved as a PNG."""
-    from core.search_service import SearchService
-    from core.slide_search import patch_pixels
+    from histo_retrieval.search.service import SearchService
+    from histo_retrieval.search.queries import patch_pixels
 
     service = SearchService.open(str(served_index["index"]), "cpu")
     try:

@@ -14,11 +14,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import retrieve
-from core import search_service, server
-from core import slides as slide_module
-from core.search_service import SearchService
-from core.slide_search import heat_colours, patch_pixels
-from core.slides import open_slide
+from histo_retrieval.search import app as server
+from histo_retrieval.search import service as search_service
+from histo_retrieval.search import slides as slide_module
+from histo_retrieval.search.service import SearchService
+from histo_retrieval.search.queries import heat_colours, patch_pixels
+from histo_retrieval.search.slides import open_slide
 
 
 @pytest.fixture(scope="module")

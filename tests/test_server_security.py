@@ -26,9 +26,10 @@ from fastapi.testclient import TestClient
 from PIL import EpsImagePlugin, Image
 
 import retrieve
-from core import search_service, server
-from core.data import eval_crop
-from core.search_service import (MAX_BODY_BYTES, MAX_UPLOAD_BYTES, MAX_UPLOAD_SIDE, UPLOAD_FORM_OVERHEAD,
+from histo_retrieval.search import app as server
+from histo_retrieval.search import service as search_service
+from histo_retrieval.data.datasets import eval_crop
+from histo_retrieval.search.service import (MAX_BODY_BYTES, MAX_UPLOAD_BYTES, MAX_UPLOAD_SIDE, UPLOAD_FORM_OVERHEAD,
                                  SearchService)
 
 REPO = Path(__file__).resolve().parents[1]

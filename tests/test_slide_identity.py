@@ -19,12 +19,13 @@ from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
 import retrieve
-from core import search_service, server
-from core import slides as slide_module
-from core.search_service import TILE_QUALITY, SearchService, jpeg_bytes
-from core.slide_index import IndexSettings, PatchDatabase, SlideChanged, SlideIndex, SourceRecord, file_stat
-from core.slide_search import patch_pixels
-from core.slides import best_level, open_slide, read_scaled
+from histo_retrieval.search import app as server
+from histo_retrieval.search import service as search_service
+from histo_retrieval.search import slides as slide_module
+from histo_retrieval.search.service import TILE_QUALITY, SearchService, jpeg_bytes
+from histo_retrieval.search.index import IndexSettings, PatchDatabase, SlideChanged, SlideIndex, SourceRecord, file_stat
+from histo_retrieval.search.queries import patch_pixels
+from histo_retrieval.search.slides import best_level, open_slide, read_scaled
 from KIMIA_data import synthetic
 
 SIZE = (1024, 768)

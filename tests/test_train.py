@@ -23,12 +23,12 @@ import losses
 import models
 import train
 import train_traindata
-from core import training
-from core.distributed import run_distributed_script
-from core.data import subsample_per_class
-from core.errors import UserError
-from core.runtime import DEFAULT_WORKERS
-from core.sampler import PKBatchSampler, ValidationBatches
+from histo_retrieval.training import loop as training
+from histo_retrieval.distributed import run_distributed_script
+from histo_retrieval.data.datasets import subsample_per_class
+from histo_retrieval.errors import UserError
+from histo_retrieval.runtime import DEFAULT_WORKERS
+from histo_retrieval.data.sampler import PKBatchSampler, ValidationBatches
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUT = json.loads((REPO / "tests" / "data" / "state_dict_layout.json").read_text())
@@ -211,7 +211,7 @@ def test_torchrun_two_processes_on_gloo_with_pk_batches(data_root: Path, tmp_pat
 GATHER_SCRIPT = r"""
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
-from core.distributed import all_gather_lists, gather_with_grad
+from histo_retrieval.distributed import all_gather_lists, gather_with_grad
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 x = torch.arange(6.0).reshape(3, 2).add(10 * rank).requires_grad_()
@@ -356,7 +356,7 @@ def test_both_scripts_share_the_training_arguments_and_their_defaults() -> None:
     assert {key: trained[key] for key in shared} == shared
     # train_traindata changes exactly two defaults: the reference's batch 20 and its own output folder.
     assert {key: traindata[key] for key in shared} == {**shared, "batch_size": 20, "output_dir": "model/traindata"}
-    # The runtime flags are core.runtime's, with its one --workers default.
+    # The runtime flags are histo_retrieval.runtime's, with its one --workers default.
     runtime = (shared["workers"], shared["amp"], shared["amp_force"], shared["channels_last"], shared["device"])
     assert runtime == (DEFAULT_WORKERS, "off", False, False, None)
     for parser in (train.get_args_parser(), train_traindata.get_args_parser()):

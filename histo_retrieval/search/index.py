@@ -4,7 +4,7 @@
                         the tiling (scale, patch size, tissue threshold) and the vector index type
     DIR/patches.sqlite  per source: path, size, modification time, state, thumbnail; per patch: its
                         source, level-0 box, tissue fraction, file and class; per source its vectors
-    DIR/vectors.faiss   the faiss index of every patch vector, by patch id (core.vector_index)
+    DIR/vectors.faiss   the faiss index of every patch vector, by patch id (histo_retrieval.search.vector_index)
 
 SQLite is the record: a source and all of its patches and vectors go in one transaction, so a
 killed run leaves each source either complete or absent. The faiss file is derived from it: it is
@@ -29,10 +29,10 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from . import vector_index
-from .errors import UserError
-from .files import atomic_write_text, command_line
-from .slides import Slide, SlideError, open_slide
+from histo_retrieval.search import vector_index
+from histo_retrieval.errors import UserError
+from histo_retrieval.files import atomic_write_text, command_line
+from histo_retrieval.search.slides import Slide, SlideError, open_slide
 
 FORMAT = 1
 MANIFEST, DATABASE, VECTORS, SHARDS = "manifest.json", "patches.sqlite", "vectors.faiss", "shards"

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as differentiable
 
-from .errors import run_script
+from histo_retrieval.errors import run_script
 
 
 def setup_distributed(device: torch.device) -> tuple[torch.device, int, int]:
@@ -46,7 +46,7 @@ def cleanup_distributed() -> None:
 
 
 def run_distributed_script(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
-    """`core.errors.run_script` for a script that may run under torchrun: the process group is left
+    """`histo_retrieval.errors.run_script` for a script that may run under torchrun: the process group is left
     however main ends, so that no process hangs waiting for the others."""
     try:
         return run_script(main, args)

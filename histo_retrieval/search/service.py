@@ -30,17 +30,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import eval_crop
-from .embedder import Embedder
-from .errors import UserError
-from .images import UNREADABLE
-from .indexing import Job, slide_errors
-from .slide_index import Patch, SlideChanged, SlideIndex, check_unchanged, open_indexed_slide
-from .slide_search import (QueryResult, best_matches, cut_patch, heat_colours, load_index_model, patch_pixels,
+from histo_retrieval.data.datasets import eval_crop
+from histo_retrieval.evaluation.embedder import Embedder
+from histo_retrieval.errors import UserError
+from histo_retrieval.images import UNREADABLE
+from histo_retrieval.search.indexing import Job, slide_errors
+from histo_retrieval.search.index import Patch, SlideChanged, SlideIndex, check_unchanged, open_indexed_slide
+from histo_retrieval.search.queries import (QueryResult, best_matches, cut_patch, heat_colours, load_index_model, patch_pixels,
                            query_class, query_pixels, run_queries, slide_heat)
-from .slides import Slide, SlideOpener, best_level, open_slide
+from histo_retrieval.search.slides import Slide, SlideOpener, best_level, open_slide
 
-# The search page's limits, in one place (docs/search_page.md, "Security"); core/server.py enforces
+# The search page's limits, in one place (docs/search_page.md, "Security"); histo_retrieval/search/app.py enforces
 # the request ones before a body is read.
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # an uploaded image file
 UPLOAD_FORM_OVERHEAD = 64 * 1024  # multipart boundaries and headers around it
@@ -167,7 +167,7 @@ def decode_upload(upload: bytes | BinaryIO, filename: str, crop_size: int) -> tu
 
 
 class _SlideLevels:
-    """What DeepZoomGenerator asks of a slide, answered through core.slides.Slide, for the slides
+    """What DeepZoomGenerator asks of a slide, answered through histo_retrieval.search.slides.Slide, for the slides
     OpenSlide does not read itself (tiffslide's regions have no alpha channel for it to composite)."""
 
     def __init__(self, slide: Slide) -> None:

@@ -42,10 +42,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils import pyplot, save_figure
+from histo_retrieval.figures import pyplot, save_figure
 
-from .errors import UserError, one_line
-from .images import UNREADABLE, load_rgb
+from histo_retrieval.errors import UserError, one_line
+from histo_retrieval.images import UNREADABLE, load_rgb
 
 # torchstain's (and the reference HEnorm_python's) defaults: transmitted light, the percentile of the
 # angle extremes, and the optical density below which a channel counts as transparent.

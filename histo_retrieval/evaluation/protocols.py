@@ -9,7 +9,7 @@ Protocols (every result names the one that produced it):
   by the class of its most similar other test patch.
 - train (Kimia Path24's own): each test patch is searched against the training set.
 
-Each split is decoded once per run and crop size into a `core.embedder.CropCache` (a temporary
+Each split is decoded once per run and crop size into a `histo_retrieval.evaluation.embedder.CropCache` (a temporary
 file, deleted when the Evaluator closes) that every checkpoint reads batch by batch, so memory does
 not grow with the gallery. Reports: the reference's results line, results.csv rows, the confusion
 matrix as CSV and PNG, the validation-selected and ranking tables, and a t-SNE map of the test
@@ -27,16 +27,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from metrics import RECALL_KS, retrieval_metrics
-from utils import pyplot, save_figure
+from histo_retrieval.evaluation.metrics import RECALL_KS, retrieval_metrics
+from histo_retrieval.figures import pyplot, save_figure
 
-from .checkpoint import LoadedModel, load_model
-from .data import KimiaDataset
-from .embedder import CropCache, Embedder, check_settings
-from .errors import UserError
-from .files import append_csv_row, atomic_write_text, natural_sorted, write_csv
-from .runtime import select_device
-from .selection import VALIDATION
+from histo_retrieval.evaluation.checkpoint import LoadedModel, load_model
+from histo_retrieval.data.datasets import KimiaDataset
+from histo_retrieval.evaluation.embedder import CropCache, Embedder, check_settings
+from histo_retrieval.errors import UserError
+from histo_retrieval.files import append_csv_row, atomic_write_text, natural_sorted, write_csv
+from histo_retrieval.runtime import select_device
+from histo_retrieval.evaluation.selection import VALIDATION
 
 PROTOCOLS = ("test", "train")
 RESULTS_MODES = ("overwrite", "append")

@@ -29,20 +29,20 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import losses
 import models
-from utils import pyplot, save_figure
+from histo_retrieval.figures import pyplot, save_figure
 
-from .checkpoint import (LAST_EPOCH_NAME, CheckpointError, content_identity, is_training_checkpoint, last_epoch_name,
+from histo_retrieval.evaluation.checkpoint import (LAST_EPOCH_NAME, CheckpointError, content_identity, is_training_checkpoint, last_epoch_name,
                          read_torch_file, run_identity)
-from .data import (AUGMENTS, KimiaDataset, SkipUnreadable, collate_readable, eval_transform, split_train_val,
+from histo_retrieval.data.datasets import (AUGMENTS, KimiaDataset, SkipUnreadable, collate_readable, eval_transform, split_train_val,
                    subsample_per_class, train_transform)
-from .preprocessing import Preprocessing
-from .pretrained import load_pretrained
-from .distributed import all_reduce_sum, gather_with_grad
-from .errors import UserError
-from .images import UNREADABLE
-from .runtime import AMP_DTYPES, add_runtime_args, seed_everything
-from .sampler import PKBatchSampler, ValidationBatches
-from .selection import LOSS_IN_NAME
+from histo_retrieval.data.preprocessing import Preprocessing
+from histo_retrieval.training.pretrained import load_pretrained
+from histo_retrieval.distributed import all_reduce_sum, gather_with_grad
+from histo_retrieval.errors import UserError
+from histo_retrieval.images import UNREADABLE
+from histo_retrieval.runtime import AMP_DTYPES, add_runtime_args, seed_everything
+from histo_retrieval.data.sampler import PKBatchSampler, ValidationBatches
+from histo_retrieval.evaluation.selection import LOSS_IN_NAME
 
 # Per loss: its build_loss keyword -> the parser destination of its flag. Only the chosen loss's own
 # hyper-parameters are passed to it.
@@ -62,7 +62,7 @@ PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each one reads t
 # ----------------------------------------------------------------------------- arguments
 def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Every option of train.py but the model and loss names (train_traindata.py shares them), with
-    the runtime flags of `core.runtime.add_runtime_args`.
+    the runtime flags of `histo_retrieval.runtime.add_runtime_args`.
 
     Help strings use %(default)s so that a script changing a default with set_defaults shows its own.
     """
@@ -185,7 +185,7 @@ def start_model(model: nn.Module, model_name: str, args: argparse.Namespace,
             print(report.summary(), flush=True)
     stain = None
     if args.stain_normalize == "macenko":
-        from .stain import load_stain_target  # torchstain and scikit-image only when asked for
+        from histo_retrieval.data.stain import load_stain_target  # torchstain and scikit-image only when asked for
         stain = load_stain_target(args.stain_target).state()
     return Preprocessing(mean, std, stain), report.record() if report else None
 
@@ -201,7 +201,7 @@ class ResolvedNames(NamedTuple):
 
     @property
     def identity(self) -> str:
-        """The run identity that names the run's files (core.checkpoint.run_identity)."""
+        """The run identity that names the run's files (histo_retrieval.evaluation.checkpoint.run_identity)."""
         return run_identity(self.model_name, self.requested_model_options, self.loss_name, self.loss_options)
 
 
@@ -588,7 +588,7 @@ class TensorBoardLog:
     def embeddings(self, model: nn.Module, dataset: KimiaDataset, val_indices: Sequence[int], args: argparse.Namespace,
                    preprocessing: Preprocessing, device: torch.device) -> None:
         """The validation images' embeddings (the first PROJECTOR_IMAGES), as every tool embeds them."""
-        from .embedder import CropCache, Embedder
+        from histo_retrieval.evaluation.embedder import CropCache, Embedder
 
         indices = list(val_indices)[:PROJECTOR_IMAGES]
         paths = [dataset.samples[i][0] for i in indices]

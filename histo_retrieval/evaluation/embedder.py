@@ -7,8 +7,8 @@
         for model in models:
             rows = Embedder(model, device).embed(cache.batches(32))      # ... embed many times
 
-Every image goes through the one eval transform, `core.data.eval_crop` (CenterCrop, as uint8) then
-`core.data.to_unit_float` (ToTensor's division by 255), so the embeddings are those of the
+Every image goes through the one eval transform, `histo_retrieval.data.datasets.eval_crop` (CenterCrop, as uint8) then
+`histo_retrieval.data.datasets.to_unit_float` (ToTensor's division by 255), so the embeddings are those of the
 reference's test loader. An embedding row is `metrics.combine_learners` of the model's M outputs:
 inner products of rows are the mean over learners of the cosine similarities.
 """
@@ -22,13 +22,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from metrics import combine_learners
+from histo_retrieval.evaluation.metrics import combine_learners
 
-from .data import SkipUnreadable, collate_readable, eval_crop, to_unit_float
-from .errors import UserError
-from .images import load_rgb
-from .preprocessing import Preprocessing
-from .runtime import AMP_DTYPES
+from histo_retrieval.data.datasets import SkipUnreadable, collate_readable, eval_crop, to_unit_float
+from histo_retrieval.errors import UserError
+from histo_retrieval.images import load_rgb
+from histo_retrieval.data.preprocessing import Preprocessing
+from histo_retrieval.runtime import AMP_DTYPES
 
 DECODE_BATCH = 64  # images per decoding batch when nothing else sets it
 
@@ -58,7 +58,7 @@ class _EvalCrops(Dataset):
 def decode_batches(paths: Sequence[str], crop_size: int, workers: int = 0,
                    batch_size: int = DECODE_BATCH) -> Iterator[DecodedBatch]:
     """Decode and centre-crop `paths` in order, `batch_size` files at a time; unreadable files
-    (core.images.UNREADABLE) are left out of `images` and listed in `failed`."""
+    (histo_retrieval.images.UNREADABLE) are left out of `images` and listed in `failed`."""
     dataset = _EvalCrops(paths, crop_size)
     loader = DataLoader(SkipUnreadable(dataset, range(len(dataset))), batch_size=batch_size, num_workers=workers,
                         collate_fn=collate_readable)
@@ -136,7 +136,7 @@ def check_settings(batch_size: int, amp: str) -> None:
 class Embedder:
     """A model in eval mode on its device, turning batches of uint8 crops into embedding rows.
 
-    `preprocessing` (the checkpoint's: core.checkpoint.LoadedModel.preprocessing) adds the stain
+    `preprocessing` (the checkpoint's: histo_retrieval.evaluation.checkpoint.LoadedModel.preprocessing) adds the stain
     normalisation and the mean and standard deviation a model was trained with; the reference has none.
     amp runs the forward pass under autocast (the rows stay float32); channels_last runs it in NHWC
     memory format: the same embeddings to float rounding, faster on CPUs and GPUs at the paper's

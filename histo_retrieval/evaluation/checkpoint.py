@@ -29,9 +29,9 @@ from torch import nn
 import losses
 import models
 
-from .errors import UserError, one_line
-from .files import atomic_write
-from .preprocessing import Preprocessing
+from histo_retrieval.errors import UserError, one_line
+from histo_retrieval.files import atomic_write
+from histo_retrieval.data.preprocessing import Preprocessing
 
 REFERENCE_CROP_SIZE = 224
 # File-name prefixes of the reference's bare state_dicts (an optional training-set ratio may precede them).

@@ -22,13 +22,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .data import eval_crop, eval_crop_array
-from .embedder import Embedder
-from .files import list_images
-from .images import UNREADABLE, load_rgb
-from .errors import UserError
-from .slide_index import PatchDatabase, SlideIndex, SourceRecord, file_stat
-from .slides import (SlideError, SlideOpener, Tiling, display_thumbnail, open_slide, read_plan, read_scaled,
+from histo_retrieval.data.datasets import eval_crop, eval_crop_array
+from histo_retrieval.evaluation.embedder import Embedder
+from histo_retrieval.files import list_images
+from histo_retrieval.images import UNREADABLE, load_rgb
+from histo_retrieval.errors import UserError
+from histo_retrieval.search.index import PatchDatabase, SlideIndex, SourceRecord, file_stat
+from histo_retrieval.search.slides import (SlideError, SlideOpener, Tiling, display_thumbnail, open_slide, read_plan, read_scaled,
                      tissue_grid)
 
 SLIDE_ERRORS = (SlideError, *UNREADABLE, RuntimeError)  # RuntimeError: OpenSlide's own on a corrupt tile

@@ -15,10 +15,10 @@ from PIL import Image
 from torch.utils.data import Dataset, random_split
 from torchvision import transforms
 
-from .errors import UserError, one_line
-from .files import folder_images, list_classes
-from .images import UNREADABLE, load_rgb
-from .preprocessing import NormalizeStep, Preprocessing, StainStep
+from histo_retrieval.errors import UserError, one_line
+from histo_retrieval.files import folder_images, list_classes
+from histo_retrieval.images import UNREADABLE, load_rgb
+from histo_retrieval.data.preprocessing import NormalizeStep, Preprocessing, StainStep
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -28,7 +28,7 @@ AUGMENTS = ("reference", "stain")
 def train_transform(crop_size: int = 224, augment: str = "reference",
                     preprocessing: Preprocessing | None = None) -> transforms.Compose:
     """The reference's training transform (flips, random crop, ToTensor; no normalisation); with
-    augment "stain" stain and brightness/contrast variation after the crop (core.stain.StainAugment),
+    augment "stain" stain and brightness/contrast variation after the crop (histo_retrieval.data.stain.StainAugment),
     and with `preprocessing` its stain normalisation (before the variation) and its normalisation."""
     if augment not in AUGMENTS:
         raise UserError(f"--augment {augment}: choose one of {', '.join(AUGMENTS)}")
@@ -37,7 +37,7 @@ def train_transform(crop_size: int = 224, augment: str = "reference",
     if preprocessing.stain:
         steps.append(StainStep(preprocessing))
     if augment == "stain":
-        from .stain import StainAugment
+        from histo_retrieval.data.stain import StainAugment
         steps.append(StainAugment())
     steps.append(transforms.ToTensor())
     if preprocessing.mean:
@@ -47,7 +47,7 @@ def train_transform(crop_size: int = 224, augment: str = "reference",
 
 def eval_crop(crop_size: int = 224) -> transforms.Compose:
     """The first half of the validation and test transform: the centre crop as uint8 (3 x c x c),
-    a quarter of the float32 crop's size, for crops kept between passes (core.embedder)."""
+    a quarter of the float32 crop's size, for crops kept between passes (histo_retrieval.evaluation.embedder)."""
     return transforms.Compose([transforms.CenterCrop(crop_size), _uint8_tensor])
 
 

@@ -9,7 +9,7 @@ state_dicts. Scoring every file on the test set and keeping the best would selec
 set, so a run's result is the file its validation loss selects: the best-validation file with
 the lowest validation loss, which is the newest best (see docs/reproduction.md).
 
-A run is the files of one folder that share a run identity (core.checkpoint.run_identity: the
+A run is the files of one folder that share a run identity (histo_retrieval.evaluation.checkpoint.run_identity: the
 model and loss with their non-default options, e.g. `se_resnet50_MSLoss` for the paper's run and
 `se_resnet50-noattention_MSLoss` for its ablation), read from the settings a train.py checkpoint
 recorded, never from its name; for a bare state_dict from its name and keys, and from the name alone
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 
-from .checkpoint import CheckpointError, content_identity, is_bare_state_dict, is_last_epoch_name, read_torch_file
+from histo_retrieval.evaluation.checkpoint import CheckpointError, content_identity, is_bare_state_dict, is_last_epoch_name, read_torch_file
 
 VALIDATION = "validation"
 LAST_EPOCH = "last_epoch"

@@ -12,7 +12,7 @@ attention trunk, its heads and the embedding layer). Checkpoint wrappers ({"stat
 {"model": ...}) and key prefixes ("module.", "backbone.", "encoder.", "model.") are taken off first.
 
 With pretrained weights the inputs are normalised as the weights expect (`PRETRAINED_NORMALIZATION`);
-the checkpoint records it and every tool that embeds with it applies it (core.preprocessing).
+the checkpoint records it and every tool that embeds with it applies it (histo_retrieval.data.preprocessing).
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import read_torch_file
-from .errors import UserError
+from histo_retrieval.evaluation.checkpoint import read_torch_file
+from histo_retrieval.errors import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # What each family's torchvision weights expect: ResNet-50 ImageNet normalisation; GoogLeNet's

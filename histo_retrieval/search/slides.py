@@ -25,8 +25,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .errors import UserError
-from .images import UNREADABLE
+from histo_retrieval.errors import UserError
+from histo_retrieval.images import UNREADABLE
 
 TISSUE_CELLS = 8  # thumbnail pixels along a patch's side when measuring its tissue fraction
 MAX_THUMBNAIL_SIDE = 4096

@@ -19,7 +19,7 @@ import random
 import numpy as np
 import torch
 
-from .errors import UserError
+from histo_retrieval.errors import UserError
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the --amp choices
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)

@@ -23,16 +23,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from utils import pyplot, save_figure
+from histo_retrieval.figures import pyplot, save_figure
 
-from .checkpoint import LoadedModel, load_model
-from .embedder import Embedder
-from .errors import UserError
-from .files import atomic_write_text, command_line, list_images, write_csv
-from .images import UNREADABLE, load_rgb
-from .indexing import Job, SourceResult, slide_errors, embed_sources
-from .slide_index import Patch, SlideChanged, SlideIndex, check_unchanged, open_indexed_slide
-from .slides import Slide, SlideOpener, Tiling, best_level, decode_jpeg, open_slide, read_scaled
+from histo_retrieval.evaluation.checkpoint import LoadedModel, load_model
+from histo_retrieval.evaluation.embedder import Embedder
+from histo_retrieval.errors import UserError
+from histo_retrieval.files import atomic_write_text, command_line, list_images, write_csv
+from histo_retrieval.images import UNREADABLE, load_rgb
+from histo_retrieval.search.indexing import Job, SourceResult, slide_errors, embed_sources
+from histo_retrieval.search.index import Patch, SlideChanged, SlideIndex, check_unchanged, open_indexed_slide
+from histo_retrieval.search.slides import Slide, SlideOpener, Tiling, best_level, decode_jpeg, open_slide, read_scaled
 
 MATCH_FIELDS = ["query", "query_class", "query_x", "query_y", "query_width", "query_height", "rank", "source", "file", "x", "y",
                 "width", "height", "mpp", "similarity", "class"]

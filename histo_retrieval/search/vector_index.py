@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import faiss
 import numpy as np
 
-from .errors import UserError, one_line
-from .files import atomic_write
+from histo_retrieval.errors import UserError, one_line
+from histo_retrieval.files import atomic_write
 
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 # IVF: scan this fraction of the lists unless told otherwise (at least DEFAULT_MIN_NPROBE lists).
@@ -242,7 +242,7 @@ def _complete(index: faiss.Index, kind: str, queries: np.ndarray, k: int, banned
 
 
 def save_vector_index(index: faiss.Index, path: str | os.PathLike) -> None:
-    """Write the index atomically: a temp file beside `path`, then a rename (core.files)."""
+    """Write the index atomically: a temp file beside `path`, then a rename (histo_retrieval.files)."""
     atomic_write(path, lambda tmp: faiss.write_index(index, tmp))
 
 

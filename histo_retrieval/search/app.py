@@ -22,12 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import UserError
-from .search_service import (MAX_BODY_BYTES, MAX_ID, MAX_UPLOAD_BYTES, MAX_UPLOAD_SIDE, UPLOAD_FORM_OVERHEAD,
+from histo_retrieval.errors import UserError
+from histo_retrieval.search.service import (MAX_BODY_BYTES, MAX_ID, MAX_UPLOAD_BYTES, MAX_UPLOAD_SIDE, UPLOAD_FORM_OVERHEAD,
                              NotFound, Search, SearchService)
-from .slide_index import SlideChanged
+from histo_retrieval.search.index import SlideChanged
 
-WEB = Path(__file__).resolve().parent.parent / "web"
+WEB = Path(__file__).resolve().parents[2] / "web"  # the checkout's web/: the page and its viewer from npm
 STATIC = WEB / "static"
 VIEWER = WEB / "node_modules" / "openseadragon" / "build" / "openseadragon"
 VIEWER_INSTALL = "npm ci --prefix web"

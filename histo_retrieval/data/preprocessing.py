@@ -6,8 +6,8 @@
 
 The reference normalises nothing, and neither does the default. A pretrained start adds the mean and
 standard deviation its weights expect; `--stain-normalize macenko` adds a stain normalisation of each
-crop to one target's stain. Training (core.data's transforms) and every tool that embeds images
-(core.embedder.Embedder, hence multi_test, retrieve and the search page) apply the same steps in the
+crop to one target's stain. Training (histo_retrieval.data.datasets's transforms) and every tool that embeds images
+(histo_retrieval.evaluation.embedder.Embedder, hence multi_test, retrieve and the search page) apply the same steps in the
 same order: crop, stain normalisation (uint8), to [0, 1], mean and standard deviation.
 """
 from __future__ import annotations
@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UserError
+from histo_retrieval.errors import UserError
 
 
 @dataclass(frozen=True)
 class Preprocessing:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
-    stain: dict | None = None  # core.stain.MacenkoNormalizer.state()
+    stain: dict | None = None  # histo_retrieval.data.stain.MacenkoNormalizer.state()
 
     def __post_init__(self) -> None:
         if (self.mean is None) != (self.std is None):
@@ -62,10 +62,10 @@ class Preprocessing:
 
     @cached_property
     def stain_normalizer(self):
-        """The stain normaliser (core.stain.MacenkoNormalizer), or None."""
+        """The stain normaliser (histo_retrieval.data.stain.MacenkoNormalizer), or None."""
         if not self.stain:
             return None
-        from .stain import MacenkoNormalizer
+        from histo_retrieval.data.stain import MacenkoNormalizer
         return MacenkoNormalizer.from_state(self.stain)
 
     def passed_through_note(self) -> str | None:

@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from .errors import UserError
+from histo_retrieval.errors import UserError
 
 
 class PKBatchSampler(Sampler[list[int]]):
