@@ -155,17 +155,6 @@ def require_index(args: argparse.Namespace) -> str:
     raise UserError("pass the index folder with --index DIR")
 
 
-def index_settings(loaded, checkpoint: str, args: argparse.Namespace) -> IndexSettings:
-    options = loaded.model_options
-    tiling = Tiling(args.mpp, args.patch_size or loaded.crop_size, args.tissue_threshold)
-    tiling.check()
-    # A vector is the combined row of the learners, which split embedding_dim among them.
-    return IndexSettings(
-        os.path.abspath(checkpoint), loaded.weights_sha256(), loaded.model_name, options, loaded.crop_size,
-        options["embedding_dim"], tiling.mpp, tiling.patch_size, tiling.tissue_threshold, args.index_type,
-        args.ivf_lists)
-
-
 def run_index(args: argparse.Namespace, device: torch.device) -> int:
     if args.out is not None:
         raise UserError(f"--out {args.out}: indexes are now folders; pass --index DIR instead "
@@ -174,7 +163,8 @@ def run_index(args: argparse.Namespace, device: torch.device) -> int:
     check_sources(args.sources)  # before anything is created: a typo must not leave an empty index behind
     device, rank, world_size = distributed.setup_distributed(device)
     loaded = load_model(args.checkpoint, device, args.crop_size)
-    settings = index_settings(loaded, args.checkpoint, args)
+    tiling = Tiling(args.mpp, args.patch_size or loaded.crop_size, args.tissue_threshold)
+    settings = IndexSettings.for_model(loaded, args.checkpoint, tiling, args.index_type, args.ivf_lists)
     index = None
     if rank == 0:
         if (directory / "manifest.json").is_file():

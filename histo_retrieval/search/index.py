@@ -25,14 +25,17 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from histo_retrieval.search import vector_index
 from histo_retrieval.errors import UserError
 from histo_retrieval.files import atomic_write_text, command_line
-from histo_retrieval.search.slides import Slide, SlideError, open_slide
+from histo_retrieval.search.slides import Slide, SlideError, Tiling, open_slide
+
+if TYPE_CHECKING:
+    from histo_retrieval.evaluation.checkpoint import LoadedModel
 
 FORMAT = 1
 MANIFEST, DATABASE, VECTORS, SHARDS = "manifest.json", "patches.sqlite", "vectors.faiss", "shards"
@@ -321,6 +324,17 @@ class IndexSettings:
     ivf_lists: int | None = None
     hnsw_m: int = 32
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_model(cls, loaded: LoadedModel, checkpoint: str | os.PathLike, tiling: Tiling, index_type: str = "flat",
+                  ivf_lists: int | None = None) -> IndexSettings:
+        """The settings of an index of `loaded`'s vectors (the checkpoint at `checkpoint`) cut by `tiling`.
+        A vector is the combined row of the model's learners, which split embedding_dim among them."""
+        tiling.check()
+        options = loaded.model_options
+        return cls(os.path.abspath(checkpoint), loaded.weights_sha256(), loaded.model_name, options, loaded.crop_size,
+                   options["embedding_dim"], tiling.mpp, tiling.patch_size, tiling.tissue_threshold, index_type,
+                   ivf_lists)
 
     def manifest(self) -> dict:
         return {"format": FORMAT,
