@@ -5,7 +5,7 @@
     python3 train.py se_resnet50 MSLoss --no-attention           # the paper's ablation: se_resnet50-noattention_MSLoss_*
     python3 train.py se_resnet50 MSLoss --resume model/checkpoint.pth
     torchrun --nproc_per_node=4 train.py se_resnet50 MSLoss --batch-size 15   # 4 GPUs, 60 images per step
-    python3 train.py se_resnet50 MSLoss --pretrained imagenet --augment stain   # one's own tissue (README)
+    python3 train.py se_resnet50 MSLoss --pretrained imagenet --augment stain   # one's own tissue (docs/own_tissue.md)
 
 Every file is named after the run's identity, `<model>_<loss>` with a tag for each model or loss option
 that differs from its default (`se_resnet50_MSLoss` for the paper's run, `se_resnet50-noattention_MSLoss`

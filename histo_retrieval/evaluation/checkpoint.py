@@ -88,7 +88,7 @@ def save_torch_file(obj: Any, path: str | os.PathLike) -> None:
 
 def training_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any,
                         scaler: torch.amp.GradScaler | None, epoch: int, args: dict, run: dict) -> dict:
-    """train.py's checkpoint dict (documented in the README); loads with torch.load(weights_only=True).
+    """train.py's checkpoint dict (docs/reproduction.md, "Training"); loads with torch.load(weights_only=True).
 
     `run` holds model_name, loss_name, model_options, loss_options, class_names, history (one dict
     per epoch, with val_loss), best_val_loss, train_files and command; `args` the command's settings.
