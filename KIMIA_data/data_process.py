@@ -65,11 +65,10 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from any directory
-# torch-free parts of core only: importing torch would cost more start-up than the work on 600 images
-from histo_retrieval.errors import UserError, one_line, run_script  # noqa: E402
-from histo_retrieval.files import (IMAGE_EXTENSIONS, atomic_write_bytes, atomic_write_text, command_line,  # noqa: E402
-                        folder_images, is_image_file, list_classes, natural_key, natural_sorted)
+# the library's torch-free modules only: importing torch would cost more start-up than the work on 600 images
+from histo_retrieval.errors import UserError, one_line, run_script
+from histo_retrieval.files import (IMAGE_EXTENSIONS, atomic_write_bytes, atomic_write_text, command_line,
+                                   folder_images, is_image_file, list_classes, natural_key, natural_sorted)
 
 if TYPE_CHECKING:
     from PIL import Image

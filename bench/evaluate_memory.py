@@ -1,6 +1,6 @@
 """Peak memory of multi_test's sweep: crops streamed from a temporary file against one in-memory tensor.
 
-    python3 bench/evaluate_memory.py [--quick] [--classes 20] [--test-per-class 50 250] [--image-size 80]
+    python3 -m bench.evaluate_memory [--quick] [--classes 20] [--test-per-class 50 250] [--image-size 80]
         [--crop-size 64] [--checkpoints 2] [--baseline-rev c0eaa87]
 
 Baseline: multi_test.py as of --baseline-rev (read with `git show`, run from the repository root
@@ -11,7 +11,7 @@ checkpoint reads batch by batch. Both sweep the same checkpoints over the same t
 peak resident set size (getrusage ru_maxrss, VmHWM) is printed when it ends. Their results must
 agree: the largest eta_total difference is reported. Each test-set size gives one row; the last row
 is the growth from the smallest set to the largest, which is what the decoded crops add (the
-fixed part differs: ours also imports scikit-learn, about 75 MiB).
+fixed part differs: ours also imports scikit-learn).
 
 The test set is KIMIA_data/synthetic.py's, resized by data_process.py to --image-size, generated
 once under bench/results/ and reused. main() returns the rows for bench/run_all.py.
@@ -26,14 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
+    sys.exit("error: run it as a module, from the repository root: python3 -m bench.evaluate_memory")
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import torch
 
 import models  # noqa: E402
 from KIMIA_data import data_process, synthetic  # noqa: E402
 
+REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 BASELINE_REV = "c0eaa87"  # the last commit whose multi_test.py kept the decoded split in memory
 # Runs a script as `python3 script ...` would, then prints this process's peak resident memory.

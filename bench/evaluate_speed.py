@@ -1,6 +1,6 @@
 """Speed of multi_test's sweep: five checkpoints on one test set, against the reference's way.
 
-    python3 bench/evaluate_speed.py [--quick] [--crop-sizes 32 64 224] [--test-per-class 5] [--batch-size 32]
+    python3 -m bench.evaluate_speed [--quick] [--crop-sizes 32 64 224] [--test-per-class 5] [--batch-size 32]
 
 Baseline (the reference's multi_test): for every checkpoint, the model is built (randomly
 initialised) and loaded, a DataLoader decodes every test PNG anew through CenterCrop + ToTensor,
@@ -27,10 +27,11 @@ import time
 from functools import partial
 from pathlib import Path
 
+if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
+    sys.exit("error: run it as a module, from the repository root: python3 -m bench.evaluate_speed")
+
 import torch
 from torch.utils.data import DataLoader
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import models  # noqa: E402
 from histo_retrieval.evaluation.checkpoint import load_model  # noqa: E402

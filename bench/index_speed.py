@@ -1,14 +1,14 @@
 """Indexing throughput of the whole-slide search against the model-bound rate, and where the rest goes.
 
-    python3 bench/index_speed.py                          # se_resnet50, 224 px at 0.5 um/px, batch 32, float32,
+    python3 -m bench.index_speed                          # se_resnet50, 224 px at 0.5 um/px, batch 32, float32,
                                                           # --workers 2 and 1, 2 slides of 3072 x 2048, 172
                                                           # patches (about 3 min on 2 quiet cores)
-    python3 bench/index_speed.py --amp bf16 --channels-last   # (about 1.5 min)
-    python3 bench/index_speed.py --workers 0              # reading in the model's process
-    python3 bench/index_speed.py --quick                  # 64 px, one 1024 px slide, one repeat (about 10 s)
+    python3 -m bench.index_speed --amp bf16 --channels-last   # (about 1.5 min)
+    python3 -m bench.index_speed --workers 0              # reading in the model's process
+    python3 -m bench.index_speed --quick                  # 64 px, one 1024 px slide, one repeat (about 10 s)
 
 --quick checks that the script works: its runs last about a second, so the fixed start of a run
-(the DataLoader's reader processes, about 0.1-0.2 s) weighs in its ratio as it does not in a real run.
+(the DataLoader's reader processes) weighs in its ratio as it does not in a real run.
 
 The issue's target: indexing throughput at least 85% of the model-bound rate (the same model embedding
 random tensors of the same batch size and precision), so that reading, tissue detection and tiling
@@ -20,8 +20,8 @@ write_slide, Aperio-layout JPEG TIFFs read through OpenSlide), each with two tis
 covering most of the slide, so that a slide has hundreds of patches as a scanned one has thousands.
 The model is loaded once (histo_retrieval.evaluation.checkpoint.load_model) and warmed up with two batches.
 
-Indexing rate: the path of `retrieve.py index` (retrieve.run_index) for a fresh index folder each
-repeat: the command line parsed by retrieve's own parser, retrieve.index_settings, SlideIndex.create,
+Indexing rate: the path of `retrieve.py index` (retrieve.py's run_index) for a fresh index folder each
+repeat: the settings it gives a new index by default (IndexSettings.for_model), SlideIndex.create,
 histo_retrieval.search.indexing.index_sources (tissue detection, the DataLoader of --workers reader processes, the model,
 a commit to SQLite and faiss per slide) and SlideIndex.close (the faiss file saved); the model load
 is left out. Patches indexed / wall seconds. Without a progress bar (progress=False).
@@ -67,23 +67,23 @@ from functools import partial
 from pathlib import Path
 from typing import Self
 
+if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
+    sys.exit("error: run it as a module, from the repository root: python3 -m bench.index_speed")
+
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import retrieve
 from bench.timing import write_checkpoint
 from histo_retrieval.evaluation.checkpoint import load_model
 from histo_retrieval.evaluation.embedder import Embedder
 from histo_retrieval.files import atomic_write_text, command_line
 from histo_retrieval.search.indexing import Job, _Chunk, _ChunkReader, index_sources, plan_job
 from histo_retrieval.runtime import check_runtime, cpu_name, cpu_runs_natively
-from histo_retrieval.search.index import SlideIndex, SourceRecord
+from histo_retrieval.search.index import IndexSettings, SlideIndex, SourceRecord
 from histo_retrieval.search.slides import Tiling, open_slide, read_scaled
 from KIMIA_data import synthetic
 
+REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Indexing throughput (bench/index_speed.py)"
 TARGET = 0.85  # the issue's: indexing at least 85% of the model-bound rate
 
@@ -148,10 +148,20 @@ def write_slides(folder: Path, count: int, size: tuple[int, int], mpp: float, se
 
 def index_command(checkpoint: Path, slides: list[str], index_dir: Path, args: argparse.Namespace,
                   workers: int) -> argparse.Namespace:
-    """`retrieve.py index ...` as retrieve's own parser reads it."""
-    argv = ["index", str(checkpoint), *slides, "--index", str(index_dir), "--mpp", str(args.mpp),
-            "--batch-size", str(args.batch_size), "--workers", str(workers), "--amp", args.amp, "--device", "cpu"]
-    return retrieve.get_args_parser().parse_args(argv + (["--channels-last"] if args.channels_last else []))
+    """The arguments of `retrieve.py index CHECKPOINT SLIDE... --index DIR --mpp M --batch-size B --workers W
+    --amp A [--channels-last] --device cpu`: the bench's values, and `retrieve.py index`'s defaults for the
+    rest (mirrored here: keep them in step with its parser)."""
+    return argparse.Namespace(checkpoint=str(checkpoint), sources=slides, index=str(index_dir), mpp=args.mpp,
+                              patch_size=None, tissue_threshold=0.5, index_type="flat", ivf_lists=None,
+                              crop_size=None, replace=False, batch_size=args.batch_size, slide_mpp=None,
+                              workers=workers, amp=args.amp, amp_force=False, channels_last=args.channels_last,
+                              device="cpu")
+
+
+def index_settings(loaded, command: argparse.Namespace) -> IndexSettings:
+    """The settings `retrieve.py index` gives a new index for `command`."""
+    tiling = Tiling(command.mpp, command.patch_size or loaded.crop_size, command.tissue_threshold)
+    return IndexSettings.for_model(loaded, command.checkpoint, tiling, command.index_type, command.ivf_lists)
 
 
 # ----------------------------------------------------------------------------- timed runs
@@ -205,8 +215,8 @@ class Meter:
 
 
 def index_run(command: argparse.Namespace, loaded, embedder: Embedder | StubEmbedder) -> dict:
-    """One `retrieve.py index` into a fresh folder, as retrieve.run_index does it (rank 0 of 1)."""
-    settings = retrieve.index_settings(loaded, command.checkpoint, command)
+    """One `retrieve.py index` into a fresh folder, as retrieve.py's run_index does it (rank 0 of 1)."""
+    settings = index_settings(loaded, command)
     with Meter() as meter:
         index = SlideIndex.create(command.index, settings)
         try:
@@ -360,7 +370,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], str]:
         loaded = load_model(str(checkpoint), device, command.crop_size)
         embedder = Embedder(loaded.model, device, command.batch_size, command.amp, command.channels_last,
                             loaded.preprocessing)
-        settings = retrieve.index_settings(loaded, str(checkpoint), command)
+        settings = index_settings(loaded, command)
         tiling = Tiling(settings.mpp, settings.patch_size, settings.tissue_threshold)
         patches = sum(len(plan_job(Job(path, "slide"), tiling, None)[1]) for path in slides)
         generator = torch.Generator().manual_seed(args.seed)

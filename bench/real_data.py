@@ -1,9 +1,9 @@
 """An honest check on real tissue: the trained model against two baselines, on the same images and protocols.
 
-    python3 bench/real_data.py ROOT [--out DIR] [--model se_resnet50] [--loss MSLoss] [--image-size 300]
+    python3 -m bench.real_data ROOT [--out DIR] [--model se_resnet50] [--loss MSLoss] [--image-size 300]
         [--resize reference|antialias] [--histogram-bins 8] [--eval-batch-size 32] [-- TRAIN.PY OPTIONS ...]
 
-    python3 bench/real_data.py /data/liver --out liver_check -- --epochs 30 --device cuda --pretrained imagenet
+    python3 -m bench.real_data /data/liver --out liver_check -- --epochs 30 --device cuda --pretrained imagenet
 
 ROOT holds ROOT/train/<class>/* and ROOT/test/<class>/* (jpg, jpeg, png, tif, tiff, bmp), the same
 classes in both, the test patches cut from other slides than the training ones. Everything after
@@ -48,11 +48,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
+    sys.exit("error: run it as a module, from the repository root: python3 -m bench.real_data")
 
 from histo_retrieval.errors import UserError, run_script  # noqa: E402  (torch-free: a bad ROOT is refused at once)
-from histo_retrieval.files import atomic_write_text, folder_images, natural_sorted, write_csv  # noqa: E402
+from histo_retrieval.files import atomic_write_text, command_argv, folder_images, natural_sorted, write_csv  # noqa: E402
 
 METHODS = ("colour histogram", "untrained network", "trained")
 PROTOCOLS = ("test", "train")
@@ -68,7 +68,7 @@ SPLITS = ("train", "test")
 
 # ----------------------------------------------------------------------------- arguments
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bench/real_data.py", description=__doc__, allow_abbrev=False,
+    parser = argparse.ArgumentParser(prog="python3 -m bench.real_data", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", metavar="ROOT", help="folder with train/<class>/ and test/<class>/ image folders")
     parser.add_argument("--out", default="outputs/real_data",
@@ -100,7 +100,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(f"unrecognised arguments: {shlex.join(unknown)} (train.py's options go after `--`, "
-                     f"e.g. bench/real_data.py ROOT -- --epochs 30 --device cuda)")
+                     f"e.g. python3 -m bench.real_data ROOT -- --epochs 30 --device cuda)")
     args.train_options = train_options
     return args
 
@@ -118,7 +118,7 @@ def parse_train_options(argv: list[str], out: Path) -> argparse.Namespace:
     import train
 
     parser = train.get_args_parser()
-    parser.prog = "bench/real_data.py ROOT ... -- [train.py options]"
+    parser.prog = "python3 -m bench.real_data ROOT ... -- [train.py options]"
 
     def one_line_error(message: str) -> None:  # argparse's usage of train.py would bury the message
         raise UserError(f"train.py options after `--`: {message} (python3 train.py --help lists them)")
@@ -370,7 +370,7 @@ def main(args: argparse.Namespace) -> int:
         failed = evaluator.failed_images
     print(f"[4/4] done in {time.time() - step:.0f} s", flush=True)
 
-    command = shlex.join([os.path.basename(sys.executable), *sys.argv]) if sys.argv and sys.argv[0] else ""
+    command = shlex.join(command_argv()) if sys.argv and sys.argv[0] else ""
     train_command = shlex.join(["python3", "train.py", *argv])
     extra = {"crop_size": crop_size, "seed": targs.seed, "command": command}
     rows = table_rows(results, extra)

@@ -1,7 +1,7 @@
 """Query latency of histo_retrieval.search.vector_index's flat (exact), ivf and hnsw indexes, with their recall.
 
-    python3 bench/search_speed.py            # 1,000,000 vectors of 512 dimensions (minutes; ~6 GB)
-    python3 bench/search_speed.py --quick    # 50,000 vectors, a smaller sweep (under a minute)
+    python3 -m bench.search_speed            # 1,000,000 vectors of 512 dimensions (minutes; ~6 GB)
+    python3 -m bench.search_speed --quick    # 50,000 vectors, a smaller sweep (under a minute)
 
 Data (class Mixture): a Gaussian mixture shaped like embeddings (uniform noise has no neighbourhood
 structure): components grouped around a few "tissue" directions, overlapping, each varying along
@@ -36,15 +36,16 @@ import tempfile
 import time
 from pathlib import Path
 
+if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
+    sys.exit("error: run it as a module, from the repository root: python3 -m bench.search_speed")
+
 import faiss
 import numpy as np
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from histo_retrieval.search import vector_index as vi
 from histo_retrieval.files import atomic_write_text, command_line
 
+REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Vector search (bench/search_speed.py)"
 
 

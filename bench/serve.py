@@ -1,7 +1,7 @@
 """The search page under load: searches by upload against `retrieve.py serve`, over HTTP, with concurrent clients.
 
-    python3 bench/serve.py                     # 100,000 patches, 8 clients, 400 searches (about 1 min on 2 cores)
-    python3 bench/serve.py --patches 2000 --clients 2 --requests 8 --crop-size 32 --slide-size 1024x1024
+    python3 -m bench.serve                     # 100,000 patches, 8 clients, 400 searches (about 1 min on 2 cores)
+    python3 -m bench.serve --patches 2000 --clients 2 --requests 8 --crop-size 32 --slide-size 1024x1024
 
 Set-up (not timed), in a temporary folder or --work DIR:
 - a randomly initialised --model (its default options) saved as train.py saves it, with crop size
@@ -9,8 +9,8 @@ Set-up (not timed), in a temporary folder or --work DIR:
   time, and a small crop keeps the bench short; the figures are those of a small model input);
 - --slides synthetic slides (KIMIA_data/synthetic.py's write_slide_set, 0.5 um/px), so that the
   index's thumbnails and tiles exist;
-- an index (SlideIndex.create with the IndexSettings retrieve.py's index_settings gives this
-  checkpoint: 0.5 um/px, patch size = crop size, flat faiss index) of --patches patches whose vectors
+- an index (SlideIndex.create with the IndexSettings `retrieve.py index` gives this checkpoint by
+  default: 0.5 um/px, patch size = crop size, flat faiss index) of --patches patches whose vectors
   are NOT the model's (embedding 100,000 patches would take hours on 2 cores): random unit vectors
   of the model's embedding size, on a grid of patch-sized boxes over the whole of each slide. Each
   source is a hard link (a copy where links fail) of one of the slide files, so that every source
@@ -71,14 +71,13 @@ import threading
 import time
 from pathlib import Path
 
+if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
+    sys.exit("error: run it as a module, from the repository root: python3 -m bench.serve")
+
 import numpy as np
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import retrieve  # noqa: E402
 from bench.timing import write_checkpoint  # noqa: E402
 from histo_retrieval.evaluation.checkpoint import load_model  # noqa: E402
 from histo_retrieval.data.datasets import eval_crop  # noqa: E402
@@ -87,10 +86,11 @@ from histo_retrieval.errors import UserError  # noqa: E402
 from histo_retrieval.files import atomic_write_text, command_line  # noqa: E402
 from histo_retrieval.search.indexing import Job, plan_job  # noqa: E402
 from histo_retrieval.runtime import cpu_name  # noqa: E402
-from histo_retrieval.search.index import SlideIndex, SourceRecord  # noqa: E402
+from histo_retrieval.search.index import IndexSettings, SlideIndex, SourceRecord  # noqa: E402
 from histo_retrieval.search.slides import Tiling, open_slide  # noqa: E402
 from KIMIA_data import synthetic  # noqa: E402
 
+REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Search page under load (bench/serve.py)"
 MPP = 0.5  # the index's and the slides' scale: patches are read from level 0
 QUERIES = 8  # distinct query patches, uploaded in turn
@@ -198,9 +198,7 @@ def build_index(work: Path, args: argparse.Namespace) -> dict:
     checkpoint = work / f"{args.model}_MSLoss_0.5000.pth"
     write_checkpoint(checkpoint, args.model, args.crop_size, args.seed)
     loaded = load_model(checkpoint, "cpu")
-    settings_args = argparse.Namespace(mpp=MPP, patch_size=None, tissue_threshold=TISSUE_THRESHOLD,
-                                       index_type="flat", ivf_lists=None)
-    settings = retrieve.index_settings(loaded, str(checkpoint), settings_args)
+    settings = IndexSettings.for_model(loaded, checkpoint, Tiling(MPP, loaded.crop_size, TISSUE_THRESHOLD))
     side = settings.patch_size  # level-0 pixels: the slides are scanned at the index's scale
     print(f"checkpoint: {checkpoint.name} ({settings.model_name} {settings.model_options}, crop {settings.crop_size}, "
           f"{settings.dim}-d)", flush=True)

@@ -118,6 +118,14 @@ def append_csv_row(path: str | os.PathLike, row: dict[str, Any]) -> None:
     write_csv(rows, path, fields)
 
 
+def command_argv() -> list[str]:
+    """The command that started this process, word by word: `python3 -m NAME ...` for a module run with -m
+    (its file in sys.argv[0] would not run the same way), else `python3 SCRIPT ...`."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    program = ["-m", spec.name.removesuffix(".__main__")] if spec is not None else sys.argv[:1]
+    return [os.path.basename(sys.executable), *program, *sys.argv[1:]]
+
+
 def command_line() -> str:
     """The command that started this process, for saving beside results."""
-    return " ".join([os.path.basename(sys.executable)] + sys.argv)
+    return " ".join(command_argv())

@@ -5,9 +5,8 @@
 
 Mixed precision on a CPU needs the CPU's own bfloat16 (AVX512-BF16 or AMX) or float16 (AVX512-FP16 or
 AMX-FP16) instructions, as oneDNN reports them: without them every product is emulated, and se_resnet50
-trains about 7x slower in bfloat16 than in float32 (measured with oneDNN held to AVX2 on an AMD EPYC:
-`ONEDNN_MAX_CPU_ISA=AVX2 python3 bench/model_speed.py --models se_resnet50`). `check_runtime` refuses
-that unless `--amp-force` is given.
+trains many times slower in bfloat16 than in float32 (bench/results.md, "Measured by hand").
+`check_runtime` refuses that unless `--amp-force` is given.
 """
 from __future__ import annotations
 

@@ -210,7 +210,6 @@ def test_torchrun_two_processes_on_gloo_with_pk_batches(data_root: Path, tmp_pat
 
 GATHER_SCRIPT = r"""
 import sys, torch, torch.distributed as dist
-sys.path.insert(0, sys.argv[1])
 from histo_retrieval.distributed import all_gather_lists, gather_with_grad
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -234,7 +233,8 @@ def test_gather_embeddings_gives_each_process_its_share_of_the_global_gradient(t
     script = tmp_path / "gather.py"
     script.write_text(GATHER_SCRIPT)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), str(REPO)], env=ENV, capture_output=True, text=True, timeout=120)
+                             str(script)], env={**ENV, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ok0" in result.stdout and "ok1" in result.stdout
 

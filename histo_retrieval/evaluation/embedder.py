@@ -73,8 +73,8 @@ class CropCache:
     A file because the crops of a large gallery do not fit in memory (Kimia Path24's training set
     is about 4 GB of 224 px crops). Plain reads and not numpy.memmap because the pages of a mapped
     file count in the process's resident memory once touched: a memmap's peak RSS grows with the
-    file (427 MiB for a 400 MiB file, against 29 MiB read by readinto), while read() goes through
-    the page cache, which the kernel reclaims. The file has no name (deleted as soon as it is
+    file (bench/results.md, "Measured by hand"), while read() goes through the page cache, which
+    the kernel reclaims. The file has no name (deleted as soon as it is
     created, on Linux), so it disappears when the cache is closed or the process ends.
     """
 

@@ -40,10 +40,10 @@ HNSW_MAX_EF_SEARCH = 4096
 # Exclusion sets up to this size (per index type) are handled by asking for k + len(set) results
 # and dropping the excluded ones, bigger ones by a faiss IDSelector that skips them during the search.
 # bench/search_speed.py, 1M x 512, batches of 10 queries, each excluding its own ~500-vector
-# component, over-fetch against IDSelector: flat 474 against 643 ms (the selector tests every
-# vector against the set), exact either way; hnsw 24 against 32 ms at recall@10 0.99 (and 0.90
-# against 0.81 at a narrower walk). ivf: the same lists are scanned either way, and with a shared
-# 10,000-id set the selector took 11 ms against 32 (recall 0.94 against 0.96).
+# component: over-fetching is the faster for flat (the selector tests every vector against the set),
+# exact either way, and for hnsw at recall@10 0.99 (and 0.90 against 0.81 at a narrower walk). ivf:
+# the same lists are scanned either way, and with a shared 10,000-id set the selector is the faster
+# (recall 0.94 against 0.96). Timings: bench/results.md, "Vector search".
 OVERFETCH_MAX = {"flat": 16384, "ivf": 256, "hnsw": 4096}
 
 
@@ -77,8 +77,8 @@ def new_vector_index(kind: str, dim: int, train: np.ndarray | None = None, ivf_l
     if not 1 <= lists <= len(train):
         raise UserError(f"ivf_lists must be between 1 and the {len(train)} training vectors, got {lists}")
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
-    # k-means on at most TRAIN_POINTS_PER_LIST points per list, a sample faiss draws: 4,000 lists on
-    # 1M x 512 trained in 48 s on 2 cores (bench); faiss's default, 256, takes about 4 times as long.
+    # k-means on at most TRAIN_POINTS_PER_LIST points per list, a sample faiss draws (4,000 lists on
+    # 1M x 512: bench/results.md); faiss's default, 256, takes about 4 times as long.
     # faiss asks for at least 39 per list, and at 64 the lists searched as well as the bench needs.
     index.cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST
     index.train(train)
@@ -142,8 +142,8 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, exclude: Sequence[np
     wider than the fastest settings reaching recall@10 0.95 on bench/search_speed.py's 1M x 512
     vectors (nprobe 4 of 4,000 lists; efSearch 32 at M 32) because excluding each query's own
     neighbourhood (its own slide's patches, when a slide's patches cluster) needs it: there,
-    nprobe 4 kept recall@10 0.38 and the default (63) 0.99 at 19 ms per 10 queries (exact: 400 ms);
-    hnsw's default 0.99 at 24 ms. Check real embeddings against flat before narrowing them."""
+    nprobe 4 kept recall@10 0.38 and the default (63) 0.99; hnsw's default 0.99 (timings:
+    bench/results.md). Check real embeddings against flat before narrowing them."""
     kind = index_kind(index)
     queries = _float_rows(queries, index.d, "queries")
     if not isinstance(k, (int, np.integer)) or k < 1:
