@@ -3,8 +3,8 @@
     python3 -m bench.evaluate_memory [--quick] [--classes 20] [--test-per-class 50 250] [--image-size 80]
         [--crop-size 64] [--checkpoints 2] [--baseline-rev c0eaa87]
 
-Baseline: multi_test.py as of --baseline-rev (read with `git show`, run from the repository root
-against today's library), which decodes the whole split into one uint8 tensor kept in memory.
+Baseline: multi_test.py as of --baseline-rev, run in that revision's own tree (`git archive`, so
+with the library it was written against), which decodes the whole split into one uint8 tensor kept in memory.
 Ours: the working tree's multi_test.py, which decodes it once into a temporary file that each
 checkpoint reads batch by batch. Both sweep the same checkpoints over the same test set, with
 --workers 0 so that the decoding happens in the measured process, each in a fresh process whose
@@ -81,9 +81,10 @@ def make_test_set(num_classes: int, per_class: int, image_size: int) -> Path:
 
 
 def peak_rss_run(script: Path, argv: list[str]) -> tuple[float, float]:
-    """(peak resident MiB, wall seconds) of `python3 script argv` in a fresh process."""
+    """(peak resident MiB, wall seconds) of `python3 script argv` in a fresh process, run from the
+    script's own tree (whose packages come before any installed ones)."""
     started = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", PEAK_RSS_RUNNER, str(script), *argv], cwd=REPO,
+    run = subprocess.run([sys.executable, "-c", PEAK_RSS_RUNNER, str(script), *argv], cwd=script.parent,
                          capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if run.returncode != 0:
@@ -127,9 +128,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.classes, args.test_per_class, args.checkpoints = 3, [5, 20], 1
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        baseline = folder / "baseline_multi_test.py"
-        baseline.write_bytes(subprocess.run(["git", "show", f"{args.baseline_rev}:multi_test.py"], cwd=REPO,
-                                            capture_output=True, check=True).stdout)
+        tree = folder / "baseline"
+        tree.mkdir()
+        archive = subprocess.run(["git", "archive", args.baseline_rev], cwd=REPO, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+        baseline = tree / "multi_test.py"
         (folder / "model").mkdir()
         for number in range(args.checkpoints):
             torch.manual_seed(number)
