@@ -273,7 +273,8 @@ class EmbeddingRun:
 
     def __init__(self, jobs: Sequence[Job], embedder: Embedder, tiling: Tiling, fallback_mpp: float | None = None,
                  opener: SlideOpener = open_slide, progress: EmbeddingProgress | None = None) -> None:
-        self.jobs, self.embedder, self.tiling, self.fallback_mpp, self.opener = jobs, embedder, tiling, fallback_mpp, opener
+        self.jobs, self.embedder, self.tiling = jobs, embedder, tiling
+        self.fallback_mpp, self.opener = fallback_mpp, opener
         self.progress = progress or EmbeddingProgress(len(jobs), shown=False)
         self.finished = 0  # jobs before this one have been finished
         self._plans: dict[int, _Plan] = {}
@@ -331,8 +332,9 @@ class EmbeddingRun:
             kept, vectors = np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
         result = SourceResult(
             self.jobs[number], plan.boxes[kept], vectors, None if plan.tissue is None else plan.tissue[kept],
-            [plan.files[i] for i in kept] if plan.files else [], [plan.classes[i] for i in kept] if plan.classes else [],
-            plan.info, error, self._unreadable.pop(number, []), time.perf_counter() - plan.started)
+            [plan.files[i] for i in kept] if plan.files else [],
+            [plan.classes[i] for i in kept] if plan.classes else [], plan.info, error,
+            self._unreadable.pop(number, []), time.perf_counter() - plan.started)
         self.progress.finished(number, result)
         return result
 

@@ -91,7 +91,7 @@ class QueryResult:
     slides: list[SlideRank] = field(default_factory=list)
     class_name: str | None = None  # a patch query's, when its folder or file-name prefix is a class of the index
     figure: str | None = None
-    pixels: np.ndarray | None = None  # an image in memory, as it was searched (its eval crop)
+    pixels: np.ndarray | None = None  # a query of pixels in memory: its image, as searched
 
 
 def load_index_model(index: SlideIndex, device: torch.device | str, checkpoint: str | None = None) -> LoadedModel:
