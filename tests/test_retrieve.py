@@ -144,7 +144,7 @@ def test_remove_readd_and_replace_leave_no_duplicates_or_orphans(collection, tmp
     with SlideIndex.open(index) as opened:
         assert opened.vectors.ntotal == 9
         ids = set(int(i) for i in __import__("histo_retrieval.search.vector_index", fromlist=["x"]).index_ids(opened.vectors))
-        assert ids == {int(i) for s in opened.db.sources() for i in opened.db.patch_ids(s["id"])}
+        assert ids == {int(i) for s in opened.sources() for i in opened.patch_ids(s.id)}
     assert run("remove", "--index", str(index), str(tmp_path / "never")) == 1
     assert "not in the index" in capsys.readouterr().err
     assert run("list", "--index", str(index)) == 0

@@ -110,8 +110,8 @@ def cut_patch(served_index, tmp_path: Path) -> tuple[dict, Path]:
 
     service = SearchService.open(str(served_index["index"]), "cpu")
     try:
-        source = next(row for row in service.sources().values() if row["path"] == served_index["slides"][1])
-        patch = service.patch(int(service.index.db.patch_ids(source["id"])[10]))
+        source = next(row for row in service.sources().values() if row.path == served_index["slides"][1])
+        patch = service.patch(int(service.index.patch_ids(source.id)[10]))
         path = tmp_path / "cut_from_slide_001.png"
         Image.fromarray(patch_pixels(service.index, patch)).save(path)
     finally:

@@ -254,20 +254,20 @@ def test_upload_names_that_cannot_be_file_names_get_400(client, filename, words)
     assert response.status_code == 400 and words in response.json()["detail"]
 
 
-@pytest.mark.parametrize("filename, label, temporary, query_class", [
-    ("s1_query.png", "s1_query.png", "s1_query.png", "s1"),
-    ("../../../etc/s1_x.png", "s1_x.png", "s1_query.png", "s1"),
-    ("C:\\Users\\me\\s0_y.tif", "s0_y.tif", "s0_query.png", "s0"),
-    ("notes_s1.png", "notes_s1.png", "query.png", None),
-    ("s1.png", "s1.png", "query.png", None),
+@pytest.mark.parametrize("filename, label, query_class", [
+    ("s1_query.png", "s1_query.png", "s1"),
+    ("../../../etc/s1_x.png", "s1_x.png", "s1"),
+    ("C:\\Users\\me\\s0_y.tif", "s0_y.tif", "s0"),
+    ("notes_s1.png", "notes_s1.png", None),
+    ("s1.png", "s1.png", None),
 ])
-def test_the_file_name_is_a_label_and_only_its_class_prefix_is_kept(client, served_index, monkeypatch, filename,
-                                                                      label, temporary, query_class):
-    read = []
+def test_the_file_name_is_a_label_and_only_its_class_prefix_is_kept(client, service, served_index, monkeypatch,
+                                                                      filename, label, query_class):
+    searched = []
     run_queries = search_service.run_queries
 
     def recording(index, jobs, *args, **kwargs):
-        read.extend(Path(path) for job in jobs for path in job.files)
+        searched.extend(jobs)
         return run_queries(index, jobs, *args, **kwargs)
 
     monkeypatch.setattr(search_service, "run_queries", recording)
@@ -275,8 +275,9 @@ def test_the_file_name_is_a_label_and_only_its_class_prefix_is_kept(client, serv
     response = client.post(UPLOAD, files={"file": (filename, data, "image/png")})
     assert response.status_code == 200, response.text
     assert (response.json()["name"], response.json()["query_class"]) == (label, query_class)
-    [path] = read
-    assert path.name == temporary and path.parent.name.startswith("upload-") and not path.exists()
+    [job] = searched  # the upload's crop, searched in memory under its label: no file is written or read
+    crop = service.index.settings.crop_size
+    assert (job.kind, job.path, job.files, job.pixels.shape) == ("pixels", label, (), (crop, crop, 3))
 
 
 @pytest.mark.parametrize("url, name", [
@@ -391,7 +392,7 @@ def moved_slide_index(served_index, tmp_path) -> dict:
 def test_errors_name_a_missing_slide_by_its_id_and_file_name_only(moved_slide_index):
     service, slide = moved_slide_index["service"], moved_slide_index["slide"]
     [source_id] = service.sources()
-    patch_id = int(service.index.db.patch_ids(source_id)[0])
+    patch_id = int(service.index.patch_ids(source_id)[0])
     with TestClient(server.create_app(service, allowed_hosts=["testserver"])) as client:
         for url in (f"/api/slides/{source_id}/image.dzi", f"/api/slides/{source_id}/image_files/10/0_0.jpeg",
                     f"/api/patches/{patch_id}/image.jpeg"):

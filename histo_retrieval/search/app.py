@@ -3,18 +3,22 @@
     app = create_app(SearchService.open("slide_index"), allowed_hosts=["search.example.org"])
     uvicorn.run(app, host="127.0.0.1", port=8000, server_header=False)  # what `retrieve.py serve` does
 
-The API is documented by FastAPI at /docs and /openapi.json. The page (web/static) and the
-OpenSeadragon viewer installed into web/node_modules by `npm ci --prefix web` are served by the
-app itself, so the page needs no internet. RequestGuard checks each request's host, origin and body
-size before the app reads it (docs/search_page.md, "Security").
+The API is one APIRouter per resource (the index, slides, patches, searches), whose routes get the
+service through Depends(get_service); its response models are built from the service's dataclasses
+(SourceRow, Match, SlideRank, Search) in one place each, their `of`. The API is documented by FastAPI
+at /docs and /openapi.json. The page (web/static) and the OpenSeadragon viewer installed into
+web/node_modules by `npm ci --prefix web` are served by the app itself, so the page needs no
+internet. RequestGuard checks each request's host, origin and body size before the app reads it
+(docs/search_page.md, "Security").
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -23,9 +27,10 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from histo_retrieval.errors import UserError
-from histo_retrieval.search.service import (MAX_BODY_BYTES, MAX_ID, MAX_UPLOAD_BYTES, MAX_UPLOAD_SIDE, UPLOAD_FORM_OVERHEAD,
-                             NotFound, Search, SearchService)
-from histo_retrieval.search.index import SlideChanged
+from histo_retrieval.search.index import SlideChanged, SourceKind, SourceRow
+from histo_retrieval.search.queries import Match, SlideRank
+from histo_retrieval.search.service import (MAX_BODY_BYTES, MAX_ID, MAX_UPLOAD_BYTES, MAX_UPLOAD_SIDE,
+                                            UPLOAD_FORM_OVERHEAD, NotFound, Search, SearchKind, SearchService)
 
 WEB = Path(__file__).resolve().parents[2] / "web"  # the checkout's web/: the page and its viewer from npm
 STATIC = WEB / "static"
@@ -72,13 +77,20 @@ class IndexSummary(BaseModel):
 class SourceOut(BaseModel):
     id: int
     name: str
-    kind: str = Field(description='"slide", or "folder" for a folder of patch images')
+    kind: SourceKind = Field(description='"slide", or "folder" for a folder of patch images')
     width: int | None = Field(description="level-0 width in pixels (slides)")
     height: int | None
     slide_mpp: float | None = Field(description="microns per level-0 pixel (slides)")
     patch_count: int
     thumbnail_url: str
     dzi_url: str | None = Field(description="Deep Zoom descriptor for the viewer (slides)")
+
+    @classmethod
+    def of(cls, row: SourceRow) -> SourceOut:
+        return cls(id=row.id, name=row.name, kind=row.kind, width=row.width, height=row.height,
+                   slide_mpp=row.slide_mpp, patch_count=row.patch_count,
+                   thumbnail_url=f"/api/slides/{row.id}/thumbnail.jpeg",
+                   dzi_url=f"/api/slides/{row.id}/image.dzi" if row.kind == "slide" else None)
 
 
 class MatchOut(BaseModel):
@@ -87,7 +99,7 @@ class MatchOut(BaseModel):
     patch_id: int
     source_id: int
     source_name: str
-    source_kind: str
+    source_kind: SourceKind
     file_name: str | None = Field(description="the patch's image file (folders)")
     x: int = Field(description="level-0 box of the patch in its slide")
     y: int
@@ -95,6 +107,14 @@ class MatchOut(BaseModel):
     height: int
     class_name: str | None
     image_url: str
+
+    @classmethod
+    def of(cls, match: Match) -> MatchOut:
+        p = match.patch
+        return cls(rank=match.rank, similarity=match.similarity, patch_id=p.id, source_id=p.source_id,
+                   source_name=Path(p.source).name, source_kind=p.source_kind,
+                   file_name=Path(p.file).name if p.file else None, x=p.x, y=p.y, width=p.width, height=p.height,
+                   class_name=p.class_name, image_url=f"/api/patches/{p.id}/image.jpeg")
 
 
 class SlideRankOut(BaseModel):
@@ -104,10 +124,15 @@ class SlideRankOut(BaseModel):
     votes: int = Field(description="query patches whose first match lies on this slide")
     score: float = Field(description="mean similarity of this slide's patches among the matches")
 
+    @classmethod
+    def of(cls, slide: SlideRank) -> SlideRankOut:
+        return cls(rank=slide.rank, source_id=slide.source_id, name=Path(slide.source).name, votes=slide.votes,
+                   score=slide.score)
+
 
 class SearchOut(BaseModel):
     id: str
-    kind: str = Field(description='"upload" or "region"')
+    kind: SearchKind = Field(description='"upload" or "region"')
     name: str
     query_class: str | None = Field(description="the upload's class, when its file-name prefix is one of the index's")
     source_id: int | None = Field(description="a region search's slide")
@@ -115,6 +140,15 @@ class SearchOut(BaseModel):
     query_image_url: str
     matches: list[MatchOut] = Field(description="every query patch's top-k matches, best first, each patch once")
     slides: list[SlideRankOut]
+
+    @classmethod
+    def of(cls, search: Search, service: SearchService) -> SearchOut:
+        result = search.result
+        return cls(id=search.id, kind=search.kind, name=search.name, query_class=result.class_name,
+                   source_id=search.source_id, query_boxes=result.boxes.tolist() if search.kind == "region" else [],
+                   query_image_url=f"/api/searches/{search.id}/query.jpeg",
+                   matches=[MatchOut.of(match) for match in service.matches(search)],
+                   slides=[SlideRankOut.of(slide) for slide in service.slide_ranking(search)])
 
 
 class RegionQuery(BaseModel):
@@ -128,101 +162,109 @@ class RegionQuery(BaseModel):
     top_k: int | None = Field(default=None, ge=1, le=100)
 
 
-def _source_out(row: dict) -> SourceOut:
-    slide = row["kind"] == "slide"
-    return SourceOut(id=row["id"], name=Path(row["path"]).name, kind=row["kind"], width=row["width"],
-                     height=row["height"], slide_mpp=row["slide_mpp"], patch_count=row["patch_count"],
-                     thumbnail_url=f"/api/slides/{row['id']}/thumbnail.jpeg",
-                     dzi_url=f"/api/slides/{row['id']}/image.dzi" if slide else None)
-
-
-def _search_out(service: SearchService, search: Search) -> SearchOut:
-    result = search.result
-    return SearchOut(
-        id=search.id, kind=search.kind, name=search.name, query_class=result.class_name, source_id=search.source_id,
-        query_boxes=result.boxes.tolist() if search.kind == "region" else [],
-        query_image_url=f"/api/searches/{search.id}/query.jpeg",
-        matches=[MatchOut(**row, image_url=f"/api/patches/{row['patch_id']}/image.jpeg")
-                 for row in service.matches(search)],
-        slides=[SlideRankOut(**row) for row in service.slide_ranking(search)])
-
-
 def _image(data: bytes, media_type: str = "image/jpeg") -> Response:
     # Ids may be reused after an index is rebuilt: let the browser keep images for an hour only.
     return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
 
-def api_router(service: SearchService) -> APIRouter:
-    router = APIRouter(prefix="/api")
-    slide_id = PathParam(ge=0, le=MAX_ID, description="a slide's id in the index (see /api/slides)")
-
-    @router.get("/index", response_model=IndexSummary, summary="The index's model, scale and size")
-    def index_summary() -> IndexSummary:
-        return IndexSummary(**service.summary())
-
-    @router.get("/slides", response_model=list[SourceOut], summary="The indexed slides and folders")
-    def slides(q: str = Query("", max_length=200, description="only those whose file name contains this"),
-               kind: str | None = Query(None, pattern="^(slide|folder)$")) -> list[SourceOut]:
-        rows = service.sources().values()
-        return [_source_out(row) for row in rows if q.lower() in Path(row["path"]).name.lower()
-                and (kind is None or row["kind"] == kind)]
-
-    @router.get("/slides/{slide_id}", response_model=SourceOut, summary="One slide or folder")
-    def slide(slide_id: int = slide_id) -> SourceOut:
-        return _source_out(service.source(slide_id))
-
-    @router.get("/slides/{slide_id}/thumbnail.jpeg", response_class=Response, summary="Its thumbnail")
-    def thumbnail(slide_id: int = slide_id) -> Response:
-        return _image(service.thumbnail(slide_id))
-
-    @router.get("/slides/{slide_id}/image.dzi", response_class=Response, summary="Its Deep Zoom descriptor")
-    def dzi(slide_id: int = slide_id) -> Response:
-        return Response(service.dzi(slide_id), media_type="application/xml")
-
-    @router.get("/slides/{slide_id}/image_files/{level}/{col}_{row}.jpeg", response_class=Response,
-                summary="One Deep Zoom tile")
-    def tile(level: int, col: int, row: int, slide_id: int = slide_id) -> Response:
-        return _image(service.tile(slide_id, level, col, row))
-
-    @router.get("/patches/{patch_id}/image.jpeg", response_class=Response, summary="An indexed patch's pixels")
-    def patch_image(patch_id: int = PathParam(ge=0, le=MAX_ID, description="an indexed patch's id")) -> Response:
-        return _image(service.patch_image(patch_id))
-
-    @router.post("/search/upload", response_model=SearchOut, summary="Search with an uploaded patch image")
-    def search_upload(file: UploadFile = File(description=f"PNG, JPEG or TIFF of one frame, at most "
-                                                           f"{MAX_UPLOAD_BYTES // 2**20} MB and {MAX_UPLOAD_SIDE} x "
-                                                           f"{MAX_UPLOAD_SIDE} pixels"),
-                      top_k: int | None = Form(None, ge=1, le=100)) -> SearchOut:
-        return _search_out(service, service.search_upload(file.file, file.filename, top_k))
-
-    @router.post("/search/region", response_model=SearchOut, summary="Search with a region of an indexed slide")
-    def search_region(query: RegionQuery) -> SearchOut:
-        box = (query.x, query.y, query.width, query.height)
-        return _search_out(service, service.search_region(query.slide_id, box, query.top_k))
-
-    @router.get("/searches/{search_id}", response_model=SearchOut, summary="A recent search again")
-    def search(search_id: str = PathParam(pattern=SEARCH_ID)) -> SearchOut:
-        return _search_out(service, service.search(search_id))
-
-    @router.get("/searches/{search_id}/query.jpeg", response_class=Response, summary="The query as searched")
-    def query_image(search_id: str = PathParam(pattern=SEARCH_ID)) -> Response:
-        preview = service.search(search_id).preview
-        if preview is None:
-            raise NotFound(f"search {search_id}: its query image cannot be read any more")
-        return _image(preview)
-
-    @router.get("/searches/{search_id}/heatmap/{slide_id}.png", response_class=Response,
-                summary="Each patch of a slide coloured by its similarity to the query",
-                description="RGBA, the size of the slide's thumbnail; the headers X-Similarity-Low and "
-                            "X-Similarity-High give the range the magma colours span.")
-    def heatmap(search_id: str = PathParam(pattern=SEARCH_ID), slide_id: int = slide_id) -> Response:
-        data, low, high = service.heatmap(search_id, slide_id)
-        return Response(data, media_type="image/png",
-                        headers={"X-Similarity-Low": f"{low:.6f}", "X-Similarity-High": f"{high:.6f}"})
-
-    return router
+# ----------------------------------------------------------------------------- the API, one router per resource
+def get_service(request: Request) -> SearchService:
+    """The service the app answers from (create_app keeps it in app.state)."""
+    return request.app.state.service
 
 
+Service = Annotated[SearchService, Depends(get_service)]
+SlideId = Annotated[int, PathParam(ge=0, le=MAX_ID, description="a slide's id in the index (see /api/slides)")]
+PatchId = Annotated[int, PathParam(ge=0, le=MAX_ID, description="an indexed patch's id")]
+SearchId = Annotated[str, PathParam(pattern=SEARCH_ID)]
+
+index_routes = APIRouter(prefix="/api/index", tags=["index"])
+slide_routes = APIRouter(prefix="/api/slides", tags=["slides"])
+patch_routes = APIRouter(prefix="/api/patches", tags=["patches"])
+search_routes = APIRouter(prefix="/api", tags=["searches"])
+
+
+@index_routes.get("", response_model=IndexSummary, summary="The index's model, scale and size")
+def index_summary(service: Service) -> IndexSummary:
+    return IndexSummary(**service.summary())
+
+
+@slide_routes.get("", response_model=list[SourceOut], summary="The indexed slides and folders")
+def slides(service: Service,
+           q: str = Query("", max_length=200, description="only those whose file name contains this"),
+           kind: SourceKind | None = Query(None)) -> list[SourceOut]:
+    return [SourceOut.of(row) for row in service.sources().values()
+            if q.lower() in row.name.lower() and (kind is None or row.kind == kind)]
+
+
+@slide_routes.get("/{slide_id}", response_model=SourceOut, summary="One slide or folder")
+def slide(service: Service, slide_id: SlideId) -> SourceOut:
+    return SourceOut.of(service.source(slide_id))
+
+
+@slide_routes.get("/{slide_id}/thumbnail.jpeg", response_class=Response, summary="Its thumbnail")
+def thumbnail(service: Service, slide_id: SlideId) -> Response:
+    return _image(service.thumbnail(slide_id))
+
+
+@slide_routes.get("/{slide_id}/image.dzi", response_class=Response, summary="Its Deep Zoom descriptor")
+def dzi(service: Service, slide_id: SlideId) -> Response:
+    return Response(service.dzi(slide_id), media_type="application/xml")
+
+
+@slide_routes.get("/{slide_id}/image_files/{level}/{col}_{row}.jpeg", response_class=Response,
+                  summary="One Deep Zoom tile")
+def tile(service: Service, level: int, col: int, row: int, slide_id: SlideId) -> Response:
+    return _image(service.tile(slide_id, level, col, row))
+
+
+@patch_routes.get("/{patch_id}/image.jpeg", response_class=Response, summary="An indexed patch's pixels")
+def patch_image(service: Service, patch_id: PatchId) -> Response:
+    return _image(service.patch_image(patch_id))
+
+
+@search_routes.post("/search/upload", response_model=SearchOut, summary="Search with an uploaded patch image")
+def search_upload(service: Service,
+                  file: UploadFile = File(description=f"PNG, JPEG or TIFF of one frame, at most "
+                                                      f"{MAX_UPLOAD_BYTES // 2**20} MB and {MAX_UPLOAD_SIDE} x "
+                                                      f"{MAX_UPLOAD_SIDE} pixels"),
+                  top_k: int | None = Form(None, ge=1, le=100)) -> SearchOut:
+    return SearchOut.of(service.search_upload(file.file, file.filename, top_k), service)
+
+
+@search_routes.post("/search/region", response_model=SearchOut, summary="Search with a region of an indexed slide")
+def search_region(service: Service, query: RegionQuery) -> SearchOut:
+    box = (query.x, query.y, query.width, query.height)
+    return SearchOut.of(service.search_region(query.slide_id, box, query.top_k), service)
+
+
+@search_routes.get("/searches/{search_id}", response_model=SearchOut, summary="A recent search again")
+def search(service: Service, search_id: SearchId) -> SearchOut:
+    return SearchOut.of(service.search(search_id), service)
+
+
+@search_routes.get("/searches/{search_id}/query.jpeg", response_class=Response, summary="The query as searched")
+def query_image(service: Service, search_id: SearchId) -> Response:
+    preview = service.search(search_id).preview
+    if preview is None:
+        raise NotFound(f"search {search_id}: its query image cannot be read any more")
+    return _image(preview)
+
+
+@search_routes.get("/searches/{search_id}/heatmap/{slide_id}.png", response_class=Response,
+                   summary="Each patch of a slide coloured by its similarity to the query",
+                   description="RGBA, the size of the slide's thumbnail; the headers X-Similarity-Low and "
+                               "X-Similarity-High give the range the magma colours span.")
+def heatmap(service: Service, search_id: SearchId, slide_id: SlideId) -> Response:
+    data, low, high = service.heatmap(search_id, slide_id)
+    return Response(data, media_type="image/png",
+                    headers={"X-Similarity-Low": f"{low:.6f}", "X-Similarity-High": f"{high:.6f}"})
+
+
+API_ROUTERS = (index_routes, slide_routes, patch_routes, search_routes)
+
+
+# ----------------------------------------------------------------------------- requests checked before the app
 class BodyTooLarge(HTTPException):
     """Raised from `receive` once a body passes its route's limit: FastAPI lets an HTTPException out of
     its body parsing as it is, so the client gets the 413 and its message."""
@@ -334,21 +376,26 @@ class RequestGuard:
             await _json(413, error.detail)(scope, receive, send_secured)
 
 
+async def user_error(request: Request, error: UserError) -> JSONResponse:
+    """A UserError as its HTTP status (404 NotFound, 409 SlideChanged, BadInput's own, else 400),
+    its message without this machine's paths."""
+    status = 404 if isinstance(error, NotFound) else 409 if isinstance(error, SlideChanged) else \
+        getattr(error, "status", 400)
+    return _json(status, get_service(request).public_message(str(error)))
+
+
+# ----------------------------------------------------------------------------- the app
 def create_app(service: SearchService, viewer: Path = VIEWER, allowed_hosts: Iterable[str] = ()) -> FastAPI:
     """The app over one service; the page's viewer is served from `viewer` when it is installed.
     Requests are answered for this machine's names (LOCAL_HOSTS) and `allowed_hosts` only."""
     app = FastAPI(title="Histopathology image search", version="1",
                   description="Search an index of whole slides built by `retrieve.py index`: by an uploaded "
                               "patch or by a region of an indexed slide. Read only.")
+    app.state.service = service
     app.add_middleware(RequestGuard, hosts=[*LOCAL_HOSTS, *allowed_hosts])
-
-    @app.exception_handler(UserError)
-    async def user_error(request: Request, error: UserError) -> JSONResponse:
-        status = 404 if isinstance(error, NotFound) else 409 if isinstance(error, SlideChanged) else \
-            getattr(error, "status", 400)
-        return _json(status, service.public_message(str(error)))
-
-    app.include_router(api_router(service))
+    app.add_exception_handler(UserError, user_error)
+    for router in API_ROUTERS:
+        app.include_router(router)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

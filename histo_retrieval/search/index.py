@@ -23,9 +23,9 @@ import json
 import os
 import sqlite3
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -60,13 +60,16 @@ CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, started TEXT NOT NULL, 
 SOURCE_COLUMNS = ("path", "kind", "file_size", "mtime", "width", "height", "slide_mpp", "backend",
                   "thumbnail", "thumbnail_downsample")
 
+SourceKind = Literal["slide", "folder"]  # what an index holds: a whole slide, or a folder of patch images
+SourceState = Literal["indexed", "failed"]  # a failed source is recorded for `list --failed` and retried
+
 
 @dataclass
 class SourceRecord:
     """One source ready to go into an index: its description, its patches and their vectors
-    (n x dim float32, row i for patch i). kind is "slide" or "folder" (a folder of patch images)."""
+    (n x dim float32, row i for patch i)."""
     path: str
-    kind: str
+    kind: SourceKind
     vectors: np.ndarray
     boxes: np.ndarray  # n x 4 int64: level-0 x, y, width, height
     tissue: np.ndarray | None = None  # n float32 tissue fractions (slides)
@@ -82,11 +85,44 @@ class SourceRecord:
     thumbnail_downsample: float | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
+class SourceRow:
+    """A source as the index records it (the sources table but its thumbnail's bytes: thumbnail())."""
+    id: int
+    path: str
+    kind: SourceKind
+    state: SourceState
+    file_size: int | None
+    mtime: float | None
+    width: int | None
+    height: int | None
+    slide_mpp: float | None
+    backend: str | None
+    first_patch: int | None
+    patch_count: int
+    thumbnail_downsample: float | None
+    reason: str | None  # why it failed
+    indexed_at: str | None
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    """A slide's thumbnail as stored: JPEG bytes, and its downsample from level 0."""
+    jpeg: bytes
+    downsample: float
+
+
+@dataclass(frozen=True)
 class Patch:
+    """An indexed patch: its level-0 box in its source (a slide), or its image file (a folder)."""
     id: int
     source_id: int
-    source: str
+    source: str  # the source's path
+    source_kind: SourceKind
     x: int
     y: int
     width: int
@@ -110,27 +146,27 @@ class SlideChanged(UserError):
     modification time differs): its patches, boxes and tiles would describe another image (HTTP 409)."""
 
 
-def check_unchanged(record: Mapping) -> None:
+def check_unchanged(record: SourceRow) -> None:
     """Raise SlideChanged when the file at an indexed slide's path is not the one its record
     describes, SlideError when it is gone. The modification time is compared exactly: SQLite's
     REAL keeps os.stat's float as it was."""
-    path = record["path"]
+    path = record.path
     try:
         current = file_stat(path)
     except OSError:
         raise SlideError(f"{path}: no such slide file") from None
-    if current != (record["file_size"], record["mtime"]):
+    if current != (record.file_size, record.mtime):
         raise SlideChanged(f"{path}: the slide changed since it was indexed (its size or modification time "
                            "differs); index it again with `retrieve.py index CHECKPOINT "
                            f"{path} --index DIR --replace`")
 
 
-def open_indexed_slide(record: Mapping) -> Slide:
-    """The file of an indexed slide (a sources row), opened only when it is the file the index was
-    built from; checked again once open, so that a file replaced while it was being opened is not
-    taken for the indexed one."""
+def open_indexed_slide(record: SourceRow) -> Slide:
+    """The file of an indexed slide, opened only when it is the file the index was built from;
+    checked again once open, so that a file replaced while it was being opened is not taken for
+    the indexed one."""
     check_unchanged(record)
-    slide = open_slide(record["path"], record["slide_mpp"])
+    slide = open_slide(record.path, record.slide_mpp)
     try:
         check_unchanged(record)
     except BaseException:
@@ -241,27 +277,24 @@ class PatchDatabase:
         return ids
 
     # ------------------------------------------------------------------ reads
-    def _source_rows(self, where: str, values: tuple) -> list[sqlite3.Row]:
-        self.connection.row_factory = sqlite3.Row
-        try:
-            return self.connection.execute(
-                "SELECT id, path, kind, state, file_size, mtime, width, height, slide_mpp, backend, first_patch, "
-                f"patch_count, thumbnail_downsample, reason, indexed_at FROM sources {where} ORDER BY id",
-                values).fetchall()
-        finally:
-            self.connection.row_factory = None
+    def _source_rows(self, where: str, values: tuple) -> list[SourceRow]:
+        columns = ", ".join(column.name for column in fields(SourceRow))
+        rows = self.connection.execute(f"SELECT {columns} FROM sources {where} ORDER BY id", values)
+        return [SourceRow(*row) for row in rows]
 
-    def sources(self, state: str | None = "indexed") -> list[sqlite3.Row]:
+    def sources(self, state: SourceState | None = "indexed") -> list[SourceRow]:
+        """The sources in `state` (every one with None), by id."""
         return self._source_rows("WHERE state = ?", (state,)) if state else self._source_rows("", ())
 
-    def source_by_path(self, path: str) -> sqlite3.Row | None:
+    def source_by_path(self, path: str) -> SourceRow | None:
         rows = self._source_rows("WHERE path = ?", (path,))
         return rows[0] if rows else None
 
-    def thumbnail(self, source_id: int) -> tuple[bytes | None, float | None]:
+    def thumbnail(self, source_id: int) -> Thumbnail | None:
+        """A slide's thumbnail; None for a folder (or an id the database does not hold)."""
         row = self.connection.execute("SELECT thumbnail, thumbnail_downsample FROM sources WHERE id = ?",
                                       (source_id,)).fetchone()
-        return (row[0], row[1]) if row else (None, None)
+        return Thumbnail(row[0], row[1]) if row and row[0] is not None else None
 
     def patch_ids(self, source_id: int) -> np.ndarray:
         rows = self.connection.execute("SELECT id FROM patches WHERE source_id = ? ORDER BY id", (source_id,))
@@ -275,7 +308,7 @@ class PatchDatabase:
 
     def all_vectors(self, dim: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for source in self.sources():
-            yield self.source_vectors(source["id"], dim)
+            yield self.source_vectors(source.id, dim)
 
     def patch_count(self) -> int:
         return self.connection.execute("SELECT COUNT(*) FROM patches").fetchone()[0]
@@ -287,7 +320,7 @@ class PatchDatabase:
         for start in range(0, len(ids), 900):  # SQLite's limit on bound parameters
             chunk = ids[start:start + 900]
             rows = self.connection.execute(
-                "SELECT p.id, p.source_id, s.path, p.x, p.y, p.width, p.height, p.tissue, p.file, p.class "
+                "SELECT p.id, p.source_id, s.path, s.kind, p.x, p.y, p.width, p.height, p.tissue, p.file, p.class "
                 f"FROM patches p JOIN sources s ON s.id = p.source_id WHERE p.id IN ({', '.join('?' * len(chunk))})",
                 chunk)
             for row in rows:
@@ -297,7 +330,7 @@ class PatchDatabase:
     def classes(self) -> set[str]:
         return {row[0] for row in self.connection.execute("SELECT DISTINCT class FROM patches WHERE class IS NOT NULL")}
 
-    def patches_of_file(self, paths: Sequence[str]) -> dict[str, int]:
+    def patches_of_files(self, paths: Sequence[str]) -> dict[str, int]:
         """Patch id of each indexed patch image among `paths` (absolute paths)."""
         found = {}
         for start in range(0, len(paths), 900):
@@ -370,7 +403,9 @@ class SlideIndex:
     """An index folder: manifest, patch database and the faiss index over its vectors.
 
     Open it with `SlideIndex.create` (a new folder) or `SlideIndex.open`; writers (index, remove)
-    hold an exclusive lock on the folder for as long as it is open, readers take none.
+    hold an exclusive lock on the folder for as long as it is open, readers take none. What the
+    index holds is read through its methods (rows as SourceRow, Patch, Thumbnail); `db`, the
+    PatchDatabase, is its own.
     """
 
     def __init__(self, directory: Path, settings: IndexSettings, writable: bool) -> None:
@@ -443,6 +478,52 @@ class SlideIndex:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # ------------------------------------------------------------------ what it holds
+    @property
+    def generation(self) -> int:
+        """Changes with every source added or removed (by this process or another)."""
+        return self.db.generation
+
+    def sources(self, state: SourceState | None = "indexed") -> list[SourceRow]:
+        """The sources in `state` (every one with None), by id."""
+        return self.db.sources(state)
+
+    def source_by_path(self, path: str) -> SourceRow | None:
+        return self.db.source_by_path(path)
+
+    def thumbnail(self, source_id: int) -> Thumbnail | None:
+        return self.db.thumbnail(source_id)
+
+    def patch_count(self) -> int:
+        return self.db.patch_count()
+
+    def patch_ids(self, source_id: int) -> np.ndarray:
+        """A source's patch ids, ascending (empty for an id the index does not hold)."""
+        return self.db.patch_ids(source_id)
+
+    def patches(self, ids: Sequence[int]) -> dict[int, Patch]:
+        """The patches with these ids (missing ids are left out)."""
+        return self.db.patches(ids)
+
+    def patches_of_files(self, paths: Sequence[str]) -> dict[str, int]:
+        """Patch id of each indexed patch image among `paths` (absolute paths)."""
+        return self.db.patches_of_files(paths)
+
+    def source_vectors(self, source_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(patch ids, their vectors) of one source, in patch order."""
+        return self.db.source_vectors(source_id, self.settings.dim)
+
+    def classes(self) -> set[str]:
+        """The classes of the indexed patch images (their first-level folders)."""
+        return self.db.classes()
+
+    def log_run(self, command: str) -> None:
+        self.db.log_run(command)
+
+    def add_failure(self, path: str, reason: str) -> None:
+        """Record a source that could not be indexed (shown by `list --failed`, retried by the next run)."""
+        self.db.add_failure(path, reason)
 
     # ------------------------------------------------------------------ the faiss index
     @property
@@ -525,14 +606,14 @@ class SlideIndex:
             shard = PatchDatabase(shard_path)
             try:
                 for source in shard.sources(None):
-                    known = self.db.source_by_path(source["path"])
-                    if known is not None and known["state"] == "indexed":
+                    known = self.db.source_by_path(source.path)
+                    if known is not None and known.state == "indexed":
                         continue
-                    if source["state"] == "failed":
-                        self.db.add_failure(source["path"], source["reason"])
+                    if source.state == "failed":
+                        self.db.add_failure(source.path, source.reason)
                         continue
                     self.add(shard_record(shard, source, self.settings.dim))
-                    merged.append(source["path"])
+                    merged.append(source.path)
             finally:
                 shard.close()
             for suffix in ("", "-wal", "-shm"):
@@ -545,16 +626,17 @@ class SlideIndex:
                                    nprobe, ef_search)
 
 
-def shard_record(shard: PatchDatabase, source: sqlite3.Row, dim: int) -> SourceRecord:
+def shard_record(shard: PatchDatabase, source: SourceRow, dim: int) -> SourceRecord:
     """A shard's source as a record to add to the index (new ids are given there)."""
-    ids, vectors = shard.source_vectors(source["id"], dim)
+    ids, vectors = shard.source_vectors(source.id, dim)
     patches = shard.patches(ids)
     ordered = [patches[int(i)] for i in ids]
-    thumbnail, downsample = shard.thumbnail(source["id"])
+    thumbnail = shard.thumbnail(source.id)
     return SourceRecord(
-        path=source["path"], kind=source["kind"], vectors=vectors.copy(),
+        path=source.path, kind=source.kind, vectors=vectors.copy(),
         boxes=np.array([[p.x, p.y, p.width, p.height] for p in ordered], dtype=np.int64).reshape(-1, 4),
         tissue=np.array([np.nan if p.tissue is None else p.tissue for p in ordered], np.float32),
-        files=[p.file for p in ordered], classes=[p.class_name for p in ordered], file_size=source["file_size"],
-        mtime=source["mtime"], width=source["width"], height=source["height"], slide_mpp=source["slide_mpp"],
-        backend=source["backend"], thumbnail=thumbnail, thumbnail_downsample=downsample)
+        files=[p.file for p in ordered], classes=[p.class_name for p in ordered], file_size=source.file_size,
+        mtime=source.mtime, width=source.width, height=source.height, slide_mpp=source.slide_mpp,
+        backend=source.backend, thumbnail=thumbnail.jpeg if thumbnail else None,
+        thumbnail_downsample=thumbnail.downsample if thumbnail else None)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from histo_retrieval.errors import UserError
 from histo_retrieval.files import atomic_write_text, command_line, list_images, write_csv
 from histo_retrieval.images import UNREADABLE, load_rgb
 from histo_retrieval.search.indexing import Job, SourceResult, slide_errors, embed_sources
-from histo_retrieval.search.index import Patch, SlideChanged, SlideIndex, check_unchanged, open_indexed_slide
+from histo_retrieval.search.index import MANIFEST, Patch, SlideChanged, SlideIndex, check_unchanged, open_indexed_slide
 from histo_retrieval.search.slides import Slide, SlideOpener, Tiling, best_level, decode_jpeg, open_slide, read_scaled
 
 MATCH_FIELDS = ["query", "query_class", "query_x", "query_y", "query_width", "query_height", "rank", "source", "file", "x", "y",
@@ -40,11 +40,42 @@ SLIDE_FIELDS = ["query", "rank", "source", "score", "votes"]
 FIGURE_SLIDES = 3  # matched slides drawn per query figure
 
 
-@dataclass
+QueryKind = Literal["patch", "region", "slide"]  # what a query is: an image, a region of a slide, a whole slide
+
+
+@dataclass(frozen=True)
 class Match:
+    """An indexed patch found for a query, the shape every output takes it from (matches.csv, the
+    API, the figures): its rank among the matches of its query patch (1 is the most similar), or
+    among all of the query's patches (best_matches), and its similarity to the query patch."""
     rank: int
     similarity: float
     patch: Patch
+
+    def to_row(self, query: QueryResult, box: Sequence[int], mpp: float) -> dict[str, object]:
+        """The match as a line of matches.csv (MATCH_FIELDS); `box` is its query patch's, `mpp` the index's."""
+        p = self.patch
+        qx, qy, qw, qh = box if query.kind != "patch" else ("", "", "", "")
+        return {"query": query.name, "query_class": query.class_name or "", "query_x": qx, "query_y": qy,
+                "query_width": qw, "query_height": qh, "rank": self.rank, "source": p.source, "file": p.file or "",
+                "x": p.x, "y": p.y, "width": p.width, "height": p.height, "mpp": "" if p.file else mpp,
+                "similarity": f"{self.similarity:.6f}", "class": p.class_name or ""}
+
+
+@dataclass(frozen=True)
+class SlideRank:
+    """An indexed slide in a query's ranking: by the votes of the query patches' first matches, then
+    by the mean similarity (`score`) of its patches among all the matches."""
+    rank: int
+    source_id: int
+    source: str  # its path
+    score: float
+    votes: int
+
+    def to_row(self, query: QueryResult) -> dict[str, object]:
+        """The slide as a line of slides.csv (SLIDE_FIELDS)."""
+        return {"query": query.name, "rank": self.rank, "source": self.source, "score": f"{self.score:.6f}",
+                "votes": self.votes}
 
 
 @dataclass
@@ -52,14 +83,15 @@ class QueryResult:
     """One query: its patches (level-0 boxes in the query's own slide, or a file), each with its
     matches, and the ranking of the indexed slides."""
     name: str
-    kind: str  # "patch" | "region" | "slide"
-    path: str
+    kind: QueryKind
+    path: str  # the image, region's slide or slide; an image in memory's label
     boxes: np.ndarray
     vectors: np.ndarray
     matches: list[list[Match]]
-    slides: list[dict] = field(default_factory=list)
+    slides: list[SlideRank] = field(default_factory=list)
     class_name: str | None = None  # a patch query's, when its folder or file-name prefix is a class of the index
     figure: str | None = None
+    pixels: np.ndarray | None = None  # a query of pixels in memory: its image, as searched
 
 
 def load_index_model(index: SlideIndex, device: torch.device | str, checkpoint: str | None = None) -> LoadedModel:
@@ -106,27 +138,28 @@ def _exclusions(index: SlideIndex, result: SourceResult) -> list[np.ndarray]:
     image, every patch of its slide when the whole slide is indexed."""
     none = np.zeros(0, np.int64)
     if result.job.kind == "files":
-        own = index.db.patches_of_file(result.files)
+        own = index.patches_of_files(result.files)
         return [np.array([own[f]], np.int64) if f in own else none for f in result.files]
     if result.job.kind == "slide":
-        known = index.db.source_by_path(result.job.path)
-        if known is not None and known["state"] == "indexed":
+        known = index.source_by_path(result.job.path)
+        if known is not None and known.state == "indexed":
             try:
                 check_unchanged(known)
             except SlideChanged as changed:
                 print(f"note: {changed}; until then it is searched as a new slide, its indexed patches "
                       "included", file=sys.stderr)
                 return [none] * len(result.boxes)
-            ids = index.db.patch_ids(known["id"])
+            ids = index.patch_ids(known.id)
             return [ids] * len(result.boxes)
     return [none] * len(result.boxes)
 
 
-def rank_slides(matches: Sequence[Sequence[Match]]) -> list[dict]:
+def rank_slides(matches: Sequence[Sequence[Match]]) -> list[SlideRank]:
     """The indexed slides ranked by the votes of the query patches' first matches, then by the
     mean similarity of their patches among all the top-k matches."""
     votes: dict[str, int] = {}
     similarities: dict[str, list[float]] = {}
+    ids: dict[str, int] = {}
     matches = [[m for m in row if m.patch.file is None] for row in matches]  # folders of patches are no slides
     for patch_matches in matches:
         if patch_matches:
@@ -134,9 +167,10 @@ def rank_slides(matches: Sequence[Sequence[Match]]) -> list[dict]:
             votes[first] = votes.get(first, 0) + 1
         for match in patch_matches:
             similarities.setdefault(match.patch.source, []).append(match.similarity)
+            ids[match.patch.source] = match.patch.source_id
     ranked = sorted(similarities, key=lambda s: (-votes.get(s, 0), -float(np.mean(similarities[s])), s))
-    return [{"rank": rank + 1, "source": source, "score": float(np.mean(similarities[source])),
-             "votes": votes.get(source, 0)} for rank, source in enumerate(ranked)]
+    return [SlideRank(rank + 1, ids[source], source, float(np.mean(similarities[source])), votes.get(source, 0))
+            for rank, source in enumerate(ranked)]
 
 
 def run_queries(index: SlideIndex, jobs: Sequence[Job], embedder: Embedder, top_k: int = 10,
@@ -152,7 +186,7 @@ def run_queries(index: SlideIndex, jobs: Sequence[Job], embedder: Embedder, top_
     settings = index.settings
     tiling = Tiling(settings.mpp, settings.patch_size, settings.tissue_threshold)
     results, failed = [], []
-    known = index.db.classes()
+    known = index.classes()
     for result in embed_sources(jobs, embedder, tiling, settings.crop_size, workers, fallback_mpp, progress, opener):
         failed += result.failed
         if result.error is not None:
@@ -163,7 +197,7 @@ def run_queries(index: SlideIndex, jobs: Sequence[Job], embedder: Embedder, top_
                 failed.append((result.job.path, "no tissue found at the index's --tissue-threshold"))
             continue
         scores, ids = index.search(result.vectors, top_k, _exclusions(index, result), nprobe, ef_search)
-        patches = index.db.patches(np.unique(ids[ids >= 0]))
+        patches = index.patches(np.unique(ids[ids >= 0]))
         matches = [[Match(rank + 1, float(s), patches[int(i)]) for rank, (s, i) in enumerate(zip(row_s, row_i))
                     if i >= 0 and int(i) in patches] for row_s, row_i in zip(scores, ids)]
         results += _query_results(result, matches, known)
@@ -185,6 +219,9 @@ def _query_results(result: SourceResult, matches: list[list[Match]], known: set[
     if job.kind == "files":  # each image is a query of its own
         return [QueryResult(path, "patch", path, result.boxes[i:i + 1], result.vectors[i:i + 1], [matches[i]],
                             rank_slides([matches[i]]), query_class(path, known)) for i, path in enumerate(result.files)]
+    if job.kind == "pixels":
+        return [QueryResult(job.path, "patch", job.path, result.boxes, result.vectors, matches, rank_slides(matches),
+                            query_class(job.path, known), pixels=job.pixels)]
     name = job.path if job.kind == "slide" else f"{job.path}@{','.join(map(str, job.region))}"
     return [QueryResult(name, job.kind, job.path, result.boxes, result.vectors, matches, rank_slides(matches))]
 
@@ -199,23 +236,16 @@ def write_outputs(index: SlideIndex, results: Sequence[QueryResult], out_dir: Pa
     for number, result in enumerate(results):
         result.figure = str(out_dir / f"{number:03d}_{Path(result.path).stem}.png")
         draw_query(index, result, result.figure, heatmap, changed)
-        for (qx, qy, qw, qh), patch_matches in zip(result.boxes.tolist(), result.matches):
-            for match in patch_matches:
-                p = match.patch
-                match_rows.append({
-                    "query": result.name, "query_class": result.class_name or "", "query_x": qx if result.kind != "patch" else "",
-                    "query_y": qy if result.kind != "patch" else "", "query_width": qw if result.kind != "patch" else "",
-                    "query_height": qh if result.kind != "patch" else "", "rank": match.rank, "source": p.source,
-                    "file": p.file or "", "x": p.x, "y": p.y, "width": p.width, "height": p.height,
-                    "mpp": "" if p.file else mpp, "similarity": f"{match.similarity:.6f}", "class": p.class_name or ""})
-        slide_rows += [{"query": result.name, **row, "score": f"{row['score']:.6f}"} for row in result.slides]
+        for box, patch_matches in zip(result.boxes.tolist(), result.matches):
+            match_rows += [match.to_row(result, box, mpp) for match in patch_matches]
+        slide_rows += [slide.to_row(result) for slide in result.slides]
     for reason in changed.values():
         print(f"note: {reason}; its matches are listed, their patches not drawn", file=sys.stderr)
     write_csv(match_rows, out_dir / "matches.csv", MATCH_FIELDS)
     write_csv(slide_rows, out_dir / "slides.csv", SLIDE_FIELDS)
     atomic_write_text(out_dir / "query.json", json.dumps({
         "command": command_line(), "index": str(index.directory.resolve()), "top_k": top_k, "heatmap": heatmap,
-        "manifest": json.loads((index.directory / "manifest.json").read_text()),
+        "manifest": json.loads((index.directory / MANIFEST).read_text()),
         "queries": [r.name for r in results]}, indent=2) + "\n")
 
 
@@ -231,7 +261,7 @@ def patch_pixels(index: SlideIndex, patch: Patch) -> np.ndarray | None:
     try:
         if patch.file:
             return np.asarray(load_rgb(patch.file))
-        record = index.db.source_by_path(patch.source)
+        record = index.source_by_path(patch.source)
         if record is None:
             return None
         with open_indexed_slide(record) as slide:
@@ -243,6 +273,8 @@ def patch_pixels(index: SlideIndex, patch: Patch) -> np.ndarray | None:
 def query_pixels(result: QueryResult, index: SlideIndex, opener: SlideOpener = open_slide) -> np.ndarray | None:
     """What the figure shows as the query: the image, the region, or the slide's thumbnail."""
     try:
+        if result.pixels is not None:
+            return result.pixels
         if result.kind == "patch":
             return np.asarray(load_rgb(result.path))
         with opener(result.path, None) as slide:
@@ -260,17 +292,17 @@ def query_pixels(result: QueryResult, index: SlideIndex, opener: SlideOpener = o
 
 def slide_heat(index: SlideIndex, source_id: int, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(patch ids, similarity of each patch of a source to the closest query patch)."""
-    ids, vectors = index.db.source_vectors(source_id, index.settings.dim)
+    ids, vectors = index.source_vectors(source_id)
     return ids, (vectors @ queries.T).max(axis=1) if len(ids) else np.zeros(0, np.float32)
 
 
 def best_matches(result: QueryResult) -> list[Match]:
-    """The matches of all the query's patches, best first, each indexed patch once."""
+    """The matches of all the query's patches, best first, each indexed patch once, ranked among them."""
     best, seen = [], set()
     for match in sorted((m for row in result.matches for m in row), key=lambda m: -m.similarity):
         if match.patch.id not in seen:
             seen.add(match.patch.id)
-            best.append(match)
+            best.append(replace(match, rank=len(best) + 1))
     return best
 
 
@@ -289,7 +321,7 @@ def draw_query(index: SlideIndex, result: QueryResult, path: str, heatmap: bool,
     on a slide whose file changed since it was indexed is left blank; `changed` gets its reason."""
     flat = best_matches(result)
     best = flat[:max(len(row) for row in result.matches) if result.matches else 0]
-    slides = [row["source"] for row in result.slides[:FIGURE_SLIDES]]
+    slides = result.slides[:FIGURE_SLIDES]
     columns = max(len(best) + 1, len(slides), 1)
     plt = pyplot()
     fig, axes = plt.subplots(2 if slides else 1, columns, figsize=(2.3 * columns, 5.2 if slides else 2.8),
@@ -320,16 +352,17 @@ def draw_query(index: SlideIndex, result: QueryResult, path: str, heatmap: bool,
             for spine in ax.spines.values():
                 spine.set_edgecolor("green" if match.patch.class_name == result.class_name else "red")
                 spine.set_linewidth(4)
-    for ax, source in zip(axes[1] if slides else [], slides):
-        row = index.db.source_by_path(source)
-        data, downsample = index.db.thumbnail(row["id"])
+    for ax, slide in zip(axes[1] if slides else [], slides):
+        source = slide.source
         ax.set_title(Path(source).name, fontsize=8)
-        if data is None:
+        thumbnail = index.thumbnail(slide.source_id)
+        if thumbnail is None:
             continue
-        ax.imshow(decode_jpeg(data))
+        downsample = thumbnail.downsample
+        ax.imshow(decode_jpeg(thumbnail.jpeg))
         if heatmap:
-            ids, heat = slide_heat(index, row["id"], result.vectors)
-            boxes = index.db.patches(ids)
+            ids, heat = slide_heat(index, slide.source_id, result.vectors)
+            boxes = index.patches(ids)
             low, high, colours = heat_colours(heat)
             ax.set_title(f"{Path(source).name}\nheat: similarity {low:.3f} to {high:.3f}", fontsize=8)
             for patch_id, colour in zip(ids.tolist(), colours):

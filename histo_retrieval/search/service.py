@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import io
 import re
-import tempfile
 import threading
 import uuid
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Iterable, Literal
 
 import numpy as np
 import torch
@@ -35,9 +34,10 @@ from histo_retrieval.evaluation.embedder import Embedder
 from histo_retrieval.errors import UserError
 from histo_retrieval.images import UNREADABLE
 from histo_retrieval.search.indexing import Job, slide_errors
-from histo_retrieval.search.index import Patch, SlideChanged, SlideIndex, check_unchanged, open_indexed_slide
-from histo_retrieval.search.queries import (QueryResult, best_matches, cut_patch, heat_colours, load_index_model, patch_pixels,
-                           query_class, query_pixels, run_queries, slide_heat)
+from histo_retrieval.search.index import (Patch, SlideChanged, SlideIndex, SourceKind, SourceRow, check_unchanged,
+                                          open_indexed_slide)
+from histo_retrieval.search.queries import (Match, QueryResult, SlideRank, best_matches, cut_patch, heat_colours,
+                                            load_index_model, patch_pixels, query_pixels, run_queries, slide_heat)
 from histo_retrieval.search.slides import Slide, SlideOpener, best_level, open_slide
 
 # The search page's limits, in one place (docs/search_page.md, "Security"); histo_retrieval/search/app.py enforces
@@ -71,10 +71,13 @@ class BadInput(UserError):
         self.status = 413 if too_large else 415 if unsupported else 400
 
 
+SearchKind = Literal["upload", "region"]  # how the page searched: with an uploaded image, or a drawn region
+
+
 @dataclass
 class Search:
     id: str
-    kind: str  # "upload" | "region"
+    kind: SearchKind
     name: str
     result: QueryResult
     source_id: int | None = None  # a region search's slide
@@ -156,14 +159,15 @@ def check_upload(upload: bytes | BinaryIO, filename: str) -> Image.Image:
 _DECODING = threading.BoundedSemaphore(DECODES_AT_ONCE)
 
 
-def decode_upload(upload: bytes | BinaryIO, filename: str, crop_size: int) -> tuple[Image.Image, Image.Image]:
-    """(the centre crop the model sees, a preview at most PREVIEW_SIDE a side) of an upload. The whole
-    image lives only here, DECODES_AT_ONCE at a time: what follows holds a crop and a thumbnail."""
+def decode_upload(upload: bytes | BinaryIO, filename: str, crop_size: int) -> tuple[np.ndarray, Image.Image]:
+    """(the centre crop the model sees, c x c x 3 uint8; a preview at most PREVIEW_SIDE a side) of an
+    upload. The whole image lives only here, DECODES_AT_ONCE at a time: what follows holds a crop and
+    a thumbnail."""
     with _DECODING:
         image = check_upload(upload, filename)
-        crop = eval_crop(crop_size)(image)  # 3 x c x c uint8, exactly what the loader would cut from the file
+        crop = eval_crop(crop_size)(image)  # 3 x c x c uint8, exactly what the loader would cut from a file
         image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
-    return Image.fromarray(crop.permute(1, 2, 0).numpy()), image
+    return crop.permute(1, 2, 0).numpy(), image
 
 
 class _SlideLevels:
@@ -184,16 +188,16 @@ class _SlideLevels:
         return Image.fromarray(self.slide.read(*location, level, *size)).convert("RGBA")
 
 
-def _record_key(row: dict) -> tuple:
+def _record_key(row: SourceRow) -> tuple:
     """What names an indexed slide's file: its id, path, size and modification time."""
-    return row["id"], row["path"], row["file_size"], row["mtime"]
+    return row.id, row.path, row.file_size, row.mtime
 
 
 class _OpenSlide:
     """A slide kept open for its tiles, patch images and region searches: its Deep Zoom generator,
     the index record it was opened for, and the bytes it counts for in the cache."""
 
-    def __init__(self, slide: Slide, row: dict) -> None:
+    def __init__(self, slide: Slide, row: SourceRow) -> None:
         from openslide.deepzoom import DeepZoomGenerator
         self.slide = slide
         handle = slide.handle if slide.backend == "openslide" else _SlideLevels(slide)
@@ -214,7 +218,7 @@ class SearchService:
                  ef_search: int | None = None) -> None:
         self.index, self.embedder, self.top_k, self.nprobe, self.ef_search = index, embedder, top_k, nprobe, ef_search
         self.lock = threading.RLock()
-        self._sources: dict[int, dict] = {}
+        self._sources: dict[int, SourceRow] = {}
         self._classes: set[str] = set()
         self._generation = -1
         self._searches: OrderedDict[str, Search] = OrderedDict()
@@ -251,26 +255,26 @@ class SearchService:
         return {"model_name": s.model_name, "model_options": s.model_options, "checkpoint": Path(s.checkpoint).name,
                 "crop_size": s.crop_size, "dim": s.dim, "mpp": s.mpp, "patch_size": s.patch_size,
                 "tissue_threshold": s.tissue_threshold, "index_type": s.index_type,
-                "slides": sum(row["kind"] == "slide" for row in sources.values()),
-                "folders": sum(row["kind"] == "folder" for row in sources.values()),
-                "patches": sum(row["patch_count"] for row in sources.values()),
+                "slides": sum(row.kind == "slide" for row in sources.values()),
+                "folders": sum(row.kind == "folder" for row in sources.values()),
+                "patches": sum(row.patch_count for row in sources.values()),
                 "classes": sorted(self._classes), "top_k": self.top_k}
 
-    def sources(self) -> dict[int, dict]:
+    def sources(self) -> dict[int, SourceRow]:
         """The indexed sources by id, read again whenever an index run has changed the database."""
         with self.lock:
-            generation = self.index.db.generation
+            generation = self.index.generation
             if generation != self._generation:
-                self._sources = {row["id"]: dict(row) for row in self.index.db.sources()}
-                self._classes = self.index.db.classes()
+                self._sources = {row.id: row for row in self.index.sources()}
+                self._classes = self.index.classes()
                 self._generation = generation
             return self._sources
 
-    def source(self, source_id: int, kind: str | None = None) -> dict:
+    def source(self, source_id: int, kind: SourceKind | None = None) -> SourceRow:
         row = self.sources().get(source_id)
         if row is None:
             raise NotFound(f"slide {source_id}: no such slide in the index; /api/slides lists them")
-        if kind is not None and row["kind"] != kind:
+        if kind is not None and row.kind != kind:
             raise NotFound(f"source {source_id}: a folder of patch images, not a slide")
         return row
 
@@ -278,22 +282,22 @@ class SearchService:
         """An error message as the API shows it: slides and folders by their file names, and no
         other path of this machine (a slide library's error names the file it could not read)."""
         with self.lock:
-            paths = [row["path"] for row in self._sources.values()] + [str(self.index.directory)]
+            paths = [row.path for row in self._sources.values()] + [str(self.index.directory)]
         return without_paths(message, paths)
 
     def thumbnail(self, source_id: int) -> bytes:
         self.source(source_id)
         with self.lock:
-            data, _ = self.index.db.thumbnail(source_id)
-        if data is None:  # a folder: its first patch stands for it
+            thumbnail = self.index.thumbnail(source_id)
+        if thumbnail is None:  # a folder: its first patch stands for it
             with self.lock:
-                first = self.index.db.patch_ids(source_id)[:1]
+                first = self.index.patch_ids(source_id)[:1]
             return self.patch_image(int(first[0])) if len(first) else jpeg_bytes(np.full((8, 8, 3), 255, np.uint8))
-        return data
+        return thumbnail.jpeg
 
     def patch(self, patch_id: int) -> Patch:
         with self.lock:
-            found = self.index.db.patches([patch_id]).get(patch_id)
+            found = self.index.patches([patch_id]).get(patch_id)
         if found is None:
             raise NotFound(f"patch {patch_id}: no such patch in the index")
         return found
@@ -331,7 +335,7 @@ class SearchService:
                     check_unchanged(row)
             except SlideChanged:
                 self._open.pop(source_id, None)
-                raise SlideChanged(f"slide {source_id} ({Path(row['path']).name}): the slide changed since it was "
+                raise SlideChanged(f"slide {source_id} ({row.name}): the slide changed since it was "
                                    "indexed; index it again with `retrieve.py index ... --replace`") from None
             except slide_errors() as error:
                 self._open.pop(source_id, None)
@@ -361,35 +365,31 @@ class SearchService:
 
     # ------------------------------------------------------------------ searches
     def search_upload(self, upload: bytes | BinaryIO, filename: str | None, top_k: int | None = None) -> Search:
-        """Search with an uploaded patch image (its centre crop at the index's scale). The file name is
-        a label only; its `<class>_` prefix, when the index knows the class, judges the matches."""
+        """Search with an uploaded patch image (its centre crop at the index's scale), held in memory.
+        The file name is a label only; its `<class>_` prefix, when the index knows the class, judges
+        the matches."""
         name = upload_label(filename)
         crop, preview = decode_upload(upload, name, self.index.settings.crop_size)
-        self.sources()  # the classes the index knows, read again if it changed
-        known = query_class(name, self._classes)
-        with tempfile.TemporaryDirectory(prefix="upload-") as folder:
-            path = Path(folder) / (f"{known}_query.png" if known else "query.png")
-            crop.save(path)
-            result = self._search(Job(str(path), "files", files=(str(path),)), top_k)
+        result = self._search(Job.of_pixels(crop, name), top_k)
         return self._keep(Search(uuid.uuid4().hex, "upload", name, result, preview=jpeg_bytes(preview)))
 
     def search_region(self, source_id: int, box: tuple[int, int, int, int], top_k: int | None = None) -> Search:
         """Search with a level-0 region of an indexed slide, tiled into the index's patches."""
         row = self.source(source_id, "slide")
         x, y, width, height = box
-        if width < 1 or height < 1 or x < 0 or y < 0 or x + width > row["width"] or y + height > row["height"]:
-            raise BadInput(f"region {x},{y},{width},{height}: must lie inside the slide ({row['width']} x "
-                           f"{row['height']} level-0 pixels) and have a positive size")
-        side = self.index.settings.patch_size * self.index.settings.mpp / row["slide_mpp"]
+        if width < 1 or height < 1 or x < 0 or y < 0 or x + width > row.width or y + height > row.height:
+            raise BadInput(f"region {x},{y},{width},{height}: must lie inside the slide ({row.width} x "
+                           f"{row.height} level-0 pixels) and have a positive size")
+        side = self.index.settings.patch_size * self.index.settings.mpp / row.slide_mpp
         patches = max(1, round(width / side)) * max(1, round(height / side))
         if patches > MAX_REGION_PATCHES:
             raise BadInput(f"region {x},{y},{width},{height}: about {patches} patches; draw a smaller region (at "
                            f"most {MAX_REGION_PATCHES} patches of {side:.0f} level-0 pixels)", too_large=True)
         entry = self._slide(source_id)  # the indexed file, through its open handle, or SlideChanged
-        result = self._search(Job(row["path"], "region", region=(x, y, width, height)), top_k, row["slide_mpp"],
+        result = self._search(Job(row.path, "region", region=(x, y, width, height)), top_k, row.slide_mpp,
                               entry.lend)
         preview = query_pixels(result, self.index, entry.lend)
-        name = f"{Path(row['path']).name} @ {x},{y},{width},{height}"
+        name = f"{row.name} @ {x},{y},{width},{height}"
         return self._keep(Search(uuid.uuid4().hex, "region", name, result, source_id,
                                  None if preview is None else jpeg_bytes(preview)))
 
@@ -422,24 +422,14 @@ class SearchService:
                            "search again")
         return found
 
-    def matches(self, search: Search) -> list[dict]:
-        """Every match of the search's patches, best first, each indexed patch once."""
-        sources = self.sources()
-        rows = []
-        for place, match in enumerate(best_matches(search.result), start=1):
-            p = match.patch
-            source = sources.get(p.source_id, {"kind": "slide"})
-            rows.append({"rank": place, "similarity": match.similarity, "patch_id": p.id, "source_id": p.source_id,
-                         "source_name": Path(p.source).name, "source_kind": source["kind"],
-                         "file_name": Path(p.file).name if p.file else None, "x": p.x, "y": p.y, "width": p.width,
-                         "height": p.height, "class_name": p.class_name})
-        return rows
+    def matches(self, search: Search) -> list[Match]:
+        """Every match of the search's patches, best first, each indexed patch once, ranked among them."""
+        return best_matches(search.result)
 
-    def slide_ranking(self, search: Search) -> list[dict]:
-        by_path = {row["path"]: row for row in self.sources().values()}
-        return [{"rank": row["rank"], "source_id": by_path[row["source"]]["id"], "name": Path(row["source"]).name,
-                 "votes": row["votes"], "score": row["score"]}
-                for row in search.result.slides if row["source"] in by_path]
+    def slide_ranking(self, search: Search) -> list[SlideRank]:
+        """The search's ranking of the slides the index still holds."""
+        sources = self.sources()
+        return [slide for slide in search.result.slides if slide.source_id in sources]
 
     def heatmap(self, search_id: str, source_id: int) -> tuple[bytes, float, float]:
         """A PNG the size of the slide's thumbnail, each indexed patch coloured by its similarity to
@@ -448,10 +438,11 @@ class SearchService:
         self.source(source_id, "slide")
         with self.lock:
             ids, heat = slide_heat(self.index, source_id, search.result.vectors)
-            patches = self.index.db.patches(ids)
-            data, downsample = self.index.db.thumbnail(source_id)
-        with Image.open(io.BytesIO(data)) as thumbnail:  # its size, from the JPEG's header
-            width, height = thumbnail.size
+            patches = self.index.patches(ids)
+            thumbnail = self.index.thumbnail(source_id)
+        downsample = thumbnail.downsample
+        with Image.open(io.BytesIO(thumbnail.jpeg)) as image:  # its size, from the JPEG's header
+            width, height = image.size
         low, high, colours = heat_colours(heat)
         canvas = np.zeros((height, width, 4), np.uint8)
         for patch_id, colour in zip(ids.tolist(), colours):
