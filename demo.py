@@ -35,7 +35,7 @@ REAL_DATA_COMMANDS = {
     "test": "python3 multi_test.py model/ --protocol both --plot-embeddings",
     "index": "python3 retrieve.py index model/<best>.pth KIMIA_data/train --index kimia_index/",
     "query": "python3 retrieve.py query --index kimia_index/ <your patches> --top-k 5 --out-dir retrieval/",
-    "slides": "python3 retrieve.py index model/<best>.pth /archive/*.svs --index slide_index/   # at 0.5 um/px",
+    "slides": "python3 retrieve.py index model/<best>.pth /archive/*.svs --index slide_index/ --mpp 1.67  # Kimia's scale",
     "slide query": "python3 retrieve.py query --index slide_index/ case.svs --region X,Y,W,H --out-dir slide_search/",
 }
 

@@ -49,7 +49,7 @@ from histo_retrieval.search.index import IndexSettings, SlideIndex
 from histo_retrieval.search.indexing import build_index, check_sources
 from histo_retrieval.search.queries import load_index_model, query_jobs, run_queries
 from histo_retrieval.search.slides import Tiling
-from histo_retrieval.search.vector_index import INDEX_TYPES
+from histo_retrieval.search.vector_index import DEFAULT_EF_SEARCH, DEFAULT_MIN_NPROBE, DEFAULT_NPROBE_FRACTION, INDEX_TYPES
 
 
 def parse_region(text: str) -> tuple[int, int, int, int]:
@@ -87,7 +87,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "is refused)")
     add_runtime_args(model, workers_note="each reads patches of slides through its own handle")
     where = argparse.ArgumentParser(add_help=False)
-    where.add_argument("--index", required=False, default=None, help="the index folder (required)")
+    where.add_argument("--index", default=None, metavar="DIR",
+                       help="the index folder; every sub-command needs one (no default)")
 
     index = commands.add_parser("index", parents=[model, where], help="create an index or add sources to it")
     index.add_argument("checkpoint", help="checkpoint written by train.py, or a bare reference state_dict")
@@ -113,8 +114,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     searching.add_argument("--top-k", type=int, default=10, help="matches per query patch (default: %(default)s)")
     searching.add_argument("--checkpoint", default=None,
                            help="the index's checkpoint, if it moved (default: the path in manifest.json)")
-    searching.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (default: the module's)")
-    searching.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth (default: the module's)")
+    searching.add_argument("--nprobe", type=int, default=None,
+                           help=f"IVF lists searched (default: 1/{round(1 / DEFAULT_NPROBE_FRACTION)} of the lists, at "
+                                f"least {DEFAULT_MIN_NPROBE})")
+    searching.add_argument("--ef-search", type=int, default=None,
+                           help=f"HNSW search breadth (default: {DEFAULT_EF_SEARCH})")
 
     query = commands.add_parser("query", parents=[model, where, searching], help="search the index with patches, regions or slides")
     query.add_argument("queries", nargs="+", help="image files, folders of them, or slide files")
@@ -266,7 +270,7 @@ def run_serve(args: argparse.Namespace, device: torch.device) -> int:
           f"{summary['patches']} patches ({summary['model_name']}, {summary['mpp']} um/px)")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: serving on {args.host}, with no authentication; put a reverse proxy with authentication in "
-              "front of it before sharing it on a network (README, 'The search page'); requests naming another "
+              "front of it before sharing it on a network (docs/search_page.md, 'Security'); requests naming another "
               "host than 127.0.0.1, localhost, [::1], --host or --allowed-hosts are refused", file=sys.stderr)
     print(f"search page: http://{'localhost' if args.host in ('127.0.0.1', '::1') else args.host}:{args.port}/ "
           "(Ctrl+C stops it)", flush=True)

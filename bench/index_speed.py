@@ -44,7 +44,7 @@ run again (up to --retries times) and the quietest kept; the table gives the mos
 Breakdown (measured apart, in this process, torch held to 1 thread as in a DataLoader worker):
 tissue detection per slide (histo_retrieval.search.indexing.plan_job: open, thumbnail, tissue mask, grid, display JPEG),
 reading per patch (OpenSlide's read_region; histo_retrieval.search.slides' RGBA-to-RGB composite; the worker's eval crop
-to a uint8 tensor and the chunk's stack: histo_retrieval.search.indexing._ChunkReader, one handle per pass), and the
+to a uint8 tensor and the chunk's stack: histo_retrieval.search.indexing.ChunkReader, one handle per pass), and the
 commit of each slide (SlideIndex.add of its patches and random vectors, then the faiss save on close).
 
 Records its tables (command, machine, date) in bench/results.md's "Indexing throughput" section,
@@ -77,7 +77,7 @@ from bench.timing import write_checkpoint
 from histo_retrieval.evaluation.checkpoint import load_model
 from histo_retrieval.evaluation.embedder import Embedder
 from histo_retrieval.files import atomic_write_text, command_line
-from histo_retrieval.search.indexing import Job, _Chunk, _ChunkReader, index_sources, plan_job
+from histo_retrieval.search.indexing import Job, Chunk, ChunkReader, index_sources, plan_job
 from histo_retrieval.runtime import check_runtime, cpu_name, cpu_runs_natively
 from histo_retrieval.search.index import IndexSettings, SlideIndex, SourceRecord
 from histo_retrieval.search.slides import Tiling, open_slide, read_scaled
@@ -220,10 +220,10 @@ def index_run(command: argparse.Namespace, loaded, embedder: Embedder | StubEmbe
     with Meter() as meter:
         index = SlideIndex.create(command.index, settings)
         try:
-            index.db.log_run(command_line())
+            index.log_run(command_line())
             report = index_sources(index, command.sources, embedder, command.workers, command.slide_mpp,
                                    command.replace, progress=False)
-            patches = index.db.patch_count()
+            patches = index.patch_count()
         finally:
             index.close()
     if report.failed or report.unreadable_files or len(report.indexed) != len(command.sources):
@@ -254,11 +254,11 @@ def model_run(embedder: Embedder, batches: list[torch.Tensor]) -> dict:
 def slide_chunks(slides: list[str], tiling: Tiling, crop_size: int, batch_size: int) -> list[torch.Tensor]:
     """The slides' own crops, read as index_sources's readers read them, in its chunks (per slide,
     batch_size patches, the last one of a slide shorter)."""
-    reader, chunks = _ChunkReader(crop_size), []
+    reader, chunks = ChunkReader(crop_size), []
     for path in slides:
         _, items, level, out_size = plan_job(Job(path, "slide"), tiling, None)
         for first in range(0, len(items), batch_size):
-            chunks.append(reader[_Chunk(0, path, "slide", first, tuple(items[first:first + batch_size]), level,
+            chunks.append(reader[Chunk(0, path, "slide", first, tuple(items[first:first + batch_size]), level,
                                         out_size)][1])
     if reader._slide is not None:
         reader._slide.close()
@@ -309,18 +309,18 @@ def breakdown(slides: list[str], tiling: Tiling, crop_size: int, batch_size: int
                 for x, y, w, h in items:
                     read_scaled(slide, level, x, y, w, h, out_size, out_size)
                 composite += time.perf_counter() - start
-            chunk_reader = _ChunkReader(crop_size)  # + eval crop to uint8 tensors and the stack, as a worker
+            chunk_reader = ChunkReader(crop_size)  # + eval crop to uint8 tensors and the stack, as a worker
             start = time.perf_counter()
             for first in range(0, len(items), batch_size):
-                chunk_reader[_Chunk(0, path, "slide", first, tuple(items[first:first + batch_size]), level, out_size)]
+                chunk_reader[Chunk(0, path, "slide", first, tuple(items[first:first + batch_size]), level, out_size)]
             reader += time.perf_counter() - start
-            readers = [chunk_reader] + [_ChunkReader(crop_size) for _ in range(workers - 1)]
+            readers = [chunk_reader] + [ChunkReader(crop_size) for _ in range(workers - 1)]
             if chunk_reader._slide is not None:  # a fresh handle for each reader of the dealt pass
                 chunk_reader._slide.close()
                 chunk_reader._slide = None
             start = time.perf_counter()
             for number, first in enumerate(range(0, len(items), batch_size)):
-                readers[number % workers][_Chunk(0, path, "slide", first, tuple(items[first:first + batch_size]),
+                readers[number % workers][Chunk(0, path, "slide", first, tuple(items[first:first + batch_size]),
                                                  level, out_size)]
             dealt += time.perf_counter() - start
             for each in readers:
@@ -464,7 +464,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], parts: dict, p
         ("RGBA-to-RGB composite (histo_retrieval.search.slides Slide.read)", "reader", parts["composite"] / n * 1e3, "patch",
          parts["composite"]),
         ("eval crop to a uint8 tensor + the chunk's stack", "reader", parts["crop"] / n * 1e3, "patch", parts["crop"]),
-        ("reading, all of it (_ChunkReader, one handle)", "reader", parts["reader"] / n * 1e3, "patch",
+        ("reading, all of it (ChunkReader, one handle)", "reader", parts["reader"] / n * 1e3, "patch",
          parts["reader"]),
         *([(f"reading, chunks dealt in turn to {w} handles (as {w} workers)", "readers", parts["dealt"] / n * 1e3,
             "patch", parts["dealt"])] if w > 1 else []),

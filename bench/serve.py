@@ -410,7 +410,7 @@ def breakdown(index_dir: Path, queries: list[dict], args: argparse.Namespace) ->
     in a thread other than the main one as the server runs them (FastAPI's thread pool); the model's
     forward pass is timed from the main thread as well, for comparison."""
     from histo_retrieval.search.service import SearchService, check_upload
-    from histo_retrieval.search.app import _search_out
+    from histo_retrieval.search.app import SearchOut
 
     service = SearchService.open(str(index_dir), "cpu", top_k=args.top_k)
     crop = eval_crop(service.index.settings.crop_size)
@@ -431,11 +431,11 @@ def breakdown(index_dir: Path, queries: list[dict], args: argparse.Namespace) ->
             for repeat in range(args.breakdown_repeats + 1):
                 query = queries[repeat % len(queries)]
                 found = timed("search", service.search_upload, query["png"], query["name"], args.top_k)
-                timed("response", lambda search: _search_out(service, search).model_dump_json(), found)
+                timed("response", lambda search: SearchOut.of(search, service).model_dump_json(), found)
                 image = timed("decode", check_upload, query["png"], query["name"])
                 vector = timed("model", forward, image)
                 _, ids = timed("faiss", service.index.search, vector, args.top_k)
-                timed("sqlite", service.index.db.patches, ids[0].tolist())
+                timed("sqlite", service.index.patches, ids[0].tolist())
                 if repeat == 0:  # a warm-up
                     times.clear()
         except BaseException as error:  # re-raised in the main thread

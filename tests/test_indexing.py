@@ -14,7 +14,7 @@ from PIL import Image
 from histo_retrieval.data.datasets import eval_crop
 from histo_retrieval.errors import UserError
 from histo_retrieval.search.index import IndexSettings, SlideIndex
-from histo_retrieval.search.indexing import (MISSING, EmbeddingProgress, EmbeddingRun, Job, _ChunkReader, build_index,
+from histo_retrieval.search.indexing import (MISSING, EmbeddingProgress, EmbeddingRun, Job, ChunkReader, build_index,
                                              embed_sources)
 from histo_retrieval.search.slides import SlideError, Tiling, open_slide
 
@@ -76,7 +76,7 @@ def test_read_and_finish_keep_each_readable_patch_in_plan_order(material):
     job = Job(material["folder"], "files", files=material["files"], classes=material["classes"])
     embedder = MeanEmbedder(batch_size=2)
     run = EmbeddingRun([job], embedder, TILING)
-    reader = _ChunkReader(CROP)
+    reader = ChunkReader(CROP)
     for chunk in run.plan():
         run.read(reader[chunk])
     assert embedder.calls == [2, 1]  # the broken file (third) is not embedded
@@ -125,7 +125,7 @@ def test_progress_lines_are_shown_or_not_at_all(material, capsys):
     assert capsys.readouterr().err == ""
     progress = EmbeddingProgress(jobs=2)
     run = EmbeddingRun([job, job], MeanEmbedder(), TILING, progress=progress)
-    reader = _ChunkReader(CROP)
+    reader = ChunkReader(CROP)
     for chunk in run.plan():
         run.read(reader[chunk])
     first = run.finish(0)

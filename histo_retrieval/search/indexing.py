@@ -98,7 +98,7 @@ class SourceResult:
 
 
 @dataclass(frozen=True)
-class _Chunk:
+class Chunk:
     """A sampler item: which patches of which job a worker reads."""
     job_number: int
     path: str
@@ -110,17 +110,17 @@ class _Chunk:
     fallback_mpp: float | None = None
 
 
-class _ChunkRead(NamedTuple):
+class ChunkRead(NamedTuple):
     """A chunk as a worker read it: its uint8 eval crops, which of its positions they are, the
     unreadable files among them (path, reason), or the error that stopped the read."""
-    chunk: _Chunk
+    chunk: Chunk
     images: torch.Tensor
     kept: list[int]
     failed: list[tuple[str, str]]
     error: str | None
 
 
-class _ChunkReader(Dataset):
+class ChunkReader(Dataset):
     """Reads a chunk's patches as uint8 eval crops; a worker keeps its last slide open."""
 
     def __init__(self, crop_size: int, opener: SlideOpener = open_slide) -> None:
@@ -129,7 +129,7 @@ class _ChunkReader(Dataset):
         self.opener = opener
         self._slide = None
 
-    def __getitem__(self, chunk: _Chunk) -> _ChunkRead:
+    def __getitem__(self, chunk: Chunk) -> ChunkRead:
         kept, failed, images = [], [], []
         try:
             if chunk.kind == "files":
@@ -150,8 +150,8 @@ class _ChunkReader(Dataset):
                     images.append(eval_crop_array(pixels, self.crop_size))
                     kept.append(i)
         except slide_errors() as error:
-            return _ChunkRead(chunk, self._none(), [], [], f"{type(error).__name__}: {error}")
-        return _ChunkRead(chunk, torch.stack(images) if images else self._none(), kept, failed, None)
+            return ChunkRead(chunk, self._none(), [], [], f"{type(error).__name__}: {error}")
+        return ChunkRead(chunk, torch.stack(images) if images else self._none(), kept, failed, None)
 
     def _none(self) -> torch.Tensor:
         return torch.zeros(0, 3, self.crop_size, self.crop_size, dtype=torch.uint8)
@@ -240,7 +240,7 @@ class EmbeddingProgress:
         self.bar.total += patches
         self.bar.refresh()
 
-    def read(self, chunk: _Chunk, job_patches: int) -> None:
+    def read(self, chunk: Chunk, job_patches: int) -> None:
         """A chunk read, of a job of `job_patches` patches."""
         self.bar.update(len(chunk.positions))
         read = self._read[chunk.job_number] = self._read.get(chunk.job_number, 0) + len(chunk.positions)
@@ -282,7 +282,7 @@ class EmbeddingRun:
         self._unreadable: dict[int, list[tuple[str, str]]] = {}
         self._errors: dict[int, str] = {}
 
-    def plan(self) -> Iterator[_Chunk]:
+    def plan(self) -> Iterator[Chunk]:
         """The loader's sampler: each job laid out in turn (a slide's tissue found), then its patches
         in chunks of the embedder's batch size; a job that cannot be laid out gets no chunk."""
         chunk_size = self.embedder.batch_size
@@ -297,10 +297,10 @@ class EmbeddingRun:
             self._plans[number] = plan
             self.progress.planned(len(items))
             for start in range(0, len(items), chunk_size):
-                yield _Chunk(number, job.path, job.kind, start, tuple(items[start:start + chunk_size]), level,
+                yield Chunk(number, job.path, job.kind, start, tuple(items[start:start + chunk_size]), level,
                              out_size, self.fallback_mpp)
 
-    def read(self, item: _ChunkRead) -> None:
+    def read(self, item: ChunkRead) -> None:
         """Embed a chunk as read; after a read error in a job, its later chunks are only counted."""
         number = item.chunk.job_number
         if item.error is not None:
@@ -345,7 +345,7 @@ def embed_sources(jobs: Sequence[Job], embedder: Embedder, tiling: Tiling, crop_
     """Embed every job's patches; yields one SourceResult per job, in the order of `jobs`. Slides
     are opened with `opener` (a lender of open slides must be in-process: workers=0)."""
     run = EmbeddingRun(jobs, embedder, tiling, fallback_mpp, opener, EmbeddingProgress(len(jobs), progress))
-    loader = DataLoader(_ChunkReader(crop_size, opener), batch_size=None, sampler=run.plan(), num_workers=workers,
+    loader = DataLoader(ChunkReader(crop_size, opener), batch_size=None, sampler=run.plan(), num_workers=workers,
                         collate_fn=_identity)
     try:
         for item in loader:
