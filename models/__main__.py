@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from models import MODEL_NAMES, build_model, summary
 
@@ -34,8 +35,8 @@ def main(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    parser = get_args_parser()
     try:
-        main(parser.parse_args())
-    except ValueError as err:  # argparse's own one-line error and exit status 2: models/ imports nothing above it
-        parser.error(str(err))
+        main(get_args_parser().parse_args())
+    except ValueError as err:  # the project's one-line error and exit status 2 (models/ imports nothing above it)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -91,3 +91,68 @@ def served_index(tmp_path_factory, write_checkpoint, make_images) -> dict:
             "--device", "cpu", "--workers", "0", "--batch-size", "16"]
     assert retrieve.main(retrieve.get_args_parser().parse_args(argv)) == 0
     return {"root": root, "index": index, "checkpoint": checkpoint, "slides": slides, "records": records}
+
+
+@pytest.fixture(scope="module")
+def service(served_index):
+    """The search page's engine over `served_index`."""
+    from histo_retrieval.search.service import SearchService
+
+    opened = SearchService.open(str(served_index["index"]), "cpu", batch_size=16)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    """FastAPI's test client of the app over `service` (its Host, "testserver", allowed)."""
+    from fastapi.testclient import TestClient
+
+    from histo_retrieval.search.app import create_app
+
+    with TestClient(create_app(service, allowed_hosts=["testserver"])) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def live_server(served_index, tmp_path_factory) -> dict:
+    """`retrieve.py serve` over `served_index` on a free loopback port, as a user starts it:
+    {"url", "port", "pid"}."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from histo_retrieval.search.app import VIEWER_INSTALL, viewer_installed
+
+    if not viewer_installed():
+        pytest.skip(f"the page's viewer is not installed: {VIEWER_INSTALL}")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, str(repo / "retrieve.py"), "serve", "--index",
+                                    str(served_index["index"]), "--port", str(port), "--device", "cpu",
+                                    "--batch-size", "16"], stdout=out, stderr=subprocess.STDOUT, cwd=repo)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(url + "/api/index", timeout=2).read()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"retrieve.py serve did not come up: {log.read_text()}") from None
+                time.sleep(0.3)
+        yield {"url": url, "port": port, "pid": process.pid}
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()

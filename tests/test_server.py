@@ -22,19 +22,6 @@ from histo_retrieval.search.queries import heat_colours, patch_pixels, query_job
 from histo_retrieval.search.slides import open_slide
 
 
-@pytest.fixture(scope="module")
-def service(served_index):
-    opened = SearchService.open(str(served_index["index"]), "cpu", batch_size=16)
-    yield opened
-    opened.close()
-
-
-@pytest.fixture(scope="module")
-def client(service):
-    with TestClient(server.create_app(service, allowed_hosts=["testserver"])) as test_client:
-        yield test_client
-
-
 def png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "PNG")

@@ -12,8 +12,6 @@ import re
 import select
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -36,19 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 UPLOAD = "/api/search/upload"
 REGION = "/api/search/region"
 CHUNK = 64 * 1024
-
-
-@pytest.fixture(scope="module")
-def service(served_index):
-    opened = SearchService.open(str(served_index["index"]), "cpu", batch_size=16)
-    yield opened
-    opened.close()
-
-
-@pytest.fixture(scope="module")
-def client(service):
-    with TestClient(server.create_app(service, allowed_hosts=["testserver"])) as test_client:
-        yield test_client
 
 
 def encoded(pixels: np.ndarray, fmt: str = "PNG", **options) -> bytes:
@@ -414,12 +399,6 @@ def test_paths_are_cut_to_their_last_part_in_any_message():
 
 
 # ----------------------------------------------------------------------------- a real server, over a socket
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def memory_kb(pid: int) -> int:
     """The process's resident memory now (VmRSS), in kB."""
     status = Path(f"/proc/{pid}/status").read_text()
@@ -454,33 +433,8 @@ class PeakMemory:
 
 
 @pytest.fixture(scope="module")
-def live(served_index, tmp_path_factory):
-    """`retrieve.py serve` on a free loopback port: {"port", "pid"}."""
-    if not server.viewer_installed():
-        pytest.skip(f"the page's viewer is not installed: {server.VIEWER_INSTALL}")
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, str(REPO / "retrieve.py"), "serve", "--index",
-                                    str(served_index["index"]), "--port", str(port), "--device", "cpu",
-                                    "--batch-size", "16"], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/index", timeout=2).read()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"retrieve.py serve did not come up: {log.read_text()}") from None
-                time.sleep(0.3)
-        yield {"port": port, "pid": process.pid}
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+def live(live_server):
+    return live_server
 
 
 def send_chunked(port: int, path: str, total: int) -> tuple[bytes, int]:
