@@ -461,7 +461,7 @@ def breakdown(index_dir: Path, queries: list[dict], args: argparse.Namespace) ->
             ("· the model's forward pass on one patch (Embedder.embed)", median["model"]),
             (f"· faiss search, flat, k={args.top_k} (SlideIndex.search)", median["faiss"]),
             ("· patch rows from SQLite (PatchDatabase.patches)", median["sqlite"]),
-            ("· the rest: temporary PNG, DataLoader, ranking, JPEG preview", rest),
+            ("· the rest: DataLoader, ranking, JPEG preview", rest),
             ("the same forward pass from the main thread (not in the sum)", median["model_main"]),
             ("response built and serialised to JSON (SearchOut)", median["response"])]
 
