@@ -25,9 +25,9 @@ import multi_test
 import retrieve
 import train
 from KIMIA_data import data_process, synthetic
-from core.errors import UserError, run_script
-from core.files import natural_sorted
-from core.runtime import select_device
+from histo_retrieval.errors import UserError, run_script
+from histo_retrieval.files import natural_sorted
+from histo_retrieval.runtime import select_device
 
 REAL_DATA_COMMANDS = {
     "data": "python3 KIMIA_data/data_process.py KIMIAPath24_RGB      # or Kimia_Path24.h5",
@@ -35,7 +35,7 @@ REAL_DATA_COMMANDS = {
     "test": "python3 multi_test.py model/ --protocol both --plot-embeddings",
     "index": "python3 retrieve.py index model/<best>.pth KIMIA_data/train --index kimia_index/",
     "query": "python3 retrieve.py query --index kimia_index/ <your patches> --top-k 5 --out-dir retrieval/",
-    "slides": "python3 retrieve.py index model/<best>.pth /archive/*.svs --index slide_index/   # at 0.5 um/px",
+    "slides": "python3 retrieve.py index model/<best>.pth /archive/*.svs --index slide_index/ --mpp 1.67  # Kimia's scale",
     "slide query": "python3 retrieve.py query --index slide_index/ case.svs --region X,Y,W,H --out-dir slide_search/",
 }
 

@@ -14,7 +14,7 @@ se_resnet50_ or resnet50_, attention from its keys, crop 224). A file that canno
 reported with the reason and the sweep goes on; the exit status is 1 if any file failed or an
 image could not be decoded (it is left out, and listed at the end).
 
-Each run's result is the file its validation loss selected (core/selection.py): per run identity (the
+Each run's result is the file its validation loss selected (histo_retrieval/evaluation/selection.py): per run identity (the
 model and loss with their non-default options, read from the checkpoint, so that the ablation
 se_resnet50-noattention_MSLoss is a run of its own beside se_resnet50_MSLoss), the best-validation
 file with the lowest validation loss, i.e. the newest best; checkpoint.pth (and
@@ -43,14 +43,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from core.checkpoint import CheckpointError, load_model
-from core.errors import UserError, one_line, run_script
-from core.evaluation import (PROTOCOLS, RESULTS_MODES, Evaluator, ResultFiles, plot_embeddings, ranking_table,
+from histo_retrieval.evaluation.checkpoint import CheckpointError, load_model
+from histo_retrieval.errors import UserError, one_line, run_script
+from histo_retrieval.evaluation.protocols import (PROTOCOLS, RESULTS_MODES, Evaluator, ResultFiles, plot_embeddings, ranking_table,
                              selected_table, tsne_coordinates, write_outputs)
-from core.files import command_line
-from core.images import report_unreadable
-from core.runtime import add_runtime_args, check_runtime
-from core.selection import LAST_EPOCH, VALIDATION, describe_checkpoint, select
+from histo_retrieval.files import command_line
+from histo_retrieval.images import report_unreadable
+from histo_retrieval.runtime import add_runtime_args, check_runtime
+from histo_retrieval.evaluation.selection import LAST_EPOCH, VALIDATION, describe_checkpoint, select
 
 
 def print_summary(rows: Sequence[dict], unevaluated: Sequence[str]) -> None:

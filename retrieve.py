@@ -39,18 +39,17 @@ from pathlib import Path
 
 import torch
 
-from core import distributed
-from core.checkpoint import load_model
-from core.embedder import Embedder, check_settings
-from core.errors import UserError
-from core.files import command_line
-from core.images import report_unreadable
-from core.indexing import check_sources, index_sources
-from core.runtime import add_runtime_args, check_runtime
-from core.slide_index import SHARDS, IndexSettings, PatchDatabase, SlideIndex
-from core.slide_search import load_index_model, query_jobs, run_queries
-from core.slides import Tiling
-from core.vector_index import INDEX_TYPES
+from histo_retrieval import distributed
+from histo_retrieval.evaluation.checkpoint import load_model
+from histo_retrieval.evaluation.embedder import Embedder, check_settings
+from histo_retrieval.errors import UserError
+from histo_retrieval.images import report_unreadable
+from histo_retrieval.runtime import add_runtime_args, check_runtime
+from histo_retrieval.search.index import IndexSettings, SlideIndex
+from histo_retrieval.search.indexing import build_index, check_sources
+from histo_retrieval.search.queries import load_index_model, query_jobs, run_queries
+from histo_retrieval.search.slides import Tiling
+from histo_retrieval.search.vector_index import DEFAULT_EF_SEARCH, DEFAULT_MIN_NPROBE, DEFAULT_NPROBE_FRACTION, INDEX_TYPES
 
 
 def parse_region(text: str) -> tuple[int, int, int, int]:
@@ -88,7 +87,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "is refused)")
     add_runtime_args(model, workers_note="each reads patches of slides through its own handle")
     where = argparse.ArgumentParser(add_help=False)
-    where.add_argument("--index", required=False, default=None, help="the index folder (required)")
+    where.add_argument("--index", default=None, metavar="DIR",
+                       help="the index folder; every sub-command needs one (no default)")
 
     index = commands.add_parser("index", parents=[model, where], help="create an index or add sources to it")
     index.add_argument("checkpoint", help="checkpoint written by train.py, or a bare reference state_dict")
@@ -114,8 +114,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     searching.add_argument("--top-k", type=int, default=10, help="matches per query patch (default: %(default)s)")
     searching.add_argument("--checkpoint", default=None,
                            help="the index's checkpoint, if it moved (default: the path in manifest.json)")
-    searching.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (default: the module's)")
-    searching.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth (default: the module's)")
+    searching.add_argument("--nprobe", type=int, default=None,
+                           help=f"IVF lists searched (default: 1/{round(1 / DEFAULT_NPROBE_FRACTION)} of the lists, at "
+                                f"least {DEFAULT_MIN_NPROBE})")
+    searching.add_argument("--ef-search", type=int, default=None,
+                           help=f"HNSW search breadth (default: {DEFAULT_EF_SEARCH})")
 
     query = commands.add_parser("query", parents=[model, where, searching], help="search the index with patches, regions or slides")
     query.add_argument("queries", nargs="+", help="image files, folders of them, or slide files")
@@ -155,81 +158,40 @@ def require_index(args: argparse.Namespace) -> str:
     raise UserError("pass the index folder with --index DIR")
 
 
-def index_settings(loaded, checkpoint: str, args: argparse.Namespace) -> IndexSettings:
-    options = loaded.model_options
-    tiling = Tiling(args.mpp, args.patch_size or loaded.crop_size, args.tissue_threshold)
-    tiling.check()
-    # A vector is the combined row of the learners, which split embedding_dim among them.
-    return IndexSettings(
-        os.path.abspath(checkpoint), loaded.weights_sha256(), loaded.model_name, options, loaded.crop_size,
-        options["embedding_dim"], tiling.mpp, tiling.patch_size, tiling.tissue_threshold, args.index_type,
-        args.ivf_lists)
-
-
 def run_index(args: argparse.Namespace, device: torch.device) -> int:
     if args.out is not None:
         raise UserError(f"--out {args.out}: indexes are now folders; pass --index DIR instead "
                         "(python3 retrieve.py index CHECKPOINT SOURCE... --index DIR)")
     directory = Path(require_index(args))
-    check_sources(args.sources)  # before anything is created: a typo must not leave an empty index behind
+    check_sources(args.sources)  # before the model is loaded: a typo is refused at once
     device, rank, world_size = distributed.setup_distributed(device)
     loaded = load_model(args.checkpoint, device, args.crop_size)
-    settings = index_settings(loaded, args.checkpoint, args)
-    index = None
-    if rank == 0:
-        if (directory / "manifest.json").is_file():
-            index = SlideIndex.open(directory, writable=True)
-            differences = index.settings.differences(settings)
-            if differences:
-                index.close()
-                raise UserError(f"{directory}: this index was built with other settings; refusing to mix: "
-                                + "; ".join(differences))
-        else:
-            index = SlideIndex.create(directory, settings)
-        index.db.log_run(command_line())
-    distributed.barrier()
-    if index is None:
-        index = SlideIndex.open(directory, writable=False)
+    tiling = Tiling(args.mpp, args.patch_size or loaded.crop_size, args.tissue_threshold)
+    settings = IndexSettings.for_model(loaded, args.checkpoint, tiling, args.index_type, args.ivf_lists)
     embedder = Embedder(loaded.model, device, args.batch_size, args.amp, args.channels_last, loaded.preprocessing)
-    shard = None
-    if world_size > 1:
-        (directory / SHARDS).mkdir(exist_ok=True)
-        shard = PatchDatabase(directory / SHARDS / f"rank{rank:03d}.sqlite")
-    try:
-        report = index_sources(index, args.sources, embedder, args.workers, args.slide_mpp, args.replace,
-                               progress=rank == 0, rank=rank, world_size=world_size, shard=shard)
-    finally:
-        if shard is not None:
-            shard.close()
-    failed = distributed.all_gather_lists(report.failed)
-    unreadable = distributed.all_gather_lists(report.unreadable_files)
-    indexed = distributed.all_gather_lists(report.indexed)
-    distributed.barrier()
-    if rank == 0:
-        index.merge_shards()
-        patches = index.db.patch_count()
-        sources = len(index.db.sources())
-    index.close()
+    report = build_index(directory, args.sources, settings, embedder, args.workers, args.slide_mpp, args.replace,
+                         rank=rank, world_size=world_size)
+    status = 1 if report.failed or report.unreadable_files else 0
     if rank != 0:
-        return 1 if failed or unreadable else 0
-    print(f"indexed {len(indexed)} source(s), {sum(n for _, n in indexed)} patches; {directory} holds {sources} "
-          f"source(s), {patches} patches")
-    if failed:
-        print(f"{len(failed)} source(s) could not be indexed:", file=sys.stderr)
-        for path, reason in failed:
+        return status
+    print(f"indexed {len(report.indexed)} source(s), {sum(n for _, n in report.indexed)} patches; {directory} holds "
+          f"{report.held_sources} source(s), {report.held_patches} patches")
+    if report.failed:
+        print(f"{len(report.failed)} source(s) could not be indexed:", file=sys.stderr)
+        for path, reason in report.failed:
             print(f"  {path} ({reason})", file=sys.stderr)
-    report_unreadable(unreadable)
+    report_unreadable(report.unreadable_files)
     if note := loaded.preprocessing.passed_through_note():
         print(note)
-    return 1 if failed or unreadable else 0
+    return status
 
 
 def check_not_empty(index: SlideIndex) -> None:
     """Refuse to search an index with no patches (every source failed, or none was added): there is
     nothing to match, and empty result files would read as "no similar tissue"."""
-    if index.db.patch_count():
+    if index.patch_count():
         return
-    failed = len(index.db.sources("failed"))
+    failed = len(index.sources("failed"))
     why = f" ({failed} source(s) failed: `python3 retrieve.py list --index {index.directory} --failed` says why)" \
         if failed else ""
     raise UserError(f"{index.directory}: the index is empty, no patches to search{why}; add sources with "
@@ -251,8 +213,8 @@ def run_query(args: argparse.Namespace, device: torch.device) -> int:
             p = match.patch
             print(f"  {match.rank:>3}  {match.similarity:.4f}  {p.class_name or '':<10} {p.file or p.source}"
                   + ("" if p.file else f" @ {p.x},{p.y}"))
-        for row in result.slides[:5]:
-            print(f"  slide #{row['rank']}: {row['source']}  votes {row['votes']}  score {row['score']:.4f}")
+        for slide in result.slides[:5]:
+            print(f"  slide #{slide.rank}: {slide.source}  votes {slide.votes}  score {slide.score:.4f}")
     if args.out_dir and results:
         print(f"\nmatches.csv, slides.csv and figures written to {args.out_dir}")
     report_unreadable(failed)
@@ -267,12 +229,12 @@ def run_list(args: argparse.Namespace) -> int:
         print(f"index {index.directory}: {s.model_name} {s.model_options} ({s.checkpoint}), {s.dim}-d vectors, "
               f"{s.index_type}")
         print(f"patches of {s.patch_size} px at {s.mpp} um/px, tissue threshold {s.tissue_threshold}")
-        rows = index.db.sources(None if args.failed else "indexed")
-        print(f"{sum(r['patch_count'] for r in rows)} patches in {sum(r['state'] == 'indexed' for r in rows)} source(s)")
+        rows = index.sources(None if args.failed else "indexed")
+        print(f"{sum(r.patch_count for r in rows)} patches in {sum(r.state == 'indexed' for r in rows)} source(s)")
         for row in rows:
-            detail = f"{row['patch_count']:>8} patches  {row['kind']:<6}" if row["state"] == "indexed" else \
-                f"  failed: {row['reason']}"
-            print(f"  {detail}  {row['path']}")
+            detail = f"{row.patch_count:>8} patches  {row.kind:<6}" if row.state == "indexed" else \
+                f"  failed: {row.reason}"
+            print(f"  {detail}  {row.path}")
     return 0
 
 
@@ -280,21 +242,21 @@ def run_remove(args: argparse.Namespace) -> int:
     missing = 0
     with SlideIndex.open(require_index(args), writable=True) as index:
         for source in args.sources:
-            row = index.db.source_by_path(os.path.abspath(source))
+            row = index.source_by_path(os.path.abspath(source))
             if row is None:
                 print(f"{source}: not in the index; `retrieve.py list --index {index.directory}` shows its sources",
                       file=sys.stderr)
                 missing += 1
                 continue
-            print(f"{row['path']}: removed {index.remove(row['id'])} patches")
+            print(f"{row.path}: removed {index.remove(row.id)} patches")
     return 1 if missing else 0
 
 
 def run_serve(args: argparse.Namespace, device: torch.device) -> int:
     import uvicorn
 
-    from core.search_service import SearchService
-    from core.server import VIEWER_INSTALL, create_app, viewer_installed
+    from histo_retrieval.search.service import SearchService
+    from histo_retrieval.search.app import VIEWER_INSTALL, create_app, viewer_installed
 
     if not viewer_installed():
         raise UserError(f"the page's slide viewer (OpenSeadragon) is not installed; run `{VIEWER_INSTALL}` in "
@@ -308,7 +270,7 @@ def run_serve(args: argparse.Namespace, device: torch.device) -> int:
           f"{summary['patches']} patches ({summary['model_name']}, {summary['mpp']} um/px)")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: serving on {args.host}, with no authentication; put a reverse proxy with authentication in "
-              "front of it before sharing it on a network (README, 'The search page'); requests naming another "
+              "front of it before sharing it on a network (docs/search_page.md, 'Security'); requests naming another "
               "host than 127.0.0.1, localhost, [::1], --host or --allowed-hosts are refused", file=sys.stderr)
     print(f"search page: http://{'localhost' if args.host in ('127.0.0.1', '::1') else args.host}:{args.port}/ "
           "(Ctrl+C stops it)", flush=True)

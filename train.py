@@ -5,16 +5,16 @@
     python3 train.py se_resnet50 MSLoss --no-attention           # the paper's ablation: se_resnet50-noattention_MSLoss_*
     python3 train.py se_resnet50 MSLoss --resume model/checkpoint.pth
     torchrun --nproc_per_node=4 train.py se_resnet50 MSLoss --batch-size 15   # 4 GPUs, 60 images per step
-    python3 train.py se_resnet50 MSLoss --pretrained imagenet --augment stain   # one's own tissue (README)
+    python3 train.py se_resnet50 MSLoss --pretrained imagenet --augment stain   # one's own tissue (docs/own_tissue.md)
 
 Every file is named after the run's identity, `<model>_<loss>` with a tag for each model or loss option
 that differs from its default (`se_resnet50_MSLoss` for the paper's run, `se_resnet50-noattention_MSLoss`
-for its ablation; `core.checkpoint.run_identity`). Every epoch writes the last-epoch checkpoint (for
+for its ablation; `histo_retrieval.evaluation.checkpoint.run_identity`). Every epoch writes the last-epoch checkpoint (for
 --resume: `<output-dir>/checkpoint.pth`, or `<identity>_checkpoint.pth` for a run with options) and, when
 the validation loss improves, `<output-dir>/<identity>_<val_loss:.4f>.pth` (a bare state_dict with
 --save-bare-state-dict, as the reference writes it); otherwise both are dicts holding the model
 state_dict in the reference layout with everything needed to resume or evaluate it (see
-`core.checkpoint.training_checkpoint`). The per-epoch figures go to `<output-dir>/<identity>_log.csv`
+`histo_retrieval.evaluation.checkpoint.training_checkpoint`). The per-epoch figures go to `<output-dir>/<identity>_log.csv`
 and a loss-curve PNG beside it. A new run refuses a folder that already holds a run of its identity
 (pass --resume to continue that run, or another --output-dir). Images that cannot be decoded are left
 out of their batches and listed at the end; the exit status is then 1; when no batch can be formed
@@ -22,7 +22,7 @@ from readable images, the run stops before writing anything of that epoch.
 
 Under torchrun the script runs DistributedDataParallel (NCCL on GPUs, gloo on CPU); --batch-size and
 --workers are per process, and only rank 0 prints and writes files. The pieces live in
-`core.training` (data, one epoch, validation, resume) and `core.distributed`.
+`histo_retrieval.training.loop` (data, one epoch, validation, resume) and `histo_retrieval.distributed`.
 """
 from __future__ import annotations
 
@@ -37,14 +37,14 @@ from torch import nn
 
 import losses
 import models
-from core.checkpoint import save_torch_file, training_checkpoint
-from core.distributed import all_gather_lists, run_distributed_script, setup_distributed
-from core.errors import UserError
-from core.files import command_line, write_csv
-from core.images import report_unreadable
-from core.preprocessing import Preprocessing
-from core.runtime import check_runtime, seed_everything
-from core.training import (RunFiles, TensorBoardLog, add_training_arguments, build_datasets, build_loaders,
+from histo_retrieval.evaluation.checkpoint import save_torch_file, training_checkpoint
+from histo_retrieval.distributed import all_gather_lists, run_distributed_script, setup_distributed
+from histo_retrieval.errors import UserError
+from histo_retrieval.files import command_line, write_csv
+from histo_retrieval.images import report_unreadable
+from histo_retrieval.data.preprocessing import Preprocessing
+from histo_retrieval.runtime import check_runtime, seed_everything
+from histo_retrieval.training.loop import (RunFiles, TensorBoardLog, add_training_arguments, build_datasets, build_loaders,
                            build_training_model, check_training_arguments, describe_train_files,
                            load_resume_checkpoint, plot_losses, refuse_other_run, resolve_names, seed_epoch,
                            start_model, step_lr_scheduler, train_one_epoch, validate)

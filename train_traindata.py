@@ -11,7 +11,7 @@ to int(n_c * r) images (drawn with --seed), then train.py's split and training r
 checkpoint that the validation loss selected among the folder's files of this command's run identity,
 e.g. se_resnet50_MSLoss, never an ablation beside it), otherwise trained here with the main recipe
 (--main-batch-size 60, every image) into `<output-dir>/main/`. Each run's validation-selected checkpoint
-is evaluated by multi_test's protocol (core.evaluation) on `<eval-data-dir>/test` (the reference's protocol: leave-one-out
+is evaluated by multi_test's protocol (histo_retrieval.evaluation.protocols) on `<eval-data-dir>/test` (the reference's protocol: leave-one-out
 retrieval inside the test set). Results go to `<output-dir>/traindata_results.csv` (ratio, images used,
 eta_p, eta_W, eta_total, the run each bar comes from, ...) and the paper's bar chart to
 `<output-dir>/traindata_results.png`, both refreshed after each run.
@@ -27,14 +27,14 @@ from typing import Any, Sequence
 import torch.distributed as dist
 
 import train
-from core.distributed import run_distributed_script
-from core.errors import UserError
-from core.checkpoint import load_model
-from core.evaluation import Evaluator
-from core.files import command_line, write_csv
-from core.runtime import select_device
-from core.selection import VALIDATION, describe_checkpoint, select, validation_loss
-from core.training import add_training_arguments, resolve_names
+from histo_retrieval.distributed import run_distributed_script
+from histo_retrieval.errors import UserError
+from histo_retrieval.evaluation.checkpoint import load_model
+from histo_retrieval.evaluation.protocols import Evaluator
+from histo_retrieval.files import command_line, write_csv
+from histo_retrieval.runtime import select_device
+from histo_retrieval.evaluation.selection import VALIDATION, describe_checkpoint, select, validation_loss
+from histo_retrieval.training.loop import add_training_arguments, resolve_names
 from utils import pyplot, save_figure
 
 DEFAULT_RATIOS = (0.2, 0.4, 0.6, 0.8)  # the reference's; its 100% bar is the main experiment

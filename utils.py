@@ -1,26 +1,8 @@
 """Figures of the scripts: matplotlib without a display, PNGs written atomically.
 
-Everything else the scripts share lives in the library `core/` (see docs/architecture.md).
+The scripts' name for histo_retrieval.figures, where the library keeps them (the library never
+imports this module; see docs/architecture.md).
 """
-from __future__ import annotations
+from histo_retrieval.figures import pyplot, save_figure
 
-import os
-from typing import Any
-
-from core.files import atomic_write
-
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (no display needed), imported on first use."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> None:
-    """Write a matplotlib figure as PNG through a temp file and a rename, then free it."""
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
-    pyplot().close(fig)
+__all__ = ["pyplot", "save_figure"]

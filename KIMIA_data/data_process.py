@@ -65,11 +65,10 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from any directory
-# torch-free parts of core only: importing torch would cost more start-up than the work on 600 images
-from core.errors import UserError, one_line, run_script  # noqa: E402
-from core.files import (IMAGE_EXTENSIONS, atomic_write_bytes, atomic_write_text, command_line,  # noqa: E402
-                        folder_images, is_image_file, list_classes, natural_key, natural_sorted)
+# the library's torch-free modules only: importing torch would cost more start-up than the work on 600 images
+from histo_retrieval.errors import UserError, one_line, run_script
+from histo_retrieval.files import (IMAGE_EXTENSIONS, atomic_write_bytes, atomic_write_text, command_line,
+                                   folder_images, is_image_file, list_classes, natural_key, natural_sorted)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -382,7 +381,7 @@ def is_complete(path: Path, size: int) -> bool:
         return False
     from PIL import Image
 
-    from core.images import UNREADABLE
+    from histo_retrieval.images import UNREADABLE
 
     try:
         with Image.open(path) as image:
@@ -404,9 +403,9 @@ def save_png(bgr: np.ndarray, path: Path, compression: int | None = None) -> Non
 
 
 def _unreadable() -> tuple[type[BaseException], ...]:
-    """The project's errors of images that cannot be read (core.images.UNREADABLE) and OpenCV's;
-    looked up at the first failure, as core.images imports Pillow, which the default path does not need."""
-    from core.images import UNREADABLE
+    """The project's errors of images that cannot be read (histo_retrieval.images.UNREADABLE) and OpenCV's;
+    looked up at the first failure, as histo_retrieval.images imports Pillow, which the default path does not need."""
+    from histo_retrieval.images import UNREADABLE
 
     return UNREADABLE + (cv2.error,)
 
@@ -629,7 +628,7 @@ def main(args: argparse.Namespace) -> dict:
         print(f"warning: {len(stale)} images under {out / 'train'} and {out / 'test'} are not from {source} "
               f"(e.g. {stale[0]}); remove them unless you mean to mix data sets", file=sys.stderr)
     if failures:
-        from core.images import report_unreadable
+        from histo_retrieval.images import report_unreadable
 
         report_unreadable([(item.describe(), detail) for item, detail in failures])
     if kept_truncated:

@@ -51,9 +51,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from any directory
-from core.errors import UserError, run_script  # noqa: E402
-from core.files import atomic_write, atomic_write_text, command_line  # noqa: E402
+from histo_retrieval.errors import UserError, run_script
+from histo_retrieval.files import atomic_write, atomic_write_text, command_line
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "synthetic_source"
 MARKER_NAME = "synthetic.json"  # settings and file list of the last run, so a re-run may replace them

@@ -12,7 +12,7 @@ same files, byte for byte, as (a). Prints a Markdown table: median seconds, the 
 per repeat (median, min-max), CPU seconds, and the load average: other processes sharing the CPUs
 slow the threads of (b) more than the single process of (a), while CPU seconds hardly change.
 
-    python3 bench/data_process_speed.py [--count 600] [--patch-size 1000] [--repeats 3] [--source DIR] [--quick]
+    python3 -m bench.data_process_speed [--count 600] [--patch-size 1000] [--repeats 3] [--source DIR] [--quick]
 """
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
+    sys.exit("error: run it as a module, from the repository root: python3 -m bench.data_process_speed")
 
 from KIMIA_data import synthetic  # noqa: E402
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "KIMIA_data" / "data_process.py"
 IMAGES_PER_CLASS = 25
 SPLIT_FOLDERS = (("train", "Training"), ("test", "RGBPatches-test"))

@@ -1,17 +1,17 @@
 """Peak memory of multi_test's sweep: crops streamed from a temporary file against one in-memory tensor.
 
-    python3 bench/evaluate_memory.py [--quick] [--classes 20] [--test-per-class 50 250] [--image-size 80]
+    python3 -m bench.evaluate_memory [--quick] [--classes 20] [--test-per-class 50 250] [--image-size 80]
         [--crop-size 64] [--checkpoints 2] [--baseline-rev c0eaa87]
 
-Baseline: multi_test.py as of --baseline-rev (read with `git show`, run from the repository root
-against today's library), which decodes the whole split into one uint8 tensor kept in memory.
+Baseline: multi_test.py as of --baseline-rev, run in that revision's own tree (`git archive`, so
+with the library it was written against), which decodes the whole split into one uint8 tensor kept in memory.
 Ours: the working tree's multi_test.py, which decodes it once into a temporary file that each
 checkpoint reads batch by batch. Both sweep the same checkpoints over the same test set, with
 --workers 0 so that the decoding happens in the measured process, each in a fresh process whose
 peak resident set size (getrusage ru_maxrss, VmHWM) is printed when it ends. Their results must
 agree: the largest eta_total difference is reported. Each test-set size gives one row; the last row
 is the growth from the smallest set to the largest, which is what the decoded crops add (the
-fixed part differs: ours also imports scikit-learn, about 75 MiB).
+fixed part differs: ours also imports scikit-learn).
 
 The test set is KIMIA_data/synthetic.py's, resized by data_process.py to --image-size, generated
 once under bench/results/ and reused. main() returns the rows for bench/run_all.py.
@@ -26,14 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
+    sys.exit("error: run it as a module, from the repository root: python3 -m bench.evaluate_memory")
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import torch
 
 import models  # noqa: E402
 from KIMIA_data import data_process, synthetic  # noqa: E402
 
+REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 BASELINE_REV = "c0eaa87"  # the last commit whose multi_test.py kept the decoded split in memory
 # Runs a script as `python3 script ...` would, then prints this process's peak resident memory.
@@ -80,9 +81,10 @@ def make_test_set(num_classes: int, per_class: int, image_size: int) -> Path:
 
 
 def peak_rss_run(script: Path, argv: list[str]) -> tuple[float, float]:
-    """(peak resident MiB, wall seconds) of `python3 script argv` in a fresh process."""
+    """(peak resident MiB, wall seconds) of `python3 script argv` in a fresh process, run from the
+    script's own tree (whose packages come before any installed ones)."""
     started = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", PEAK_RSS_RUNNER, str(script), *argv], cwd=REPO,
+    run = subprocess.run([sys.executable, "-c", PEAK_RSS_RUNNER, str(script), *argv], cwd=script.parent,
                          capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if run.returncode != 0:
@@ -126,9 +128,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.classes, args.test_per_class, args.checkpoints = 3, [5, 20], 1
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        baseline = folder / "baseline_multi_test.py"
-        baseline.write_bytes(subprocess.run(["git", "show", f"{args.baseline_rev}:multi_test.py"], cwd=REPO,
-                                            capture_output=True, check=True).stdout)
+        tree = folder / "baseline"
+        tree.mkdir()
+        archive = subprocess.run(["git", "archive", args.baseline_rev], cwd=REPO, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+        baseline = tree / "multi_test.py"
         (folder / "model").mkdir()
         for number in range(args.checkpoints):
             torch.manual_seed(number)

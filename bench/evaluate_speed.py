@@ -1,13 +1,13 @@
 """Speed of multi_test's sweep: five checkpoints on one test set, against the reference's way.
 
-    python3 bench/evaluate_speed.py [--quick] [--crop-sizes 32 64 224] [--test-per-class 5] [--batch-size 32]
+    python3 -m bench.evaluate_speed [--quick] [--crop-sizes 32 64 224] [--test-per-class 5] [--batch-size 32]
 
 Baseline (the reference's multi_test): for every checkpoint, the model is built (randomly
 initialised) and loaded, a DataLoader decodes every test PNG anew through CenterCrop + ToTensor,
 the model embeds it under no_grad the reference's way (resnet50 and ABE_M recompute their attention
 trunk for every head: models/reference.py's ReferenceStyle), and every row of the full similarity
 matrix is sorted.
-Ours (core.evaluation.Evaluator, multi_test's, by default and with --channels-last): the test images
+Ours (histo_retrieval.evaluation.protocols.Evaluator, multi_test's, by default and with --channels-last): the test images
 are decoded and centre-cropped once into a temporary file of uint8 crops; each model is built on
 the meta device (no random initialisation) and takes the checkpoint's tensors, embeds the crops
 batch by batch under inference_mode and ranks with a top-k.
@@ -27,18 +27,19 @@ import time
 from functools import partial
 from pathlib import Path
 
+if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
+    sys.exit("error: run it as a module, from the repository root: python3 -m bench.evaluate_speed")
+
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import models  # noqa: E402
-from core.checkpoint import load_model  # noqa: E402
-from core.data import KimiaDataset, eval_transform  # noqa: E402
-from core.evaluation import Evaluator  # noqa: E402
-from core.runtime import select_device  # noqa: E402
+from histo_retrieval.evaluation.checkpoint import load_model  # noqa: E402
+from histo_retrieval.data.datasets import KimiaDataset, eval_transform  # noqa: E402
+from histo_retrieval.evaluation.protocols import Evaluator  # noqa: E402
+from histo_retrieval.runtime import select_device  # noqa: E402
 from KIMIA_data import data_process, synthetic  # noqa: E402
-from metrics import combine_learners, kimia_accuracy  # noqa: E402
+from histo_retrieval.evaluation.metrics import combine_learners, kimia_accuracy  # noqa: E402
 from models.reference import ReferenceStyle, filled_state_dict  # noqa: E402
 
 # Five checkpoints: the three architectures, the attention ablation and a second ABE_M.

@@ -1,11 +1,11 @@
 """The stages of bench/gpu.sh, one subcommand each, run as separate processes so that one stage's crash
 (a CUDA error poisons its process) leaves the others' figures.
 
-    python3 bench/gpu.py stacked-tail --device cuda --rows ROWS.json
-    python3 bench/gpu.py train --device cuda --rows ROWS.json        # se_resnet50 + MSLoss, batch 60, 224 px
-    python3 bench/gpu.py ddp --device cuda --work DIR --rows ROWS.json
-    python3 bench/gpu.py tests --rows ROWS.json -- -m "not slow" tests
-    python3 bench/gpu.py report --rows-dir DIR --out FILE --status train=0 ...
+    python3 -m bench.gpu stacked-tail --device cuda --rows ROWS.json
+    python3 -m bench.gpu train --device cuda --rows ROWS.json        # se_resnet50 + MSLoss, batch 60, 224 px
+    python3 -m bench.gpu ddp --device cuda --work DIR --rows ROWS.json
+    python3 -m bench.gpu tests --rows ROWS.json -- -m "not slow" tests
+    python3 -m bench.gpu report --rows-dir DIR --out FILE --status train=0 ...
 
 Every stage but `report` writes its rows (stage, case, images_per_s, peak_mib, seconds, result, ok) to
 --rows as JSON after each row, prints them, and exits 1 if any row failed; `report` turns the rows of
@@ -29,11 +29,11 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Any, Callable
 
+if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
+    sys.exit("error: run it as a module, from the repository root: python3 -m bench.gpu")
+
 import torch
 from torch import Tensor, nn
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from bench.run_all import machine_description  # noqa: E402
 from bench.timing import median_seconds  # noqa: E402
@@ -41,9 +41,10 @@ from losses import build_loss  # noqa: E402
 from models import build_model  # noqa: E402
 from models.layers import StackedBatchNorm2d  # noqa: E402
 from models.reference import per_head_copy  # noqa: E402
-from core.errors import UserError, run_script  # noqa: E402
-from core.files import atomic_write_text  # noqa: E402
+from histo_retrieval.errors import UserError, run_script  # noqa: E402
+from histo_retrieval.files import atomic_write_text  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 STAGES = ("stacked-tail", "train", "ddp", "tests")
 # (precision, memory format) of the training bench: the reference's float32 NCHW first, then train.py's
 # --channels-last with --amp off, bf16 and fp16.

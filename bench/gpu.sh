@@ -115,7 +115,7 @@ STATUS=()
 for stage in $STAGES; do
     rows="$WORK/rows/$stage.json"
     log="$LOGS/$stage.log"
-    command=("$PYTHON" bench/gpu.py "$stage" --device "$DEVICE" --rows "$rows")
+    command=("$PYTHON" -m bench.gpu "$stage" --device "$DEVICE" --rows "$rows")
     case "$stage" in
         stacked-tail) command+=("${TAIL_ARGS[@]}") ;;
         train) command+=("${TRAIN_ARGS[@]}") ;;
@@ -138,7 +138,7 @@ for stage in $STAGES; do
     fi
 done
 
-"$PYTHON" bench/gpu.py report --device "$DEVICE" --rows-dir "$WORK/rows" --out "$RESULTS" \
+"$PYTHON" -m bench.gpu report --device "$DEVICE" --rows-dir "$WORK/rows" --out "$RESULTS" \
     --status "${STATUS[@]}" --command "$COMMAND (${SECONDS} s in all)"
 rc=$?
 echo "wrote $RESULTS"

@@ -1,28 +1,28 @@
 """Indexing throughput of the whole-slide search against the model-bound rate, and where the rest goes.
 
-    python3 bench/index_speed.py                          # se_resnet50, 224 px at 0.5 um/px, batch 32, float32,
+    python3 -m bench.index_speed                          # se_resnet50, 224 px at 0.5 um/px, batch 32, float32,
                                                           # --workers 2 and 1, 2 slides of 3072 x 2048, 172
                                                           # patches (about 3 min on 2 quiet cores)
-    python3 bench/index_speed.py --amp bf16 --channels-last   # (about 1.5 min)
-    python3 bench/index_speed.py --workers 0              # reading in the model's process
-    python3 bench/index_speed.py --quick                  # 64 px, one 1024 px slide, one repeat (about 10 s)
+    python3 -m bench.index_speed --amp bf16 --channels-last   # (about 1.5 min)
+    python3 -m bench.index_speed --workers 0              # reading in the model's process
+    python3 -m bench.index_speed --quick                  # 64 px, one 1024 px slide, one repeat (about 10 s)
 
 --quick checks that the script works: its runs last about a second, so the fixed start of a run
-(the DataLoader's reader processes, about 0.1-0.2 s) weighs in its ratio as it does not in a real run.
+(the DataLoader's reader processes) weighs in its ratio as it does not in a real run.
 
 The issue's target: indexing throughput at least 85% of the model-bound rate (the same model embedding
 random tensors of the same batch size and precision), so that reading, tissue detection and tiling
 cost little beside the network.
 
 Set-up (not timed): a randomly initialised model saved as train.py saves it
-(core.checkpoint.training_checkpoint), and --slides synthetic pyramidal slides (KIMIA_data/synthetic.py's
+(histo_retrieval.evaluation.checkpoint.training_checkpoint), and --slides synthetic pyramidal slides (KIMIA_data/synthetic.py's
 write_slide, Aperio-layout JPEG TIFFs read through OpenSlide), each with two tissue boxes side by side
 covering most of the slide, so that a slide has hundreds of patches as a scanned one has thousands.
-The model is loaded once (core.checkpoint.load_model) and warmed up with two batches.
+The model is loaded once (histo_retrieval.evaluation.checkpoint.load_model) and warmed up with two batches.
 
-Indexing rate: the path of `retrieve.py index` (retrieve.run_index) for a fresh index folder each
-repeat: the command line parsed by retrieve's own parser, retrieve.index_settings, SlideIndex.create,
-core.indexing.index_sources (tissue detection, the DataLoader of --workers reader processes, the model,
+Indexing rate: the path of `retrieve.py index` (retrieve.py's run_index) for a fresh index folder each
+repeat: the settings it gives a new index by default (IndexSettings.for_model), SlideIndex.create,
+histo_retrieval.search.indexing.index_sources (tissue detection, the DataLoader of --workers reader processes, the model,
 a commit to SQLite and faiss per slide) and SlideIndex.close (the faiss file saved); the model load
 is left out. Patches indexed / wall seconds. Without a progress bar (progress=False).
 Model-bound rate: the same Embedder (batch size, --amp, --channels-last) over the same number of
@@ -42,9 +42,9 @@ whatever CPU the readers take. A run during which other programs took more than 
 run again (up to --retries times) and the quietest kept; the table gives the most they took.
 
 Breakdown (measured apart, in this process, torch held to 1 thread as in a DataLoader worker):
-tissue detection per slide (core.indexing.plan_job: open, thumbnail, tissue mask, grid, display JPEG),
-reading per patch (OpenSlide's read_region; core.slides' RGBA-to-RGB composite; the worker's eval crop
-to a uint8 tensor and the chunk's stack: core.indexing._ChunkReader, one handle per pass), and the
+tissue detection per slide (histo_retrieval.search.indexing.plan_job: open, thumbnail, tissue mask, grid, display JPEG),
+reading per patch (OpenSlide's read_region; histo_retrieval.search.slides' RGBA-to-RGB composite; the worker's eval crop
+to a uint8 tensor and the chunk's stack: histo_retrieval.search.indexing.ChunkReader, one handle per pass), and the
 commit of each slide (SlideIndex.add of its patches and random vectors, then the faiss save on close).
 
 Records its tables (command, machine, date) in bench/results.md's "Indexing throughput" section,
@@ -67,23 +67,23 @@ from functools import partial
 from pathlib import Path
 from typing import Self
 
+if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
+    sys.exit("error: run it as a module, from the repository root: python3 -m bench.index_speed")
+
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import retrieve
 from bench.timing import write_checkpoint
-from core.checkpoint import load_model
-from core.embedder import Embedder
-from core.files import atomic_write_text, command_line
-from core.indexing import Job, _Chunk, _ChunkReader, index_sources, plan_job
-from core.runtime import check_runtime, cpu_name, cpu_runs_natively
-from core.slide_index import SlideIndex, SourceRecord
-from core.slides import Tiling, open_slide, read_scaled
+from histo_retrieval.evaluation.checkpoint import load_model
+from histo_retrieval.evaluation.embedder import Embedder
+from histo_retrieval.files import atomic_write_text, command_line
+from histo_retrieval.search.indexing import Job, Chunk, ChunkReader, index_sources, plan_job
+from histo_retrieval.runtime import check_runtime, cpu_name, cpu_runs_natively
+from histo_retrieval.search.index import IndexSettings, SlideIndex, SourceRecord
+from histo_retrieval.search.slides import Tiling, open_slide, read_scaled
 from KIMIA_data import synthetic
 
+REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Indexing throughput (bench/index_speed.py)"
 TARGET = 0.85  # the issue's: indexing at least 85% of the model-bound rate
 
@@ -148,10 +148,20 @@ def write_slides(folder: Path, count: int, size: tuple[int, int], mpp: float, se
 
 def index_command(checkpoint: Path, slides: list[str], index_dir: Path, args: argparse.Namespace,
                   workers: int) -> argparse.Namespace:
-    """`retrieve.py index ...` as retrieve's own parser reads it."""
-    argv = ["index", str(checkpoint), *slides, "--index", str(index_dir), "--mpp", str(args.mpp),
-            "--batch-size", str(args.batch_size), "--workers", str(workers), "--amp", args.amp, "--device", "cpu"]
-    return retrieve.get_args_parser().parse_args(argv + (["--channels-last"] if args.channels_last else []))
+    """The arguments of `retrieve.py index CHECKPOINT SLIDE... --index DIR --mpp M --batch-size B --workers W
+    --amp A [--channels-last] --device cpu`: the bench's values, and `retrieve.py index`'s defaults for the
+    rest (mirrored here: keep them in step with its parser)."""
+    return argparse.Namespace(checkpoint=str(checkpoint), sources=slides, index=str(index_dir), mpp=args.mpp,
+                              patch_size=None, tissue_threshold=0.5, index_type="flat", ivf_lists=None,
+                              crop_size=None, replace=False, batch_size=args.batch_size, slide_mpp=None,
+                              workers=workers, amp=args.amp, amp_force=False, channels_last=args.channels_last,
+                              device="cpu")
+
+
+def index_settings(loaded, command: argparse.Namespace) -> IndexSettings:
+    """The settings `retrieve.py index` gives a new index for `command`."""
+    tiling = Tiling(command.mpp, command.patch_size or loaded.crop_size, command.tissue_threshold)
+    return IndexSettings.for_model(loaded, command.checkpoint, tiling, command.index_type, command.ivf_lists)
 
 
 # ----------------------------------------------------------------------------- timed runs
@@ -205,15 +215,15 @@ class Meter:
 
 
 def index_run(command: argparse.Namespace, loaded, embedder: Embedder | StubEmbedder) -> dict:
-    """One `retrieve.py index` into a fresh folder, as retrieve.run_index does it (rank 0 of 1)."""
-    settings = retrieve.index_settings(loaded, command.checkpoint, command)
+    """One `retrieve.py index` into a fresh folder, as retrieve.py's run_index does it (rank 0 of 1)."""
+    settings = index_settings(loaded, command)
     with Meter() as meter:
         index = SlideIndex.create(command.index, settings)
         try:
-            index.db.log_run(command_line())
+            index.log_run(command_line())
             report = index_sources(index, command.sources, embedder, command.workers, command.slide_mpp,
                                    command.replace, progress=False)
-            patches = index.db.patch_count()
+            patches = index.patch_count()
         finally:
             index.close()
     if report.failed or report.unreadable_files or len(report.indexed) != len(command.sources):
@@ -244,11 +254,11 @@ def model_run(embedder: Embedder, batches: list[torch.Tensor]) -> dict:
 def slide_chunks(slides: list[str], tiling: Tiling, crop_size: int, batch_size: int) -> list[torch.Tensor]:
     """The slides' own crops, read as index_sources's readers read them, in its chunks (per slide,
     batch_size patches, the last one of a slide shorter)."""
-    reader, chunks = _ChunkReader(crop_size), []
+    reader, chunks = ChunkReader(crop_size), []
     for path in slides:
         _, items, level, out_size = plan_job(Job(path, "slide"), tiling, None)
         for first in range(0, len(items), batch_size):
-            chunks.append(reader[_Chunk(0, path, "slide", first, tuple(items[first:first + batch_size]), level,
+            chunks.append(reader[Chunk(0, path, "slide", first, tuple(items[first:first + batch_size]), level,
                                         out_size)][1])
     if reader._slide is not None:
         reader._slide.close()
@@ -299,18 +309,18 @@ def breakdown(slides: list[str], tiling: Tiling, crop_size: int, batch_size: int
                 for x, y, w, h in items:
                     read_scaled(slide, level, x, y, w, h, out_size, out_size)
                 composite += time.perf_counter() - start
-            chunk_reader = _ChunkReader(crop_size)  # + eval crop to uint8 tensors and the stack, as a worker
+            chunk_reader = ChunkReader(crop_size)  # + eval crop to uint8 tensors and the stack, as a worker
             start = time.perf_counter()
             for first in range(0, len(items), batch_size):
-                chunk_reader[_Chunk(0, path, "slide", first, tuple(items[first:first + batch_size]), level, out_size)]
+                chunk_reader[Chunk(0, path, "slide", first, tuple(items[first:first + batch_size]), level, out_size)]
             reader += time.perf_counter() - start
-            readers = [chunk_reader] + [_ChunkReader(crop_size) for _ in range(workers - 1)]
+            readers = [chunk_reader] + [ChunkReader(crop_size) for _ in range(workers - 1)]
             if chunk_reader._slide is not None:  # a fresh handle for each reader of the dealt pass
                 chunk_reader._slide.close()
                 chunk_reader._slide = None
             start = time.perf_counter()
             for number, first in enumerate(range(0, len(items), batch_size)):
-                readers[number % workers][_Chunk(0, path, "slide", first, tuple(items[first:first + batch_size]),
+                readers[number % workers][Chunk(0, path, "slide", first, tuple(items[first:first + batch_size]),
                                                  level, out_size)]
             dealt += time.perf_counter() - start
             for each in readers:
@@ -360,7 +370,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], str]:
         loaded = load_model(str(checkpoint), device, command.crop_size)
         embedder = Embedder(loaded.model, device, command.batch_size, command.amp, command.channels_last,
                             loaded.preprocessing)
-        settings = retrieve.index_settings(loaded, str(checkpoint), command)
+        settings = index_settings(loaded, command)
         tiling = Tiling(settings.mpp, settings.patch_size, settings.tissue_threshold)
         patches = sum(len(plan_job(Job(path, "slide"), tiling, None)[1]) for path in slides)
         generator = torch.Generator().manual_seed(args.seed)
@@ -451,10 +461,10 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], parts: dict, p
         ("tissue detection (plan_job: open, thumbnail, mask, grid, JPEG)", "model's process (sampler)",
          median(tissue) * 1e3, "slide", sum(tissue)),
         ("OpenSlide read_region (JPEG tiles decoded)", "reader", parts["decode"] / n * 1e3, "patch", parts["decode"]),
-        ("RGBA-to-RGB composite (core.slides Slide.read)", "reader", parts["composite"] / n * 1e3, "patch",
+        ("RGBA-to-RGB composite (histo_retrieval.search.slides Slide.read)", "reader", parts["composite"] / n * 1e3, "patch",
          parts["composite"]),
         ("eval crop to a uint8 tensor + the chunk's stack", "reader", parts["crop"] / n * 1e3, "patch", parts["crop"]),
-        ("reading, all of it (_ChunkReader, one handle)", "reader", parts["reader"] / n * 1e3, "patch",
+        ("reading, all of it (ChunkReader, one handle)", "reader", parts["reader"] / n * 1e3, "patch",
          parts["reader"]),
         *([(f"reading, chunks dealt in turn to {w} handles (as {w} workers)", "readers", parts["dealt"] / n * 1e3,
             "patch", parts["dealt"])] if w > 1 else []),

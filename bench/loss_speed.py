@@ -1,7 +1,7 @@
 """Forward + backward time of the three losses against a per-anchor Python loop like the reference's.
 
-    python3 bench/loss_speed.py            # n = 60, 240; M = 1, 4; CPU and, when present, CUDA
-    python3 bench/loss_speed.py --quick    # n = 60, M = 1, CPU only, few repeats
+    python3 -m bench.loss_speed            # n = 60, 240; M = 1, 4; CPU and, when present, CUDA
+    python3 -m bench.loss_speed --quick    # n = 60, M = 1, CPU only, few repeats
 
 The baseline is written as the reference code is (docs/reproduction.md, "Losses"): a Python loop over
 anchors and learners, each anchor's positives and negatives picked with boolean masks, the positives
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
+    sys.exit("error: run it as a module, from the repository root: python3 -m bench.loss_speed")
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.timing import median_seconds  # noqa: E402
 from losses import LOSS_NAMES, build_loss, canonical_loss_name  # noqa: E402

@@ -1,8 +1,8 @@
 """Cost of the three models: forward FLOPs per image and images per second for inference and training.
 
-    python3 bench/model_speed.py            # batch 8, 224x224, float32 and bfloat16 autocast, CPU (2 threads) + CUDA,
+    python3 -m bench.model_speed            # batch 8, 224x224, float32 and bfloat16 autocast, CPU (2 threads) + CUDA,
                                        # channels_last
-    python3 bench/model_speed.py --quick    # 1 warm-up and 2 timed steps per figure
+    python3 -m bench.model_speed --quick    # 1 warm-up and 2 timed steps per figure
 
 For resnet50 and ABE_M the baseline is "reference-style": the same modules, but the attention trunk and
 the shared tail run once for every head, as the reference code does (docs/reproduction.md, "Models"), and every 1x1
@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
+    sys.exit("error: run it as a module, from the repository root: python3 -m bench.model_speed")
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.timing import median_seconds  # noqa: E402
 from losses import build_loss  # noqa: E402

@@ -1,9 +1,9 @@
 """An honest check on real tissue: the trained model against two baselines, on the same images and protocols.
 
-    python3 bench/real_data.py ROOT [--out DIR] [--model se_resnet50] [--loss MSLoss] [--image-size 300]
+    python3 -m bench.real_data ROOT [--out DIR] [--model se_resnet50] [--loss MSLoss] [--image-size 300]
         [--resize reference|antialias] [--histogram-bins 8] [--eval-batch-size 32] [-- TRAIN.PY OPTIONS ...]
 
-    python3 bench/real_data.py /data/liver --out liver_check -- --epochs 30 --device cuda --pretrained imagenet
+    python3 -m bench.real_data /data/liver --out liver_check -- --epochs 30 --device cuda --pretrained imagenet
 
 ROOT holds ROOT/train/<class>/* and ROOT/test/<class>/* (jpg, jpeg, png, tif, tiff, bmp), the same
 classes in both, the test patches cut from other slides than the training ones. Everything after
@@ -20,8 +20,8 @@ Steps (each prints its progress):
   3. the untrained network: the same architecture and options, initialised with the same seed as
      train.py initialises it (before any --pretrained weights), saved as train.py saves its
      checkpoint (the trained checkpoint's dict with these weights, hence the same crop, classes and
-     input preprocessing) in DIR/untrained/, and loaded with core.checkpoint.load_model as the trained one;
-  4. evaluate: both models through core.evaluation.Evaluator, and the colour histogram on the very
+     input preprocessing) in DIR/untrained/, and loaded with histo_retrieval.evaluation.checkpoint.load_model as the trained one;
+  4. evaluate: both models through histo_retrieval.evaluation.protocols.Evaluator, and the colour histogram on the very
      same decoded eval crops; every row scored by metrics.retrieval_metrics under both protocols:
        test  (the paper's): leave-one-out inside the test set;
        train (Kimia Path24's own): each test patch searched against the training set.
@@ -48,11 +48,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
+    sys.exit("error: run it as a module, from the repository root: python3 -m bench.real_data")
 
-from core.errors import UserError, run_script  # noqa: E402  (torch-free: a bad ROOT is refused at once)
-from core.files import atomic_write_text, folder_images, natural_sorted, write_csv  # noqa: E402
+from histo_retrieval.errors import UserError, run_script  # noqa: E402  (torch-free: a bad ROOT is refused at once)
+from histo_retrieval.files import atomic_write_text, command_argv, folder_images, natural_sorted, write_csv  # noqa: E402
 
 METHODS = ("colour histogram", "untrained network", "trained")
 PROTOCOLS = ("test", "train")
@@ -68,7 +68,7 @@ SPLITS = ("train", "test")
 
 # ----------------------------------------------------------------------------- arguments
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bench/real_data.py", description=__doc__, allow_abbrev=False,
+    parser = argparse.ArgumentParser(prog="python3 -m bench.real_data", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", metavar="ROOT", help="folder with train/<class>/ and test/<class>/ image folders")
     parser.add_argument("--out", default="outputs/real_data",
@@ -100,7 +100,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(f"unrecognised arguments: {shlex.join(unknown)} (train.py's options go after `--`, "
-                     f"e.g. bench/real_data.py ROOT -- --epochs 30 --device cuda)")
+                     f"e.g. python3 -m bench.real_data ROOT -- --epochs 30 --device cuda)")
     args.train_options = train_options
     return args
 
@@ -118,7 +118,7 @@ def parse_train_options(argv: list[str], out: Path) -> argparse.Namespace:
     import train
 
     parser = train.get_args_parser()
-    parser.prog = "bench/real_data.py ROOT ... -- [train.py options]"
+    parser.prog = "python3 -m bench.real_data ROOT ... -- [train.py options]"
 
     def one_line_error(message: str) -> None:  # argparse's usage of train.py would bury the message
         raise UserError(f"train.py options after `--`: {message} (python3 train.py --help lists them)")
@@ -196,7 +196,7 @@ def untrained_state_dict(model_name: str, model_options: dict, seed: int) -> dic
     """The weights train.py starts from without --pretrained: seed_everything(seed) then the model built
     with the run's options (train.py builds it right after seeding)."""
     import models
-    from core.runtime import seed_everything
+    from histo_retrieval.runtime import seed_everything
 
     seed_everything(seed)
     model = models.build_model(model_name, **model_options)
@@ -206,7 +206,7 @@ def untrained_state_dict(model_name: str, model_options: dict, seed: int) -> dic
 def write_untrained_checkpoint(trained_path: str | os.PathLike, path: Path) -> Path:
     """train.py's checkpoint dict of `trained_path` with the untrained weights of its architecture,
     options and seed (the crop, classes and input preprocessing stay the trained model's)."""
-    from core.checkpoint import read_torch_file, save_torch_file
+    from histo_retrieval.evaluation.checkpoint import read_torch_file, save_torch_file
 
     content = read_torch_file(trained_path)
     if not isinstance(content, dict) or "model_name" not in content:
@@ -225,7 +225,7 @@ def write_untrained_checkpoint(trained_path: str | os.PathLike, path: Path) -> P
 # ----------------------------------------------------------------------------- the colour histogram
 def colour_histograms(batches, bins: int = 8, stain=None):
     """n x bins^3 float64 joint RGB histograms, L1-normalised, of n x 3 x H x W uint8 batches; `stain`
-    (a core.preprocessing.Preprocessing with a stain step, or None) normalises each crop first."""
+    (a histo_retrieval.data.preprocessing.Preprocessing with a stain step, or None) normalises each crop first."""
     import torch
 
     rows = []
@@ -245,7 +245,7 @@ def histogram_results(evaluator, crop_size: int, bins: int, stain) -> list[dict]
     """The colour histogram's metrics under both protocols, on the Evaluator's own decoded crops and labels."""
     import torch.nn.functional as F
 
-    from metrics import retrieval_metrics
+    from histo_retrieval.evaluation.metrics import retrieval_metrics
 
     splits = {split: evaluator.decoded(split, crop_size) for split in ("test", "train")}
     class_names = natural_sorted({name for _, names in splits.values() for name in names})
@@ -320,8 +320,8 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     import train
-    from core.checkpoint import load_model
-    from core.evaluation import Evaluator
+    from histo_retrieval.evaluation.checkpoint import load_model
+    from histo_retrieval.evaluation.protocols import Evaluator
 
     data = out / "data"
     step = time.time()
@@ -370,7 +370,7 @@ def main(args: argparse.Namespace) -> int:
         failed = evaluator.failed_images
     print(f"[4/4] done in {time.time() - step:.0f} s", flush=True)
 
-    command = shlex.join([os.path.basename(sys.executable), *sys.argv]) if sys.argv and sys.argv[0] else ""
+    command = shlex.join(command_argv()) if sys.argv and sys.argv[0] else ""
     train_command = shlex.join(["python3", "train.py", *argv])
     extra = {"crop_size": crop_size, "seed": targs.seed, "command": command}
     rows = table_rows(results, extra)

@@ -1,6 +1,6 @@
 """Run every benchmark and print one Markdown table for the README.
 
-    python3 bench/run_all.py [--quick] [--out bench/results.md]
+    python3 -m bench.run_all [--quick] [--out bench/results.md]
 
 Each bench/<name>.py has `main(argv) -> list[dict]` whose rows hold `benchmark`, `case`, `ours`,
 `baseline`, `unit` and `speedup` (plus anything else); this script runs them in turn on this
@@ -14,12 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
+    sys.exit("error: run it as a module, from the repository root: python3 -m bench.run_all")
+
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from core.files import atomic_write_text, command_line  # noqa: E402
-from core.runtime import cpu_name, cpu_runs_natively  # noqa: E402
+from histo_retrieval.files import atomic_write_text, command_line  # noqa: E402
+from histo_retrieval.runtime import cpu_name, cpu_runs_natively  # noqa: E402
 
 # --only name -> the module under bench/
 BENCHMARKS = {"data_process": "data_process_speed", "losses": "loss_speed", "models": "model_speed", "evaluate": "evaluate_speed",
@@ -53,9 +54,9 @@ def main(argv: list[str] | None = None) -> str:
     for name in args.only:
         started = time.time()
         module = BENCHMARKS[name]
-        print(f"--- bench/{module}.py", flush=True)
+        print(f"--- python3 -m bench.{module}", flush=True)
         rows += importlib.import_module(f"bench.{module}").main(["--quick"] if args.quick else [])
-        print(f"--- bench/{module}.py took {time.time() - started:.0f} s", flush=True)
+        print(f"--- bench.{module} took {time.time() - started:.0f} s", flush=True)
     text = f"Machine: {machine_description()}\n\nCommand: `{command_line()}`\n\n{format_table(rows)}"
     # Keep the "## ..." sections that benchmarks record below the table (index_speed, search_speed, serve).
     old = Path(args.out).read_text(encoding="utf-8") if Path(args.out).exists() else ""

@@ -1,12 +1,12 @@
-"""Query latency of core.vector_index's flat (exact), ivf and hnsw indexes, with their recall.
+"""Query latency of histo_retrieval.search.vector_index's flat (exact), ivf and hnsw indexes, with their recall.
 
-    python3 bench/search_speed.py            # 1,000,000 vectors of 512 dimensions (minutes; ~6 GB)
-    python3 bench/search_speed.py --quick    # 50,000 vectors, a smaller sweep (under a minute)
+    python3 -m bench.search_speed            # 1,000,000 vectors of 512 dimensions (minutes; ~6 GB)
+    python3 -m bench.search_speed --quick    # 50,000 vectors, a smaller sweep (under a minute)
 
 Data (class Mixture): a Gaussian mixture shaped like embeddings (uniform noise has no neighbourhood
 structure): components grouped around a few "tissue" directions, overlapping, each varying along
 a few directions of its own (a low intrinsic dimension) plus a little isotropic noise; normalised.
-Queries are fresh points of the same mixture. Every index is built through core.vector_index, ivf
+Queries are fresh points of the same mixture. Every index is built through histo_retrieval.search.vector_index, ivf
 trained on all the vectors (its k-means subsamples them), the vectors added 100,000 at a time (as
 an index store adds them, slide by slide). Per type: build time (training, or nothing), add time, size
 (the saved file's bytes), median latency of a batch of --batch queries (k = --k, batches cycled
@@ -36,15 +36,16 @@ import tempfile
 import time
 from pathlib import Path
 
+if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
+    sys.exit("error: run it as a module, from the repository root: python3 -m bench.search_speed")
+
 import faiss
 import numpy as np
 
+from histo_retrieval.search import vector_index as vi
+from histo_retrieval.files import atomic_write_text, command_line
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from core import vector_index as vi
-from core.files import atomic_write_text, command_line
-
 SECTION = "## Vector search (bench/search_speed.py)"
 
 
@@ -70,7 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=30, help="timed batches per setting, median reported (default: 30)")
     parser.add_argument("--target-recall", type=float, default=0.95, help="recall@k to reach (default: 0.95)")
     parser.add_argument("--nlist", type=int, nargs="+", default=None,
-                        help="ivf list counts to sweep (default: sqrt(n) and 4 sqrt(n), core.vector_index's default)")
+                        help="ivf list counts to sweep (default: sqrt(n) and 4 sqrt(n), histo_retrieval.search.vector_index's default)")
     parser.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256],
                         help="ivf nprobe values, ascending (default: 1 2 4 ... 256)")
     parser.add_argument("--hnsw-m", type=int, nargs="+", default=[16, 32], help="hnsw M values to sweep (default: 16 32)")

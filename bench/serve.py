@@ -1,7 +1,7 @@
 """The search page under load: searches by upload against `retrieve.py serve`, over HTTP, with concurrent clients.
 
-    python3 bench/serve.py                     # 100,000 patches, 8 clients, 400 searches (about 1 min on 2 cores)
-    python3 bench/serve.py --patches 2000 --clients 2 --requests 8 --crop-size 32 --slide-size 1024x1024
+    python3 -m bench.serve                     # 100,000 patches, 8 clients, 400 searches (about 1 min on 2 cores)
+    python3 -m bench.serve --patches 2000 --clients 2 --requests 8 --crop-size 32 --slide-size 1024x1024
 
 Set-up (not timed), in a temporary folder or --work DIR:
 - a randomly initialised --model (its default options) saved as train.py saves it, with crop size
@@ -9,8 +9,8 @@ Set-up (not timed), in a temporary folder or --work DIR:
   time, and a small crop keeps the bench short; the figures are those of a small model input);
 - --slides synthetic slides (KIMIA_data/synthetic.py's write_slide_set, 0.5 um/px), so that the
   index's thumbnails and tiles exist;
-- an index (SlideIndex.create with the IndexSettings retrieve.py's index_settings gives this
-  checkpoint: 0.5 um/px, patch size = crop size, flat faiss index) of --patches patches whose vectors
+- an index (SlideIndex.create with the IndexSettings `retrieve.py index` gives this checkpoint by
+  default: 0.5 um/px, patch size = crop size, flat faiss index) of --patches patches whose vectors
   are NOT the model's (embedding 100,000 patches would take hours on 2 cores): random unit vectors
   of the model's embedding size, on a grid of patch-sized boxes over the whole of each slide. Each
   source is a hard link (a copy where links fail) of one of the slide files, so that every source
@@ -38,9 +38,9 @@ time: with c clients a request waits for the c - 1 ahead of it, and the median l
 times the service time.
 
 Breakdown (after the server has stopped, in this process, over --breakdown-repeats searches): the
-same index opened with core.search_service.SearchService, whole search_upload timed, and apart:
+same index opened with histo_retrieval.search.service.SearchService, whole search_upload timed, and apart:
 decoding the upload, the model's forward pass on one patch, the faiss search, the patch rows read
-from SQLite, and the response model built and serialised to JSON (core.server's SearchOut). They
+from SQLite, and the response model built and serialised to JSON (histo_retrieval.search.app's SearchOut). They
 run in a thread other than the main one, as the server runs its searches (FastAPI's thread pool);
 the forward pass is also timed from the main thread, where torch runs faster. The difference
 between the HTTP service time (wall / requests) and the in-process search is HTTP, multipart
@@ -71,26 +71,26 @@ import threading
 import time
 from pathlib import Path
 
+if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
+    sys.exit("error: run it as a module, from the repository root: python3 -m bench.serve")
+
 import numpy as np
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import retrieve  # noqa: E402
 from bench.timing import write_checkpoint  # noqa: E402
-from core.checkpoint import load_model  # noqa: E402
-from core.data import eval_crop  # noqa: E402
-from core.embedder import Embedder  # noqa: E402
-from core.errors import UserError  # noqa: E402
-from core.files import atomic_write_text, command_line  # noqa: E402
-from core.indexing import Job, plan_job  # noqa: E402
-from core.runtime import cpu_name  # noqa: E402
-from core.slide_index import SlideIndex, SourceRecord  # noqa: E402
-from core.slides import Tiling, open_slide  # noqa: E402
+from histo_retrieval.evaluation.checkpoint import load_model  # noqa: E402
+from histo_retrieval.data.datasets import eval_crop  # noqa: E402
+from histo_retrieval.evaluation.embedder import Embedder  # noqa: E402
+from histo_retrieval.errors import UserError  # noqa: E402
+from histo_retrieval.files import atomic_write_text, command_line  # noqa: E402
+from histo_retrieval.search.indexing import Job, plan_job  # noqa: E402
+from histo_retrieval.runtime import cpu_name  # noqa: E402
+from histo_retrieval.search.index import IndexSettings, SlideIndex, SourceRecord  # noqa: E402
+from histo_retrieval.search.slides import Tiling, open_slide  # noqa: E402
 from KIMIA_data import synthetic  # noqa: E402
 
+REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Search page under load (bench/serve.py)"
 MPP = 0.5  # the index's and the slides' scale: patches are read from level 0
 QUERIES = 8  # distinct query patches, uploaded in turn
@@ -198,9 +198,7 @@ def build_index(work: Path, args: argparse.Namespace) -> dict:
     checkpoint = work / f"{args.model}_MSLoss_0.5000.pth"
     write_checkpoint(checkpoint, args.model, args.crop_size, args.seed)
     loaded = load_model(checkpoint, "cpu")
-    settings_args = argparse.Namespace(mpp=MPP, patch_size=None, tissue_threshold=TISSUE_THRESHOLD,
-                                       index_type="flat", ivf_lists=None)
-    settings = retrieve.index_settings(loaded, str(checkpoint), settings_args)
+    settings = IndexSettings.for_model(loaded, checkpoint, Tiling(MPP, loaded.crop_size, TISSUE_THRESHOLD))
     side = settings.patch_size  # level-0 pixels: the slides are scanned at the index's scale
     print(f"checkpoint: {checkpoint.name} ({settings.model_name} {settings.model_options}, crop {settings.crop_size}, "
           f"{settings.dim}-d)", flush=True)
@@ -411,8 +409,8 @@ def breakdown(index_dir: Path, queries: list[dict], args: argparse.Namespace) ->
     """(step, median ms) of a search by upload in this process, over --breakdown-repeats searches, run
     in a thread other than the main one as the server runs them (FastAPI's thread pool); the model's
     forward pass is timed from the main thread as well, for comparison."""
-    from core.search_service import SearchService, check_upload
-    from core.server import _search_out
+    from histo_retrieval.search.service import SearchService, check_upload
+    from histo_retrieval.search.app import SearchOut
 
     service = SearchService.open(str(index_dir), "cpu", top_k=args.top_k)
     crop = eval_crop(service.index.settings.crop_size)
@@ -433,11 +431,11 @@ def breakdown(index_dir: Path, queries: list[dict], args: argparse.Namespace) ->
             for repeat in range(args.breakdown_repeats + 1):
                 query = queries[repeat % len(queries)]
                 found = timed("search", service.search_upload, query["png"], query["name"], args.top_k)
-                timed("response", lambda search: _search_out(service, search).model_dump_json(), found)
+                timed("response", lambda search: SearchOut.of(search, service).model_dump_json(), found)
                 image = timed("decode", check_upload, query["png"], query["name"])
                 vector = timed("model", forward, image)
                 _, ids = timed("faiss", service.index.search, vector, args.top_k)
-                timed("sqlite", service.index.db.patches, ids[0].tolist())
+                timed("sqlite", service.index.patches, ids[0].tolist())
                 if repeat == 0:  # a warm-up
                     times.clear()
         except BaseException as error:  # re-raised in the main thread
@@ -463,7 +461,7 @@ def breakdown(index_dir: Path, queries: list[dict], args: argparse.Namespace) ->
             ("· the model's forward pass on one patch (Embedder.embed)", median["model"]),
             (f"· faiss search, flat, k={args.top_k} (SlideIndex.search)", median["faiss"]),
             ("· patch rows from SQLite (PatchDatabase.patches)", median["sqlite"]),
-            ("· the rest: temporary PNG, DataLoader, ranking, JPEG preview", rest),
+            ("· the rest: DataLoader, ranking, JPEG preview", rest),
             ("the same forward pass from the main thread (not in the sum)", median["model_main"]),
             ("response built and serialised to JSON (SearchOut)", median["response"])]
 

@@ -27,9 +27,9 @@ def median_seconds(step: Callable[[], None], device: torch.device, iterations: i
 
 def write_checkpoint(path: Path, model_name: str, crop_size: int, seed: int) -> None:
     """A randomly initialised model (its default options) in train.py's checkpoint dict
-    (core.checkpoint.training_checkpoint), for benchmarks that need a model but not a trained one."""
+    (histo_retrieval.evaluation.checkpoint.training_checkpoint), for benchmarks that need a model but not a trained one."""
     import models
-    from core.checkpoint import save_torch_file, training_checkpoint
+    from histo_retrieval.evaluation.checkpoint import save_torch_file, training_checkpoint
 
     torch.manual_seed(seed)
     model = models.build_model(model_name)

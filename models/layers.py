@@ -76,9 +76,9 @@ class PointwiseConv2d(nn.Conv2d):
     channels_last CPU tensor, and as nn.Conv2d otherwise.
 
     The same sums in another order, so the same numbers to float rounding, and the same parameters.
-    On CPU, oneDNN's 1x1 convolution (its backward pass above all) reaches 75-90% of the speed of
-    the equal matrix product for the 256- to 2048-channel layers of stages 3-4 and the attention
-    heads, while the narrow layers of stages 1-2 are as fast either way; bench/model_speed.py measures it.
+    On CPU, oneDNN's 1x1 convolution (its backward pass above all) is slower than the equal matrix
+    product for the 256- to 2048-channel layers of stages 3-4 and the attention heads, while the
+    narrow layers of stages 1-2 are as fast either way; bench/model_speed.py measures it (bench/results.md).
     """
 
     MIN_MATMUL_CHANNELS = 256

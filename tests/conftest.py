@@ -32,27 +32,42 @@ def make_images():
     return make
 
 
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, make_images):
+    """A small Kimia-like data folder, `test/` and `train/` of classes s0, s1, s2 (32 px images are
+    cropped from its 40 px ones); s2 has one test image, which has nothing of its class to find."""
+    root = tmp_path_factory.mktemp("kimia")
+    make_images(root / "test", {"s0": 4, "s1": 4, "s2": 1}, seed=1)  # s2: a class with one test image
+    make_images(root / "train", {"s0": 2, "s1": 2, "s2": 2}, seed=2)
+    return root
+
+
 @pytest.fixture(scope="session")
 def write_checkpoint():
     """write_checkpoint(path, model_name, crop_size=32, seed=0, val_loss=0.5, best_val_loss=None,
     epoch=0, class_names=("s0", "s1", "s2"), **model_options): a randomly initialised model saved
-    as train.py lays out its checkpoint dict."""
+    by train.py's writer (histo_retrieval.evaluation.checkpoint: training_checkpoint, save_torch_file),
+    so that the fixtures follow the checkpoint format wherever it goes."""
+    import hashlib
+
+    import losses
     import models
+    from histo_retrieval.evaluation.checkpoint import save_torch_file, training_checkpoint
 
     def write(path, model_name: str, crop_size: int = 32, seed: int = 0, val_loss: float = 0.5,
               best_val_loss: float | None = None, epoch: int = 0, class_names=("s0", "s1", "s2"), **options) -> None:
         torch.manual_seed(seed)
         model = models.build_model(model_name, **options)
-        defaults = models.default_model_options(model_name)
-        defaults.update(options)
-        torch.save({
-            "model": model.state_dict(), "optimizer": {}, "lr_scheduler": {}, "scaler": None, "epoch": epoch,
-            "args": {"model": model_name, "crop_size": crop_size, "seed": seed}, "model_name": model_name,
-            "loss_name": "MSLoss", "model_options": defaults, "class_names": list(class_names),
-            "crop_size": crop_size, "history": [], "val_loss": val_loss,
-            "best_val_loss": val_loss if best_val_loss is None else best_val_loss, "seed": seed,
-            "command": "python3 train.py",
-        }, path)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+        lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=50)
+        run = {"model_name": models.canonical_model_name(model_name), "loss_name": "MSLoss",
+               "model_options": {**models.default_model_options(model_name), **options},
+               "loss_options": losses.default_loss_options("MSLoss"), "class_names": list(class_names),
+               "history": [{"epoch": epoch, "val_loss": val_loss}],
+               "best_val_loss": val_loss if best_val_loss is None else best_val_loss,
+               "train_files": {"count": 0, "sha256": hashlib.sha256().hexdigest()}, "command": "python3 train.py"}
+        args = {"model": model_name, "loss": "MSLoss", "crop_size": crop_size, "seed": seed}
+        save_torch_file(training_checkpoint(model, optimizer, lr_scheduler, None, epoch, args, run), path)
 
     return write
 
@@ -76,3 +91,68 @@ def served_index(tmp_path_factory, write_checkpoint, make_images) -> dict:
             "--device", "cpu", "--workers", "0", "--batch-size", "16"]
     assert retrieve.main(retrieve.get_args_parser().parse_args(argv)) == 0
     return {"root": root, "index": index, "checkpoint": checkpoint, "slides": slides, "records": records}
+
+
+@pytest.fixture(scope="module")
+def service(served_index):
+    """The search page's engine over `served_index`."""
+    from histo_retrieval.search.service import SearchService
+
+    opened = SearchService.open(str(served_index["index"]), "cpu", batch_size=16)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    """FastAPI's test client of the app over `service` (its Host, "testserver", allowed)."""
+    from fastapi.testclient import TestClient
+
+    from histo_retrieval.search.app import create_app
+
+    with TestClient(create_app(service, allowed_hosts=["testserver"])) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def live_server(served_index, tmp_path_factory) -> dict:
+    """`retrieve.py serve` over `served_index` on a free loopback port, as a user starts it:
+    {"url", "port", "pid"}."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from histo_retrieval.search.app import VIEWER_INSTALL, viewer_installed
+
+    if not viewer_installed():
+        pytest.skip(f"the page's viewer is not installed: {VIEWER_INSTALL}")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, str(repo / "retrieve.py"), "serve", "--index",
+                                    str(served_index["index"]), "--port", str(port), "--device", "cpu",
+                                    "--batch-size", "16"], stdout=out, stderr=subprocess.STDOUT, cwd=repo)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(url + "/api/index", timeout=2).read()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"retrieve.py serve did not come up: {log.read_text()}") from None
+                time.sleep(0.3)
+        yield {"url": url, "port": port, "pid": process.pid}
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()

@@ -1,4 +1,4 @@
-"""bench/serve.py: a tiny load test of `retrieve.py serve` runs end to end, with no failed request."""
+"""bench/serve.py (python3 -m bench.serve): a tiny load test of `retrieve.py serve` runs end to end, with no failed request."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from core.server import viewer_installed
+from histo_retrieval.search.app import viewer_installed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,11 +22,11 @@ def test_serve_bench_answers_every_search_and_records_its_table(tmp_path: Path) 
     out, record = tmp_path / "out", tmp_path / "results.md"
     record.write_text("# Results\n\n## Search page under load (bench/serve.py)\n\nan older run\n\n"
                       "## Other bench\n\nkept\n")
-    command = [sys.executable, str(REPO / "bench" / "serve.py"), "--patches", "2000", "--clients", "2",
+    command = [sys.executable, "-m", "bench.serve", "--patches", "2000", "--clients", "2",
                "--requests", "8", "--crop-size", "32", "--slides", "1", "--slide-size", "1024x1024",
                "--breakdown-repeats", "2", "--work", str(tmp_path / "work"), "--out", str(out),
                "--record", str(record)]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     data = json.loads((out / "serve.json").read_text())
@@ -35,6 +35,7 @@ def test_serve_bench_answers_every_search_and_records_its_table(tmp_path: Path) 
     assert data["rps"] > 0 and 0 < data["median_ms"] <= data["p95_ms"] <= data["max_ms"]
     assert len(data["latencies_ms"]) == 8
     assert data["own_patch_first"] == 8  # each upload's own patch (its real embedding) ranks first
+    assert data["command"].split()[1:3] == ["-m", "bench.serve"]  # the command that runs it again
     assert "retrieve.py serve --index" in data["server_command"] and "--device cpu" in data["server_command"]
 
     # The server's peak resident memory: a Python process with torch and a model loaded holds well over

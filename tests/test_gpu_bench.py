@@ -141,14 +141,14 @@ def test_report_lists_every_row_and_a_stage_that_died(tmp_path: Path, capsys: py
 
 def test_stage_refuses_cuda_where_there_is_none_or_a_bad_size(tmp_path: Path) -> None:
     rows = str(tmp_path / "rows.json")
-    bad = subprocess.run([sys.executable, "bench/gpu.py", "train", "--device", "cpu", "--rows", rows,
+    bad = subprocess.run([sys.executable, "-m", "bench.gpu", "train", "--device", "cpu", "--rows", rows,
                           "--batch-size", "0"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --batch-size must be at least 1, got 0"
-    small = subprocess.run([sys.executable, "bench/gpu.py", "train", "--device", "cpu", "--rows", rows,
+    small = subprocess.run([sys.executable, "-m", "bench.gpu", "train", "--device", "cpu", "--rows", rows,
                             "--batch-size", "2"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert small.returncode == 2 and small.stderr.strip().startswith("error: --batch-size must be at least 4 (")
     assert not Path(rows).exists()
-    no_cuda = subprocess.run([sys.executable, "bench/gpu.py", "stacked-tail", "--device", "cuda", "--rows", rows],
+    no_cuda = subprocess.run([sys.executable, "-m", "bench.gpu", "stacked-tail", "--device", "cuda", "--rows", rows],
                              cwd=REPO, capture_output=True, text=True, timeout=120, env=ENV_CPU)
     assert no_cuda.returncode == 2
     assert no_cuda.stderr.strip() == ("error: --device cuda: CUDA is not available on this machine; use --device "

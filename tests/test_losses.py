@@ -348,7 +348,7 @@ def test_the_per_anchor_loop_matches_the_fixtures_with_the_self_pair_excluded():
 
 @pytest.mark.slow
 def test_benchmark_times_ours_against_the_per_anchor_loop():
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "loss_speed.py"), "--batch-sizes", "8", "--learners",
+    result = subprocess.run([sys.executable, "-m", "bench.loss_speed", "--batch-sizes", "8", "--learners",
                              "2", "--devices", "cpu", "--repeats", "1", "--baseline-repeats", "1", "--warmup", "0"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

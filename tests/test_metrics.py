@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metrics import combine_learners, kimia_accuracy, map_at_r, recall_at_k, retrieval_metrics, topk_similar
+from histo_retrieval.evaluation.metrics import combine_learners, kimia_accuracy, map_at_r, recall_at_k, retrieval_metrics, topk_similar
 
 
 def test_kimia_accuracy_hand_example_with_unpredicted_class_and_single_image_class():

@@ -16,13 +16,13 @@ from PIL import Image
 import models
 import retrieve
 import train
-from core.checkpoint import load_model
-from core.data import eval_transform
-from core.embedder import Embedder
-from core.errors import UserError
-from core.preprocessing import Preprocessing
-from core.pretrained import IMAGENET_MEAN, IMAGENET_STD, load_pretrained
-from metrics import combine_learners
+from histo_retrieval.evaluation.checkpoint import load_model
+from histo_retrieval.data.datasets import eval_transform
+from histo_retrieval.evaluation.embedder import Embedder
+from histo_retrieval.errors import UserError
+from histo_retrieval.data.preprocessing import Preprocessing
+from histo_retrieval.training.pretrained import IMAGENET_MEAN, IMAGENET_STD, load_pretrained
+from histo_retrieval.evaluation.metrics import combine_learners
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""bench/real_data.py: the three rows end to end on tiny synthetic data, the colour histogram recomputed
+"""bench/real_data.py (python3 -m bench.real_data): the three rows end to end on tiny synthetic data, the colour histogram recomputed
 by hand, the options that reach train.py, and the one-line errors for a bad ROOT."""
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ BINS = 8
 
 def run_bench(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run([sys.executable, "bench/real_data.py", *argv], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "bench.real_data", *argv], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -113,7 +113,7 @@ def test_bench_writes_three_rows_and_its_colour_histogram_is_the_naive_one(tmp_p
             assert float(row[f"{protocol}_eta_total"]) == pytest.approx(
                 float(row[f"{protocol}_eta_p"]) * float(row[f"{protocol}_eta_W"]))
         assert row["test_queries"] == "24" and row["test_gallery"] == "24" and row["train_gallery"] == "40"
-        assert row["seed"] == "1" and row["crop_size"] == "32" and "bench/real_data.py" in row["command"]
+        assert row["seed"] == "1" and row["crop_size"] == "32" and "-m bench.real_data" in row["command"]
     markdown = (out / "real_data_results.md").read_text()
     assert all(f"| {method} |" in markdown for method in METHODS) and "Command: `" in markdown
 
@@ -141,11 +141,7 @@ def test_bench_writes_three_rows_and_its_colour_histogram_is_the_naive_one(tmp_p
 
 # ----------------------------------------------------------------------------- options and errors
 def test_options_after_the_separator_reach_train_py_untouched(tmp_path: Path) -> None:
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import real_data
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    from bench import real_data
     options = ["--epochs", "3", "--crop-size", "48", "--device", "cpu", "--pretrained", "imagenet", "--keep-best", "2"]
     args = real_data.parse_args(["ROOT", "--out", str(tmp_path), "--model", "resnet50", "--", *options])
     assert args.train_options == options and args.model == "resnet50"

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 import retrieve
-from core.checkpoint import load_model
-from core.embedder import Embedder
-from core.slide_index import SlideIndex
+from histo_retrieval.evaluation.checkpoint import load_model
+from histo_retrieval.evaluation.embedder import Embedder
+from histo_retrieval.search.index import SlideIndex
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -143,8 +143,8 @@ def test_remove_readd_and_replace_leave_no_duplicates_or_orphans(collection, tmp
     assert counts() == (9, 9, 0, 2)
     with SlideIndex.open(index) as opened:
         assert opened.vectors.ntotal == 9
-        ids = set(int(i) for i in __import__("core.vector_index", fromlist=["x"]).index_ids(opened.vectors))
-        assert ids == {int(i) for s in opened.db.sources() for i in opened.db.patch_ids(s["id"])}
+        ids = set(int(i) for i in __import__("histo_retrieval.search.vector_index", fromlist=["x"]).index_ids(opened.vectors))
+        assert ids == {int(i) for s in opened.sources() for i in opened.patch_ids(s.id)}
     assert run("remove", "--index", str(index), str(tmp_path / "never")) == 1
     assert "not in the index" in capsys.readouterr().err
     assert run("list", "--index", str(index)) == 0

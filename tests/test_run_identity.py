@@ -12,11 +12,11 @@ from PIL import Image
 
 import train
 import train_traindata
-from core import training
-from core.checkpoint import run_identity, save_torch_file, training_checkpoint
-from core.distributed import run_distributed_script
-from core.errors import UserError
-from core.selection import describe_checkpoint, select_checkpoints
+from histo_retrieval.training import loop as training
+from histo_retrieval.evaluation.checkpoint import save_torch_file, training_checkpoint
+from histo_retrieval.distributed import run_distributed_script
+from histo_retrieval.errors import UserError
+from histo_retrieval.evaluation.selection import describe_checkpoint, select_checkpoints
 
 # As tests/test_train.py: 64 px crops of 72 px images, batches of 6, one process, the CPU.
 QUICK = ["--crop-size", "64", "--batch-size", "6", "--workers", "0", "--val-ratio", "0.25", "--device", "cpu"]
@@ -89,19 +89,6 @@ def stub_epochs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ----------------------------------------------------------------------------- the identity
-def test_run_identity_tags_only_the_options_that_differ_from_their_defaults() -> None:
-    assert run_identity("se_resnet50", DEFAULT_SE, "MSLoss", DEFAULT_MS) == "se_resnet50_MSLoss"
-    # Missing options (an older checkpoint, or a command that does not set them) count as their defaults;
-    # the names stay as spelt (the reference's files are a run of their own).
-    assert run_identity("se_resnet50", {"embedding_dim": 512}, "MSLoss", None) == "se_resnet50_MSLoss"
-    assert run_identity("se_resnet", {"attention": False}, "MsLoss", None) == "se_resnet-noattention_MsLoss"
-    assert run_identity("se_resnet50", ABLATION_SE, "MSLoss", DEFAULT_MS) == "se_resnet50-noattention_MSLoss"
-    assert run_identity("se_resnet50", {**DEFAULT_SE, "embedding_dim": 256}, "MSLoss",
-                        {**DEFAULT_MS, "beta": 50.0, "self_pair": "exclude"}) == \
-        "se_resnet50-embeddingdim256_MSLoss-beta50-selfpairexclude"
-    assert run_identity("ABE_M", {"embedding_dim": 512, "num_learners": 2}, "ContrastiveLoss", {"margin": 0.25}) == \
-        "ABE_M-numlearners2_ContrastiveLoss-margin0.25"
-    assert run_identity("resnet50", {"num_learners": 4}, "ABELoss", {"lambda_div": 0.05}) == "resnet50_ABELoss"
 
 
 @pytest.mark.parametrize("flags, identity", [

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import io
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from core.server import VIEWER_INSTALL, viewer_installed
+from histo_retrieval.search.app import VIEWER_INSTALL, viewer_installed
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -41,38 +37,9 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def base_url(served_index, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, str(REPO / "retrieve.py"), "serve", "--index",
-                                    str(served_index["index"]), "--port", str(port), "--device", "cpu",
-                                    "--batch-size", "16"], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(url + "/api/index", timeout=2).read()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"retrieve.py serve did not come up: {log.read_text()}") from None
-                time.sleep(0.3)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+def base_url(live_server):
+    return live_server["url"]
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +72,13 @@ def viewer_loaded(page) -> None:
 
 def cut_patch(served_index, tmp_path: Path) -> tuple[dict, Path]:
     """An indexed patch of the second slide, cut as the index cut it, saved as a PNG."""
-    from core.search_service import SearchService
-    from core.slide_search import patch_pixels
+    from histo_retrieval.search.service import SearchService
+    from histo_retrieval.search.queries import patch_pixels
 
     service = SearchService.open(str(served_index["index"]), "cpu")
     try:
-        source = next(row for row in service.sources().values() if row["path"] == served_index["slides"][1])
-        patch = service.patch(int(service.index.db.patch_ids(source["id"])[10]))
+        source = next(row for row in service.sources().values() if row.path == served_index["slides"][1])
+        patch = service.patch(int(service.index.patch_ids(source.id)[10]))
         path = tmp_path / "cut_from_slide_001.png"
         Image.fromarray(patch_pixels(service.index, patch)).save(path)
     finally:

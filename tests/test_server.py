@@ -14,24 +14,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import retrieve
-from core import search_service, server
-from core import slides as slide_module
-from core.search_service import SearchService
-from core.slide_search import heat_colours, patch_pixels
-from core.slides import open_slide
-
-
-@pytest.fixture(scope="module")
-def service(served_index):
-    opened = SearchService.open(str(served_index["index"]), "cpu", batch_size=16)
-    yield opened
-    opened.close()
-
-
-@pytest.fixture(scope="module")
-def client(service):
-    with TestClient(server.create_app(service, allowed_hosts=["testserver"])) as test_client:
-        yield test_client
+from histo_retrieval.search import app as server
+from histo_retrieval.search import service as search_service
+from histo_retrieval.search import slides as slide_module
+from histo_retrieval.search.service import SearchService
+from histo_retrieval.search.queries import heat_colours, patch_pixels, query_jobs, run_queries
+from histo_retrieval.search.slides import open_slide
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -154,6 +142,20 @@ def test_the_page_gives_the_matches_the_command_line_gives(client, service, serv
     assert [(m["source_name"], m["x"], m["y"], round(m["similarity"], 5)) for m in search["matches"]] == expected
 
 
+def test_an_uploads_vectors_are_those_of_the_same_file_queried(service, tmp_path):
+    """An upload is searched in memory: its vectors are exactly those `retrieve.py query` gets from the
+    same file (at the crop size, larger and cropped, smaller and padded)."""
+    rng = np.random.default_rng(7)
+    for height, width in ((32, 32), (45, 60), (20, 28)):
+        path = tmp_path / f"query_{height}.png"
+        path.write_bytes(png(rng.integers(0, 256, (height, width, 3), np.uint8)))
+        upload = service.search_upload(path.read_bytes(), path.name)
+        [queried], failed = run_queries(service.index, query_jobs([str(path)]), service.embedder, out_dir=None,
+                                        progress=False)
+        assert not failed and queried.kind == upload.result.kind == "patch"
+        assert np.array_equal(upload.result.vectors, queried.vectors)
+
+
 @pytest.mark.parametrize("fmt, suffix", [("PNG", "png"), ("JPEG", "jpg"), ("TIFF", "tif")])
 def test_uploads_in_each_format_are_searched(client, served_index, fmt, suffix):
     buffer = io.BytesIO()
@@ -230,7 +232,7 @@ def test_the_heat_map_colours_each_patch_by_its_similarity(client, service, serv
     response = client.get(f"/api/searches/{search['id']}/heatmap/{slide['id']}.png")
     assert response.status_code == 200
     heat = np.asarray(Image.open(io.BytesIO(response.content)))
-    _, downsample = service.index.db.thumbnail(slide["id"])
+    downsample = service.index.thumbnail(slide["id"]).downsample
     thumbnail = Image.open(io.BytesIO(client.get(slide["thumbnail_url"]).content))
     assert heat.shape == (thumbnail.size[1], thumbnail.size[0], 4)
     low, high = float(response.headers["X-Similarity-Low"]), float(response.headers["X-Similarity-High"])

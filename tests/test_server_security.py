@@ -12,8 +12,6 @@ import re
 import select
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -26,28 +24,16 @@ from fastapi.testclient import TestClient
 from PIL import EpsImagePlugin, Image
 
 import retrieve
-from core import search_service, server
-from core.data import eval_crop
-from core.search_service import (MAX_BODY_BYTES, MAX_UPLOAD_BYTES, MAX_UPLOAD_SIDE, UPLOAD_FORM_OVERHEAD,
+from histo_retrieval.search import app as server
+from histo_retrieval.search import service as search_service
+from histo_retrieval.data.datasets import eval_crop
+from histo_retrieval.search.service import (MAX_BODY_BYTES, MAX_UPLOAD_BYTES, MAX_UPLOAD_SIDE, UPLOAD_FORM_OVERHEAD,
                                  SearchService)
 
 REPO = Path(__file__).resolve().parents[1]
 UPLOAD = "/api/search/upload"
 REGION = "/api/search/region"
 CHUNK = 64 * 1024
-
-
-@pytest.fixture(scope="module")
-def service(served_index):
-    opened = SearchService.open(str(served_index["index"]), "cpu", batch_size=16)
-    yield opened
-    opened.close()
-
-
-@pytest.fixture(scope="module")
-def client(service):
-    with TestClient(server.create_app(service, allowed_hosts=["testserver"])) as test_client:
-        yield test_client
 
 
 def encoded(pixels: np.ndarray, fmt: str = "PNG", **options) -> bytes:
@@ -253,20 +239,20 @@ def test_upload_names_that_cannot_be_file_names_get_400(client, filename, words)
     assert response.status_code == 400 and words in response.json()["detail"]
 
 
-@pytest.mark.parametrize("filename, label, temporary, query_class", [
-    ("s1_query.png", "s1_query.png", "s1_query.png", "s1"),
-    ("../../../etc/s1_x.png", "s1_x.png", "s1_query.png", "s1"),
-    ("C:\\Users\\me\\s0_y.tif", "s0_y.tif", "s0_query.png", "s0"),
-    ("notes_s1.png", "notes_s1.png", "query.png", None),
-    ("s1.png", "s1.png", "query.png", None),
+@pytest.mark.parametrize("filename, label, query_class", [
+    ("s1_query.png", "s1_query.png", "s1"),
+    ("../../../etc/s1_x.png", "s1_x.png", "s1"),
+    ("C:\\Users\\me\\s0_y.tif", "s0_y.tif", "s0"),
+    ("notes_s1.png", "notes_s1.png", None),
+    ("s1.png", "s1.png", None),
 ])
-def test_the_file_name_is_a_label_and_only_its_class_prefix_is_kept(client, served_index, monkeypatch, filename,
-                                                                      label, temporary, query_class):
-    read = []
+def test_the_file_name_is_a_label_and_only_its_class_prefix_is_kept(client, service, served_index, monkeypatch,
+                                                                      filename, label, query_class):
+    searched = []
     run_queries = search_service.run_queries
 
     def recording(index, jobs, *args, **kwargs):
-        read.extend(Path(path) for job in jobs for path in job.files)
+        searched.extend(jobs)
         return run_queries(index, jobs, *args, **kwargs)
 
     monkeypatch.setattr(search_service, "run_queries", recording)
@@ -274,8 +260,9 @@ def test_the_file_name_is_a_label_and_only_its_class_prefix_is_kept(client, serv
     response = client.post(UPLOAD, files={"file": (filename, data, "image/png")})
     assert response.status_code == 200, response.text
     assert (response.json()["name"], response.json()["query_class"]) == (label, query_class)
-    [path] = read
-    assert path.name == temporary and path.parent.name.startswith("upload-") and not path.exists()
+    [job] = searched  # the upload's crop, searched in memory under its label: no file is written or read
+    crop = service.index.settings.crop_size
+    assert (job.kind, job.path, job.files, job.pixels.shape) == ("pixels", label, (), (crop, crop, 3))
 
 
 @pytest.mark.parametrize("url, name", [
@@ -390,7 +377,7 @@ def moved_slide_index(served_index, tmp_path) -> dict:
 def test_errors_name_a_missing_slide_by_its_id_and_file_name_only(moved_slide_index):
     service, slide = moved_slide_index["service"], moved_slide_index["slide"]
     [source_id] = service.sources()
-    patch_id = int(service.index.db.patch_ids(source_id)[0])
+    patch_id = int(service.index.patch_ids(source_id)[0])
     with TestClient(server.create_app(service, allowed_hosts=["testserver"])) as client:
         for url in (f"/api/slides/{source_id}/image.dzi", f"/api/slides/{source_id}/image_files/10/0_0.jpeg",
                     f"/api/patches/{patch_id}/image.jpeg"):
@@ -412,12 +399,6 @@ def test_paths_are_cut_to_their_last_part_in_any_message():
 
 
 # ----------------------------------------------------------------------------- a real server, over a socket
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def memory_kb(pid: int) -> int:
     """The process's resident memory now (VmRSS), in kB."""
     status = Path(f"/proc/{pid}/status").read_text()
@@ -452,33 +433,8 @@ class PeakMemory:
 
 
 @pytest.fixture(scope="module")
-def live(served_index, tmp_path_factory):
-    """`retrieve.py serve` on a free loopback port: {"port", "pid"}."""
-    if not server.viewer_installed():
-        pytest.skip(f"the page's viewer is not installed: {server.VIEWER_INSTALL}")
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, str(REPO / "retrieve.py"), "serve", "--index",
-                                    str(served_index["index"]), "--port", str(port), "--device", "cpu",
-                                    "--batch-size", "16"], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/index", timeout=2).read()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"retrieve.py serve did not come up: {log.read_text()}") from None
-                time.sleep(0.3)
-        yield {"port": port, "pid": process.pid}
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+def live(live_server):
+    return live_server
 
 
 def send_chunked(port: int, path: str, total: int) -> tuple[bytes, int]:

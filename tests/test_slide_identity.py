@@ -19,12 +19,13 @@ from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
 import retrieve
-from core import search_service, server
-from core import slides as slide_module
-from core.search_service import TILE_QUALITY, SearchService, jpeg_bytes
-from core.slide_index import IndexSettings, PatchDatabase, SlideChanged, SlideIndex, SourceRecord, file_stat
-from core.slide_search import patch_pixels
-from core.slides import best_level, open_slide, read_scaled
+from histo_retrieval.search import app as server
+from histo_retrieval.search import service as search_service
+from histo_retrieval.search import slides as slide_module
+from histo_retrieval.search.service import TILE_QUALITY, SearchService, jpeg_bytes
+from histo_retrieval.search.index import SlideChanged, SlideIndex, file_stat
+from histo_retrieval.search.queries import patch_pixels
+from histo_retrieval.search.slides import best_level, open_slide, read_scaled
 from KIMIA_data import synthetic
 
 SIZE = (1024, 768)
@@ -145,7 +146,7 @@ def test_a_removed_slides_id_is_never_given_again_nor_its_tiles_served(material,
                     apart.append(difference(pixels(served), pixels(file_tile(old_tiles, level, col, row))))
         assert max(apart) > 20  # the two slides differ: the tiles above could not be the old ones
 
-        _, downsample = service.index.db.thumbnail(new)
+        downsample = service.index.thumbnail(new).downsample
         thumbnail = pixels(shown(client.get(f"/api/slides/{new}/thumbnail.jpeg")))
         with open_slide(third) as slide:
             expected = slide.thumbnail(downsample).astype(np.float64)
@@ -196,35 +197,6 @@ def test_an_index_without_the_id_counter_still_never_gives_an_id_twice(material,
     assert source_ids(index)[third] > removed
     assert index_slides(material, index, second) == 0
     assert source_ids(index)[second] > source_ids(index)[third]
-
-
-def test_failed_sources_and_merged_shards_take_ids_never_given_before(tmp_path):
-    settings = IndexSettings("model.pth", "0" * 64, "m", {}, 32, 4, 1.0, 32, 0.5)
-
-    def record(path: str) -> SourceRecord:
-        return SourceRecord(path, "slide", np.eye(4, dtype=np.float32)[:2], np.zeros((2, 4), np.int64),
-                            file_size=1, mtime=1.0)
-
-    given = []
-    with SlideIndex.create(tmp_path / "index", settings) as index:
-        given.append(index.add(record("/a")))
-        index.db.add_failure("/broken", "unreadable")
-        given.append(index.db.source_by_path("/broken")["id"])
-        index.db.add_failure("/broken", "still unreadable")  # retried: the same record
-        assert index.db.source_by_path("/broken")["id"] == given[-1]
-        given.append(index.add(record("/b")))
-        index.remove(given[-1])
-        given.append(index.add(record("/broken")))  # indexed at last: its failed record goes
-        index.remove(given[-1])
-    (tmp_path / "index" / "shards").mkdir()
-    shard = PatchDatabase(tmp_path / "index" / "shards" / "rank000.sqlite")  # left by a torchrun process
-    shard.add_source(record("/c"))
-    shard.add_failure("/d", "unreadable")
-    shard.close()
-    with SlideIndex.open(tmp_path / "index", writable=True) as index:  # merges the shard
-        given += [index.db.source_by_path(path)["id"] for path in ("/c", "/d")]
-        given.append(index.add(record("/e")))
-    assert given == sorted(set(given)), given
 
 
 # ----------------------------------------------------------------------------- a slide file changed
@@ -280,7 +252,7 @@ def test_query_draws_no_patch_of_a_changed_slide_and_searches_it_as_a_new_slide(
     index = tmp_path / "index"
     assert index_slides(material, index, slide, second) == 0
     with SlideIndex.open(index) as opened:
-        patch = opened.db.patches([patches_of(index, source_ids(index)[str(slide)])[5][0]]).popitem()[1]
+        patch = opened.patches([patches_of(index, source_ids(index)[str(slide)])[5][0]]).popitem()[1]
         Image.fromarray(patch_pixels(opened, patch)).save(tmp_path / "query.png")
     before = os.stat(slide)  # the same pixels, touched: the index cannot tell it is the same image
     os.utime(slide, ns=(before.st_atime_ns, before.st_mtime_ns + 5_000_000_000))

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 import retrieve
-from core import slides as slide_module
-from core.slides import Tiling, open_slide, read_patch, read_plan, tissue_grid
+from histo_retrieval.search import slides as slide_module
+from histo_retrieval.search.slides import Tiling, open_slide, read_patch, read_plan, tissue_grid
 from KIMIA_data import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,8 +246,8 @@ def test_torchrun_shards_merge_into_the_single_process_index(archive, tmp_path):
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_indexes_find_a_region_and_forget_a_removed_slide(archive, tmp_path, kind):
-    from core import vector_index
-    from core.slide_index import SlideIndex
+    from histo_retrieval.search import vector_index
+    from histo_retrieval.search.index import SlideIndex
 
     index = tmp_path / kind
     assert run(*cpu("index", str(archive["checkpoint"]), *archive["paths"], "--index", str(index), "--mpp", MPP,
@@ -275,7 +275,7 @@ def test_approximate_indexes_find_a_region_and_forget_a_removed_slide(archive, t
 def test_the_fast_paths_of_reading_give_the_same_pixels(archive):
     """Slide.read skips the composite where every pixel is scanned, and the index cuts its eval crop
     from the array: both exactly as the general path (composite, then CenterCrop through PIL)."""
-    from core.data import eval_crop, eval_crop_array
+    from histo_retrieval.data.datasets import eval_crop, eval_crop_array
 
     with open_slide(archive["paths"][0]) as slide:
         for x, y, level, size in ((0, 0, 0, 64), (300, 200, 1, 50), (1500, 1000, 0, 40)):  # the last crosses the edge

@@ -1,4 +1,4 @@
-"""core/stain.py: Macenko normalisation (torchstain) with its pass-through policy and shared count, HED
+"""histo_retrieval/data/stain.py: Macenko normalisation (torchstain) with its pass-through policy and shared count, HED
 stain augmentation (scikit-image) against a naive per-pixel version, and the example figure.
 
 torchvision and scikit-image are imported inside the tests that use them: the spawned DataLoader
@@ -17,8 +17,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from KIMIA_data import synthetic
-from core.errors import UserError
-from core.stain import (MacenkoNormalizer, StainAugment, StainDraw, draw_stain_examples, hed_jitter,
+from histo_retrieval.errors import UserError
+from histo_retrieval.data.stain import (MacenkoNormalizer, StainAugment, StainDraw, draw_stain_examples, hed_jitter,
                         load_stain_target)
 
 
@@ -126,7 +126,7 @@ def test_blank_patches_pass_through_unchanged_and_are_counted(pair: dict) -> Non
     assert normalizer.passed_through == len(blanks)
     normalizer.reset_count()
     assert normalizer.passed_through == 0
-    # a non-contiguous view (a permuted tensor's numpy, as core.preprocessing passes) works too
+    # a non-contiguous view (a permuted tensor's numpy, as histo_retrieval.data.preprocessing passes) works too
     view = torch.from_numpy(pair["source"]).permute(2, 0, 1).permute(1, 2, 0).numpy()
     assert np.array_equal(normalizer(view), normalizer(pair["source"]))
     with pytest.raises(ValueError, match="uint8"):
@@ -370,9 +370,9 @@ def test_training_with_stain_normalisation_and_augmentation_end_to_end(tmp_path:
     """train.py --stain-normalize macenko --augment stain: the target's stain goes into the checkpoint,
     every tool that embeds with it normalises the same way, and a blank patch is counted, not fatal."""
     import train
-    from core.checkpoint import load_model
-    from core.embedder import Embedder
-    from metrics import combine_learners
+    from histo_retrieval.evaluation.checkpoint import load_model
+    from histo_retrieval.evaluation.embedder import Embedder
+    from histo_retrieval.evaluation.metrics import combine_learners
 
     data = tmp_path / "data"
     for number, name in enumerate(("s0", "s1")):

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from KIMIA_data import synthetic
-from core.errors import UserError, run_script
+from histo_retrieval.errors import UserError, run_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

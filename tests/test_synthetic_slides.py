@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from core.errors import UserError
+from histo_retrieval.errors import UserError
 from KIMIA_data import synthetic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

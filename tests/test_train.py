@@ -1,4 +1,6 @@
-"""train.py and train_traindata.py on small generated data (ABE_M / se_resnet50 at 64 px crops)."""
+"""train.py and train_traindata.py on small generated data (ABE_M / se_resnet50 at 64 px crops), and the
+training loop (histo_retrieval.training.loop). The sampler, the data sets and the collectives have their own
+tests: test_sampler.py, test_datasets.py, test_distributed.py."""
 from __future__ import annotations
 
 import argparse
@@ -23,12 +25,10 @@ import losses
 import models
 import train
 import train_traindata
-from core import training
-from core.distributed import run_distributed_script
-from core.data import subsample_per_class
-from core.errors import UserError
-from core.runtime import DEFAULT_WORKERS
-from core.sampler import PKBatchSampler, ValidationBatches
+from histo_retrieval.training import loop as training
+from histo_retrieval.distributed import run_distributed_script
+from histo_retrieval.errors import UserError
+from histo_retrieval.runtime import DEFAULT_WORKERS
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUT = json.loads((REPO / "tests" / "data" / "state_dict_layout.json").read_text())
@@ -208,37 +208,6 @@ def test_torchrun_two_processes_on_gloo_with_pk_batches(data_root: Path, tmp_pat
     assert len(read_csv(out / "ABE_M_ContrastiveLoss_log.csv")) == 1
 
 
-GATHER_SCRIPT = r"""
-import sys, torch, torch.distributed as dist
-sys.path.insert(0, sys.argv[1])
-from core.distributed import all_gather_lists, gather_with_grad
-dist.init_process_group("gloo")
-rank = dist.get_rank()
-x = torch.arange(6.0).reshape(3, 2).add(10 * rank).requires_grad_()
-(y,), labels = gather_with_grad([x], torch.full((3,), rank))
-weights = torch.arange(12.0).reshape(6, 2)
-(y * weights).sum().backward()
-assert torch.equal(y, torch.cat([torch.arange(6.0).reshape(3, 2), torch.arange(6.0).reshape(3, 2) + 10]))
-assert labels.tolist() == [0, 0, 0, 1, 1, 1]
-# Both processes back-propagate the same loss: each gets world_size times its rows of d loss / d y.
-assert torch.equal(x.grad, 2 * weights[3 * rank: 3 * rank + 3]), x.grad
-# Every process gets every process's list, in rank order (train.py's report of unreadable images).
-assert all_gather_lists([("file", rank)] * (rank + 1)) == [("file", 0), ("file", 1), ("file", 1)]
-sys.stdout.write(f"ok{rank}\n")
-dist.destroy_process_group()
-"""
-
-
-@pytest.mark.slow
-def test_gather_embeddings_gives_each_process_its_share_of_the_global_gradient(tmp_path: Path) -> None:
-    script = tmp_path / "gather.py"
-    script.write_text(GATHER_SCRIPT)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), str(REPO)], env=ENV, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "ok0" in result.stdout and "ok1" in result.stdout
-
-
 def test_train_traindata_defaults_are_the_references() -> None:
     args = train_traindata.get_args_parser().parse_args([])
     assert (args.model, args.loss, args.ratios, args.batch_size) == ("se_resnet50", "MSLoss", [0.2, 0.4, 0.6, 0.8], 20)
@@ -290,41 +259,7 @@ def test_train_traindata_takes_the_100_percent_bar_from_the_main_weights(
             ["ABE_M", "MSLoss", *common, "--output-dir", str(tmp_path / "other"), "--main-weights", str(main_dir)]))
 
 
-# ----------------------------------------------------------------------------- pieces
-def test_pk_sampler_batches_hold_k_images_of_p_classes() -> None:
-    labels = [0] * 7 + [1] * 5 + [2] * 6 + [3] * 9 + [4] * 1  # class 4 is too small for K = 3
-    sampler = PKBatchSampler(labels, batch_size=9, samples_per_class=3, seed=5)
-    batches = list(sampler)
-    assert len(batches) == len(sampler) == len(labels) // 9
-    for batch in batches:
-        classes = [labels[i] for i in batch]
-        assert len(batch) == 9 and len(set(batch)) == 9
-        assert sorted(classes.count(c) for c in set(classes)) == [3, 3, 3] and 4 not in classes
-    assert list(sampler) == batches  # same epoch, same batches
-    sampler.set_epoch(1)
-    assert list(sampler) != batches
-
-    # Two processes share the single-process batch sequence, round-robin, without overlap.
-    shards = [list(PKBatchSampler(labels * 2, 9, 3, num_replicas=2, rank=r, seed=5)) for r in range(2)]
-    whole = list(PKBatchSampler(labels * 2, 9, 3, num_replicas=1, rank=0, seed=5))
-    assert len(shards[0]) == len(shards[1]) == len(labels) * 2 // 18
-    assert shards[0] == whole[0:2 * len(shards[0]):2] and shards[1] == whole[1:2 * len(shards[1]):2]
-
-
-def test_pk_sampler_rejects_impossible_batches() -> None:
-    with pytest.raises(UserError, match="multiple of --samples-per-class"):
-        PKBatchSampler([0, 0, 1, 1], batch_size=5, samples_per_class=2)
-    with pytest.raises(UserError, match=r"P <= 2 .*got P = 8 / 2 = 4"):
-        PKBatchSampler([0, 0, 1, 1, 2], batch_size=8, samples_per_class=2)
-
-
-def test_subsample_per_class_keeps_int_share_of_each_class() -> None:
-    targets = [0] * 10 + [1] * 7 + [2] * 3
-    kept = subsample_per_class(targets, 0.5, seed=1)
-    assert [sum(targets[i] == c for i in kept) for c in range(3)] == [5, 3, 1]
-    assert kept == subsample_per_class(targets, 0.5, seed=1) != subsample_per_class(targets, 0.5, seed=2)
-
-
+# ----------------------------------------------------------------------------- the loop's pieces (histo_retrieval.training.loop)
 def test_loss_hyper_parameters_reach_only_their_loss() -> None:
     _, loss_name, _, options = training.resolve_names(parse("abe_m", "msloss", "--ms-beta", "50", "--ms-eps", "0.1",
                                                          "--margin", "0.9"))
@@ -356,7 +291,7 @@ def test_both_scripts_share_the_training_arguments_and_their_defaults() -> None:
     assert {key: trained[key] for key in shared} == shared
     # train_traindata changes exactly two defaults: the reference's batch 20 and its own output folder.
     assert {key: traindata[key] for key in shared} == {**shared, "batch_size": 20, "output_dir": "model/traindata"}
-    # The runtime flags are core.runtime's, with its one --workers default.
+    # The runtime flags are histo_retrieval.runtime's, with its one --workers default.
     runtime = (shared["workers"], shared["amp"], shared["amp_force"], shared["channels_last"], shared["device"])
     assert runtime == (DEFAULT_WORKERS, "off", False, False, None)
     for parser in (train.get_args_parser(), train_traindata.get_args_parser()):
@@ -586,23 +521,6 @@ def test_script_prints_one_line_error_and_exits_non_zero(tmp_path: Path) -> None
 
 
 # ----------------------------------------------------------------------------- schedule, validation, resume
-def test_validation_batches_reference_reshuffles_and_drops_the_partial_batch() -> None:
-    batches = ValidationBatches(10, 4, "reference", seed=1)
-    epoch0 = list(batches)
-    assert len(batches) == len(epoch0) == 2 and all(len(b) == 4 for b in epoch0)
-    assert len(set(sum(epoch0, []))) == 8 and set(sum(epoch0, [])) <= set(range(10))
-    assert list(batches) == epoch0  # seeded: the same epoch repeats
-    batches.set_epoch(1)
-    assert list(batches) != epoch0
-    # Dealt round-robin: two processes see the one-process batches between them, whatever their number.
-    shards = [list(ValidationBatches(10, 4, "reference", seed=1, num_replicas=2, rank=r)) for r in (0, 1)]
-    assert shards == [epoch0[0::2], epoch0[1::2]]
-    fixed = ValidationBatches(10, 4, "fixed", seed=1)
-    assert list(fixed) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] and len(fixed) == 3
-    fixed.set_epoch(5)
-    assert list(fixed) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-
-
 def test_reference_validation_needs_one_full_batch(data_root: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"the 6 validation images make no full batch of 8; .*--val-batches fixed"):
         train.main(parse("ABE_M", "MSLoss", "--data-dir", data_root / "train", "--output-dir", tmp_path, *QUICK,

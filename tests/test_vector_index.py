@@ -1,12 +1,12 @@
-"""core.vector_index: search against a naive numpy top-k, exclusions, removal, ids, save/load, errors."""
+"""histo_retrieval.search.vector_index: search against a naive numpy top-k, exclusions, removal, ids, save/load, errors."""
 from __future__ import annotations
 
 import faiss
 import numpy as np
 import pytest
 
-from core import vector_index as vi
-from core.errors import UserError
+from histo_retrieval.search import vector_index as vi
+from histo_retrieval.errors import UserError
 
 DIM = 32
 

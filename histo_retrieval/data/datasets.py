@@ -1,0 +1,184 @@
+"""Data sets of class folders, the reference's transforms, the seeded split and per-class cut.
+
+    dataset = KimiaDataset("KIMIA_data/train", transform=train_transform(224))
+    train, val = split_train_val(len(dataset), val_ratio=0.1, seed=1)
+    loader_set = SkipUnreadable(dataset, train)    # unreadable images dropped from batches, reported
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, random_split
+from torchvision import transforms
+
+from histo_retrieval.errors import UserError, one_line
+from histo_retrieval.files import folder_images, list_classes
+from histo_retrieval.images import UNREADABLE, load_rgb
+from histo_retrieval.data.preprocessing import NormalizeStep, Preprocessing, StainStep
+
+
+# ----------------------------------------------------------------------------- transforms
+AUGMENTS = ("reference", "stain")
+
+
+def train_transform(crop_size: int = 224, augment: str = "reference",
+                    preprocessing: Preprocessing | None = None) -> transforms.Compose:
+    """The reference's training transform (flips, random crop, ToTensor; no normalisation); with
+    augment "stain" stain and brightness/contrast variation after the crop (histo_retrieval.data.stain.StainAugment),
+    and with `preprocessing` its stain normalisation (before the variation) and its normalisation."""
+    if augment not in AUGMENTS:
+        raise UserError(f"--augment {augment}: choose one of {', '.join(AUGMENTS)}")
+    preprocessing = preprocessing or Preprocessing()
+    steps = [transforms.RandomHorizontalFlip(), transforms.RandomVerticalFlip(), transforms.RandomCrop(crop_size)]
+    if preprocessing.stain:
+        steps.append(StainStep(preprocessing))
+    if augment == "stain":
+        from histo_retrieval.data.stain import StainAugment
+        steps.append(StainAugment())
+    steps.append(transforms.ToTensor())
+    if preprocessing.mean:
+        steps.append(NormalizeStep(preprocessing))
+    return transforms.Compose(steps)
+
+
+def eval_crop(crop_size: int = 224) -> transforms.Compose:
+    """The first half of the validation and test transform: the centre crop as uint8 (3 x c x c),
+    a quarter of the float32 crop's size, for crops kept between passes (histo_retrieval.evaluation.embedder)."""
+    return transforms.Compose([transforms.CenterCrop(crop_size), _uint8_tensor])
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """The second half: uint8 images as float32 in [0, 1], ToTensor's own conversion (float, then
+    divide by 255), so the values equal ToTensor's bit for bit."""
+    return images.float().div(255)
+
+
+def eval_transform(crop_size: int = 224, preprocessing: Preprocessing | None = None) -> transforms.Compose:
+    """The reference's validation and test transform, CenterCrop then ToTensor (no normalisation),
+    as eval_crop then to_unit_float; with `preprocessing`, its steps in the order the Embedder
+    applies them (stain on the uint8 crop, then the normalisation)."""
+    preprocessing = preprocessing or Preprocessing()
+    steps = [eval_crop(crop_size)]
+    if preprocessing.stain:
+        steps.append(StainStep(preprocessing))
+    steps.append(to_unit_float)
+    if preprocessing.mean:
+        steps.append(NormalizeStep(preprocessing))
+    return transforms.Compose(steps)
+
+
+def eval_crop_array(pixels, crop_size: int) -> torch.Tensor:
+    """eval_crop of an H x W x 3 uint8 array, cut from the array itself: the same values as
+    eval_crop(Image.fromarray(pixels)) (CenterCrop's rounding), without the trip through PIL."""
+    height, width = pixels.shape[:2]
+    if height < crop_size or width < crop_size:  # CenterCrop pads first: leave that to it
+        return eval_crop(crop_size)(Image.fromarray(pixels))
+    top, left = int(round((height - crop_size) / 2.0)), int(round((width - crop_size) / 2.0))
+    return torch.from_numpy(pixels[top:top + crop_size, left:left + crop_size]).permute(2, 0, 1).contiguous()
+
+
+def _uint8_tensor(image: Image.Image) -> torch.Tensor:
+    # PILToTensor returns a permuted view; stacking such views would give channels_last batches.
+    return transforms.functional.pil_to_tensor(image).contiguous()
+
+
+
+# ----------------------------------------------------------------------------- data sets
+class KimiaDataset(Dataset):
+    """Images of `root/<class>/<image>`, returning (image, label, path).
+
+    Labels index `classes`, which default to the class folders in natural order (the reference
+    used file-system order, which differs between machines). Pass the class list saved with a
+    checkpoint to evaluate with the labels it was trained with.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
+                 classes: Sequence[str] | None = None) -> None:
+        self.root = Path(root)
+        found = list_classes(self.root)
+        self.classes = list(classes) if classes is not None else found
+        missing = [c for c in found if c not in self.classes]
+        if missing:
+            raise UserError(f"{self.root}: class folders {missing} are not in the class list {self.classes}")
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples: list[tuple[str, int]] = []
+        for name in found:
+            self.samples += [(str(path), self.class_to_idx[name]) for path in folder_images(self.root / name)]
+        if not self.samples:
+            raise UserError(f"{self.root}: no images found in its class folders; run KIMIA_data/data_process.py first")
+        self.transform = transform
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, str]:
+        path, label = self.samples[index]
+        image = load_rgb(path)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label, path
+
+
+class SkipUnreadable(Dataset):
+    """`dataset[indices[i]]`, or a marker for an image that cannot be decoded, which the collate
+    function drops from its batch and reports, so one corrupt file does not end a long run."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple:
+        try:
+            return self.dataset[self.indices[i]]
+        except UNREADABLE as err:
+            path = self.dataset.samples[self.indices[i]][0]
+            return None, None, (path, one_line(err))
+
+
+def collate_readable(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+    """(images, labels, (path, reason) of the unreadable files) of a batch, without the unreadable ones."""
+    good = [s for s in samples if s[0] is not None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), [s[2] for s in samples]
+    return (torch.stack([s[0] for s in good]), torch.tensor([s[1] for s in good]),
+            [s[2] for s in samples if s[0] is None])
+
+
+
+# ----------------------------------------------------------------------------- subsets
+def split_train_val(num_items: int, val_ratio: float = 0.1, seed: int = 1) -> tuple[list[int], list[int]]:
+    """A random (not stratified) split of the reference's sizes: shuffle with `seed`, the first
+    int(num_items * (1 - val_ratio)) indices train, the rest validate (as torch.utils.data.random_split).
+
+    Not the reference's images: its NumPy draw runs over os.walk order, which depends on the file
+    system, so no split can copy it across machines (docs/reproduction.md, "Data").
+    """
+    if not 0.0 <= val_ratio < 1.0:
+        raise UserError(f"--val-ratio must be in [0, 1), got {val_ratio}")
+    num_train = int(num_items * (1.0 - val_ratio))
+    train, val = random_split(range(num_items), [num_train, num_items - num_train],
+                              generator=torch.Generator().manual_seed(seed))
+    return list(train), list(val)
+
+
+def subsample_per_class(targets: Sequence[int], ratio: float, seed: int) -> list[int]:
+    """Indices of int(n_c * ratio) images of each class c, drawn with `seed` (train_traindata.py's cut)."""
+    generator = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(targets):
+        by_class.setdefault(label, []).append(index)
+    kept: list[int] = []
+    for indices in by_class.values():
+        order = torch.randperm(len(indices), generator=generator)[: int(len(indices) * ratio)]
+        kept += [indices[i] for i in sorted(order.tolist())]
+    return sorted(kept)

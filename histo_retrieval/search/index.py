@@ -1,0 +1,642 @@
+"""A slide index: a folder that lasts, grows and shrinks, and answers nearest-neighbour queries.
+
+    DIR/manifest.json   the model (checkpoint, hash of its weights, name, options, embedding size),
+                        the tiling (scale, patch size, tissue threshold) and the vector index type
+    DIR/patches.sqlite  per source: path, size, modification time, state, thumbnail; per patch: its
+                        source, level-0 box, tissue fraction, file and class; per source its vectors
+    DIR/vectors.faiss   the faiss index of every patch vector, by patch id (histo_retrieval.search.vector_index)
+
+SQLite is the record: a source and all of its patches and vectors go in one transaction, so a
+killed run leaves each source either complete or absent. The faiss file is derived from it: it is
+saved with the generation of the database it reflects, and rebuilt from the stored vectors when
+the two differ (after a run was killed before saving it). Under torchrun each process writes its
+sources into a shard database of the same layout (DIR/shards/), which the first process merges.
+
+Source and patch ids are never given twice (counters in the meta table), so an id in a URL or a
+cache names one file for good. A slide's pixels are read again only through open_indexed_slide,
+which refuses a file whose size or modification time is not the recorded one (SlideChanged).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Literal, Sequence
+
+import numpy as np
+
+from histo_retrieval.search import vector_index
+from histo_retrieval.errors import UserError
+from histo_retrieval.files import atomic_write_text, command_line
+from histo_retrieval.search.slides import Slide, SlideError, Tiling, open_slide
+
+if TYPE_CHECKING:
+    from histo_retrieval.evaluation.checkpoint import LoadedModel
+
+FORMAT = 1
+MANIFEST, DATABASE, VECTORS, SHARDS = "manifest.json", "patches.sqlite", "vectors.faiss", "shards"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sources (
+    id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, kind TEXT NOT NULL, state TEXT NOT NULL,
+    file_size INTEGER, mtime REAL, width INTEGER, height INTEGER, slide_mpp REAL, backend TEXT,
+    first_patch INTEGER, patch_count INTEGER NOT NULL DEFAULT 0, thumbnail BLOB, thumbnail_downsample REAL,
+    reason TEXT, indexed_at TEXT, command TEXT);
+CREATE TABLE IF NOT EXISTS patches (
+    id INTEGER PRIMARY KEY, source_id INTEGER NOT NULL REFERENCES sources(id) ON DELETE CASCADE,
+    x INTEGER NOT NULL, y INTEGER NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL,
+    tissue REAL, file TEXT, class TEXT);
+CREATE INDEX IF NOT EXISTS patches_by_source ON patches (source_id);
+CREATE TABLE IF NOT EXISTS vectors (
+    source_id INTEGER PRIMARY KEY REFERENCES sources(id) ON DELETE CASCADE, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, started TEXT NOT NULL, command TEXT NOT NULL);
+"""
+
+SOURCE_COLUMNS = ("path", "kind", "file_size", "mtime", "width", "height", "slide_mpp", "backend",
+                  "thumbnail", "thumbnail_downsample")
+
+SourceKind = Literal["slide", "folder"]  # what an index holds: a whole slide, or a folder of patch images
+SourceState = Literal["indexed", "failed"]  # a failed source is recorded for `list --failed` and retried
+
+
+@dataclass
+class SourceRecord:
+    """One source ready to go into an index: its description, its patches and their vectors
+    (n x dim float32, row i for patch i)."""
+    path: str
+    kind: SourceKind
+    vectors: np.ndarray
+    boxes: np.ndarray  # n x 4 int64: level-0 x, y, width, height
+    tissue: np.ndarray | None = None  # n float32 tissue fractions (slides)
+    files: list[str | None] | None = None  # per patch, its image file (folders)
+    classes: list[str | None] | None = None
+    file_size: int | None = None
+    mtime: float | None = None
+    width: int | None = None
+    height: int | None = None
+    slide_mpp: float | None = None
+    backend: str | None = None
+    thumbnail: bytes | None = None
+    thumbnail_downsample: float | None = None
+
+
+@dataclass(frozen=True)
+class SourceRow:
+    """A source as the index records it (the sources table but its thumbnail's bytes: thumbnail())."""
+    id: int
+    path: str
+    kind: SourceKind
+    state: SourceState
+    file_size: int | None
+    mtime: float | None
+    width: int | None
+    height: int | None
+    slide_mpp: float | None
+    backend: str | None
+    first_patch: int | None
+    patch_count: int
+    thumbnail_downsample: float | None
+    reason: str | None  # why it failed
+    indexed_at: str | None
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    """A slide's thumbnail as stored: JPEG bytes, and its downsample from level 0."""
+    jpeg: bytes
+    downsample: float
+
+
+@dataclass(frozen=True)
+class Patch:
+    """An indexed patch: its level-0 box in its source (a slide), or its image file (a folder)."""
+    id: int
+    source_id: int
+    source: str  # the source's path
+    source_kind: SourceKind
+    x: int
+    y: int
+    width: int
+    height: int
+    tissue: float | None
+    file: str | None
+    class_name: str | None
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def file_stat(path: str | os.PathLike) -> tuple[int, float]:
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime
+
+
+class SlideChanged(UserError):
+    """An indexed slide whose file is not the one the index was built from any more (its size or
+    modification time differs): its patches, boxes and tiles would describe another image (HTTP 409)."""
+
+
+def check_unchanged(record: SourceRow) -> None:
+    """Raise SlideChanged when the file at an indexed slide's path is not the one its record
+    describes, SlideError when it is gone. The modification time is compared exactly: SQLite's
+    REAL keeps os.stat's float as it was."""
+    path = record.path
+    try:
+        current = file_stat(path)
+    except OSError:
+        raise SlideError(f"{path}: no such slide file") from None
+    if current != (record.file_size, record.mtime):
+        raise SlideChanged(f"{path}: the slide changed since it was indexed (its size or modification time "
+                           "differs); index it again with `retrieve.py index CHECKPOINT "
+                           f"{path} --index DIR --replace`")
+
+
+def open_indexed_slide(record: SourceRow) -> Slide:
+    """The file of an indexed slide, opened only when it is the file the index was built from;
+    checked again once open, so that a file replaced while it was being opened is not taken for
+    the indexed one."""
+    check_unchanged(record)
+    slide = open_slide(record.path, record.slide_mpp)
+    try:
+        check_unchanged(record)
+    except BaseException:
+        slide.close()
+        raise
+    return slide
+
+
+class PatchDatabase:
+    """The SQLite record of sources, patches and vectors (an index's, or a torchrun shard's)."""
+
+    def __init__(self, path: str | os.PathLike, readonly: bool = False) -> None:
+        self.path = Path(path)
+        if readonly:
+            # A reader may be shared by a server's threads, which take turns under the server's lock.
+            self.connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=60,
+                                              check_same_thread=False)
+        else:
+            self.connection = sqlite3.connect(self.path, timeout=60)
+            self.connection.executescript(SCHEMA)
+            # WAL: a reader (a query, the search page) never waits for an index run's write.
+            self.connection.execute("PRAGMA journal_mode=WAL")
+            with self.connection:
+                # An index from before the counter: start it above every id it holds now, before a
+                # removal can free its highest one (SQLite alone would give that id again).
+                self.connection.execute("INSERT OR IGNORE INTO meta (key, value) "
+                                        "SELECT 'next_source_id', COALESCE(MAX(id), 0) + 1 FROM sources")
+        self.connection.execute("PRAGMA foreign_keys=ON")
+
+    def close(self) -> None:
+        self.connection.close()
+
+    # ------------------------------------------------------------------ meta
+    def meta(self, key: str, default: int = 0) -> int:
+        row = self.connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return int(row[0]) if row else default
+
+    def _set_meta(self, key: str, value: int) -> None:
+        self.connection.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, str(value)))
+
+    @property
+    def generation(self) -> int:
+        """Incremented by every change of the patches, so a saved faiss index knows whether it is current."""
+        return self.meta("generation")
+
+    def _new_source_id(self) -> int:
+        """An id no source of this database ever had (ids name slides in the search page's URLs
+        and caches); call inside the transaction that inserts the source."""
+        highest = self.connection.execute("SELECT COALESCE(MAX(id), 0) FROM sources").fetchone()[0]
+        source_id = max(self.meta("next_source_id", 1), highest + 1)
+        self._set_meta("next_source_id", source_id + 1)
+        return source_id
+
+    def log_run(self, command: str) -> None:
+        with self.connection:
+            self.connection.execute("INSERT INTO runs (started, command) VALUES (?, ?)", (_now(), command))
+
+    # ------------------------------------------------------------------ writes
+    def add_source(self, record: SourceRecord, command: str = "") -> tuple[int, np.ndarray]:
+        """Insert a source with all its patches and vectors in one transaction, replacing a failed
+        record of the same path; returns (source id, patch ids)."""
+        count = len(record.boxes)
+        vectors = np.ascontiguousarray(record.vectors, dtype=np.float32)
+        if vectors.shape[0] != count:
+            raise ValueError(f"{record.path}: {vectors.shape[0]} vectors for {count} patches")
+        files = record.files or [None] * count
+        classes = record.classes or [None] * count
+        tissue = record.tissue if record.tissue is not None else [None] * count
+        with self.connection:
+            self.connection.execute("DELETE FROM sources WHERE path = ? AND state = 'failed'", (record.path,))
+            first = self.meta("next_patch_id", 1)
+            source_id = self._new_source_id()
+            self.connection.execute(
+                f"INSERT INTO sources (id, {', '.join(SOURCE_COLUMNS)}, state, first_patch, patch_count, "
+                f"indexed_at, command) VALUES ({', '.join('?' * (len(SOURCE_COLUMNS) + 6))})",
+                (source_id, *(getattr(record, name) for name in SOURCE_COLUMNS), "indexed", first, count, _now(),
+                 command))
+            ids = np.arange(first, first + count, dtype=np.int64)
+            self.connection.executemany(
+                "INSERT INTO patches (id, source_id, x, y, width, height, tissue, file, class) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                ((int(i), source_id, *map(int, box), None if t is None else float(t), f, c)
+                 for i, box, t, f, c in zip(ids, record.boxes, tissue, files, classes)))
+            self.connection.execute("INSERT INTO vectors (source_id, data) VALUES (?, ?)",
+                                    (source_id, vectors.tobytes()))
+            self._set_meta("next_patch_id", first + count)
+            self._set_meta("generation", self.generation + 1)
+        return source_id, ids
+
+    def add_failure(self, path: str, reason: str, command: str = "") -> None:
+        """Record a source that could not be indexed (shown by `list`, retried by the next run)."""
+        with self.connection:
+            known = self.connection.execute("SELECT state FROM sources WHERE path = ?", (path,)).fetchone()
+            if known is None:
+                self.connection.execute(
+                    "INSERT INTO sources (id, path, kind, state, reason, indexed_at, command) "
+                    "VALUES (?, ?, 'slide', 'failed', ?, ?, ?)", (self._new_source_id(), path, reason, _now(), command))
+            elif known[0] == "failed":
+                self.connection.execute("UPDATE sources SET reason = ?, indexed_at = ? WHERE path = ?",
+                                        (reason, _now(), path))
+
+    def remove_source(self, source_id: int) -> np.ndarray:
+        """Delete a source, its patches and vectors; returns the patch ids it had."""
+        ids = self.patch_ids(source_id)
+        with self.connection:
+            self.connection.execute("DELETE FROM sources WHERE id = ?", (source_id,))
+            self._set_meta("generation", self.generation + 1)
+        return ids
+
+    # ------------------------------------------------------------------ reads
+    def _source_rows(self, where: str, values: tuple) -> list[SourceRow]:
+        columns = ", ".join(column.name for column in fields(SourceRow))
+        rows = self.connection.execute(f"SELECT {columns} FROM sources {where} ORDER BY id", values)
+        return [SourceRow(*row) for row in rows]
+
+    def sources(self, state: SourceState | None = "indexed") -> list[SourceRow]:
+        """The sources in `state` (every one with None), by id."""
+        return self._source_rows("WHERE state = ?", (state,)) if state else self._source_rows("", ())
+
+    def source_by_path(self, path: str) -> SourceRow | None:
+        rows = self._source_rows("WHERE path = ?", (path,))
+        return rows[0] if rows else None
+
+    def thumbnail(self, source_id: int) -> Thumbnail | None:
+        """A slide's thumbnail; None for a folder (or an id the database does not hold)."""
+        row = self.connection.execute("SELECT thumbnail, thumbnail_downsample FROM sources WHERE id = ?",
+                                      (source_id,)).fetchone()
+        return Thumbnail(row[0], row[1]) if row and row[0] is not None else None
+
+    def patch_ids(self, source_id: int) -> np.ndarray:
+        rows = self.connection.execute("SELECT id FROM patches WHERE source_id = ? ORDER BY id", (source_id,))
+        return np.array([row[0] for row in rows], dtype=np.int64)
+
+    def source_vectors(self, source_id: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(patch ids, their vectors) of one source, in patch order."""
+        row = self.connection.execute("SELECT data FROM vectors WHERE source_id = ?", (source_id,)).fetchone()
+        vectors = np.frombuffer(row[0], dtype=np.float32).reshape(-1, dim) if row else np.zeros((0, dim), np.float32)
+        return self.patch_ids(source_id), vectors
+
+    def all_vectors(self, dim: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for source in self.sources():
+            yield self.source_vectors(source.id, dim)
+
+    def patch_count(self) -> int:
+        return self.connection.execute("SELECT COUNT(*) FROM patches").fetchone()[0]
+
+    def patches(self, ids: Sequence[int]) -> dict[int, Patch]:
+        """The patches with these ids (missing ids are left out), with their source's path."""
+        found: dict[int, Patch] = {}
+        ids = [int(i) for i in ids if i >= 0]
+        for start in range(0, len(ids), 900):  # SQLite's limit on bound parameters
+            chunk = ids[start:start + 900]
+            rows = self.connection.execute(
+                "SELECT p.id, p.source_id, s.path, s.kind, p.x, p.y, p.width, p.height, p.tissue, p.file, p.class "
+                f"FROM patches p JOIN sources s ON s.id = p.source_id WHERE p.id IN ({', '.join('?' * len(chunk))})",
+                chunk)
+            for row in rows:
+                found[row[0]] = Patch(*row)
+        return found
+
+    def classes(self) -> set[str]:
+        return {row[0] for row in self.connection.execute("SELECT DISTINCT class FROM patches WHERE class IS NOT NULL")}
+
+    def patches_of_files(self, paths: Sequence[str]) -> dict[str, int]:
+        """Patch id of each indexed patch image among `paths` (absolute paths)."""
+        found = {}
+        for start in range(0, len(paths), 900):
+            chunk = list(paths[start:start + 900])
+            rows = self.connection.execute(
+                f"SELECT file, id FROM patches WHERE file IN ({', '.join('?' * len(chunk))})", chunk)
+            found.update(dict(rows))
+        return found
+
+
+@dataclass
+class IndexSettings:
+    """What every vector of an index shares: the model that made it and the tiling it was cut with."""
+    checkpoint: str
+    weights_sha256: str
+    model_name: str
+    model_options: dict
+    crop_size: int
+    dim: int
+    mpp: float
+    patch_size: int
+    tissue_threshold: float
+    index_type: str = "flat"
+    ivf_lists: int | None = None
+    hnsw_m: int = 32
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_model(cls, loaded: LoadedModel, checkpoint: str | os.PathLike, tiling: Tiling, index_type: str = "flat",
+                  ivf_lists: int | None = None) -> IndexSettings:
+        """The settings of an index of `loaded`'s vectors (the checkpoint at `checkpoint`) cut by `tiling`.
+        A vector is the combined row of the model's learners, which split embedding_dim among them."""
+        tiling.check()
+        options = loaded.model_options
+        return cls(os.path.abspath(checkpoint), loaded.weights_sha256(), loaded.model_name, options, loaded.crop_size,
+                   options["embedding_dim"], tiling.mpp, tiling.patch_size, tiling.tissue_threshold, index_type,
+                   ivf_lists)
+
+    def manifest(self) -> dict:
+        return {"format": FORMAT,
+                "model": {"checkpoint": self.checkpoint, "weights_sha256": self.weights_sha256,
+                          "model_name": self.model_name, "model_options": self.model_options,
+                          "crop_size": self.crop_size, "embedding_dim": self.dim, **self.extra},
+                "tiling": {"mpp": self.mpp, "patch_size": self.patch_size, "tissue_threshold": self.tissue_threshold},
+                "vector_index": {"type": self.index_type, "ivf_lists": self.ivf_lists, "hnsw_m": self.hnsw_m},
+                "created": _now(), "command": command_line()}
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> IndexSettings:
+        model, tiling, vectors = manifest["model"], manifest["tiling"], manifest["vector_index"]
+        extra = {k: v for k, v in model.items()
+                 if k not in ("checkpoint", "weights_sha256", "model_name", "model_options", "crop_size",
+                              "embedding_dim")}
+        return cls(model["checkpoint"], model["weights_sha256"], model["model_name"], model["model_options"],
+                   model["crop_size"], model["embedding_dim"], tiling["mpp"], tiling["patch_size"],
+                   tiling["tissue_threshold"], vectors["type"], vectors.get("ivf_lists"), vectors.get("hnsw_m", 32),
+                   extra)
+
+    def differences(self, other: IndexSettings) -> list[str]:
+        """What `other` (a new run's settings) changes of what the index's vectors share."""
+        named = {"weights (model hash)": (self.weights_sha256, other.weights_sha256),
+                 "model": (self.model_name, other.model_name), "model options": (self.model_options, other.model_options),
+                 "crop size": (self.crop_size, other.crop_size), "--mpp": (self.mpp, other.mpp),
+                 "--patch-size": (self.patch_size, other.patch_size),
+                 "--tissue-threshold": (self.tissue_threshold, other.tissue_threshold)}
+        return [f"{name} {theirs} (the index has {ours})" for name, (ours, theirs) in named.items() if ours != theirs]
+
+
+class SlideIndex:
+    """An index folder: manifest, patch database and the faiss index over its vectors.
+
+    Open it with `SlideIndex.create` (a new folder) or `SlideIndex.open`; writers (index, remove)
+    hold an exclusive lock on the folder for as long as it is open, readers take none. What the
+    index holds is read through its methods (rows as SourceRow, Patch, Thumbnail); `db`, the
+    PatchDatabase, is its own.
+    """
+
+    def __init__(self, directory: Path, settings: IndexSettings, writable: bool) -> None:
+        self.directory, self.settings, self.writable = directory, settings, writable
+        self._lock = None
+        if writable:
+            self._lock = open(directory / ".lock", "w")
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._lock.close()
+                raise UserError(f"{directory}: another `retrieve.py index` or `remove` is writing this index; "
+                                "wait for it to finish") from None
+        if not writable and not (directory / DATABASE).is_file():
+            raise UserError(f"{directory}: an index with no patches yet (no {DATABASE}); add sources with "
+                            "`python3 retrieve.py index CHECKPOINT SOURCE... --index DIR`")
+        self.db = PatchDatabase(directory / DATABASE, readonly=not writable)
+        self._vectors = None
+        self._vectors_generation = -1
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def create(cls, directory: str | os.PathLike, settings: IndexSettings) -> SlideIndex:
+        directory = Path(directory)
+        if (directory / MANIFEST).exists():
+            raise UserError(f"{directory}: already an index; open it instead")
+        if directory.exists() and any(directory.iterdir()):
+            raise UserError(f"{directory}: a folder that is not empty and not an index; choose a new --index folder")
+        if settings.index_type not in vector_index.INDEX_TYPES:
+            raise UserError(f"--index-type {settings.index_type}: choose one of {', '.join(vector_index.INDEX_TYPES)}")
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(directory / MANIFEST, json.dumps(settings.manifest(), indent=2) + "\n")
+        return cls(directory, settings, writable=True)
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, writable: bool = False) -> SlideIndex:
+        directory = Path(directory)
+        if directory.is_file():
+            raise UserError(f"{directory}: an index file of the old format (one .pt file); rebuild it as an index "
+                            f"folder: python3 retrieve.py index CHECKPOINT IMAGE_DIR --index DIR")
+        manifest_path = directory / MANIFEST
+        if not manifest_path.is_file():
+            raise UserError(f"{directory}: not an index folder (no {MANIFEST}); "
+                            "build one with `python3 retrieve.py index CHECKPOINT SOURCE... --index DIR`")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            settings = IndexSettings.from_manifest(manifest)
+        except (ValueError, KeyError, TypeError) as error:
+            raise UserError(f"{manifest_path}: unreadable manifest ({error}); rebuild the index") from None
+        if manifest.get("format") != FORMAT:
+            raise UserError(f"{manifest_path}: index format {manifest.get('format')}, this version reads {FORMAT}; "
+                            "rebuild the index")
+        index = cls(directory, settings, writable)
+        if writable:
+            index.merge_shards()
+        return index
+
+    def close(self) -> None:
+        if self.writable and self._vectors is not None and self._vectors_generation == self.db.generation:
+            if self.settings.index_type == "ivf" and vector_index.index_kind(self._vectors) != "ivf":
+                self._vectors = self._rebuild()  # the first run's vectors are all here: train the lists on them
+            self.save_vectors()
+        self.db.close()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> SlideIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ what it holds
+    @property
+    def generation(self) -> int:
+        """Changes with every source added or removed (by this process or another)."""
+        return self.db.generation
+
+    def sources(self, state: SourceState | None = "indexed") -> list[SourceRow]:
+        """The sources in `state` (every one with None), by id."""
+        return self.db.sources(state)
+
+    def source_by_path(self, path: str) -> SourceRow | None:
+        return self.db.source_by_path(path)
+
+    def thumbnail(self, source_id: int) -> Thumbnail | None:
+        return self.db.thumbnail(source_id)
+
+    def patch_count(self) -> int:
+        return self.db.patch_count()
+
+    def patch_ids(self, source_id: int) -> np.ndarray:
+        """A source's patch ids, ascending (empty for an id the index does not hold)."""
+        return self.db.patch_ids(source_id)
+
+    def patches(self, ids: Sequence[int]) -> dict[int, Patch]:
+        """The patches with these ids (missing ids are left out)."""
+        return self.db.patches(ids)
+
+    def patches_of_files(self, paths: Sequence[str]) -> dict[str, int]:
+        """Patch id of each indexed patch image among `paths` (absolute paths)."""
+        return self.db.patches_of_files(paths)
+
+    def source_vectors(self, source_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(patch ids, their vectors) of one source, in patch order."""
+        return self.db.source_vectors(source_id, self.settings.dim)
+
+    def classes(self) -> set[str]:
+        """The classes of the indexed patch images (their first-level folders)."""
+        return self.db.classes()
+
+    def log_run(self, command: str) -> None:
+        self.db.log_run(command)
+
+    def add_failure(self, path: str, reason: str) -> None:
+        """Record a source that could not be indexed (shown by `list --failed`, retried by the next run)."""
+        self.db.add_failure(path, reason)
+
+    # ------------------------------------------------------------------ the faiss index
+    @property
+    def vectors(self):
+        """The faiss index, current with the database: loaded from its file when that reflects the
+        database's generation, else rebuilt from the stored vectors."""
+        generation = self.db.generation
+        if self._vectors is not None and self._vectors_generation == generation:
+            return self._vectors
+        saved = self._saved_generation()
+        if saved == generation:
+            self._vectors = vector_index.load_vector_index(self.directory / VECTORS)
+        else:
+            if saved is not None:
+                print(f"note: {self.directory / VECTORS} is older than the patch database (a run was stopped "
+                      f"before saving it); rebuilding it from {self.db.patch_count()} stored vectors")
+            self._vectors = self._rebuild()
+            if self.writable:
+                self._vectors_generation = generation
+                self.save_vectors()
+        self._vectors_generation = generation
+        return self._vectors
+
+    def _saved_generation(self) -> int | None:
+        sidecar = self.directory / (VECTORS + ".json")
+        if not (self.directory / VECTORS).is_file() or not sidecar.is_file():
+            return None
+        try:
+            return int(json.loads(sidecar.read_text())["generation"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def _rebuild(self):
+        dim = self.settings.dim
+        parts = list(self.db.all_vectors(dim))
+        ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+        vectors = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, dim), np.float32)
+        index = self._new_vector_index(vectors)
+        if len(ids):
+            vector_index.add_vectors(index, vectors, ids)
+        return index
+
+    def _new_vector_index(self, train: np.ndarray):
+        kind = self.settings.index_type
+        if kind == "ivf" and len(train) == 0:
+            kind = "flat"  # nothing to train on yet: exact until the run that adds vectors closes the index
+        return vector_index.new_vector_index(kind, self.settings.dim, train if kind == "ivf" else None,
+                                             self.settings.ivf_lists, self.settings.hnsw_m)
+
+    def save_vectors(self) -> None:
+        if self._vectors is None:
+            return
+        vector_index.save_vector_index(self._vectors, self.directory / VECTORS)
+        atomic_write_text(self.directory / (VECTORS + ".json"),
+                          json.dumps({"generation": self._vectors_generation}) + "\n")
+
+    # ------------------------------------------------------------------ changes
+    def add(self, record: SourceRecord) -> int:
+        """Add one source (its patches and vectors); returns its id."""
+        current = self.vectors  # brought up to date before this change
+        source_id, ids = self.db.add_source(record, command_line())
+        if len(ids):
+            vector_index.add_vectors(current, np.ascontiguousarray(record.vectors, np.float32), ids)
+        self._vectors_generation = self.db.generation
+        return source_id
+
+    def remove(self, source_id: int) -> int:
+        current = self.vectors
+        ids = self.db.remove_source(source_id)
+        if len(ids) and not vector_index.remove_ids(current, ids):
+            self._vectors = self._rebuild()  # HNSW cannot remove: rebuilt without them
+        self._vectors_generation = self.db.generation
+        return len(ids)
+
+    def merge_shards(self) -> list[str]:
+        """Move every source of the shard databases left by torchrun processes into the index."""
+        merged = []
+        shard_dir = self.directory / SHARDS
+        for shard_path in sorted(shard_dir.glob("*.sqlite")) if shard_dir.is_dir() else []:
+            shard = PatchDatabase(shard_path)
+            try:
+                for source in shard.sources(None):
+                    known = self.db.source_by_path(source.path)
+                    if known is not None and known.state == "indexed":
+                        continue
+                    if source.state == "failed":
+                        self.db.add_failure(source.path, source.reason)
+                        continue
+                    self.add(shard_record(shard, source, self.settings.dim))
+                    merged.append(source.path)
+            finally:
+                shard.close()
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(shard_path) + suffix).unlink(missing_ok=True)
+        return merged
+
+    def search(self, queries: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = None,
+               nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return vector_index.search(self.vectors, np.ascontiguousarray(queries, np.float32), k, exclude,
+                                   nprobe, ef_search)
+
+
+def shard_record(shard: PatchDatabase, source: SourceRow, dim: int) -> SourceRecord:
+    """A shard's source as a record to add to the index (new ids are given there)."""
+    ids, vectors = shard.source_vectors(source.id, dim)
+    patches = shard.patches(ids)
+    ordered = [patches[int(i)] for i in ids]
+    thumbnail = shard.thumbnail(source.id)
+    return SourceRecord(
+        path=source.path, kind=source.kind, vectors=vectors.copy(),
+        boxes=np.array([[p.x, p.y, p.width, p.height] for p in ordered], dtype=np.int64).reshape(-1, 4),
+        tissue=np.array([np.nan if p.tissue is None else p.tissue for p in ordered], np.float32),
+        files=[p.file for p in ordered], classes=[p.class_name for p in ordered], file_size=source.file_size,
+        mtime=source.mtime, width=source.width, height=source.height, slide_mpp=source.slide_mpp,
+        backend=source.backend, thumbnail=thumbnail.jpeg if thumbnail else None,
+        thumbnail_downsample=thumbnail.downsample if thumbnail else None)
