@@ -17,8 +17,8 @@ image could not be decoded (it is left out, and listed at the end).
 Each run's result is the file its validation loss selected (histo_retrieval/evaluation/selection.py): per run identity (the
 model and loss with their non-default options, read from the checkpoint, so that the ablation
 se_resnet50-noattention_MSLoss is a run of its own beside se_resnet50_MSLoss), the best-validation
-file with the lowest validation loss, i.e. the newest best; checkpoint.pth (and
-<identity>_checkpoint.pth) is the last epoch, not a selection. The console summary shows those first; the ranking of all files
+file with the lowest validation loss, i.e. the newest best; <identity>_checkpoint.pth (checkpoint.pth
+from earlier versions) is the last epoch, not a selection. The console summary shows those first; the ranking of all files
 by test score that follows selects on the test set and is no result to report.
 
 Outputs, beside the checkpoints unless --output-dir says otherwise:

@@ -3,14 +3,14 @@
     python3 train.py se_resnet50 MSLoss                          # the paper's model and loss, reference settings
     python3 train.py ABE_M ABELoss --amp bf16 --channels-last    # faster on a recent GPU
     python3 train.py se_resnet50 MSLoss --no-attention           # the paper's ablation: se_resnet50-noattention_MSLoss_*
-    python3 train.py se_resnet50 MSLoss --resume model/checkpoint.pth
+    python3 train.py se_resnet50 MSLoss --resume model/se_resnet50_MSLoss_checkpoint.pth
     torchrun --nproc_per_node=4 train.py se_resnet50 MSLoss --batch-size 15   # 4 GPUs, 60 images per step
     python3 train.py se_resnet50 MSLoss --pretrained imagenet --augment stain   # one's own tissue (docs/own_tissue.md)
 
 Every file is named after the run's identity, `<model>_<loss>` with a tag for each model or loss option
 that differs from its default (`se_resnet50_MSLoss` for the paper's run, `se_resnet50-noattention_MSLoss`
 for its ablation; `histo_retrieval.evaluation.checkpoint.run_identity`). Every epoch writes the last-epoch checkpoint (for
---resume: `<output-dir>/checkpoint.pth`, or `<identity>_checkpoint.pth` for a run with options) and, when
+--resume: `<output-dir>/<identity>_checkpoint.pth`) and, when
 the validation loss improves, `<output-dir>/<identity>_<val_loss:.4f>.pth` (a bare state_dict with
 --save-bare-state-dict, as the reference writes it); otherwise both are dicts holding the model
 state_dict in the reference layout with everything needed to resume or evaluate it (see

@@ -104,7 +104,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Train and evaluate each ratio, then the main experiment; returns one row per bar (the CSV's)."""
     if args.resume:
         raise UserError("--resume: train_traindata.py trains each ratio from scratch; resume one ratio with "
-                        "train.py --data-ratio R --output-dir <output-dir>/ratio_R --resume .../checkpoint.pth")
+                        "train.py --data-ratio R --output-dir <output-dir>/ratio_R --resume .../<run>_checkpoint.pth")
     names = resolve_names(args)
     model_name, loss_name = names.model_name, names.loss_name
     bad = [r for r in args.ratios if not 0.0 < r <= 1.0]

@@ -329,8 +329,8 @@ def train_py_run(label: str, device: str, processes: int, batch_size: int, crop_
         problems.append(f"exit status {result.returncode} ({last[:160]})")
     elif result.stdout.count("epoch 2/2") != 1:
         problems.append("rank 0 did not print epoch 2/2 exactly once")
-    if not result.returncode and not (out / "checkpoint.pth").exists():
-        problems.append("no checkpoint.pth")
+    if not result.returncode and not (out / "se_resnet50_MSLoss_checkpoint.pth").exists():
+        problems.append("no se_resnet50_MSLoss_checkpoint.pth")
     speed, loss, steps = None, math.nan, 0
     if log.exists():
         with open(log, newline="") as f:

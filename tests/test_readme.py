@@ -175,7 +175,7 @@ def test_readme_data_step_runs_as_written(tmp_path):
 @pytest.mark.slow
 def test_readme_multi_test_command_runs_as_written_on_a_folder_like_the_demos(tmp_path, make_images, write_checkpoint):
     """`python3 multi_test.py demo_output/model/ ...` on a folder laid out as demo.py leaves it: the
-    best-validation file (`--keep-best 1`) and checkpoint.pth, over demo_output/KIMIA_data."""
+    best-validation file (`--keep-best 1`) and se_resnet50_MSLoss_checkpoint.pth, over demo_output/KIMIA_data."""
     line = next(line for line in readme_commands() if line.startswith("python3 multi_test.py demo_output/model/"))
     shutil.copy(REPO / "multi_test.py", tmp_path / "multi_test.py")
     data = tmp_path / "demo_output" / "KIMIA_data"
@@ -184,18 +184,18 @@ def test_readme_multi_test_command_runs_as_written_on_a_folder_like_the_demos(tm
     model = tmp_path / "demo_output" / "model"
     model.mkdir()
     write_checkpoint(model / "se_resnet50_MSLoss_0.4000.pth", "se_resnet50", val_loss=0.4, epoch=3, attention=False)
-    write_checkpoint(model / "checkpoint.pth", "se_resnet50", val_loss=0.45, best_val_loss=0.4, epoch=4,
-                     attention=False)
+    write_checkpoint(model / "se_resnet50_MSLoss_checkpoint.pth", "se_resnet50", val_loss=0.45, best_val_loss=0.4,
+                     epoch=4, attention=False)
 
     result = run(line, tmp_path)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     assert "se_resnet50_MSLoss_0.4000.pth [se_resnet50, protocol test, selected by validation]" in result.stdout
     with open(model / "results.csv", newline="") as f:
         rows = {(row["checkpoint"], row["protocol"]): row for row in csv.DictReader(f)}
-    assert set(rows) == {(name, protocol) for name in ("checkpoint.pth", "se_resnet50_MSLoss_0.4000.pth")
-                         for protocol in ("test", "train")}
+    names = ("se_resnet50_MSLoss_checkpoint.pth", "se_resnet50_MSLoss_0.4000.pth")
+    assert set(rows) == {(name, protocol) for name in names for protocol in ("test", "train")}
     assert rows[("se_resnet50_MSLoss_0.4000.pth", "test")]["selected_by"] == "validation"
-    assert rows[("checkpoint.pth", "test")]["selected_by"] == "last_epoch"
+    assert rows[("se_resnet50_MSLoss_checkpoint.pth", "test")]["selected_by"] == "last_epoch"
     for row in rows.values():
         assert 0 <= float(row["eta_total"]) <= float(row["eta_p"]) <= 1
     assert (model / "confusion" / "se_resnet50_MSLoss_0.4000_test.csv").is_file()

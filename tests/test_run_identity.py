@@ -154,7 +154,7 @@ def test_a_new_run_refuses_a_folder_holding_a_run_of_its_identity(data: Path, tm
     folder = tmp_path / "model"
     folder.mkdir()
     write_run_file(folder / "se_resnet50_MSLoss_0.4000.pth", 0.4, 0, DEFAULT_SE)
-    write_run_file(folder / "checkpoint.pth", 0.4, 0, DEFAULT_SE)
+    write_run_file(folder / "se_resnet50_MSLoss_checkpoint.pth", 0.4, 0, DEFAULT_SE)
     (folder / "se_resnet50_MSLoss_log.csv").write_text("epoch,train_loss,val_loss\n0,1.0,0.4\n")
     before = snapshot(folder)
     common = ["se_resnet50", "MSLoss", "--data-dir", data, "--output-dir", folder, "--epochs", 1, *QUICK]
@@ -164,7 +164,8 @@ def test_a_new_run_refuses_a_folder_holding_a_run_of_its_identity(data: Path, tm
         err = capsys.readouterr().err
         assert err.splitlines() == [
             f"error: {folder} already holds a se_resnet50_MSLoss run (se_resnet50_MSLoss_log.csv and 2 more), which "
-            f"this run would overwrite; pass --resume {folder / 'checkpoint.pth'} to continue it, or a new --output-dir"]
+            f"this run would overwrite; pass --resume {folder / 'se_resnet50_MSLoss_checkpoint.pth'} to continue it, or a "
+            "new --output-dir"]
         assert snapshot(folder) == before
     # Another identity (the ablation) is no overwrite. (--resume skips the check: tests/test_train.py resumes
     # into the folder it continues.)
@@ -174,19 +175,18 @@ def test_a_new_run_refuses_a_folder_holding_a_run_of_its_identity(data: Path, tm
 def test_only_the_runs_own_last_epoch_file_counts(tmp_path: Path) -> None:
     folder = tmp_path / "model"
     folder.mkdir()
-    # The folder's runs without options share checkpoint.pth, as before: it holds an ABE_M run here.
-    write_run_file(folder / "checkpoint.pth", 0.4, 0, {"embedding_dim": 512, "num_learners": 4}, model_name="ABE_M",
-                   loss_name="ABELoss", loss_options={})
+    # Each run has a last-epoch file of its own; the shared checkpoint.pth of earlier versions is nobody's.
+    write_run_file(folder / "ABE_M_ABELoss_checkpoint.pth", 0.4, 0, {"embedding_dim": 512, "num_learners": 4},
+                   model_name="ABE_M", loss_name="ABELoss", loss_options={})
+    write_run_file(folder / "checkpoint.pth", 0.4, 0, DEFAULT_SE)
     assert training.RunFiles(folder, "se_resnet50_MSLoss").existing() == []
-    assert training.RunFiles(folder, "ABE_M_ABELoss").existing() == [folder / "checkpoint.pth"]
-    (folder / "checkpoint.pth").write_text("not a checkpoint")
-    assert training.RunFiles(folder, "ABE_M_ABELoss").existing() == []
+    assert training.RunFiles(folder, "ABE_M_ABELoss").existing() == [folder / "ABE_M_ABELoss_checkpoint.pth"]
     write_run_file(folder / "se_resnet50-noattention_MSLoss_checkpoint.pth", 0.4, 0, ABLATION_SE)
     assert training.RunFiles(folder, "se_resnet50-noattention_MSLoss").existing() == [
         folder / "se_resnet50-noattention_MSLoss_checkpoint.pth"]
     assert training.RunFiles(folder, "se_resnet50-noattention_MSLoss").last_epoch.name == \
         "se_resnet50-noattention_MSLoss_checkpoint.pth"
-    assert training.RunFiles(folder, "se_resnet50_MSLoss").last_epoch.name == "checkpoint.pth"
+    assert training.RunFiles(folder, "se_resnet50_MSLoss").last_epoch.name == "se_resnet50_MSLoss_checkpoint.pth"
 
 
 @pytest.mark.slow
@@ -196,7 +196,8 @@ def test_the_main_run_and_its_ablation_share_a_folder_without_touching_each_othe
     main_run = train.main(parse(*common))
     main_files = snapshot(folder)
     best = Path(main_run["best_checkpoint"]).name
-    assert set(main_files) == {"checkpoint.pth", best, "se_resnet50_MSLoss_log.csv", "se_resnet50_MSLoss_loss.png"}
+    assert set(main_files) == {"se_resnet50_MSLoss_checkpoint.pth", best, "se_resnet50_MSLoss_log.csv",
+                               "se_resnet50_MSLoss_loss.png"}
     assert best == f"se_resnet50_MSLoss_{main_run['best_val_loss']:.4f}.pth"
 
     ablation = train.main(parse(*common, "--no-attention"))
@@ -211,7 +212,7 @@ def test_the_main_run_and_its_ablation_share_a_folder_without_touching_each_othe
     assert last["model_options"] == ABLATION_SE and last["epoch"] == 0
 
     labels = {p.name: label for p, label in select_checkpoints(sorted(folder.glob("*.pth"))).items()}
-    assert labels == {best: "validation", ablation_best: "validation", "checkpoint.pth": "last_epoch",
+    assert labels == {best: "validation", ablation_best: "validation", "se_resnet50_MSLoss_checkpoint.pth": "last_epoch",
                       "se_resnet50-noattention_MSLoss_checkpoint.pth": "last_epoch"}
     assert describe_checkpoint(folder / best).run == "se_resnet50_MSLoss"
     assert describe_checkpoint(folder / ablation_best).run == "se_resnet50-noattention_MSLoss"

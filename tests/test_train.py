@@ -34,6 +34,13 @@ REPO = Path(__file__).resolve().parents[1]
 LAYOUT = json.loads((REPO / "tests" / "data" / "state_dict_layout.json").read_text())
 
 
+def last_epoch(folder: Path) -> Path:
+    """The one run's last-epoch checkpoint in `folder` (`<identity>_checkpoint.pth`)."""
+    found = sorted(folder.glob("*_checkpoint.pth"))
+    assert len(found) == 1, found
+    return found[0]
+
+
 def layout(model_name: str) -> list[tuple[str, list[int]]]:
     """The reference's state_dict keys and shapes, in order."""
     return [(key, shape) for key, shape in LAYOUT[model_name]["state_dict"]]
@@ -93,7 +100,7 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def best_checkpoints(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("*.pth") if p.name != "checkpoint.pth")
+    return sorted(p for p in folder.glob("*.pth") if not p.name.endswith("_checkpoint.pth"))
 
 
 # ----------------------------------------------------------------------------- end-to-end
@@ -107,7 +114,7 @@ def test_two_epochs_write_both_checkpoints_log_and_plot(data_root: Path, tmp_pat
     assert result.returncode == 0, result.stderr
     assert "epoch 1/2" in result.stdout and "epoch 2/2" in result.stdout
 
-    last = load(out / "checkpoint.pth")
+    last = load(last_epoch(out))
     assert CHECKPOINT_KEYS <= set(last)
     assert last["epoch"] == 1 and last["model_name"] == "se_resnet50" and last["loss_name"] == "MSLoss"
     assert last["model_options"] == {"embedding_dim": 512, "num_learners": 1, "attention": True}
@@ -138,7 +145,7 @@ def test_two_epochs_write_both_checkpoints_log_and_plot(data_root: Path, tmp_pat
 def uninterrupted_run(data_root: Path, out: Path, epochs: int, extra: list[str]) -> dict:
     train.main(parse("ABE_M", "ContrastiveLoss", "--data-dir", data_root / "train", "--output-dir", out,
                      "--epochs", epochs, *QUICK, *extra))
-    return load(out / "checkpoint.pth")
+    return load(last_epoch(out))
 
 
 @pytest.mark.slow
@@ -152,17 +159,17 @@ def test_killed_run_resumes_at_next_epoch_with_identical_state(data_root: Path, 
                                 data_root / "train", "--output-dir", out, "--epochs", "50", *QUICK, *extra],
                                cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
-    while not (out / "checkpoint.pth").exists() and process.poll() is None and time.time() < deadline:
+    while not list(out.glob("*_checkpoint.pth")) and process.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()
-    killed_at = load(out / "checkpoint.pth")["epoch"]
+    killed_at = load(last_epoch(out))["epoch"]
     assert killed_at < 2
 
     result = train.main(parse("ABE_M", "ContrastiveLoss", "--data-dir", data_root / "train", "--output-dir", out,
-                              "--epochs", 3, *QUICK, *extra, "--resume", out / "checkpoint.pth"))
-    resumed = load(out / "checkpoint.pth")
+                              "--epochs", 3, *QUICK, *extra, "--resume", last_epoch(out)))
+    resumed = load(last_epoch(out))
     assert [h["epoch"] for h in result["history"]] == [0, 1, 2]
     assert resumed["epoch"] == 2
     assert resumed["lr_scheduler"] == reference["lr_scheduler"]
@@ -187,7 +194,7 @@ def test_keep_best_removes_older_best_checkpoints_of_the_run(data_root: Path, tm
     val_losses = [h["val_loss"] for h in result["history"]]
     assert val_losses == sorted(val_losses, reverse=True)  # the stub improves every epoch: 3 removals
     assert best_checkpoints(out) == [Path(result["best_checkpoint"])]
-    assert load(out / "checkpoint.pth")["best_val_loss"] == pytest.approx(min(val_losses))
+    assert load(last_epoch(out))["best_val_loss"] == pytest.approx(min(val_losses))
 
 
 @pytest.mark.slow
@@ -201,7 +208,7 @@ def test_torchrun_two_processes_on_gloo_with_pk_batches(data_root: Path, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("epoch 1/1") == 1  # only rank 0 prints
     assert len(best_checkpoints(out)) == 1
-    last = load(out / "checkpoint.pth")
+    last = load(last_epoch(out))
     assert last["epoch"] == 0 and keys_and_shapes(last["model"]) == layout("ABE_M")
     # 18 training images, 4 per process and step, 2 processes: 2 steps each.
     assert last["history"][0]["train_batches"] == 4
@@ -407,7 +414,7 @@ def test_non_finite_loss_stops_before_writing_and_keeps_last_good_checkpoint(
     with pytest.raises(UserError, match=r"epoch 2: the loss became non-finite .*checkpoint\.pth.*lower --lr"):
         train.main(parse("ABE_M", "ContrastiveLoss", "--data-dir", data_root / "train", "--output-dir", out,
                          "--epochs", "3", *QUICK))
-    assert load(out / "checkpoint.pth")["epoch"] == 0
+    assert load(last_epoch(out))["epoch"] == 0
     assert len(read_csv(out / "ABE_M_ContrastiveLoss_log.csv")) == 1
 
 
@@ -422,7 +429,7 @@ def test_a_corrupt_image_is_left_out_and_reported(data_root: Path, tmp_path: Pat
                               "--epochs", "1", *QUICK))
     assert [path for path, _ in result["unreadable"]] == [str(corrupt)]
     assert f"1 unreadable image(s) were left out:\n  {corrupt} (" in capsys.readouterr().err
-    assert load(tmp_path / "out" / "checkpoint.pth")["epoch"] == 0
+    assert load(last_epoch(tmp_path / "out"))["epoch"] == 0
     assert corrupt.read_bytes() == b"\x89PNG\r\n\x1a\n not really a PNG"  # the user's data is left alone
 
 
@@ -565,7 +572,7 @@ def test_learning_rate_sequence_straight_and_resumed(step: int, gamma: float, at
 
     train.main(parse(*common, "--output-dir", tmp_path / "resumed", "--epochs", 3))
     resumed = train.main(parse(*common, "--output-dir", tmp_path / "resumed", "--epochs", epochs,
-                               "--resume", tmp_path / "resumed" / "checkpoint.pth"))
+                               "--resume", last_epoch(tmp_path / "resumed")))
     assert [h["lr"] for h in resumed["history"]] == pytest.approx(expected, rel=1e-12)
     assert stub_epochs == [*range(epochs), 0, 1, 2, *range(3, epochs)]
 
@@ -580,7 +587,7 @@ def test_the_reference_schedule_on_current_pytorch_is_49_50_1() -> None:
 def one_epoch_checkpoint(data_root: Path, tmp_path: Path, stub_epochs: list[int]) -> Path:
     train.main(parse("ABE_M", "ContrastiveLoss", "--data-dir", data_root / "train", "--output-dir", tmp_path / "first",
                      "--epochs", 1, *QUICK))
-    return tmp_path / "first" / "checkpoint.pth"
+    return last_epoch(tmp_path / "first")
 
 
 @pytest.mark.parametrize("extra, difference", [
@@ -633,6 +640,6 @@ def test_save_bare_state_dict_writes_the_reference_file_and_keeps_the_checkpoint
     best = load(Path(result["best_checkpoint"]))
     assert all(isinstance(v, torch.Tensor) for v in best.values())
     assert keys_and_shapes(best) == layout("se_resnet50")
-    assert CHECKPOINT_KEYS <= set(load(out / "checkpoint.pth"))
-    for key, value in load(out / "checkpoint.pth")["model"].items():
+    assert CHECKPOINT_KEYS <= set(load(last_epoch(out)))
+    for key, value in load(last_epoch(out))["model"].items():
         assert torch.equal(best[key], value), key

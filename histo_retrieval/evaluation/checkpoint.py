@@ -42,7 +42,7 @@ REFERENCE_HEADS = {"resnet50": ("att_branches.", "last_linear.weight"), "ABE_M":
 # pickle (protocol 2 or later).
 TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
 OPTION_SEPARATOR = "-"  # no model or loss name holds one, so a run identity with options is told apart by it
-LAST_EPOCH_NAME = "checkpoint.pth"  # the last epoch of a run without options (train.py's name for it)
+LAST_EPOCH_NAME = "checkpoint.pth"  # a run's last epoch is <identity>_checkpoint.pth; earlier versions wrote this name
 
 
 class CheckpointError(UserError):
@@ -162,13 +162,14 @@ def content_identity(name: str, content: Any) -> str | None:
 
 
 def last_epoch_name(identity: str) -> str:
-    """The file name of a run's last-epoch checkpoint: `checkpoint.pth` for a run without options (shared
-    by the default runs of one folder, as before), `<identity>_checkpoint.pth` otherwise."""
-    return f"{identity}_{LAST_EPOCH_NAME}" if OPTION_SEPARATOR in identity else LAST_EPOCH_NAME
+    """The file name of a run's last-epoch checkpoint, `<identity>_checkpoint.pth`: its own, so that the
+    runs of one folder (the nine model-loss pairs in model/) never overwrite each other's."""
+    return f"{identity}_{LAST_EPOCH_NAME}"
 
 
 def is_last_epoch_name(name: str) -> bool:
-    """Whether a file name is a run's last-epoch checkpoint (see last_epoch_name)."""
+    """Whether a file name is a run's last-epoch checkpoint (see last_epoch_name), or the shared
+    `checkpoint.pth` of earlier versions."""
     return name == LAST_EPOCH_NAME or name.endswith(f"_{LAST_EPOCH_NAME}")
 
 

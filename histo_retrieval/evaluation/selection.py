@@ -4,7 +4,7 @@
     loss = validation_loss(path)         # float, or None where neither the file nor its name says
 
 train.py saves `<model>_<loss>_<val_loss:.4f>.pth` whenever the validation loss improves and
-`checkpoint.pth` (the last epoch) every epoch; the reference saves only the former, as bare
+`<identity>_checkpoint.pth` (the last epoch) every epoch; the reference saves only the former, as bare
 state_dicts. Scoring every file on the test set and keeping the best would select on the test
 set, so a run's result is the file its validation loss selects: the best-validation file with
 the lowest validation loss, which is the newest best (see docs/reproduction.md).
@@ -16,7 +16,7 @@ recorded, never from its name; for a bare state_dict from its name and keys, and
 (everything before `_<val_loss>.pth`) when that is not `<model>_<loss>`, so a ratio prefix such as
 the reference's `0.2se_resnet_MsLoss_0.1234.pth` makes its own run.
 Labels: "validation" for each run's selected file, "last_epoch" for the last-epoch files
-(`checkpoint.pth`, `<identity>_checkpoint.pth`), "" for the rest (older bests, and files whose
+(`<identity>_checkpoint.pth`, and `checkpoint.pth` from earlier versions), "" for the rest (older bests, and files whose
 validation loss cannot be read: those are no candidates).
 """
 from __future__ import annotations

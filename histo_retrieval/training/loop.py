@@ -31,7 +31,7 @@ import losses
 import models
 from histo_retrieval.figures import pyplot, save_figure
 
-from histo_retrieval.evaluation.checkpoint import (LAST_EPOCH_NAME, CheckpointError, content_identity, is_training_checkpoint, last_epoch_name,
+from histo_retrieval.evaluation.checkpoint import (CheckpointError, is_training_checkpoint, last_epoch_name,
                          read_torch_file, run_identity)
 from histo_retrieval.data.datasets import (AUGMENTS, KimiaDataset, SkipUnreadable, collate_readable, eval_transform, split_train_val,
                    subsample_per_class, train_transform)
@@ -147,7 +147,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                           "reference (default: %(default)s)")
     run.add_argument("--save-bare-state-dict", action="store_true",
                      help="write the best-validation files as bare state_dicts, as the reference does, so that the "
-                          "reference's multi_test.py reads them; checkpoint.pth keeps everything (default: off)")
+                          "reference's multi_test.py reads them; <run>_checkpoint.pth keeps everything (default: off)")
     run.add_argument("--resume", default=None, metavar="PATH",
                      help="continue from a checkpoint written by this script, at the epoch after it; refused when "
                           "its settings or training files differ from this command's, but --epochs may grow "
@@ -451,7 +451,7 @@ def load_resume_checkpoint(path: str, run: dict, args: argparse.Namespace) -> di
     try:
         checkpoint = read_torch_file(path, label=f"--resume {path}")
     except CheckpointError as err:
-        raise UserError(f"{err}; use the checkpoint.pth of an earlier run") from None
+        raise UserError(f"{err}; use the <run>_checkpoint.pth of an earlier run") from None
     if not is_training_checkpoint(checkpoint) or "optimizer" not in checkpoint:
         raise UserError(f"--resume {path}: not a checkpoint written by train.py")
     for key in ("model_name", "loss_name", "model_options", "class_names"):
@@ -490,7 +490,7 @@ class RunFiles(NamedTuple):
 
     @property
     def last_epoch(self) -> Path:
-        """Rewritten every epoch, for --resume: checkpoint.pth, or <identity>_checkpoint.pth for a run with options."""
+        """Rewritten every epoch, for --resume: <identity>_checkpoint.pth."""
         return Path(self.output_dir) / last_epoch_name(self.identity)
 
     @property
@@ -506,25 +506,16 @@ class RunFiles(NamedTuple):
 
     def existing(self) -> list[Path]:
         """The files of a run of this identity already in the folder: the log, the plot, best-validation
-        files by name, and the last-epoch file (checkpoint.pth only when its recorded run is this one,
-        since the folder's runs without options share it)."""
+        files by name, and the last-epoch file."""
         folder = Path(self.output_dir)
         if not folder.is_dir():
             return []
         found = [path for path in (self.log, self.plot) if path.exists()]
         found += sorted(path for path in folder.glob("*.pth")
                         if (match := LOSS_IN_NAME.match(path.name)) and match["run"] == self.identity)
-        if self.last_epoch.exists() and self._last_epoch_is_this_run():
+        if self.last_epoch.exists():
             found.append(self.last_epoch)
         return found
-
-    def _last_epoch_is_this_run(self) -> bool:
-        if self.last_epoch.name != LAST_EPOCH_NAME:
-            return True  # <identity>_checkpoint.pth: no other run writes it
-        try:
-            return content_identity(self.last_epoch.name, read_torch_file(self.last_epoch, mmap=True)) == self.identity
-        except CheckpointError:
-            return False  # not a run's checkpoint: no run is lost by replacing it
 
 
 def refuse_other_run(files: RunFiles) -> None:
