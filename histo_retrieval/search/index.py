@@ -108,6 +108,11 @@ class SourceRow:
     def name(self) -> str:
         return Path(self.path).name
 
+    def file_changed(self) -> bool:
+        """Whether the file at its path is not the one indexed: another size or modification time
+        (compared exactly: SQLite's REAL keeps os.stat's float as it was). OSError when it is gone."""
+        return file_stat(self.path) != (self.file_size, self.mtime)
+
 
 @dataclass(frozen=True)
 class Thumbnail:
@@ -148,14 +153,13 @@ class SlideChanged(UserError):
 
 def check_unchanged(record: SourceRow) -> None:
     """Raise SlideChanged when the file at an indexed slide's path is not the one its record
-    describes, SlideError when it is gone. The modification time is compared exactly: SQLite's
-    REAL keeps os.stat's float as it was."""
+    describes (SourceRow.file_changed), SlideError when it is gone."""
     path = record.path
     try:
-        current = file_stat(path)
+        changed = record.file_changed()
     except OSError:
         raise SlideError(f"{path}: no such slide file") from None
-    if current != (record.file_size, record.mtime):
+    if changed:
         raise SlideChanged(f"{path}: the slide changed since it was indexed (its size or modification time "
                            "differs); index it again with `retrieve.py index CHECKPOINT "
                            f"{path} --index DIR --replace`")

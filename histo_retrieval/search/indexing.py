@@ -420,8 +420,7 @@ def index_sources(index: SlideIndex, sources: Sequence[str], embedder: Embedder,
         known = index.source_by_path(job.path)
         if known is not None and known.state == "indexed":
             if not replace:
-                changed = job.kind == "slide" and Path(job.path).is_file() and \
-                    file_stat(job.path) != (known.file_size, known.mtime)
+                changed = job.kind == "slide" and Path(job.path).is_file() and known.file_changed()
                 report.skipped.append(job.path)
                 print(f"{job.path}: already indexed ({known.patch_count} patches), skipped"
                       + ("; the file changed since, pass --replace to index it again" if changed else ""))
