@@ -43,7 +43,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from histo_retrieval.evaluation.checkpoint import CheckpointError, load_model
+from histo_retrieval.encoders.weights import CheckpointError
+from histo_retrieval.encoders.project import load_model
 from histo_retrieval.errors import UserError, one_line, run_script
 from histo_retrieval.evaluation.protocols import (PROTOCOLS, RESULTS_MODES, Evaluator, ResultFiles, plot_embeddings, ranking_table,
                              selected_table, tsne_coordinates, write_outputs)

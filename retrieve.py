@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from histo_retrieval import distributed
-from histo_retrieval.evaluation.checkpoint import load_model
+from histo_retrieval.encoders.project import load_model
 from histo_retrieval.evaluation.embedder import Embedder, check_settings
 from histo_retrieval.errors import UserError
 from histo_retrieval.images import report_unreadable

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import train
 from histo_retrieval.distributed import run_distributed_script
 from histo_retrieval.errors import UserError
-from histo_retrieval.evaluation.checkpoint import load_model
+from histo_retrieval.encoders.project import load_model
 from histo_retrieval.evaluation.protocols import Evaluator
 from histo_retrieval.files import command_line, write_csv
 from histo_retrieval.runtime import select_device

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import models  # noqa: E402
-from histo_retrieval.evaluation.checkpoint import load_model  # noqa: E402
+from histo_retrieval.encoders.project import load_model  # noqa: E402
 from histo_retrieval.data.datasets import KimiaDataset, eval_transform  # noqa: E402
 from histo_retrieval.evaluation.protocols import Evaluator  # noqa: E402
 from histo_retrieval.runtime import select_device  # noqa: E402

@@ -18,7 +18,7 @@ Set-up (not timed): a randomly initialised model saved as train.py saves it
 (histo_retrieval.evaluation.checkpoint.training_checkpoint), and --slides synthetic pyramidal slides (KIMIA_data/synthetic.py's
 write_slide, Aperio-layout JPEG TIFFs read through OpenSlide), each with two tissue boxes side by side
 covering most of the slide, so that a slide has hundreds of patches as a scanned one has thousands.
-The model is loaded once (histo_retrieval.evaluation.checkpoint.load_model) and warmed up with two batches.
+The model is loaded once (histo_retrieval.encoders.project.load_model) and warmed up with two batches.
 
 Indexing rate: the path of `retrieve.py index` (retrieve.py's run_index) for a fresh index folder each
 repeat: the settings it gives a new index by default (IndexSettings.for_model), SlideIndex.create,
@@ -74,7 +74,7 @@ import numpy as np
 import torch
 
 from bench.timing import write_checkpoint
-from histo_retrieval.evaluation.checkpoint import load_model
+from histo_retrieval.encoders.project import load_model
 from histo_retrieval.evaluation.embedder import Embedder
 from histo_retrieval.files import atomic_write_text, command_line
 from histo_retrieval.search.indexing import Job, Chunk, ChunkReader, index_sources, plan_job

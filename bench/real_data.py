@@ -20,7 +20,7 @@ Steps (each prints its progress):
   3. the untrained network: the same architecture and options, initialised with the same seed as
      train.py initialises it (before any --pretrained weights), saved as train.py saves its
      checkpoint (the trained checkpoint's dict with these weights, hence the same crop, classes and
-     input preprocessing) in DIR/untrained/, and loaded with histo_retrieval.evaluation.checkpoint.load_model as the trained one;
+     input preprocessing) in DIR/untrained/, and loaded with histo_retrieval.encoders.project.load_model as the trained one;
   4. evaluate: both models through histo_retrieval.evaluation.protocols.Evaluator, and the colour histogram on the very
      same decoded eval crops; every row scored by metrics.retrieval_metrics under both protocols:
        test  (the paper's): leave-one-out inside the test set;
@@ -206,7 +206,8 @@ def untrained_state_dict(model_name: str, model_options: dict, seed: int) -> dic
 def write_untrained_checkpoint(trained_path: str | os.PathLike, path: Path) -> Path:
     """train.py's checkpoint dict of `trained_path` with the untrained weights of its architecture,
     options and seed (the crop, classes and input preprocessing stay the trained model's)."""
-    from histo_retrieval.evaluation.checkpoint import read_torch_file, save_torch_file
+    from histo_retrieval.evaluation.checkpoint import save_torch_file
+    from histo_retrieval.encoders.weights import read_torch_file
 
     content = read_torch_file(trained_path)
     if not isinstance(content, dict) or "model_name" not in content:
@@ -320,7 +321,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     import train
-    from histo_retrieval.evaluation.checkpoint import load_model
+    from histo_retrieval.encoders.project import load_model
     from histo_retrieval.evaluation.protocols import Evaluator
 
     data = out / "data"

@@ -79,7 +79,7 @@ import torch
 from PIL import Image
 
 from bench.timing import write_checkpoint  # noqa: E402
-from histo_retrieval.evaluation.checkpoint import load_model  # noqa: E402
+from histo_retrieval.encoders.project import load_model  # noqa: E402
 from histo_retrieval.data.datasets import eval_crop  # noqa: E402
 from histo_retrieval.evaluation.embedder import Embedder  # noqa: E402
 from histo_retrieval.errors import UserError  # noqa: E402

@@ -25,6 +25,7 @@ SKIPPED_FOLDERS = {"node_modules", "__pycache__", "build", "dist"}
 PARTS = {
     "histo_retrieval": "base",  # histo_retrieval/*.py: errors, files, images, figures, runtime, distributed
     "histo_retrieval.data": "data",
+    "histo_retrieval.encoders": "encoders",
     "histo_retrieval.evaluation": "evaluation",
     "histo_retrieval.training": "training",
     "histo_retrieval.search": "search",
@@ -37,25 +38,27 @@ PARTS = {
     "bench": "bench",
     "tests": "tests",
 }
-LIBRARY = ("base", "data", "evaluation", "training", "search", "models", "losses")
+LIBRARY = ("base", "data", "encoders", "evaluation", "training", "search", "models", "losses")
 
 # (a) Third-party packages that only one part may import (tests and bench/ use them to check and to
 # time the search package against them).
-CONFINED = {"faiss": "search", "openslide": "search", "tiffslide": "search"}
+CONFINED = {"faiss": "search", "openslide": "search", "tiffslide": "search", "timm": "encoders",
+            "safetensors": "encoders"}
 CONFINEMENT_EXEMPT = ("tests", "bench")
 
 # (b) The parts that may import histo_retrieval.search, besides the package itself: the command that
 # runs it, its benchmarks and its tests. The rest of the library never does (rule (c) says it again).
 SEARCH_IMPORTERS = ("scripts:retrieve", "bench", "tests")
 
-# (c) The library's layers, bottom up (base <- data <- evaluation <- training; evaluation <- search):
-# what each may import of the project. models and losses lie under all of them (rule (d)).
+# (c) The library's layers, bottom up (base <- data <- encoders <- evaluation <- training; evaluation <-
+# search): what each may import of the project. models and losses lie under all of them (rule (d)).
 LAYERS = {
     "base": {"base"},
     "data": {"base", "data"},
-    "evaluation": {"base", "data", "evaluation", "models", "losses"},
-    "training": {"base", "data", "evaluation", "training", "models", "losses"},
-    "search": {"base", "data", "evaluation", "search", "models", "losses"},
+    "encoders": {"base", "data", "encoders", "models"},
+    "evaluation": {"base", "data", "encoders", "evaluation", "models", "losses"},
+    "training": {"base", "data", "encoders", "evaluation", "training", "models", "losses"},
+    "search": {"base", "data", "encoders", "evaluation", "search", "models", "losses"},
 }
 
 # (d) The networks and the losses import nothing of the project but themselves.

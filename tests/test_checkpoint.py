@@ -13,8 +13,9 @@ import losses
 import models
 from histo_retrieval.data.preprocessing import Preprocessing
 from histo_retrieval.evaluation import checkpoint
-from histo_retrieval.evaluation.checkpoint import (CheckpointError, load_model, read_torch_file, run_identity,
-                                                   save_torch_file, training_checkpoint)
+from histo_retrieval.evaluation.checkpoint import run_identity, save_torch_file, training_checkpoint
+from histo_retrieval.encoders.weights import CheckpointError, read_torch_file
+from histo_retrieval.encoders.project import is_training_checkpoint, load_model
 
 DEFAULT_SE = {"embedding_dim": 512, "num_learners": 1, "attention": True}
 ABLATION_SE = {**DEFAULT_SE, "attention": False}
@@ -98,7 +99,7 @@ def test_the_conftest_fixture_writes_through_the_librarys_writer(tmp_path: Path,
     write_checkpoint(tmp_path / "c.pth", "ABE_M", crop_size=48, seed=4, val_loss=0.25, epoch=3, num_learners=2,
                      embedding_dim=256)
     saved = read_torch_file(tmp_path / "c.pth")
-    assert set(saved) == CHECKPOINT_KEYS and checkpoint.is_training_checkpoint(saved)
+    assert set(saved) == CHECKPOINT_KEYS and is_training_checkpoint(saved)
     assert (saved["model_name"], saved["model_options"]) == ("ABE_M", {"embedding_dim": 256, "num_learners": 2})
     assert (saved["crop_size"], saved["seed"], saved["epoch"], saved["val_loss"], saved["best_val_loss"]) == \
         (48, 4, 3, 0.25, 0.25)

@@ -13,7 +13,7 @@ from torchvision import transforms
 
 from histo_retrieval.data.datasets import KimiaDataset, eval_crop, eval_transform
 from histo_retrieval.errors import UserError
-from histo_retrieval.evaluation.checkpoint import load_model
+from histo_retrieval.encoders.project import load_model
 from histo_retrieval.evaluation.embedder import CropCache, Embedder
 
 CROP = 32

@@ -16,7 +16,8 @@ import models
 import multi_test
 from histo_retrieval.evaluation import embedder as embedder_module
 from histo_retrieval.evaluation import protocols as evaluation
-from histo_retrieval.evaluation.checkpoint import CheckpointError, load_model, read_torch_file
+from histo_retrieval.encoders.weights import CheckpointError, read_torch_file
+from histo_retrieval.encoders.project import load_model
 from histo_retrieval.data.datasets import KimiaDataset, eval_transform
 from histo_retrieval.files import command_line
 

@@ -16,7 +16,7 @@ from PIL import Image
 import models
 import retrieve
 import train
-from histo_retrieval.evaluation.checkpoint import load_model
+from histo_retrieval.encoders.project import load_model
 from histo_retrieval.data.datasets import eval_transform
 from histo_retrieval.evaluation.embedder import Embedder
 from histo_retrieval.errors import UserError

@@ -8,7 +8,7 @@ from PIL import Image
 from histo_retrieval.data.datasets import KimiaDataset, eval_transform
 from histo_retrieval.errors import UserError
 from histo_retrieval.evaluation import protocols as evaluation
-from histo_retrieval.evaluation.checkpoint import load_model
+from histo_retrieval.encoders.project import load_model
 from histo_retrieval.evaluation.embedder import Embedder
 from histo_retrieval.evaluation.metrics import kimia_accuracy
 from histo_retrieval.evaluation.protocols import Evaluator, evaluate_checkpoint

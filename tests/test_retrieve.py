@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import retrieve
-from histo_retrieval.evaluation.checkpoint import load_model
+from histo_retrieval.encoders.project import load_model
 from histo_retrieval.evaluation.embedder import Embedder
 from histo_retrieval.search.index import SlideIndex
 

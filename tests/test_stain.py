@@ -370,7 +370,7 @@ def test_training_with_stain_normalisation_and_augmentation_end_to_end(tmp_path:
     """train.py --stain-normalize macenko --augment stain: the target's stain goes into the checkpoint,
     every tool that embeds with it normalises the same way, and a blank patch is counted, not fatal."""
     import train
-    from histo_retrieval.evaluation.checkpoint import load_model
+    from histo_retrieval.encoders.project import load_model
     from histo_retrieval.evaluation.embedder import Embedder
     from histo_retrieval.evaluation.metrics import combine_learners
 

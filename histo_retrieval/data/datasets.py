@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, random_split
@@ -45,10 +47,58 @@ def train_transform(crop_size: int = 224, augment: str = "reference",
     return transforms.Compose(steps)
 
 
-def eval_crop(crop_size: int = 224) -> transforms.Compose:
-    """The first half of the validation and test transform: the centre crop as uint8 (3 x c x c),
-    a quarter of the float32 crop's size, for crops kept between passes (histo_retrieval.evaluation.embedder)."""
-    return transforms.Compose([transforms.CenterCrop(crop_size), _uint8_tensor])
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+
+
+@dataclass(frozen=True)
+class InputSteps:
+    """The uint8 half of an encoder's input steps: optionally resize the shorter side to `resize`
+    pixels (Pillow's resampling, as torchvision's Resize on an image and timm's eval transform do),
+    then cut the centre `crop_size` x `crop_size` square (CenterCrop). Without `resize` this is the
+    reference's eval crop. Called on a PIL image or an H x W x 3 uint8 array, it gives 3 x c x c uint8:
+    a quarter of the float crop's size, kept between passes (histo_retrieval.evaluation.embedder);
+    to [0, 1], the mean and the std follow on the model's device."""
+
+    crop_size: int = 224
+    resize: int | None = None
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.crop_size < 1 or (self.resize is not None and self.resize < 1):
+            raise UserError(f"input size must be positive (crop {self.crop_size}, resize {self.resize})")
+        if self.interpolation not in INTERPOLATIONS:
+            raise UserError(f"interpolation {self.interpolation!r}: choose one of {', '.join(INTERPOLATIONS)}")
+
+    @classmethod
+    def of(cls, steps: InputSteps | int) -> InputSteps:
+        """`steps` itself, or the reference's plain centre crop of that size."""
+        return steps if isinstance(steps, InputSteps) else cls(int(steps))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"crop_size": self.crop_size, "resize": self.resize, "interpolation": self.interpolation}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> InputSteps:
+        return cls(int(data["crop_size"]), data.get("resize"), data.get("interpolation", "bilinear"))
+
+    def describe(self) -> str:
+        resize = f"resize to {self.resize} px ({self.interpolation}), " if self.resize else ""
+        return f"{resize}centre crop {self.crop_size} px"
+
+    def __call__(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+        if isinstance(image, np.ndarray) and self.resize is None:
+            return _centre_crop_array(image, self.crop_size)
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        if self.resize is not None:
+            image = transforms.functional.resize(image, self.resize,
+                                                 transforms.InterpolationMode(self.interpolation))
+        return _uint8_tensor(transforms.functional.center_crop(image, self.crop_size))
+
+
+def eval_crop(crop_size: int = 224) -> InputSteps:
+    """The first half of the validation and test transform: the centre crop as uint8 (3 x c x c)."""
+    return InputSteps(crop_size)
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
@@ -71,12 +121,17 @@ def eval_transform(crop_size: int = 224, preprocessing: Preprocessing | None = N
     return transforms.Compose(steps)
 
 
-def eval_crop_array(pixels, crop_size: int) -> torch.Tensor:
-    """eval_crop of an H x W x 3 uint8 array, cut from the array itself: the same values as
-    eval_crop(Image.fromarray(pixels)) (CenterCrop's rounding), without the trip through PIL."""
+def eval_crop_array(pixels: np.ndarray, crop_size: int) -> torch.Tensor:
+    """eval_crop of an H x W x 3 uint8 array."""
+    return InputSteps(crop_size)(pixels)
+
+
+def _centre_crop_array(pixels: np.ndarray, crop_size: int) -> torch.Tensor:
+    """CenterCrop of an array cut from the array itself: the same values as through PIL (CenterCrop's
+    rounding), without the trip."""
     height, width = pixels.shape[:2]
     if height < crop_size or width < crop_size:  # CenterCrop pads first: leave that to it
-        return eval_crop(crop_size)(Image.fromarray(pixels))
+        return _uint8_tensor(transforms.functional.center_crop(Image.fromarray(pixels), crop_size))
     top, left = int(round((height - crop_size) / 2.0)), int(round((width - crop_size) / 2.0))
     return torch.from_numpy(pixels[top:top + crop_size, left:left + crop_size]).permute(2, 0, 1).contiguous()
 

@@ -1,15 +1,17 @@
 """Images through a trained model: decoded batch by batch, embedded with bounded memory.
 
-    embedder = Embedder(load_model(path, device).model, device, batch_size=32)
-    embeddings, kept, failed = embedder.embed_files(paths, crop_size)   # decode and embed in one pass
+    encoder = load_encoder(spec, device)                                # histo_retrieval.encoders
+    embedder = Embedder(encoder.model, device, batch_size=32, preprocessing=encoder.preprocessing)
+    embeddings, kept, failed = embedder.embed_files(paths, encoder.input_steps)   # decode and embed in one pass
 
-    with CropCache(paths, crop_size) as cache:                          # decode once ...
+    with CropCache(paths, input_steps) as cache:                        # decode once ...
         for model in models:
             rows = Embedder(model, device).embed(cache.batches(32))      # ... embed many times
 
-Every image goes through the one eval transform, `histo_retrieval.data.datasets.eval_crop` (CenterCrop, as uint8) then
-`histo_retrieval.data.datasets.to_unit_float` (ToTensor's division by 255), so the embeddings are those of the
-reference's test loader. An embedding row is `metrics.combine_learners` of the model's M outputs:
+Every image goes through the encoder's input steps, `histo_retrieval.data.datasets.InputSteps` (for a
+checkpoint of this project the reference's CenterCrop, as uint8), then
+`histo_retrieval.data.datasets.to_unit_float` (ToTensor's division by 255) and the encoder's
+preprocessing, so the embeddings of a checkpoint are those of the reference's test loader. An embedding row is `metrics.combine_learners` of the model's M outputs:
 inner products of rows are the mean over learners of the cosine similarities.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from histo_retrieval.evaluation.metrics import combine_learners
 
-from histo_retrieval.data.datasets import SkipUnreadable, collate_readable, eval_crop, to_unit_float
+from histo_retrieval.data.datasets import InputSteps, SkipUnreadable, collate_readable, to_unit_float
 from histo_retrieval.errors import UserError
 from histo_retrieval.images import load_rgb
 from histo_retrieval.data.preprocessing import Preprocessing
@@ -40,12 +42,12 @@ class DecodedBatch(NamedTuple):
 
 
 class _EvalCrops(Dataset):
-    """(uint8 eval crop, position, path) of each file: the items SkipUnreadable and collate_readable
+    """(uint8 crop, position, path) of each file: the items SkipUnreadable and collate_readable
     expect, with the position as the label so that a batch says which files it kept."""
 
-    def __init__(self, paths: Sequence[str], crop_size: int) -> None:
+    def __init__(self, paths: Sequence[str], steps: InputSteps) -> None:
         self.samples = [(os.fspath(path), position) for position, path in enumerate(paths)]
-        self.crop = eval_crop(crop_size)
+        self.crop = steps
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -55,11 +57,14 @@ class _EvalCrops(Dataset):
         return self.crop(load_rgb(path)), position, path
 
 
-def decode_batches(paths: Sequence[str], crop_size: int, workers: int = 0,
+def decode_batches(paths: Sequence[str], steps: InputSteps | int, workers: int = 0,
                    batch_size: int = DECODE_BATCH) -> Iterator[DecodedBatch]:
-    """Decode and centre-crop `paths` in order, `batch_size` files at a time; unreadable files
-    (histo_retrieval.images.UNREADABLE) are left out of `images` and listed in `failed`."""
-    dataset = _EvalCrops(paths, crop_size)
+    """Decode `paths` in order through the input steps (an int: the reference's centre crop of that
+    size), `batch_size` files at a time; unreadable files (histo_retrieval.images.UNREADABLE) are left
+    out of `images` and listed in `failed`."""
+    steps = InputSteps.of(steps)
+    crop_size = steps.crop_size
+    dataset = _EvalCrops(paths, steps)
     loader = DataLoader(SkipUnreadable(dataset, range(len(dataset))), batch_size=batch_size, num_workers=workers,
                         collate_fn=collate_readable)
     for images, positions, failed in loader:
@@ -67,7 +72,7 @@ def decode_batches(paths: Sequence[str], crop_size: int, workers: int = 0,
 
 
 class CropCache:
-    """The uint8 eval crops of a list of images, decoded once into an unnamed temporary file and
+    """The uint8 crops (the input steps') of a list of images, decoded once into an unnamed temporary file and
     read back batch by batch, so that memory does not grow with the number of images.
 
     A file because the crops of a large gallery do not fit in memory (Kimia Path24's training set
@@ -78,14 +83,15 @@ class CropCache:
     created, on Linux), so it disappears when the cache is closed or the process ends.
     """
 
-    def __init__(self, paths: Sequence[str], crop_size: int, workers: int = 0,
+    def __init__(self, paths: Sequence[str], steps: InputSteps | int, workers: int = 0,
                  directory: str | os.PathLike | None = None, batch_size: int = DECODE_BATCH) -> None:
-        self.crop_size = crop_size
+        self.steps = InputSteps.of(steps)
+        self.crop_size = self.steps.crop_size
         self.kept: list[int] = []  # positions in `paths` of the decoded images, in order
         self.failed: list[tuple[str, str]] = []
         self._file = tempfile.TemporaryFile(dir=directory, prefix="crops_")
         try:
-            for batch in decode_batches(paths, crop_size, workers, batch_size):
+            for batch in decode_batches(paths, self.steps, workers, batch_size):
                 self._file.write(batch.images.numpy().data)
                 self.kept += batch.positions
                 self.failed += batch.failed
@@ -136,7 +142,7 @@ def check_settings(batch_size: int, amp: str) -> None:
 class Embedder:
     """A model in eval mode on its device, turning batches of uint8 crops into embedding rows.
 
-    `preprocessing` (the checkpoint's: histo_retrieval.evaluation.checkpoint.LoadedModel.preprocessing) adds the stain
+    `preprocessing` (the checkpoint's: histo_retrieval.encoders.Encoder.preprocessing) adds the stain
     normalisation and the mean and standard deviation a model was trained with; the reference has none.
     amp runs the forward pass under autocast (the rows stay float32); channels_last runs it in NHWC
     memory format: the same embeddings to float rounding, faster on CPUs and GPUs at the paper's
@@ -158,7 +164,7 @@ class Embedder:
             raise UserError("no images to embed")
         return torch.cat(parts)
 
-    def embed_files(self, paths: Sequence[str], crop_size: int,
+    def embed_files(self, paths: Sequence[str], steps: InputSteps | int,
                     workers: int = 0) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
         """Embeddings (on the CPU) of the readable files, each decoded batch embedded as it comes,
         their positions in `paths`, and (path, reason) of the unreadable ones."""
@@ -166,7 +172,7 @@ class Embedder:
         failed: list[tuple[str, str]] = []
 
         def readable() -> Iterator[torch.Tensor]:
-            for batch in decode_batches(paths, crop_size, workers, self.batch_size):
+            for batch in decode_batches(paths, steps, workers, self.batch_size):
                 kept.extend(batch.positions)
                 failed.extend(batch.failed)
                 yield batch.images

@@ -30,8 +30,9 @@ import torch
 from histo_retrieval.evaluation.metrics import RECALL_KS, retrieval_metrics
 from histo_retrieval.figures import pyplot, save_figure
 
-from histo_retrieval.evaluation.checkpoint import LoadedModel, load_model
-from histo_retrieval.data.datasets import KimiaDataset
+from histo_retrieval.encoders.base import Encoder
+from histo_retrieval.encoders.project import load_model
+from histo_retrieval.data.datasets import InputSteps, KimiaDataset
 from histo_retrieval.evaluation.embedder import CropCache, Embedder, check_settings
 from histo_retrieval.errors import UserError
 from histo_retrieval.files import append_csv_row, atomic_write_text, natural_sorted, write_csv
@@ -57,18 +58,20 @@ class Evaluator:
         self.batch_size, self.amp, self.workers, self.channels_last = batch_size, amp, workers, channels_last
         self.device = select_device(device)
         self.cache_dir = cache_dir
-        self._splits: dict[tuple[str, int], tuple[CropCache, list[str]]] = {}
+        self._splits: dict[tuple[str, InputSteps], tuple[CropCache, list[str]]] = {}
 
-    def decoded(self, split: str, crop_size: int) -> tuple[CropCache, list[str]]:
-        """The split's decoded crops and the class name of each of them (decoded on first use)."""
-        key = (split, crop_size)
+    def decoded(self, split: str, steps: InputSteps | int) -> tuple[CropCache, list[str]]:
+        """The split's crops through the input steps (an int: the reference's centre crop of that size)
+        and the class name of each of them (decoded on first use)."""
+        steps = InputSteps.of(steps)
+        key = (split, steps)
         if key not in self._splits:
             dataset = KimiaDataset(self.data_dir / split)
             started = time.time()
-            cache = CropCache([path for path, _ in dataset.samples], crop_size, self.workers, self.cache_dir)
+            cache = CropCache([path for path, _ in dataset.samples], steps, self.workers, self.cache_dir)
             names = [dataset.classes[dataset.samples[position][1]] for position in cache.kept]
             self._splits[key] = cache, names
-            print(f"decoded {len(cache)} {split} images at {crop_size} px in {time.time() - started:.1f} s "
+            print(f"decoded {len(cache)} {split} images ({steps.describe()}) in {time.time() - started:.1f} s "
                   f"({cache.num_bytes / 2**20:.0f} MiB in a temporary file)", flush=True)
             if not len(cache):
                 raise UserError(f"{self.data_dir / split}: none of its images could be decoded")
@@ -79,7 +82,7 @@ class Evaluator:
         """(path, reason) of every image left out so far, each once."""
         return sorted({failure for cache, _ in self._splits.values() for failure in cache.failed})
 
-    def evaluate(self, loaded: LoadedModel, protocols: Sequence[str] = ("test",)) -> list[dict]:
+    def evaluate(self, loaded: Encoder, protocols: Sequence[str] = ("test",)) -> list[dict]:
         """Every metric of `loaded` under each protocol, one dict per protocol.
 
         The test images are embedded once for all protocols; labels index the class names of the
@@ -91,7 +94,7 @@ class Evaluator:
             raise UserError(f"--protocol {' '.join(unknown)}: choose one of {', '.join(PROTOCOLS)} (or both)")
         started = time.time()
         used = ("test", "train") if "train" in protocols else ("test",)
-        splits = {split: self.decoded(split, loaded.crop_size) for split in used}
+        splits = {split: self.decoded(split, loaded.input_steps) for split in used}
         class_names = natural_sorted({name for _, names in splits.values() for name in names})
         index = {name: i for i, name in enumerate(class_names)}
         labels = {split: [index[name] for name in names] for split, (_, names) in splits.items()}

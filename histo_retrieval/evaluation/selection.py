@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 
-from histo_retrieval.evaluation.checkpoint import CheckpointError, content_identity, is_bare_state_dict, is_last_epoch_name, read_torch_file
+from histo_retrieval.evaluation.checkpoint import content_identity, is_last_epoch_name
+from histo_retrieval.encoders.weights import CheckpointError, read_torch_file
+from histo_retrieval.encoders.project import is_bare_state_dict
 
 VALIDATION = "validation"
 LAST_EPOCH = "last_epoch"

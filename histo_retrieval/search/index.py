@@ -35,7 +35,7 @@ from histo_retrieval.files import atomic_write_text, command_line
 from histo_retrieval.search.slides import Slide, SlideError, Tiling, open_slide
 
 if TYPE_CHECKING:
-    from histo_retrieval.evaluation.checkpoint import LoadedModel
+    from histo_retrieval.encoders.base import Encoder
 
 FORMAT = 1
 MANIFEST, DATABASE, VECTORS, SHARDS = "manifest.json", "patches.sqlite", "vectors.faiss", "shards"
@@ -363,7 +363,7 @@ class IndexSettings:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def for_model(cls, loaded: LoadedModel, checkpoint: str | os.PathLike, tiling: Tiling, index_type: str = "flat",
+    def for_model(cls, loaded: Encoder, checkpoint: str | os.PathLike, tiling: Tiling, index_type: str = "flat",
                   ivf_lists: int | None = None) -> IndexSettings:
         """The settings of an index of `loaded`'s vectors (the checkpoint at `checkpoint`) cut by `tiling`.
         A vector is the combined row of the model's learners, which split embedding_dim among them."""

@@ -1,6 +1,6 @@
 """Sources (slides, slide regions, folders of patches, pixels) to embedded patches, and into an index.
 
-    for result in embed_sources(jobs, embedder, tiling, crop_size, workers=4):
+    for result in embed_sources(jobs, embedder, tiling, encoder.input_steps, workers=4):
         ...  # one SourceResult per job, in order: its patches' boxes and vectors, or why it failed
     report = build_index("slide_index", ["a.svs", "patches/"], settings, embedder)  # retrieve.py index
 
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from histo_retrieval import distributed
-from histo_retrieval.data.datasets import eval_crop, eval_crop_array
+from histo_retrieval.data.datasets import InputSteps
 from histo_retrieval.evaluation.embedder import Embedder
 from histo_retrieval.files import command_line, list_images
 from histo_retrieval.images import UNREADABLE, load_rgb
@@ -121,11 +121,12 @@ class ChunkRead(NamedTuple):
 
 
 class ChunkReader(Dataset):
-    """Reads a chunk's patches as uint8 eval crops; a worker keeps its last slide open."""
+    """Reads a chunk's patches as uint8 crops through the encoder's input steps (an int: the
+    reference's centre crop of that size); a worker keeps its last slide open."""
 
-    def __init__(self, crop_size: int, opener: SlideOpener = open_slide) -> None:
-        self.crop = eval_crop(crop_size)
-        self.crop_size = crop_size
+    def __init__(self, steps: InputSteps | int, opener: SlideOpener = open_slide) -> None:
+        self.crop = InputSteps.of(steps)
+        self.crop_size = self.crop.crop_size
         self.opener = opener
         self._slide = None
 
@@ -141,13 +142,13 @@ class ChunkReader(Dataset):
                         failed.append((path, str(error) or type(error).__name__))
             elif chunk.kind == "pixels":  # the same crop as of the image saved and read back as a file
                 for i, pixels in enumerate(chunk.positions):
-                    images.append(eval_crop_array(pixels, self.crop_size))
+                    images.append(self.crop(pixels))
                     kept.append(i)
             else:
                 slide = self._open(chunk.path, chunk.fallback_mpp)
                 for i, (x, y, w, h) in enumerate(chunk.positions):
                     pixels = read_scaled(slide, chunk.level, x, y, w, h, chunk.out_size, chunk.out_size)
-                    images.append(eval_crop_array(pixels, self.crop_size))
+                    images.append(self.crop(pixels))
                     kept.append(i)
         except slide_errors() as error:
             return ChunkRead(chunk, self._none(), [], [], f"{type(error).__name__}: {error}")
@@ -339,13 +340,13 @@ class EmbeddingRun:
         return result
 
 
-def embed_sources(jobs: Sequence[Job], embedder: Embedder, tiling: Tiling, crop_size: int, workers: int = 0,
+def embed_sources(jobs: Sequence[Job], embedder: Embedder, tiling: Tiling, steps: InputSteps | int, workers: int = 0,
                   fallback_mpp: float | None = None, progress: bool = True,
                   opener: SlideOpener = open_slide) -> Iterator[SourceResult]:
     """Embed every job's patches; yields one SourceResult per job, in the order of `jobs`. Slides
     are opened with `opener` (a lender of open slides must be in-process: workers=0)."""
     run = EmbeddingRun(jobs, embedder, tiling, fallback_mpp, opener, EmbeddingProgress(len(jobs), progress))
-    loader = DataLoader(ChunkReader(crop_size, opener), batch_size=None, sampler=run.plan(), num_workers=workers,
+    loader = DataLoader(ChunkReader(steps, opener), batch_size=None, sampler=run.plan(), num_workers=workers,
                         collate_fn=_identity)
     try:
         for item in loader:

@@ -25,7 +25,8 @@ import torch
 
 from histo_retrieval.figures import pyplot, save_figure
 
-from histo_retrieval.evaluation.checkpoint import LoadedModel, load_model
+from histo_retrieval.encoders.base import Encoder
+from histo_retrieval.encoders.project import load_model
 from histo_retrieval.evaluation.embedder import Embedder
 from histo_retrieval.errors import UserError
 from histo_retrieval.files import atomic_write_text, command_line, list_images, write_csv
@@ -94,7 +95,7 @@ class QueryResult:
     pixels: np.ndarray | None = None  # a query of pixels in memory: its image, as searched
 
 
-def load_index_model(index: SlideIndex, device: torch.device | str, checkpoint: str | None = None) -> LoadedModel:
+def load_index_model(index: SlideIndex, device: torch.device | str, checkpoint: str | None = None) -> Encoder:
     """The model the index was built with (its manifest's checkpoint, or `checkpoint` if it moved),
     refused when its weights are not those the index's vectors came from."""
     checkpoint = checkpoint or index.settings.checkpoint

@@ -31,8 +31,9 @@ import losses
 import models
 from histo_retrieval.figures import pyplot, save_figure
 
-from histo_retrieval.evaluation.checkpoint import (CheckpointError, is_training_checkpoint, last_epoch_name,
-                         read_torch_file, run_identity)
+from histo_retrieval.evaluation.checkpoint import last_epoch_name, run_identity
+from histo_retrieval.encoders.weights import CheckpointError, read_torch_file
+from histo_retrieval.encoders.project import is_training_checkpoint
 from histo_retrieval.data.datasets import (AUGMENTS, KimiaDataset, SkipUnreadable, collate_readable, eval_transform, split_train_val,
                    subsample_per_class, train_transform)
 from histo_retrieval.data.preprocessing import Preprocessing

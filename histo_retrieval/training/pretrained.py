@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from histo_retrieval.evaluation.checkpoint import read_torch_file
+from histo_retrieval.encoders.weights import read_torch_file
 from histo_retrieval.errors import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
