@@ -19,6 +19,7 @@ from timm.data import create_transform, resolve_data_config
 
 import retrieve
 from histo_retrieval.distributed import run_distributed_script
+from histo_retrieval.search.index import SlideIndex
 from histo_retrieval.search.slides import Tiling, open_slide, read_patch, tissue_grid
 from KIMIA_data import synthetic
 
@@ -145,6 +146,25 @@ def test_a_slide_s_features_are_its_tissue_patches_read_at_the_run_s_scale(weigh
         settings = json.loads(f.attrs["settings"])
         assert settings["input_steps"] == {"crop_size": 224, "resize": 235, "interpolation": "bicubic"}
         assert json.loads(f.attrs["versions"])["timm"] == timm.__version__
+
+
+def test_a_checkpoint_s_slide_features_are_the_vectors_its_index_holds(write_checkpoint, tmp_path):
+    slide = plain_slide(tmp_path / "slides" / "case.png", 3)
+    checkpoint = tmp_path / "se_resnet50_MSLoss_0.5000.pth"
+    write_checkpoint(checkpoint, "se_resnet50", crop_size=32, attention=False)
+    scale = ["--slide-mpp", "0.5", "--mpp", "2", "--device", "cpu", "--workers", "0", "--batch-size", "4"]
+    assert retrieve.main(retrieve.get_args_parser().parse_args(
+        ["index", str(checkpoint), str(slide), "--index", str(tmp_path / "index"), *scale])) == 0
+    out = tmp_path / "features"
+    assert embed("--encoder", str(checkpoint), str(slide), "--out-dir", str(out), *scale[:4]) == 0
+    with SlideIndex.open(tmp_path / "index") as index:
+        ids, vectors = index.source_vectors(index.source_by_path(str(slide)).id)
+        patches = index.patches(ids)
+        corners = np.array([[patches[i].x, patches[i].y] for i in ids], np.int64)
+    with h5py.File(out / "case.h5", "r") as f:
+        assert len(ids) > 3 and f.attrs["patch_size"] == 32 and f.attrs["patch_size_level0"] == 128
+        np.testing.assert_array_equal(f["coords"][:], corners)
+        np.testing.assert_allclose(f["features"][:], vectors, atol=1e-6)
 
 
 def test_a_rerun_after_a_kill_skips_finished_slides_and_clears_leftovers(tmp_path, capsys):

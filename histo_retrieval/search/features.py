@@ -162,6 +162,9 @@ class _Summary:
 
     def save(self) -> None:
         self.data["command"] = self.run["command"]
+        outputs = self.data["outputs"]  # the files the folder holds: one deleted since is dropped
+        self.data["outputs"] = {name: entry for name, entry in outputs.items()
+                                if (self.path.parent / entry["file"]).is_file()}
         atomic_write_text(self.path, json.dumps(self.data, indent=1) + "\n")
 
 
@@ -245,7 +248,7 @@ def export_features(plan: ExportPlan, encoder: Encoder, embedder: Embedder, tili
     summary = _Summary(plan.directory, encoder, settings)  # refuses a folder of other settings, writes nothing yet
     for source, path in report.skipped:
         print(f"{source}: {path} exists, skipped (--replace writes it again)")
-    _remove_leftovers(plan.directory, [p.name for p in paths.values()] + [SUMMARY])
+    _remove_leftovers(plan.directory, [p.name for p in plan.outputs] + [SUMMARY])
     for result in embed_sources(todo, embedder, tiling, encoder.input_steps, workers, fallback_mpp, progress):
         report.unreadable_files += result.failed
         source = result.job.path
