@@ -41,6 +41,7 @@ import torch
 
 from histo_retrieval import distributed
 from histo_retrieval.encoders.project import load_model
+from histo_retrieval.encoders.registry import add_encoder_args, encoder_from_args
 from histo_retrieval.evaluation.embedder import Embedder, check_settings
 from histo_retrieval.errors import UserError
 from histo_retrieval.images import report_unreadable
@@ -145,6 +146,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     listing.add_argument("--failed", action="store_true", help="also list sources that failed (default: off)")
     remove = commands.add_parser("remove", parents=[where], help="delete sources and their patches from an index")
     remove.add_argument("sources", nargs="+", help="sources as given to `index` (paths)")
+
+    embed = commands.add_parser("embed", parents=[model],
+                                help="write each source's patch features to DIR/<name>.h5 (CLAM/TRIDENT layout)")
+    add_encoder_args(embed, required=True)
+    embed.add_argument("sources", nargs="+", help="whole-slide files, plain images, or folders of patches")
+    embed.add_argument("--out-dir", required=True, metavar="DIR",
+                       help="folder for the .h5 files and embed.json (created when missing; no default)")
+    embed.add_argument("--mpp", type=positive_float, default=0.5,
+                       help="microns per pixel of the slide patches, about 20x (default: %(default)s)")
+    embed.add_argument("--patch-size", type=int, default=None,
+                       help="slide patch side in pixels at --mpp (default: the encoder's input size)")
+    embed.add_argument("--tissue-threshold", type=float, default=0.5,
+                       help="tissue fraction a slide patch needs to be kept (default: %(default)s)")
+    embed.add_argument("--replace", action="store_true",
+                       help="write the files of sources again that DIR already holds (default: skip them)")
     return parser
 
 
@@ -238,6 +254,27 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_embed(args: argparse.Namespace, device: torch.device) -> int:
+    from histo_retrieval.search.features import export_features, plan_export, print_report
+
+    plan = plan_export(args.sources, args.out_dir)  # before the encoder is loaded: a typo is refused at once
+    encoder = encoder_from_args(args, device)
+    tiling = Tiling(args.mpp, args.patch_size or encoder.crop_size, args.tissue_threshold)
+    print(f"encoder {encoder.describe()}")
+    if encoder.mpp and encoder.mpp != args.mpp:
+        print(f"note: {encoder.spec} was trained at {encoder.mpp} um/px; its slide patches are cut at --mpp {args.mpp}")
+    embedder = Embedder(encoder.model, device, args.batch_size, args.amp, args.channels_last, encoder.preprocessing)
+    report = export_features(plan, encoder, embedder, tiling, args.workers, args.slide_mpp, args.replace)
+    print_report(report, plan.directory)
+    report_unreadable(report.unreadable_files)
+    if not report.written and not report.skipped:
+        raise UserError(f"none of the {len(plan.jobs) + len(plan.missing)} source(s) could be embedded (reasons "
+                        f"above); nothing written to {plan.directory}")
+    if note := encoder.preprocessing.passed_through_note():
+        print(note)
+    return 1 if report.failed or report.unreadable_files else 0
+
+
 def run_remove(args: argparse.Namespace) -> int:
     missing = 0
     with SlideIndex.open(require_index(args), writable=True) as index:
@@ -292,6 +329,8 @@ def main(args: argparse.Namespace) -> int:
     device = check_runtime(args)
     if args.command == "serve":
         return run_serve(args, device)
+    if args.command == "embed":
+        return run_embed(args, device)
     return run_index(args, device) if args.command == "index" else run_query(args, device)
 
 

@@ -55,6 +55,10 @@ class Tiling:
         if not 0.0 <= self.tissue_threshold <= 1.0:
             raise UserError(f"--tissue-threshold is a fraction from 0 to 1, got {self.tissue_threshold}")
 
+    def level0_size(self, slide_mpp: float) -> int:
+        """The side, in level-0 pixels, of a patch of a slide scanned at `slide_mpp` microns per pixel."""
+        return max(1, round(self.patch_size * self.mpp / slide_mpp))
+
 
 class Slide:
     """One open slide, whichever library reads it: its levels, its scale and RGB reads.
@@ -222,7 +226,7 @@ class ReadPlan:
 def read_plan(slide: Slide, tiling: Tiling) -> ReadPlan:
     if slide.mpp is None:
         raise SlideError(f"{slide.path}: the file gives no scale (microns per pixel); pass it with --slide-mpp")
-    size0 = max(1, round(tiling.patch_size * tiling.mpp / slide.mpp))
+    size0 = tiling.level0_size(slide.mpp)
     level = best_level(slide.level_downsamples, tiling.mpp / slide.mpp)
     level_size = max(1, round(size0 / slide.level_downsamples[level]))
     return ReadPlan(level, level_size, size0, tiling.patch_size)
