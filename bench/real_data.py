@@ -1,9 +1,11 @@
 """An honest check on real tissue: the trained model against two baselines, on the same images and protocols.
 
     python3 -m bench.real_data ROOT [--out DIR] [--model se_resnet50] [--loss MSLoss] [--image-size 300]
-        [--resize reference|antialias] [--histogram-bins 8] [--eval-batch-size 32] [-- TRAIN.PY OPTIONS ...]
+        [--resize reference|antialias] [--histogram-bins 8] [--eval-batch-size 32]
+        [--encoder SPEC [--encoder-weights FILE] [--encoder-options JSON]]... [-- TRAIN.PY OPTIONS ...]
 
     python3 -m bench.real_data /data/liver --out liver_check -- --epochs 30 --device cuda --pretrained imagenet
+    python3 -m bench.real_data /data/liver --encoder uni --encoder-weights pytorch_model.bin -- --epochs 30
 
 ROOT holds ROOT/train/<class>/* and ROOT/test/<class>/* (jpg, jpeg, png, tif, tiff, bmp), the same
 classes in both, the test patches cut from other slides than the training ones. Everything after
@@ -21,20 +23,29 @@ Steps (each prints its progress):
      train.py initialises it (before any --pretrained weights), saved as train.py saves its
      checkpoint (the trained checkpoint's dict with these weights, hence the same crop, classes and
      input preprocessing) in DIR/untrained/, and loaded with histo_retrieval.encoders.project.load_model as the trained one;
-  4. evaluate: both models through histo_retrieval.evaluation.protocols.Evaluator, and the colour histogram on the very
-     same decoded eval crops; every row scored by metrics.retrieval_metrics under both protocols:
+  4. evaluate: the colour histogram, both models and each --encoder, every one an encoder
+     (histo_retrieval.encoders) through histo_retrieval.evaluation.protocols.Evaluator (the histogram
+     and the networks on the very same decoded eval crops); every row scored by
+     metrics.retrieval_metrics under both protocols:
        test  (the paper's): leave-one-out inside the test set;
        train (Kimia Path24's own): each test patch searched against the training set.
 
-Colour histogram: the joint RGB histogram of each image's eval crop (the centre crop the networks
-see, after the checkpoint's stain normalisation if it has one), --histogram-bins per channel (8: 512
-bins), L1-normalised; similarity = the cosine of two histograms (the inner product of the
-L2-normalised rows), so that it ranks with the same code as the embeddings.
+Colour histogram: the registry's `histogram` encoder (histo_retrieval.encoders.histogram): the joint
+RGB histogram of each image's eval crop (the centre crop the networks see, after the checkpoint's
+stain normalisation if it has one: the encoder gets the checkpoint's stain step), --histogram-bins
+per channel (8: 512 bins), L1-normalised; similarity = the cosine of two histograms (the inner
+product of the L2-normalised rows), so that it ranks with the same code as the embeddings.
 
-Writes DIR/real_data_results.csv (one row per method: colour histogram, untrained network, trained;
-columns test_* and train_* per protocol), DIR/real_data_results.md (the same table, with the command),
-and DIR/real_data_settings.json (the exact command, the train.py command, the seed and every
-setting). Exit status 2 with one line for bad input, 1 when some images could not be read.
+--encoder SPEC (repeatable; docs/encoders.md) adds a row per encoder scored with no training:
+timm:<architecture>, a pathology foundation model preset, histogram, or a checkpoint file. Each
+--encoder-weights FILE and --encoder-options JSON belongs to the --encoder just before it. An encoder
+sees the preprocessed images through its own input steps and normalisation (no stain step).
+
+Writes DIR/real_data_results.csv (one row per method: colour histogram, untrained network, trained,
+then one per --encoder; columns test_* and train_* per protocol, and the encoder's spec and weights
+hash), DIR/real_data_results.md (the same table, with the command), and DIR/real_data_settings.json
+(the exact command, the train.py command, the seed and every setting). Exit status 2 with one line
+for bad input, 1 when some images could not be read.
 """
 from __future__ import annotations
 
@@ -51,7 +62,7 @@ from typing import Any, Sequence
 if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
     sys.exit("error: run it as a module, from the repository root: python3 -m bench.real_data")
 
-from histo_retrieval.errors import UserError, run_script  # noqa: E402  (torch-free: a bad ROOT is refused at once)
+from histo_retrieval.errors import UserError, run_script  # noqa: E402  (torch-free)
 from histo_retrieval.files import atomic_write_text, command_argv, folder_images, natural_sorted, write_csv  # noqa: E402
 
 METHODS = ("colour histogram", "untrained network", "trained")
@@ -86,6 +97,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "512 bins in all)")
     parser.add_argument("--eval-batch-size", type=int, default=32,
                         help="images per forward pass in the evaluation (default: %(default)s, multi_test.py's)")
+    from histo_retrieval.encoders.registry import add_encoder_args  # imports torch: a second or two
+
+    add_encoder_args(parser, repeatable=True,
+                     spec_help="an encoder to add as a row, scored with no training: timm:<architecture>, a preset, "
+                               "histogram, or a checkpoint file (docs/encoders.md; default: none, the three rows "
+                               "only).")
     return parser
 
 
@@ -223,53 +240,39 @@ def write_untrained_checkpoint(trained_path: str | os.PathLike, path: Path) -> P
     return path
 
 
-# ----------------------------------------------------------------------------- the colour histogram
-def colour_histograms(batches, bins: int = 8, stain=None):
-    """n x bins^3 float64 joint RGB histograms, L1-normalised, of n x 3 x H x W uint8 batches; `stain`
-    (a histo_retrieval.data.preprocessing.Preprocessing with a stain step, or None) normalises each crop first."""
-    import torch
+# ----------------------------------------------------------------------------- the encoders
+def histogram_encoder(bins: int, crop_size: int, preprocessing, device):
+    """The registry's colour histogram at the checkpoint's crop, with the checkpoint's stain step
+    (`preprocessing`: histo_retrieval.data.preprocessing.Preprocessing, or None) and no mean and std
+    (the histogram counts the uint8 colours)."""
+    from dataclasses import replace
 
-    rows = []
-    for images in batches:
-        if stain is not None:
-            images = stain.normalize_stain_batch(images)
-        levels = images.long() * bins // 256  # bin of each channel value, 0 .. bins - 1
-        index = (levels[:, 0] * bins + levels[:, 1]) * bins + levels[:, 2]  # n x H x W joint bins
-        n = index.shape[0]
-        flat = (index.view(n, -1) + torch.arange(n).view(n, 1) * bins ** 3).view(-1)
-        counts = torch.bincount(flat, minlength=n * bins ** 3).view(n, bins ** 3).double()
-        rows.append(counts / counts.sum(dim=1, keepdim=True))
-    return torch.cat(rows)
+    from histo_retrieval.data.preprocessing import Preprocessing
+    from histo_retrieval.encoders import load_encoder
+
+    encoder = load_encoder("histogram", device, options={"bins": bins, "crop_size": crop_size})
+    stain = getattr(preprocessing, "stain", None)
+    return replace(encoder, preprocessing=Preprocessing(stain=stain)) if stain else encoder
 
 
-def histogram_results(evaluator, crop_size: int, bins: int, stain) -> list[dict]:
-    """The colour histogram's metrics under both protocols, on the Evaluator's own decoded crops and labels."""
-    import torch.nn.functional as F
-
-    from histo_retrieval.evaluation.metrics import retrieval_metrics
-
-    splits = {split: evaluator.decoded(split, crop_size) for split in ("test", "train")}
-    class_names = natural_sorted({name for _, names in splits.values() for name in names})
-    index = {name: i for i, name in enumerate(class_names)}
-    rows, labels = {}, {}
-    for split, (cache, names) in splits.items():
-        # cosine similarity = inner product of the L2-normalised histograms (float32, as the embeddings)
-        rows[split] = F.normalize(colour_histograms(cache.batches(evaluator.batch_size), bins, stain), dim=1).float()
-        labels[split] = [index[name] for name in names]
-    results = []
-    for protocol in PROTOCOLS:
-        gallery = "train" if protocol == "train" else None
-        result = retrieval_metrics(rows["test"], labels["test"], rows.get(gallery), labels.get(gallery),
-                                   num_classes=len(class_names))
-        result.update({"protocol": protocol, "class_names": class_names})
-        results.append(result)
-    return results
+def method_name(request, taken: set[str]) -> str:
+    """A table row's name for an --encoder: its spec, with its weights file's name when it has one
+    (`timm:resnet18 (r18.pth)`), numbered when an earlier row has the same name."""
+    name = request.spec + (f" ({os.path.basename(request.weights)})" if request.weights else "")
+    if request.options:
+        name += f" {json.dumps(request.options, sort_keys=True)}"
+    chosen = next(candidate for candidate in [name] + [f"{name} #{n}" for n in range(2, len(taken) + 3)]
+                  if candidate not in taken)
+    taken.add(chosen)
+    return chosen
 
 
 # ----------------------------------------------------------------------------- the table
 def table_rows(results: dict[str, dict[str, dict]], extra: dict[str, Any]) -> list[dict]:
+    """One row per method, in the order of `results`: its metrics per protocol, then `extra`, then the
+    encoder that made it (crop size, spec, kind, weights hash, input steps)."""
     rows = []
-    for method in METHODS:
+    for method in results:
         row: dict[str, Any] = {"method": method}
         for protocol in PROTOCOLS:
             result = results[method][protocol]
@@ -278,7 +281,10 @@ def table_rows(results: dict[str, dict[str, dict]], extra: dict[str, Any]) -> li
             result = results[method][protocol]
             row[f"{protocol}_queries"] = result["num_queries"]
             row[f"{protocol}_gallery"] = result["num_gallery"]
-        rows.append({**row, **extra})
+        test = results[method]["test"]
+        rows.append({**row, **extra, "crop_size": test["crop_size"], "encoder": test["encoder"],
+                     "encoder_kind": test["encoder_kind"], "weights_sha256": test["weights_sha256"],
+                     "input_steps": json.dumps(test["input_steps"], sort_keys=True)})
     return rows
 
 
@@ -322,7 +328,12 @@ def main(args: argparse.Namespace) -> int:
 
     import train
     from histo_retrieval.encoders.project import load_model
+    from histo_retrieval.encoders.registry import check_encoder_spec, encoder_requests, load_encoder
     from histo_retrieval.evaluation.protocols import Evaluator
+
+    requests = encoder_requests(args)
+    for request in requests:  # before any work: a bad --encoder fails at once
+        check_encoder_spec(request.spec, request.weights, request.options)
 
     data = out / "data"
     step = time.time()
@@ -350,22 +361,29 @@ def main(args: argparse.Namespace) -> int:
 
     step = time.time()
     device = trained.get("device") or targs.device
-    print(f"\n[4/4] evaluating the three methods under both protocols on {device}", flush=True)
+    print(f"\n[4/4] evaluating the {len(METHODS) + len(requests)} methods under both protocols on {device}", flush=True)
     results: dict[str, dict[str, dict]] = {}
+    names = set(METHODS)
     with Evaluator(data, batch_size=args.eval_batch_size, amp=targs.amp, device=device, workers=targs.workers,
                    channels_last=targs.channels_last) as evaluator:
-        models_loaded = {"trained": load_model(best, evaluator.device),
-                         "untrained network": load_model(untrained_path, evaluator.device)}
-        crop_size = models_loaded["trained"].crop_size
-        preprocessing = getattr(models_loaded["trained"], "preprocessing", None)
-        stain = preprocessing if preprocessing is not None and getattr(preprocessing, "stain", None) else None
-        print("    colour histogram", flush=True)
-        results["colour histogram"] = {r["protocol"]: r for r in
-                                       histogram_results(evaluator, crop_size, args.histogram_bins, stain)}
-        for method in ("untrained network", "trained"):
-            print(f"    {method}", flush=True)
-            results[method] = {r["protocol"]: r for r in evaluator.evaluate(models_loaded[method], PROTOCOLS)}
-            del models_loaded[method]
+        trained_encoder = load_model(best, evaluator.device)
+        crop_size = trained_encoder.crop_size
+        stain = trained_encoder.preprocessing.stain
+        # Each encoder is loaded when its turn comes, so that one model at a time holds memory.
+        encoders = {"colour histogram": lambda: histogram_encoder(args.histogram_bins, crop_size,
+                                                                  trained_encoder.preprocessing, evaluator.device),
+                    "untrained network": lambda: load_model(untrained_path, evaluator.device),
+                    "trained": lambda: trained_encoder}
+        for request in requests:
+            encoders[method_name(request, names)] = (
+                lambda request=request: load_encoder(request.spec, evaluator.device, request.weights, request.options))
+        for method, load in encoders.items():
+            encoder = load()
+            print(f"    {method}: {encoder.describe()}", flush=True)
+            results[method] = {r["protocol"]: r for r in evaluator.evaluate(encoder, PROTOCOLS)}
+            del encoder
+            if method == "trained":
+                del trained_encoder
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         failed = evaluator.failed_images
@@ -381,11 +399,17 @@ def main(args: argparse.Namespace) -> int:
     table = markdown_table(rows)
     class_counts = {name: int((results["trained"]["test"]["confusion"][i]).sum())
                     for i, name in enumerate(results["trained"]["test"]["class_names"])}
+    encoder_notes = [f"{method} = {result['test']['encoder']} ({result['test']['encoder_kind']}, weights "
+                     f"{result['test']['weights_sha256'][:12]}) with no training, through its own input steps "
+                     f"({result['test']['input_steps']}) and normalisation ({result['test']['normalisation']})"
+                     for method, result in results.items() if method not in METHODS]
     notes = [
         f"Protocols: test = {PROTOCOL_NAMES['test']}; train = {PROTOCOL_NAMES['train']}.",
         f"Rows: colour histogram = nearest neighbour by the cosine of {args.histogram_bins}^3-bin joint RGB histograms "
-        f"of the {crop_size} px eval crops (L1-normalised); untrained network = {targs.model} initialised with seed "
-        f"{targs.seed}, embedded as the trained one; trained = the validation-selected checkpoint {Path(best).name}.",
+        f"of the {crop_size} px eval crops (L1-normalised{', after the checkpoint stain normalisation' if stain else ''}); "
+        f"untrained network = {targs.model} initialised with seed "
+        f"{targs.seed}, embedded as the trained one; trained = the validation-selected checkpoint {Path(best).name}"
+        + "".join(f"; {note}" for note in encoder_notes) + ".",
         chance_note(class_counts) + ".",
     ]
     markdown = (f"# Real-data check\n\nCommand: `{command}`\n\ntrain.py: `{train_command}`\n\n"
@@ -403,9 +427,14 @@ def main(args: argparse.Namespace) -> int:
         "trained_checkpoint": str(best), "best_val_loss": trained["best_val_loss"], "best_epoch": best_epoch,
         "epochs_run": len(trained["history"]), "untrained_checkpoint": str(untrained_path),
         "colour_histogram": {"bins_per_channel": args.histogram_bins, "bins": args.histogram_bins ** 3,
-                             "normalisation": "L1", "similarity": "cosine",
+                             "normalisation": "L1", "similarity": "cosine", "encoder": "histogram",
+                             "encoder_options": {"bins": args.histogram_bins, "crop_size": crop_size},
                              "input": f"the {crop_size} px eval crop (CenterCrop of the preprocessed image)"
-                                      + (", stain-normalised as the checkpoint" if stain is not None else "")},
+                                      + (", stain-normalised as the checkpoint" if stain else "")},
+        "encoders": [{"method": method, "spec": request.spec, "weights": request.weights, "options": request.options,
+                      **{key: results[method]["test"][key] for key in ("encoder_kind", "weights_sha256", "input_steps",
+                                                                        "normalisation", "model", "dim", "pooling")}}
+                     for method, request in zip([m for m in results if m not in METHODS], requests)],
         "evaluation": {"device": str(device), "batch_size": args.eval_batch_size, "amp": targs.amp,
                        "channels_last": targs.channels_last, "workers": targs.workers, "crop_size": crop_size,
                        "protocols": PROTOCOL_NAMES, "class_names": results["trained"]["test"]["class_names"]},
@@ -425,7 +454,7 @@ def main(args: argparse.Namespace) -> int:
     if unreadable:
         print("warning: some images could not be read (listed above and in the settings file); exit status 1",
               file=sys.stderr)
-    bad = [m for m in METHODS for p in PROTOCOLS for _, _, k in METRICS if not math.isfinite(results[m][p][k])]
+    bad = [m for m in results for p in PROTOCOLS for _, _, k in METRICS if not math.isfinite(results[m][p][k])]
     if bad:
         print(f"warning: non-finite metrics for {sorted(set(bad))} (a class with a single test image has no "
               "leave-one-out match)", file=sys.stderr)

@@ -2,6 +2,7 @@
 embedding maps. The library it runs has its own tests: test_checkpoint.py, test_embedder.py,
 test_selection.py, test_protocols.py."""
 import csv
+import json
 import re
 import subprocess
 import sys
@@ -254,3 +255,151 @@ def test_plot_embeddings_maps_each_checkpoints_test_embeddings(data_dir, tmp_pat
     assert len(received) == 2
 
 
+# ----------------------------------------------------------------------------- --encoder: any encoder, no training
+def naive_colour_histogram(path: Path, crop: int, bins: int = 8) -> np.ndarray:
+    """The joint RGB histogram (numpy) of the image's centre crop (torchvision's CenterCrop offsets), L1-normalised."""
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    top, left = int(round((pixels.shape[0] - crop) / 2.0)), int(round((pixels.shape[1] - crop) / 2.0))
+    levels = pixels[top:top + crop, left:left + crop].reshape(-1, 3).astype(np.int64) * bins // 256
+    counts, _ = np.histogramdd(levels, bins=(bins, bins, bins), range=[(0, bins)] * 3)
+    return counts.reshape(-1) / counts.sum()  # cell (r, g, b) at (r * bins + g) * bins + b, as the encoder's
+
+
+def naive_kimia_scores(queries: list[tuple[str, np.ndarray]], gallery: list[tuple[str, np.ndarray]],
+                       leave_one_out: bool) -> dict[str, float]:
+    """eta_p, eta_W and eta_total of nearest-neighbour search by cosine, by plain loops."""
+    hits: dict[str, list[bool]] = {}
+    for i, (label, vector) in enumerate(queries):
+        best, predicted = -2.0, None
+        for j, (other_label, other) in enumerate(gallery):
+            if leave_one_out and i == j:
+                continue
+            cosine = float(vector @ other / np.sqrt((vector @ vector) * (other @ other)))
+            if cosine > best:
+                best, predicted = cosine, other_label
+        hits.setdefault(label, []).append(predicted == label)
+    eta_p = sum(sum(h) for h in hits.values()) / len(queries)
+    eta_w = sum(sum(h) / len(h) for h in hits.values()) / len(hits)  # the mean per-class recall
+    return {"eta_p": eta_p, "eta_w": eta_w, "eta_total": eta_p * eta_w}
+
+
+def images_of(split: Path) -> list[Path]:
+    """A split's images in the order of its class folders and their files."""
+    return [p for c in sorted(split.iterdir()) if c.is_dir() for p in sorted(c.glob("*.png"))]
+
+
+def test_encoder_histogram_is_the_benchs_row_and_a_naive_histogram_search(data_dir, tmp_path, capsys):
+    from bench import real_data
+
+    output = tmp_path / "results"
+    argv = ["--encoder", "histogram", "--encoder-options", f'{{"crop_size": {CROP}}}', "--data-dir", str(data_dir),
+            "--protocol", "both", "--output-dir", str(output), "--batch-size", "4", "--device", "cpu", "--workers", "0"]
+    assert multi_test.main(multi_test.get_args_parser().parse_args(argv)) == 0  # no weight folder needed
+    with open(output / "results.csv", newline="") as f:
+        rows = {row["protocol"]: row for row in csv.DictReader(f)}
+    out = capsys.readouterr().out
+
+    # bench/real_data.py's colour-histogram row (8 bins, the checkpoint's crop, no stain step) on the same images.
+    with evaluation.Evaluator(data_dir, batch_size=4, device="cpu") as evaluator:
+        results = evaluator.evaluate(real_data.histogram_encoder(8, CROP, None, "cpu"), real_data.PROTOCOLS)
+    bench_row = real_data.table_rows({"colour histogram": {r["protocol"]: r for r in results}}, {})[0]
+    histograms = {split: [(p.parent.name, naive_colour_histogram(p, CROP)) for p in images_of(data_dir / split)]
+                  for split in ("test", "train")}
+    naive = {"test": naive_kimia_scores(histograms["test"], histograms["test"], leave_one_out=True),
+             "train": naive_kimia_scores(histograms["test"], histograms["train"], leave_one_out=False)}
+    assert naive["test"]["eta_p"] < 1  # s2's single test image finds no image of its class
+    vectors = np.stack([vector for _, vector in histograms["test"]])
+    np.testing.assert_allclose(results[0]["query_embeddings"].numpy(),
+                               vectors / np.linalg.norm(vectors, axis=1, keepdims=True), atol=1e-6, rtol=0)
+    for protocol in ("test", "train"):
+        for ours, bench in (("eta_p", "eta_p"), ("eta_w", "eta_W"), ("eta_total", "eta_total"),
+                            ("recall@1", "recall@1"), ("map@r", "map@r")):
+            assert float(rows[protocol][ours]) == bench_row[f"{protocol}_{bench}"], (protocol, ours)
+        for metric, value in naive[protocol].items():
+            assert float(rows[protocol][metric]) == pytest.approx(value, abs=1e-12), (protocol, metric)
+        row = rows[protocol]
+        assert (row["checkpoint"], row["encoder"], row["encoder_kind"], row["selected_by"], row["model"]) == (
+            "histogram", "histogram", "histogram", "encoder", "histogram")
+        assert row["weights_sha256"] == results[0]["weights_sha256"] and len(row["weights_sha256"]) == 64
+        assert json.loads(row["input_steps"]) == {"crop_size": CROP, "resize": None, "interpolation": "bilinear"}
+        assert json.loads(row["model_options"]) == {"bins": 8, "crop_size": CROP} and row["val_loss"] == ""
+    lines = (output / "histogram_results.txt").read_text().splitlines()
+    assert [line.split("[")[0] for line in lines] == ["histogram", "histogram"]
+    assert (output / "confusion" / "histogram_test.csv").exists() and (output / "confusion" / "histogram_train.csv").exists()
+    # No training run: no selection applies; the encoders have a table of their own.
+    assert "selected by validation (" not in out
+    encoders_at = out.index("encoders named by --encoder (no training run: no selection applies")
+    assert out.index("all encoders, best on the test set first") > encoders_at
+    assert "| histogram | histogram | histogram |" in out[encoders_at:]
+
+
+def test_a_timm_encoder_beside_the_folders_checkpoint(data_dir, tmp_path, capsys, write_checkpoint):
+    import timm
+    from safetensors.torch import save_file
+
+    from histo_retrieval.encoders.weights import read_weights, tensors_sha256
+
+    weights = tmp_path / "model"
+    weights.mkdir()
+    checkpoint = weights / "se_resnet50_MSLoss_0.5000.pth"
+    write_checkpoint(checkpoint, "se_resnet50", crop_size=CROP, attention=False)
+    torch.manual_seed(7)
+    save_file(timm.create_model("resnet18", num_classes=0).state_dict(), tmp_path / "r18.safetensors")
+    base = [str(weights), "--data-dir", str(data_dir), "--batch-size", "9", "--device", "cpu", "--workers", "0"]
+
+    def sweep(*extra: str) -> dict[str, dict]:
+        assert multi_test.main(multi_test.get_args_parser().parse_args(base + list(extra))) == 0
+        with open(weights / "results.csv", newline="") as f:
+            return {row["checkpoint"]: row for row in csv.DictReader(f)}
+
+    alone = sweep()
+    rows = sweep("--encoder", "timm:resnet18", "--encoder-weights", str(tmp_path / "r18.safetensors"))
+    out = capsys.readouterr().out
+    assert list(rows) == [checkpoint.name, "timm-resnet18_r18"]
+    ours, timm_row = rows[checkpoint.name], rows["timm-resnet18_r18"]
+    # The checkpoint's row: its own identity, its validation selection and scores as in a sweep without --encoder.
+    assert (ours["encoder"], ours["encoder_kind"], ours["selected_by"]) == (str(checkpoint), "checkpoint", "validation")
+    assert ours["weights_sha256"] == load_model(checkpoint).weights_sha256() == alone[checkpoint.name]["weights_sha256"]
+    assert {k: ours[k] for k in ("eta_p", "eta_w", "eta_total", "map@r")} == {
+        k: alone[checkpoint.name][k] for k in ("eta_p", "eta_w", "eta_total", "map@r")}
+    # The encoder's row: its spec, kind, the hash of the file's tensors, timm's own input steps and normalisation.
+    assert (timm_row["encoder"], timm_row["encoder_kind"], timm_row["model"], timm_row["selected_by"]) == (
+        "timm:resnet18", "timm", "resnet18", "encoder")
+    assert timm_row["weights_sha256"] == tensors_sha256(read_weights(tmp_path / "r18.safetensors"))
+    config = timm.data.resolve_data_config({}, model=timm.create_model("resnet18", num_classes=0))
+    assert json.loads(timm_row["input_steps"]) == {"crop_size": config["input_size"][2], "interpolation": "bicubic",
+                                                   "resize": int(config["input_size"][2] / config["crop_pct"])}
+    assert timm_row["crop_size"] == "224" and str(list(config["mean"])) in timm_row["normalisation"]
+    assert timm_row["num_queries"] == "9" and timm_row["classes"] == "s0 s1 s2"
+    # Each in its own results file; the encoder's file never mixes with a checkpoint model's.
+    assert (weights / "se_resnet50_results.txt").read_text().startswith(checkpoint.name + "[(")
+    assert (weights / "timm-resnet18_results.txt").read_text().startswith("timm-resnet18_r18[(")
+    assert (weights / "confusion" / "timm-resnet18_r18_test.csv").exists()
+    assert f"timm-resnet18_r18 [timm:resnet18: resnet18, protocol test, encoder, weights {timm_row['weights_sha256'][:12]}]" in out
+    assert "all files and encoders, best on the test set first" in out
+
+
+def test_an_unknown_encoder_is_refused_in_one_line_before_any_work(data_dir, tmp_path, capsys, write_checkpoint):
+    weights = tmp_path / "model"
+    weights.mkdir()
+    write_checkpoint(weights / "se_resnet50_MSLoss_0.5000.pth", "se_resnet50", crop_size=CROP, attention=False)
+    for argv, message in (
+            (["--encoder", "histgram", "--output-dir", str(tmp_path / "out")],
+             "error: --encoder histgram: neither a checkpoint file nor a known encoder (did you mean histogram? known: "
+             "histogram, uni, "),
+            ([str(weights), "--encoder", "timm:resnet19", "--encoder-weights", "random"],
+             "error: timm:resnet19: timm has no such architecture; did you mean resnet18"),
+            ([str(weights), "--encoder", "timm:resnet18"], "error: timm:resnet18: pass its weights with --encoder-weights"),
+            (["--encoder", "histogram"], "error: --output-dir: pass the folder the results go to"),
+            ([], "error: pass the folder holding the .pth checkpoints, or --encoder SPEC (or both)")):
+        args = multi_test.get_args_parser().parse_args(argv + ["--data-dir", str(data_dir), "--device", "cpu"])
+        assert multi_test.run_script(multi_test.main, args) == 2
+        out, err = capsys.readouterr()
+        assert len(err.strip().splitlines()) == 1 and err.startswith(message), err
+        assert "decoded" not in out
+    assert not (weights / "results.csv").exists() and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as exit_status:  # a weights file that belongs to no --encoder
+        multi_test.get_args_parser().parse_args(["--encoder-weights", "r18.pth", "--encoder", "timm:resnet18"])
+    assert exit_status.value.code == 2
+    assert "--encoder-weights belongs to an --encoder: put it after the --encoder SPEC it is for" in capsys.readouterr().err

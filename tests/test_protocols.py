@@ -84,3 +84,33 @@ def test_tsne_separates_well_separated_classes_and_is_seeded(tmp_path):
     assert Image.open(path).size == tuple(round(x * evaluation.TSNE_DPI) for x in evaluation.TSNE_FIGURE_INCHES)
     with pytest.raises(UserError, match="at least 3 images"):
         evaluation.tsne_coordinates(points[:2])
+
+
+def test_evaluate_feeds_any_encoder_its_own_input_steps_and_names_it(data_dir):
+    """An encoder that resizes before its crop is embedded from the resized crop (Pillow's resize of the
+    shorter side, then the centre), and every result names it: spec, kind, weights hash, input steps."""
+    from dataclasses import replace
+
+    from histo_retrieval.data.datasets import InputSteps
+    from histo_retrieval.encoders import load_encoder
+
+    steps = InputSteps(24, 30, "bicubic")
+    encoder = replace(load_encoder("histogram", options={"bins": 4, "crop_size": 24}), input_steps=steps)
+    with Evaluator(data_dir, batch_size=4, device="cpu") as evaluator:
+        test, train = evaluator.evaluate(encoder, ("test", "train"))
+        assert {key[1] for key in evaluator._splits} == {steps}  # decoded through the encoder's steps only
+    dataset = KimiaDataset(data_dir / "test")
+    expected = []
+    for path, _ in dataset.samples:
+        with Image.open(path) as image:
+            resized = image.convert("RGB").resize((30, 30), Image.Resampling.BICUBIC)  # square: the shorter side
+        pixels = np.asarray(resized)[3:27, 3:27].reshape(-1, 3).astype(int) // 64  # 4 bins per channel
+        counts = np.bincount((pixels[:, 0] * 4 + pixels[:, 1]) * 4 + pixels[:, 2], minlength=64).astype(float)
+        expected.append(counts / np.linalg.norm(counts))
+    np.testing.assert_allclose(test["query_embeddings"].numpy(), np.stack(expected), atol=1e-6, rtol=0)
+    for result in (test, train):
+        assert (result["encoder"], result["encoder_kind"], result["checkpoint"], result["crop_size"]) == (
+            "histogram", "histogram", "histogram", 24)
+        assert result["input_steps"] == {"crop_size": 24, "resize": 30, "interpolation": "bicubic"}
+        assert result["weights_sha256"] == encoder.weights_sha256() != load_encoder("histogram").weights_sha256()
+    assert train["num_gallery"] == 6 and test["num_queries"] == 9

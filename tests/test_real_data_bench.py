@@ -86,15 +86,22 @@ def naive_scores(queries: list[tuple[str, list[float]]], gallery: list[tuple[str
 # ----------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_bench_writes_three_rows_and_its_colour_histogram_is_the_naive_one(tmp_path: Path) -> None:
+    import timm
     import torch
+    from safetensors.torch import save_file
 
     import models
+    from histo_retrieval.encoders.weights import read_weights, tensors_sha256
 
     root = make_root(tmp_path)
     before = sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*"))
     out = tmp_path / "check"
+    torch.manual_seed(5)
+    save_file(timm.create_model("resnet18", num_classes=0).state_dict(), tmp_path / "r18.safetensors")
+    encoders = ["--encoder", "timm:resnet18", "--encoder-weights", str(tmp_path / "r18.safetensors"),
+                "--encoder", "histogram", "--encoder-options", '{"crop_size": 32}']
     # --lr 0: the parameters stay at their initialisation, so the untrained network's must equal them.
-    result = run_bench(str(root), "--out", str(out), "--image-size", "40", "--",
+    result = run_bench(str(root), "--out", str(out), "--image-size", "40", *encoders, "--",
                        "--epochs", "1", "--crop-size", "32", "--batch-size", "8", "--device", "cpu", "--workers", "0",
                        "--val-batches", "fixed", "--lr", "0")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -104,7 +111,12 @@ def test_bench_writes_three_rows_and_its_colour_histogram_is_the_naive_one(tmp_p
 
     with open(out / "real_data_results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [row["method"] for row in rows] == METHODS
+    assert [row["method"] for row in rows] == METHODS + ["timm:resnet18 (r18.safetensors)", 'histogram {"crop_size": 32}']
+    assert [(row["encoder"], row["encoder_kind"], row["crop_size"]) for row in rows] == [
+        ("histogram", "histogram", "32"), (str(out / "untrained" / "se_resnet50_MSLoss_untrained.pth"), "checkpoint", "32"),
+        (json.loads((out / "real_data_settings.json").read_text())["trained_checkpoint"], "checkpoint", "32"),
+        ("timm:resnet18", "timm", "224"), ("histogram", "histogram", "32")]
+    assert rows[3]["weights_sha256"] == tensors_sha256(read_weights(tmp_path / "r18.safetensors"))
     for row in rows:
         for protocol in ("test", "train"):
             for metric in METRICS:
@@ -113,9 +125,9 @@ def test_bench_writes_three_rows_and_its_colour_histogram_is_the_naive_one(tmp_p
             assert float(row[f"{protocol}_eta_total"]) == pytest.approx(
                 float(row[f"{protocol}_eta_p"]) * float(row[f"{protocol}_eta_W"]))
         assert row["test_queries"] == "24" and row["test_gallery"] == "24" and row["train_gallery"] == "40"
-        assert row["seed"] == "1" and row["crop_size"] == "32" and "-m bench.real_data" in row["command"]
+        assert row["seed"] == "1" and "-m bench.real_data" in row["command"]
     markdown = (out / "real_data_results.md").read_text()
-    assert all(f"| {method} |" in markdown for method in METHODS) and "Command: `" in markdown
+    assert all(f"| {row['method']} |" in markdown for row in rows) and "Command: `" in markdown
 
     # The colour-histogram row equals a recomputation by hand on the preprocessed images.
     data = out / "data"
@@ -126,6 +138,20 @@ def test_bench_writes_three_rows_and_its_colour_histogram_is_the_naive_one(tmp_p
     for protocol, scores in expected.items():  # to float32 rounding: mAP@R is summed in float32
         for metric, value in scores.items():
             assert float(rows[0][f"{protocol}_{metric}"]) == pytest.approx(value, abs=1e-6), (protocol, metric)
+    # The registry's histogram named by --encoder is the same row; so is multi_test.py --encoder histogram's.
+    columns = [f"{protocol}_{metric}" for protocol in ("test", "train") for metric in METRICS]
+    assert [rows[4][c] for c in columns] == [rows[0][c] for c in columns]
+    run = subprocess.run([sys.executable, "multi_test.py", "--encoder", "histogram", "--encoder-options",
+                          '{"crop_size": 32}', "--data-dir", str(data), "--protocol", "both", "--output-dir",
+                          str(tmp_path / "multi_test"), "--device", "cpu", "--workers", "0"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(tmp_path / "multi_test" / "results.csv", newline="") as f:
+        evaluated = {row["protocol"]: row for row in csv.DictReader(f)}
+    for protocol in ("test", "train"):
+        for metric, key in zip(METRICS, ("eta_p", "eta_w", "eta_total", "recall@1", "map@r")):
+            assert float(evaluated[protocol][key]) == float(rows[0][f"{protocol}_{metric}"]), (protocol, metric)
+        assert evaluated[protocol]["weights_sha256"] == rows[0]["weights_sha256"]
 
     # The options after -- reached train.py; the untrained network is train.py's own initialisation.
     settings = json.loads((out / "real_data_settings.json").read_text())
@@ -179,3 +205,52 @@ def test_a_bad_root_is_refused_in_one_line(tmp_path: Path, make_images, layout, 
 def test_train_options_before_the_separator_are_refused() -> None:
     result = run_bench("ROOT", "--epochs", "1", timeout=60)
     assert result.returncode == 2 and "train.py's options go after `--`" in result.stderr
+
+
+# ----------------------------------------------------------------------------- the colour histogram: the registry's
+def test_the_histogram_row_sees_the_checkpoints_stain_normalised_crop(tmp_path: Path) -> None:
+    """bench.real_data's histogram is the registry's encoder with the trained checkpoint's stain step (and no
+    mean and std): its vectors are the naive histograms of the stain-normalised centre crops."""
+    import torch
+
+    from bench import real_data
+    from histo_retrieval.data.preprocessing import Preprocessing
+    from histo_retrieval.data.stain import MacenkoNormalizer
+    from histo_retrieval.evaluation.protocols import Evaluator
+
+    root = make_root(tmp_path, classes=2, train=1, test=2)
+    paths = sorted((root / "test").rglob("*.jpg"))
+    normalizer = MacenkoNormalizer.fit(np.asarray(Image.open(sorted((root / "train").rglob("*.jpg"))[0]).convert("RGB")))
+    checkpoint_steps = Preprocessing((0.5, 0.5, 0.5), (0.2, 0.2, 0.2), normalizer.state())  # a pretrained, stained run
+    encoder = real_data.histogram_encoder(BINS, 48, checkpoint_steps, "cpu")
+    assert (encoder.spec, encoder.kind, encoder.crop_size) == ("histogram", "histogram", 48)
+    assert encoder.preprocessing == Preprocessing(stain=normalizer.state())
+    assert real_data.histogram_encoder(BINS, 48, None, "cpu").preprocessing == Preprocessing()
+    with Evaluator(root, batch_size=3, device="cpu") as evaluator:
+        embeddings = evaluator.evaluate(encoder, ("test",))[0]["query_embeddings"]
+        plain = evaluator.evaluate(real_data.histogram_encoder(BINS, 48, None, "cpu"), ("test",))[0]["query_embeddings"]
+    assert encoder.preprocessing.stain_normalizer.passed_through == 0  # every crop was normalised
+
+    def naive(pixels: np.ndarray) -> np.ndarray:
+        counts = np.zeros(BINS ** 3)
+        for r, g, b in pixels.reshape(-1, 3).astype(int):
+            counts[(r * BINS // 256 * BINS + g * BINS // 256) * BINS + b * BINS // 256] += 1
+        return counts / np.linalg.norm(counts)
+
+    crops = [np.asarray(Image.open(p).convert("RGB"))[8:56, 8:56] for p in paths]  # the 48 px centre of 64 px
+    np.testing.assert_allclose(embeddings.numpy(), np.stack([naive(normalizer(c)) for c in crops]), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(plain.numpy(), np.stack([naive(c) for c in crops]), atol=1e-6, rtol=0)
+    assert not torch.allclose(embeddings, plain, atol=1e-3)
+
+
+def test_an_unknown_encoder_is_refused_in_one_line_before_any_work(tmp_path: Path, make_images) -> None:
+    root = tmp_path / "root"
+    for split in ("train", "test"):
+        make_images(root / split, {"s0": 1, "s1": 1}, size=8)
+    result = run_bench(str(root), "--out", str(tmp_path / "out"), "--encoder", "histogram", "--encoder", "unii",
+                       "--", "--epochs", "1", timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --encoder unii: neither a checkpoint file nor a known "
+                                                   "encoder (did you mean uni"), result.stderr
+    assert not (tmp_path / "out").exists()

@@ -15,7 +15,7 @@ import argparse
 import difflib
 import json
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -25,12 +25,13 @@ from histo_retrieval.encoders.base import Encoder
 from histo_retrieval.encoders.histogram import DEFAULT_BINS, ColourHistogram
 from histo_retrieval.encoders.presets import PRESETS
 from histo_retrieval.encoders.project import REFERENCE_CROP_SIZE, load_model
-from histo_retrieval.encoders.timm_encoders import (create_timm_model, load_weights, pool, timm_input_steps,
-                                                    vector_size)
+from histo_retrieval.encoders.timm_encoders import (check_architecture, create_timm_model, load_weights, pool,
+                                                    timm_input_steps, vector_size)
 from histo_retrieval.errors import UserError
 
-__all__ = ["HISTOGRAM", "RANDOM_WEIGHTS", "TIMM_PREFIX", "add_encoder_args", "encoder_from_args", "encoder_names",
-           "is_named_encoder", "load_encoder", "parse_encoder_options"]
+__all__ = ["HISTOGRAM", "RANDOM_WEIGHTS", "TIMM_PREFIX", "EncoderRequest", "add_encoder_args", "check_encoder_spec",
+           "encoder_from_args", "encoder_names", "encoder_requests", "is_named_encoder", "load_encoder",
+           "parse_encoder_options"]
 
 HISTOGRAM = "histogram"
 TIMM_PREFIX = "timm:"
@@ -48,6 +49,34 @@ def is_named_encoder(spec: str) -> bool:
     return spec.startswith(TIMM_PREFIX) or spec.lower() in encoder_names()
 
 
+def check_encoder_spec(spec: str, weights: str | os.PathLike | None = None, options: dict[str, Any] | None = None,
+                       crop_size: int | None = None) -> None:
+    """The checks load_encoder makes before building anything, so that a tool can refuse a bad spec
+    before its long work: UserError (one line) for an unknown spec or timm architecture, weights or
+    options given to a checkpoint, --crop-size given to a named encoder, a timm: spec without weights,
+    a preset whose weights are not found."""
+    name = spec.lower()
+    if not is_named_encoder(spec):
+        if not os.path.exists(spec) and not spec.endswith((".pth", ".pt")):
+            close = difflib.get_close_matches(name, encoder_names(), n=3, cutoff=0.5)
+            raise UserError(f"--encoder {spec}: neither a checkpoint file nor a known encoder "
+                            f"({'did you mean ' + ', '.join(close) + '? ' if close else ''}known: "
+                            f"{', '.join(encoder_names())}, timm:<architecture>)")
+        if weights or options:
+            raise UserError(f"--encoder {spec}: a checkpoint holds its own weights and options; "
+                            "--encoder-weights and --encoder-options are for timm:, presets and the histogram")
+        return
+    if crop_size is not None:
+        raise UserError(f"--crop-size: {spec} has its own input size; --crop-size is for checkpoints of this project")
+    if name.startswith(TIMM_PREFIX):
+        check_architecture(spec[len(TIMM_PREFIX):])
+        if not weights:
+            raise UserError(f"{spec}: pass its weights with --encoder-weights FILE (.pth, .bin or .safetensors), or "
+                            f"--encoder-weights {RANDOM_WEIGHTS} for a randomly initialised network")
+    elif name in PRESETS and weights != RANDOM_WEIGHTS:
+        PRESETS[name].weights_file(weights)
+
+
 def load_encoder(spec: str, device: torch.device | str = "cpu", weights: str | os.PathLike | None = None,
                  options: dict[str, Any] | None = None, crop_size: int | None = None) -> Encoder:
     """The encoder `spec` names, in eval mode on `device`.
@@ -59,18 +88,9 @@ def load_encoder(spec: str, device: torch.device | str = "cpu", weights: str | o
     UserError (one line naming the file or spec) when it cannot be built.
     """
     name = spec.lower()
+    check_encoder_spec(spec, weights, options, crop_size)
     if not is_named_encoder(spec):
-        if not os.path.exists(spec) and not spec.endswith((".pth", ".pt")):
-            close = difflib.get_close_matches(name, encoder_names(), n=3, cutoff=0.5)
-            raise UserError(f"--encoder {spec}: neither a checkpoint file nor a known encoder "
-                            f"({'did you mean ' + ', '.join(close) + '? ' if close else ''}known: "
-                            f"{', '.join(encoder_names())}, timm:<architecture>)")
-        if weights or options:
-            raise UserError(f"--encoder {spec}: a checkpoint holds its own weights and options; "
-                            "--encoder-weights and --encoder-options are for timm:, presets and the histogram")
         return load_model(spec, device, crop_size)
-    if crop_size is not None:
-        raise UserError(f"--crop-size: {spec} has its own input size; --crop-size is for checkpoints of this project")
     if name == HISTOGRAM:
         return _histogram(options or {}, weights)
     if name.startswith(TIMM_PREFIX):
@@ -96,10 +116,7 @@ def _histogram(options: dict[str, Any], weights: str | os.PathLike | None) -> En
                    pooling=f"joint RGB histogram, {bins} bins per channel")
 
 
-def _timm(architecture: str, weights: str | os.PathLike | None, options: dict[str, Any]) -> Encoder:
-    if not weights:
-        raise UserError(f"timm:{architecture}: pass its weights with --encoder-weights FILE (.pth, .bin or "
-                        f".safetensors), or --encoder-weights {RANDOM_WEIGHTS} for a randomly initialised network")
+def _timm(architecture: str, weights: str | os.PathLike, options: dict[str, Any]) -> Encoder:
     model = _built(architecture, options, weights)
     steps, preprocessing = timm_input_steps(model)
     return Encoder(pool(model, "pooled"), f"{TIMM_PREFIX}{architecture}", "timm", architecture, options, steps,
@@ -144,18 +161,64 @@ def parse_encoder_options(text: str) -> dict[str, Any]:
     return options
 
 
-def add_encoder_args(parser: argparse.ArgumentParser, required: bool = False, spec_help: str = "") -> None:
-    """--encoder SPEC, --encoder-weights FILE and --encoder-options JSON, the same in every tool."""
+class EncoderRequest(NamedTuple):
+    """One --encoder of a command that takes several, with the weights and options given after it."""
+
+    spec: str
+    weights: str | None = None
+    options: dict[str, Any] | None = None
+
+
+class _AddEncoder(argparse.Action):
+    """--encoder SPEC, repeatable: a new entry in args.encoder, with no weights and options yet."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        for dest, item in (("encoder", value), ("encoder_weights", None), ("encoder_options", None)):
+            setattr(namespace, dest, [*(getattr(namespace, dest, None) or []), item])
+
+
+class _ForLastEncoder(argparse.Action):
+    """--encoder-weights and --encoder-options, repeatable: they belong to the --encoder just before them."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        specs, values = getattr(namespace, "encoder", None) or [], list(getattr(namespace, self.dest, None) or [])
+        if not specs:
+            parser.error(f"{option_string} belongs to an --encoder: put it after the --encoder SPEC it is for")
+        if values[-1] is not None:
+            parser.error(f"{option_string} given twice for --encoder {specs[-1]}")
+        values[-1] = value
+        setattr(namespace, self.dest, values)
+
+
+def add_encoder_args(parser: argparse.ArgumentParser, required: bool = False, spec_help: str = "",
+                     repeatable: bool = False) -> None:
+    """--encoder SPEC, --encoder-weights FILE and --encoder-options JSON, the same in every tool.
+
+    `repeatable`: --encoder may be given several times, each followed by its own --encoder-weights
+    and --encoder-options (read them with encoder_requests)."""
+    each = (" Repeatable: --encoder-weights and --encoder-options belong to the --encoder just before them, e.g. "
+            "--encoder timm:resnet18 --encoder-weights r18.pth --encoder histogram.") if repeatable else ""
     parser.add_argument("--encoder", required=required, default=None, metavar="SPEC",
-                        help=spec_help or "the encoder: a checkpoint of this project, timm:<architecture>, a preset "
-                             f"({', '.join(PRESETS)}) or {HISTOGRAM} (docs/encoders.md; default: none)")
+                        action=_AddEncoder if repeatable else "store",
+                        help=(spec_help or "the encoder: a checkpoint of this project, timm:<architecture>, a preset "
+                              f"({', '.join(PRESETS)}) or {HISTOGRAM} (docs/encoders.md; default: none)") + each)
     parser.add_argument("--encoder-weights", default=None, metavar="FILE",
+                        action=_ForLastEncoder if repeatable else "store",
                         help="state_dict of a timm: or preset encoder (.pth, .bin or .safetensors), or "
                              f"'{RANDOM_WEIGHTS}' for a randomly initialised timm network (default: none; a preset "
                              "looks in its weights folder and the Hugging Face cache)")
     parser.add_argument("--encoder-options", type=parse_encoder_options, default=None, metavar="JSON",
+                        action=_ForLastEncoder if repeatable else "store",
                         help="timm create_model keyword arguments, e.g. '{\"dynamic_img_size\": true}'; for the "
                              "histogram, '{\"bins\": 8}' (default: none)")
+
+
+def encoder_requests(args: argparse.Namespace) -> list[EncoderRequest]:
+    """Every --encoder of a command whose flags are repeatable, with its own weights and options, in order."""
+    specs = args.encoder or []
+    return [EncoderRequest(spec, weights, options)
+            for spec, weights, options in zip(specs, args.encoder_weights or [None] * len(specs),
+                                              args.encoder_options or [None] * len(specs))]
 
 
 def encoder_from_args(args: argparse.Namespace, device: torch.device | str = "cpu",

@@ -23,7 +23,7 @@ from histo_retrieval.data.preprocessing import Preprocessing
 from histo_retrieval.encoders.weights import CheckpointError, read_weights, state_dict_mismatch
 from histo_retrieval.errors import UserError, one_line
 
-__all__ = ["POOLINGS", "ClassAndPatchMean", "create_timm_model", "load_weights", "pool", "timm_input_steps",
+__all__ = ["POOLINGS", "ClassAndPatchMean", "check_architecture", "create_timm_model", "load_weights", "pool", "timm_input_steps",
            "vector_size"]
 
 # How a vector is made of a timm model: its own pooled output (num_classes=0, global_pool as built), or
@@ -51,17 +51,24 @@ def create_timm_model(architecture: str, options: dict[str, Any] | None = None) 
     downloaded: pretrained weights come from a file (load_weights)."""
     import timm
 
-    if not timm.is_model(architecture.split(".")[0]):
-        close = difflib.get_close_matches(architecture, timm.list_models(), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; `python3 -c \"import timm; " \
-            "print(timm.list_models('*vit*'))\"` lists them"
-        raise UserError(f"timm:{architecture}: timm has no such architecture{hint}")
+    check_architecture(architecture)
     options = _resolve_layers(dict(options or {}))
     try:
         return timm.create_model(architecture, pretrained=False, num_classes=0, **options).eval()
     except (TypeError, ValueError, AssertionError, RuntimeError) as err:
         raise UserError(f"timm:{architecture}: cannot be built with --encoder-options {options} "
                         f"({one_line(err)})") from None
+
+
+def check_architecture(architecture: str) -> None:
+    """UserError naming the close matches when timm has no `architecture` (builds nothing)."""
+    import timm
+
+    if not timm.is_model(architecture.split(".")[0]):
+        close = difflib.get_close_matches(architecture, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; `python3 -c \"import timm; " \
+            "print(timm.list_models('*vit*'))\"` lists them"
+        raise UserError(f"timm:{architecture}: timm has no such architecture{hint}")
 
 
 def _resolve_layers(options: dict[str, Any]) -> dict[str, Any]:

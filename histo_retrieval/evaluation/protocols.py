@@ -1,7 +1,8 @@
 """The evaluation protocols of Kimia Path24, and the files and tables that report them.
 
-    with Evaluator("KIMIA_data", device=device) as evaluator:    # decodes each split once per crop size
+    with Evaluator("KIMIA_data", device=device) as evaluator:    # decodes each split once per input steps
         results = evaluator.evaluate(load_model(path, device), ("test", "train"))
+        results = evaluator.evaluate(load_encoder("histogram", device), ("test",))   # any encoder, no training
     result = evaluate_checkpoint(path, "KIMIA_data")              # one checkpoint, one protocol
 
 Protocols (every result names the one that produced it):
@@ -9,7 +10,11 @@ Protocols (every result names the one that produced it):
   by the class of its most similar other test patch.
 - train (Kimia Path24's own): each test patch is searched against the training set.
 
-Each split is decoded once per run and crop size into a `histo_retrieval.evaluation.embedder.CropCache` (a temporary
+Any encoder (histo_retrieval.encoders: a checkpoint of this project, a timm network, a pathology
+foundation model preset, the colour histogram) is scored the same way, through its own input steps
+and normalisation; every result names it (spec, kind, weights hash, input steps).
+
+Each split is decoded once per run and input steps into a `histo_retrieval.evaluation.embedder.CropCache` (a temporary
 file, deleted when the Evaluator closes) that every checkpoint reads batch by batch, so memory does
 not grow with the gallery. Reports: the reference's results line, results.csv rows, the confusion
 matrix as CSV and PNG, the validation-selected and ranking tables, and a t-SNE map of the test
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import textwrap
 import time
 from pathlib import Path
@@ -37,7 +43,7 @@ from histo_retrieval.evaluation.embedder import CropCache, Embedder, check_setti
 from histo_retrieval.errors import UserError
 from histo_retrieval.files import append_csv_row, atomic_write_text, natural_sorted, write_csv
 from histo_retrieval.runtime import select_device
-from histo_retrieval.evaluation.selection import VALIDATION
+from histo_retrieval.evaluation.selection import ENCODER, VALIDATION
 
 PROTOCOLS = ("test", "train")
 RESULTS_MODES = ("overwrite", "append")
@@ -82,12 +88,14 @@ class Evaluator:
         """(path, reason) of every image left out so far, each once."""
         return sorted({failure for cache, _ in self._splits.values() for failure in cache.failed})
 
-    def evaluate(self, loaded: Encoder, protocols: Sequence[str] = ("test",)) -> list[dict]:
+    def evaluate(self, loaded: Encoder, protocols: Sequence[str] = ("test",), name: str | None = None) -> list[dict]:
         """Every metric of `loaded` under each protocol, one dict per protocol.
 
-        The test images are embedded once for all protocols; labels index the class names of the
-        splits used, in natural order. Each dict also holds the test images' embeddings
-        (`query_embeddings`, on the device) and labels (`query_labels`).
+        The images go through the encoder's own input steps and normalisation. The test images are
+        embedded once for all protocols; labels index the class names of the splits used, in natural
+        order. Each dict names the encoder (`checkpoint`: `name`, default result_name(loaded);
+        `encoder`, `encoder_kind`, `weights_sha256`, `input_steps`) and also holds the test images'
+        embeddings (`query_embeddings`, on the device) and labels (`query_labels`).
         """
         unknown = [p for p in protocols if p not in PROTOCOLS]
         if unknown or not protocols:
@@ -101,13 +109,16 @@ class Evaluator:
         embedder = Embedder(loaded.model, self.device, self.batch_size, self.amp, self.channels_last,
                             loaded.preprocessing)
         embeddings = {split: embedder.embed(cache.batches(self.batch_size)) for split, (cache, _) in splits.items()}
+        identity = {"encoder": loaded.spec, "encoder_kind": loaded.kind, "weights_sha256": loaded.weights_sha256(),
+                    "input_steps": loaded.input_steps.to_dict(), "normalisation": loaded.preprocessing.describe(),
+                    "dim": loaded.dim, "pooling": loaded.pooling}
         results = []
         for protocol in protocols:
             gallery = "train" if protocol == "train" else None
             result = retrieval_metrics(embeddings["test"], labels["test"], embeddings.get(gallery), labels.get(gallery),
                                        num_classes=len(class_names))
             result.update({
-                "protocol": protocol, "checkpoint": os.path.basename(loaded.path), "checkpoint_path": loaded.path,
+                "protocol": protocol, "checkpoint": name or result_name(loaded), "checkpoint_path": loaded.path, **identity,
                 "source": loaded.source, "model": loaded.model_name, "loss": loaded.loss_name or "",
                 "model_options": loaded.model_options, "crop_size": loaded.crop_size, "seed": loaded.seed,
                 "class_names": class_names,
@@ -145,6 +156,37 @@ def evaluate_checkpoint(path: str | os.PathLike, data_dir: str | os.PathLike = "
 
 
 # ----------------------------------------------------------------------------- result files
+def file_safe(text: str) -> str:
+    """`text` with every character but letters, digits and . _ + - replaced by '-' (a file name part)."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "-", text).strip(".") or "-"
+
+
+def result_name(encoder: Encoder) -> str:
+    """What names an encoder's results (the results line, the confusion and embedding-map files): a
+    checkpoint's file name, as the reference; for another encoder its spec made file-safe, followed by
+    the stem of its weights file ('timm-resnet18_r18' for timm:resnet18 with r18.pth; 'histogram')."""
+    if encoder.kind == "checkpoint":
+        return os.path.basename(encoder.path)
+    weights = os.path.basename(encoder.path)
+    return file_safe(encoder.spec) + (f"_{file_safe(weights.split('.')[0])}" if weights else "")
+
+
+def result_stem(result: dict) -> str:
+    """The file stem of a result's outputs: a checkpoint's file name without .pth, another encoder's name."""
+    name = result["checkpoint"]
+    if result.get("encoder_kind", "checkpoint") == "checkpoint" and name.endswith((".pth", ".pt")):
+        return os.path.splitext(name)[0]
+    return name
+
+
+def results_text_name(result: dict) -> str:
+    """<model>_results.txt for a checkpoint, as the reference; <spec made file-safe>_results.txt for another
+    encoder (timm-resnet50_results.txt stays apart from the paper's resnet50_results.txt)."""
+    if result.get("encoder_kind", "checkpoint") == "checkpoint":
+        return f"{result['model']}_results.txt"
+    return f"{file_safe(result['encoder'])}_results.txt"
+
+
 def reference_line(result: dict) -> str:
     """The reference's results.txt line, followed by the protocol that produced it."""
     scores = [(result["eta_p"], "np"), (result["eta_w"], "nw"), (result["eta_total"], "n_total")]
@@ -211,20 +253,23 @@ class ResultFiles:
 def write_outputs(result: dict, files: ResultFiles, command: str) -> dict:
     """Add the result to the text and CSV files and write its confusion matrix; returns the CSV row."""
     output_dir = files.output_dir
-    stem = f"{Path(result['checkpoint']).stem}_{result['protocol']}"
+    stem = f"{result_stem(result)}_{result['protocol']}"
     confusion_csv = output_dir / "confusion" / f"{stem}.csv"
     note = (f"{result['checkpoint']}, protocol {result['protocol']}, rows true class, columns predicted class; "
             f"eta_p {result['eta_p']:.4f} eta_W {result['eta_w']:.4f} eta_total {result['eta_total']:.4f}")
     write_confusion_csv(confusion_csv, result["confusion"], result["class_names"], note)
     plot_confusion(confusion_csv.with_suffix(".png"), result["confusion"], result["class_names"], note)
-    files.add_line(f"{result['model']}_results.txt", reference_line(result))
+    files.add_line(results_text_name(result), reference_line(result))
     row = {key: result.get(key, "") for key in ("protocol", "checkpoint", "selected_by", "val_loss", "run", "model",
-                                                "loss", "source", "crop_size", "eta_p", "eta_w", "eta_total",
-                                                "correct", "num_queries", "num_gallery")}
+                                                "loss", "source", "encoder", "encoder_kind", "weights_sha256",
+                                                "crop_size", "eta_p", "eta_w", "eta_total", "correct", "num_queries",
+                                                "num_gallery")}
     row.update({f"recall@{k}": result[f"recall@{k}"] for k in RECALL_KS})
     row.update({
         "map@r": result["map@r"], "num_lone_queries": result["num_lone_queries"],
-        "model_options": json.dumps(result["model_options"], sort_keys=True), "seed": result["seed"],
+        "model_options": json.dumps(result["model_options"], sort_keys=True, default=str),
+        "input_steps": json.dumps(result.get("input_steps") or "", sort_keys=True),
+        "normalisation": result.get("normalisation", ""), "seed": result["seed"],
         "amp": result["amp"], "channels_last": result["channels_last"], "device": result["device"],
         "batch_size": result["batch_size"], "data_dir": result["data_dir"], "classes": " ".join(result["class_names"]),
         "checkpoint_classes_match": result["checkpoint_classes_match"],
@@ -249,6 +294,17 @@ def selected_table(rows: Sequence[dict]) -> str:
     for row in chosen:
         lines.append(f"| {row['run']} | {row['checkpoint']} | {row['val_loss']:.4f} | {row['protocol']} | "
                      f"{_scores(row)}")
+    return "\n".join(lines)
+
+
+def encoder_table(rows: Sequence[dict]) -> str:
+    """Markdown table of the rows of encoders named by --encoder (no training run: nothing to select),
+    one per encoder and protocol, in the order evaluated."""
+    lines = ["| encoder | name | kind | weights_sha256 | protocol | eta_p | eta_W | eta_total | R@1 | mAP@R |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in (r for r in rows if r["selected_by"] == ENCODER):
+        lines.append(f"| {row['encoder']} | {row['checkpoint']} | {row['encoder_kind']} | {row['weights_sha256'][:12]} | "
+                     f"{row['protocol']} | {_scores(row)}")
     return "\n".join(lines)
 
 

@@ -36,6 +36,9 @@ from histo_retrieval.encoders.project import is_bare_state_dict
 VALIDATION = "validation"
 LAST_EPOCH = "last_epoch"
 NOT_SELECTED = ""
+# The label of a result of an encoder named on the command line (multi_test.py --encoder): no training
+# run chose it, so no selection applies and it is reported as a row of its own.
+ENCODER = "encoder"
 # `<run>_<val_loss>.pth`, as train.py and the reference name their best-validation files ({:.4f}).
 LOSS_IN_NAME = re.compile(r"^(?P<run>.+)_(?P<loss>-?\d+\.\d+)\.pth$")
 
