@@ -1,29 +1,37 @@
 """Search an archive of whole slides and patches for the tissue most similar to a query.
 
     python3 retrieve.py index CHECKPOINT SOURCE... --index DIR [--mpp 0.5] [--patch-size N]
+    python3 retrieve.py index --encoder SPEC [--encoder-weights FILE] SOURCE... --index DIR
+    python3 retrieve.py embed --encoder SPEC SOURCE... --out-dir DIR      # CLAM/TRIDENT .h5 features
     python3 retrieve.py query --index DIR QUERY... [--top-k 10] [--region X,Y,W,H] [--heatmap]
     python3 retrieve.py list --index DIR
     python3 retrieve.py remove --index DIR SOURCE...
     python3 retrieve.py serve --index DIR [--host 127.0.0.1] [--port 8000] [--allowed-hosts HOST[,HOST]]
 
-`index` creates the index folder DIR or adds to it. A SOURCE is a whole-slide file (read through
-OpenSlide: Aperio SVS, tiled TIFF, NDPI, MRXS...; tiffslide for TIFFs OpenSlide cannot read; a
-plain image is a slide of one level), cut where there is tissue into --patch-size patches at --mpp
-microns per pixel; or a folder of patch images (an image in a subfolder takes that first-level
-folder's name as its class, as in KIMIA_data/train/<class>/). Sources already indexed are skipped
-(--replace indexes them again); each source is committed as soon as it is embedded, so a stopped
-run keeps what it finished, and running it again finishes the rest. Under torchrun, each process
-indexes its share of the sources. A slide that cannot be read, or a SOURCE that is not there, is
-named, skipped and reported at the end, and the exit status is then 1; when no SOURCE is there,
-nothing is created or changed and the exit status is 2.
+`index` creates the index folder DIR or adds to it, with the vectors of a checkpoint of this project
+or of any encoder --encoder names (timm:<architecture>, a pathology foundation model preset, the
+colour histogram: docs/encoders.md); the manifest records it and its weights' hash. A SOURCE is a
+whole-slide file (read through OpenSlide: Aperio SVS, tiled TIFF, NDPI, MRXS...; tiffslide for TIFFs
+OpenSlide cannot read; a plain image is a slide of one level), cut where there is tissue into
+--patch-size patches at --mpp microns per pixel; or a folder of patch images (an image in a
+subfolder takes that first-level folder's name as its class, as in KIMIA_data/train/<class>/).
+Sources already indexed are skipped (--replace indexes them again); each source is committed as soon
+as it is embedded, so a stopped run keeps what it finished, and running it again finishes the rest.
+Under torchrun, each process indexes its share of the sources. A slide that cannot be read, or a
+SOURCE that is not there, is named, skipped and reported at the end, and the exit status is then 1;
+when no SOURCE is there, nothing is created or changed and the exit status is 2.
 
-`query` embeds each QUERY with the index's model: an image file (a patch at the index's scale),
+`query` embeds each QUERY with the index's encoder: an image file (a patch at the index's scale),
 a folder of them, a region of a slide (--region, level-0 pixels), or a whole slide (each of its
 tissue patches). It writes matches.csv (each query patch's top-k matches), slides.csv (the indexed
 slides ranked by the votes of the query patches' first matches, then by mean similarity),
 query.json (the command and the index's manifest) and one PNG per query to --out-dir. Similarity
 is the mean over the model's learners of the cosine similarities. An index with no patches is
 refused (exit status 2, nothing written). See docs/slide_search.md.
+
+`embed` writes the patch features of each SOURCE, cut as `index` cuts them, to DIR/<slide stem>.h5
+(`features`, `coords`) or DIR/<folder name>.h5 (`features`, `files`, `classes`): the layout CLAM and
+TRIDENT write, for multiple-instance-learning tools (docs/slide_search.md).
 
 `serve` opens the search page (docs/search_page.md) on http://localhost:8000/: the index's slides
 in a zoomable viewer, search by an uploaded patch or a drawn region, matches shown on the slides.
@@ -40,15 +48,14 @@ from pathlib import Path
 import torch
 
 from histo_retrieval import distributed
-from histo_retrieval.encoders.project import load_model
-from histo_retrieval.encoders.registry import add_encoder_args, encoder_from_args
+from histo_retrieval.encoders.registry import add_encoder_args, encoder_from_args, is_named_encoder
 from histo_retrieval.evaluation.embedder import Embedder, check_settings
 from histo_retrieval.errors import UserError
 from histo_retrieval.images import report_unreadable
 from histo_retrieval.runtime import add_runtime_args, check_runtime
 from histo_retrieval.search.index import IndexSettings, SlideIndex
 from histo_retrieval.search.indexing import build_index, check_sources
-from histo_retrieval.search.queries import load_index_model, query_jobs, run_queries
+from histo_retrieval.search.queries import load_index_encoder, query_jobs, run_queries
 from histo_retrieval.search.slides import Tiling
 from histo_retrieval.search.vector_index import DEFAULT_EF_SEARCH, DEFAULT_MIN_NPROBE, DEFAULT_NPROBE_FRACTION, INDEX_TYPES
 
@@ -92,12 +99,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="the index folder; every sub-command needs one (no default)")
 
     index = commands.add_parser("index", parents=[model, where], help="create an index or add sources to it")
-    index.add_argument("checkpoint", help="checkpoint written by train.py, or a bare reference state_dict")
-    index.add_argument("sources", nargs="+", help="whole-slide files, plain images, or folders of patches")
+    index.add_argument("sources", nargs="+", metavar="SOURCE",
+                       help="whole-slide files, plain images, or folders of patches; without --encoder, the first "
+                            "is the checkpoint (written by train.py, or a bare reference state_dict)")
+    add_encoder_args(index, spec_help="the encoder instead of a CHECKPOINT: timm:<architecture>, a preset, histogram "
+                                      "or a checkpoint's path (docs/encoders.md; default: none, the first positional "
+                                      "argument is the checkpoint)")
     index.add_argument("--mpp", type=positive_float, default=0.5,
                        help="microns per pixel of the patches, about 20x (default: %(default)s)")
     index.add_argument("--patch-size", type=int, default=None,
-                       help="patch side in pixels at --mpp (default: the model's crop size)")
+                       help="patch side in pixels at --mpp (default: the encoder's crop size)")
     index.add_argument("--tissue-threshold", type=float, default=0.5,
                        help="tissue fraction a slide patch needs to be indexed (default: %(default)s)")
     index.add_argument("--index-type", choices=INDEX_TYPES, default="flat",
@@ -115,6 +126,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     searching.add_argument("--top-k", type=int, default=10, help="matches per query patch (default: %(default)s)")
     searching.add_argument("--checkpoint", default=None,
                            help="the index's checkpoint, if it moved (default: the path in manifest.json)")
+    searching.add_argument("--encoder-weights", default=None, metavar="FILE",
+                           help="the weights file of a timm or preset index's encoder, if it moved (default: the "
+                                "path in manifest.json)")
     searching.add_argument("--nprobe", type=int, default=None,
                            help=f"IVF lists searched (default: 1/{round(1 / DEFAULT_NPROBE_FRACTION)} of the lists, at "
                                 f"least {DEFAULT_MIN_NPROBE})")
@@ -142,7 +156,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "forwards (default: none; 127.0.0.1, localhost, [::1] and --host always); any other "
                             "Host header is refused")
 
-    listing = commands.add_parser("list", parents=[where], help="show an index's model, scale and sources")
+    listing = commands.add_parser("list", parents=[where], help="show an index's encoder, scale and sources")
     listing.add_argument("--failed", action="store_true", help="also list sources that failed (default: off)")
     remove = commands.add_parser("remove", parents=[where], help="delete sources and their patches from an index")
     remove.add_argument("sources", nargs="+", help="sources as given to `index` (paths)")
@@ -174,18 +188,38 @@ def require_index(args: argparse.Namespace) -> str:
     raise UserError("pass the index folder with --index DIR")
 
 
+def encoder_and_sources(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """(the encoder spec, the sources) of `index`: --encoder's, or the first positional argument, a
+    checkpoint, as before encoders had names."""
+    if args.encoder is not None:
+        first = args.sources[0]
+        if first.endswith((".pth", ".pt")) and Path(first).is_file() and len(args.sources) > 1:
+            raise UserError(f"{first}: a checkpoint given beside --encoder {args.encoder}; with --encoder every "
+                            "positional argument is a source: drop one of the two")
+        return args.encoder, list(args.sources)
+    if len(args.sources) < 2:
+        raise UserError("pass the checkpoint and at least one SOURCE (retrieve.py index CHECKPOINT SOURCE... --index "
+                        "DIR), or the encoder with --encoder SPEC")
+    if is_named_encoder(args.sources[0]):
+        raise UserError(f"{args.sources[0]}: an encoder, not a checkpoint file; pass it as --encoder {args.sources[0]}")
+    return args.sources[0], list(args.sources[1:])
+
+
 def run_index(args: argparse.Namespace, device: torch.device) -> int:
     if args.out is not None:
         raise UserError(f"--out {args.out}: indexes are now folders; pass --index DIR instead "
                         "(python3 retrieve.py index CHECKPOINT SOURCE... --index DIR)")
     directory = Path(require_index(args))
-    check_sources(args.sources)  # before the model is loaded: a typo is refused at once
+    spec, sources = encoder_and_sources(args)
+    check_sources(sources)  # before the encoder is loaded: a typo is refused at once
     device, rank, world_size = distributed.setup_distributed(device)
-    loaded = load_model(args.checkpoint, device, args.crop_size)
-    tiling = Tiling(args.mpp, args.patch_size or loaded.crop_size, args.tissue_threshold)
-    settings = IndexSettings.for_model(loaded, args.checkpoint, tiling, args.index_type, args.ivf_lists)
-    embedder = Embedder(loaded.model, device, args.batch_size, args.amp, args.channels_last, loaded.preprocessing)
-    report = build_index(directory, args.sources, settings, embedder, args.workers, args.slide_mpp, args.replace,
+    encoder = encoder_from_args(args, device, spec=spec)
+    tiling = Tiling(args.mpp, args.patch_size or encoder.crop_size, args.tissue_threshold)
+    settings = IndexSettings.for_model(encoder, tiling, args.index_type, args.ivf_lists)
+    if encoder.mpp and encoder.mpp != args.mpp and rank == 0:
+        print(f"note: {encoder.spec} expects patches at {encoder.mpp} um/px; this index cuts them at --mpp {args.mpp}")
+    embedder = Embedder(encoder.model, device, args.batch_size, args.amp, args.channels_last, encoder.preprocessing)
+    report = build_index(directory, sources, settings, embedder, args.workers, args.slide_mpp, args.replace,
                          rank=rank, world_size=world_size)
     status = 1 if report.failed or report.unreadable_files else 0
     if rank != 0:
@@ -197,7 +231,7 @@ def run_index(args: argparse.Namespace, device: torch.device) -> int:
         for path, reason in report.failed:
             print(f"  {path} ({reason})", file=sys.stderr)
     report_unreadable(report.unreadable_files)
-    if note := loaded.preprocessing.passed_through_note():
+    if note := encoder.preprocessing.passed_through_note():
         print(note)
     return status
 
@@ -218,7 +252,7 @@ def run_query(args: argparse.Namespace, device: torch.device) -> int:
     check_settings(args.batch_size, args.amp)
     with SlideIndex.open(require_index(args)) as index:
         check_not_empty(index)
-        loaded = load_index_model(index, device, args.checkpoint)
+        loaded = load_index_encoder(index, device, args.checkpoint, args.encoder_weights)
         embedder = Embedder(loaded.model, device, args.batch_size, args.amp, args.channels_last, loaded.preprocessing)
         jobs = query_jobs(args.queries, args.region, args.slide_mpp)
         results, failed = run_queries(index, jobs, embedder, args.top_k, args.out_dir, args.heatmap, args.workers,
@@ -242,8 +276,7 @@ def run_query(args: argparse.Namespace, device: torch.device) -> int:
 def run_list(args: argparse.Namespace) -> int:
     with SlideIndex.open(require_index(args)) as index:
         s = index.settings
-        print(f"index {index.directory}: {s.model_name} {s.model_options} ({s.checkpoint}), {s.dim}-d vectors, "
-              f"{s.index_type}")
+        print(f"index {index.directory}: {s.describe_encoder()}, {s.index_type}")
         print(f"patches of {s.patch_size} px at {s.mpp} um/px, tissue threshold {s.tissue_threshold}")
         rows = index.sources(None if args.failed else "indexed")
         print(f"{sum(r.patch_count for r in rows)} patches in {sum(r.state == 'indexed' for r in rows)} source(s)")
@@ -301,10 +334,10 @@ def run_serve(args: argparse.Namespace, device: torch.device) -> int:
     if not 1 <= args.top_k <= 100:
         raise UserError(f"--top-k must be from 1 to 100, got {args.top_k}")
     service = SearchService.open(require_index(args), device, args.checkpoint, args.batch_size, args.amp,
-                                 args.channels_last, args.top_k, args.nprobe, args.ef_search)
+                                 args.channels_last, args.top_k, args.nprobe, args.ef_search, args.encoder_weights)
     summary = service.summary()
     print(f"index {args.index}: {summary['slides']} slide(s), {summary['folders']} folder(s), "
-          f"{summary['patches']} patches ({summary['model_name']}, {summary['mpp']} um/px)")
+          f"{summary['patches']} patches ({service.index.settings.describe_encoder()}; {summary['mpp']} um/px)")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: serving on {args.host}, with no authentication; put a reverse proxy with authentication in "
               "front of it before sharing it on a network (docs/search_page.md, 'Security'); requests naming another "

@@ -161,7 +161,7 @@ def index_command(checkpoint: Path, slides: list[str], index_dir: Path, args: ar
 def index_settings(loaded, command: argparse.Namespace) -> IndexSettings:
     """The settings `retrieve.py index` gives a new index for `command`."""
     tiling = Tiling(command.mpp, command.patch_size or loaded.crop_size, command.tissue_threshold)
-    return IndexSettings.for_model(loaded, command.checkpoint, tiling, command.index_type, command.ivf_lists)
+    return IndexSettings.for_model(loaded, tiling, command.index_type, command.ivf_lists)
 
 
 # ----------------------------------------------------------------------------- timed runs

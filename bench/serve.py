@@ -80,7 +80,6 @@ from PIL import Image
 
 from bench.timing import write_checkpoint  # noqa: E402
 from histo_retrieval.encoders.project import load_model  # noqa: E402
-from histo_retrieval.data.datasets import eval_crop  # noqa: E402
 from histo_retrieval.evaluation.embedder import Embedder  # noqa: E402
 from histo_retrieval.errors import UserError  # noqa: E402
 from histo_retrieval.files import atomic_write_text, command_line  # noqa: E402
@@ -198,7 +197,7 @@ def build_index(work: Path, args: argparse.Namespace) -> dict:
     checkpoint = work / f"{args.model}_MSLoss_0.5000.pth"
     write_checkpoint(checkpoint, args.model, args.crop_size, args.seed)
     loaded = load_model(checkpoint, "cpu")
-    settings = IndexSettings.for_model(loaded, checkpoint, Tiling(MPP, loaded.crop_size, TISSUE_THRESHOLD))
+    settings = IndexSettings.for_model(loaded, Tiling(MPP, loaded.crop_size, TISSUE_THRESHOLD))
     side = settings.patch_size  # level-0 pixels: the slides are scanned at the index's scale
     print(f"checkpoint: {checkpoint.name} ({settings.model_name} {settings.model_options}, crop {settings.crop_size}, "
           f"{settings.dim}-d)", flush=True)
@@ -225,7 +224,7 @@ def build_index(work: Path, args: argparse.Namespace) -> dict:
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, "PNG")
         pngs.append(buffer.getvalue())
-        crops.append(eval_crop(settings.crop_size)(Image.fromarray(pixels)))
+        crops.append(settings.input_steps(Image.fromarray(pixels)))
     real = Embedder(loaded.model, "cpu", preprocessing=loaded.preprocessing).embed(torch.stack(crops)).float().numpy()
 
     info = {}  # per slide file: its size, scale, thumbnail (as index_sources records them)
@@ -413,7 +412,7 @@ def breakdown(index_dir: Path, queries: list[dict], args: argparse.Namespace) ->
     from histo_retrieval.search.app import SearchOut
 
     service = SearchService.open(str(index_dir), "cpu", top_k=args.top_k)
-    crop = eval_crop(service.index.settings.crop_size)
+    crop = service.index.settings.input_steps  # as an upload is cut (decode_upload)
     times: dict[str, list[float]] = {}
     failures: list[BaseException] = []
 

@@ -160,3 +160,60 @@ def test_an_indexed_slide_is_opened_only_while_its_file_is_the_one_indexed(tmp_p
     path.unlink()
     with pytest.raises(SlideError, match=r"slide\.png: no such slide file"):
         check_unchanged(row)
+
+
+# ----------------------------------------------------------------------------- the encoder in the manifest
+OLD_MODEL = {"checkpoint": "/models/se_resnet50_MSLoss_0.5000.pth", "weights_sha256": "a" * 64,
+             "model_name": "se_resnet50", "model_options": {"embedding_dim": 4}, "crop_size": 32, "embedding_dim": 4}
+
+
+def old_manifest(**model) -> dict:
+    """A manifest as indexes were written before encoders had names: a checkpoint, its crop size."""
+    return {"format": 1, "model": {**OLD_MODEL, **model}, "tiling": {"mpp": 0.5, "patch_size": 32,
+                                                                     "tissue_threshold": 0.5},
+            "vector_index": {"type": "flat", "ivf_lists": None, "hnsw_m": 32}, "created": "", "command": ""}
+
+
+def test_an_old_manifest_reads_as_its_checkpoint_cut_by_the_plain_crop(tmp_path):
+    from histo_retrieval.data.datasets import InputSteps
+
+    settings = IndexSettings.from_manifest(old_manifest(note="kept"))
+    assert (settings.spec, settings.kind, settings.checkpoint) == (OLD_MODEL["checkpoint"], "checkpoint",
+                                                                   OLD_MODEL["checkpoint"])
+    assert settings.input_steps == InputSteps(32) and settings.preprocessing is None
+    assert settings.extra == {"note": "kept"}
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "manifest.json").write_text(json.dumps(old_manifest()))
+    with SlideIndex.open(tmp_path / "index", writable=True) as index:
+        assert index.settings.input_steps == InputSteps(32) and index.patch_count() == 0
+    # A run with the same weights, moved, and a normalisation of its own adds to it: the hash is the identity.
+    same = dataclasses.replace(settings, checkpoint="/elsewhere/model.pth", spec="/elsewhere/model.pth",
+                               preprocessing={"mean": None, "std": None, "stain": None}, extra={})
+    assert settings.differences(same) == []
+    rewritten = same.manifest()["model"]
+    assert (rewritten["checkpoint"], rewritten["weights"], rewritten["input_steps"]) == (
+        "/elsewhere/model.pth", "/elsewhere/model.pth", {"crop_size": 32, "resize": None, "interpolation": "bilinear"})
+
+
+def test_the_manifest_records_a_timm_encoder_and_reads_it_back(tmp_path):
+    from histo_retrieval.encoders import load_encoder
+    from histo_retrieval.search.slides import Tiling
+
+    encoder = load_encoder("timm:vit_tiny_patch16_224", weights="random", options={"depth": 1})
+    settings = IndexSettings.for_model(encoder, Tiling(0.5, 224, 0.5))
+    model = settings.manifest()["model"]
+    assert {k: model[k] for k in ("spec", "kind", "weights", "model_name", "model_options", "crop_size", "pooling",
+                                  "mpp", "embedding_dim")} == {
+        "spec": "timm:vit_tiny_patch16_224", "kind": "timm", "weights": "random", "model_name": "vit_tiny_patch16_224",
+        "model_options": {"depth": 1}, "crop_size": 224, "pooling": "pooled", "mpp": None, "embedding_dim": 192}
+    assert model["input_steps"] == encoder.input_steps.to_dict() == {"crop_size": 224, "resize": 248,
+                                                                     "interpolation": "bicubic"}
+    assert model["preprocessing"] == encoder.preprocessing.to_dict() and "checkpoint" not in model
+    assert model["weights_sha256"] == encoder.weights_sha256()
+    read = IndexSettings.from_manifest(json.loads(json.dumps(settings.manifest())))
+    assert read == settings and read.differences(settings) == []
+    other = IndexSettings.for_model(load_encoder("histogram"), Tiling(0.5, 224, 0.5))
+    assert [line.split(" (the index has")[0] for line in settings.differences(other)] == [
+        "--encoder histogram (histogram)", f"weights (model hash) {other.weights_sha256}", "model histogram",
+        "model options {'bins': 8, 'crop_size': 224}", "input steps centre crop 224 px",
+        f"normalisation {other.preprocessing}"]

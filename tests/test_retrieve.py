@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -163,6 +164,27 @@ def test_an_index_refuses_another_model_and_another_scale(collection, tmp_path, 
     with pytest.raises(retrieve.UserError, match="not the weights this index was built with"):
         run(*cpu("query", "--index", str(collection["index"]), str(collection["images"]), "--checkpoint", str(other),
                  "--out-dir", str(tmp_path / "q")))
+
+
+def test_an_index_from_before_named_encoders_still_queries_lists_and_grows(collection, tmp_path, make_images,
+                                                                          capsys):
+    """A manifest without spec, kind, weights, input steps or normalisation: its checkpoint, cut by the
+    plain centre crop, as it was built."""
+    old = tmp_path / "old_index"
+    shutil.copytree(collection["index"], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["model"] = {k: manifest["model"][k] for k in ("checkpoint", "weights_sha256", "model_name",
+                                                           "model_options", "crop_size", "embedding_dim")}
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    query = str(collection["images"] / "s0" / "s0_0.png")
+    assert run(*cpu("query", "--index", str(old), query, "--out-dir", str(tmp_path / "old"))) == 0
+    assert run(*cpu("query", "--index", str(collection["index"]), query, "--out-dir", str(tmp_path / "new"))) == 0
+    assert (tmp_path / "old" / "matches.csv").read_text() == (tmp_path / "new" / "matches.csv").read_text()
+    capsys.readouterr()
+    assert run("list", "--index", str(old)) == 0
+    assert f"{collection['checkpoint']} (se_resnet50" in capsys.readouterr().out
+    make_images(tmp_path / "more", {"s2": 1}, seed=11)
+    assert run(*cpu("index", str(collection["checkpoint"]), str(tmp_path / "more"), "--index", str(old))) == 0
 
 
 def runs_logged(index_dir: Path) -> int:

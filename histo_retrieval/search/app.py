@@ -60,7 +60,10 @@ DOCS_POLICY = (f"default-src 'self'; script-src 'self' 'unsafe-inline' {DOCS_CDN
 class IndexSummary(BaseModel):
     model_name: str
     model_options: dict
-    checkpoint: str = Field(description="file name of the checkpoint the index was built with")
+    checkpoint: str = Field(description="file name of the checkpoint (or weights file) the index was built with")
+    encoder: str = Field(description="the encoder the index was built with: a checkpoint's file name, "
+                                     "timm:<architecture>, a preset's name or histogram")
+    encoder_kind: str = Field(description='"checkpoint", "timm", "preset" or "histogram"')
     crop_size: int
     dim: int
     mpp: float = Field(description="microns per pixel of the indexed patches")

@@ -1,7 +1,8 @@
 """A slide index: a folder that lasts, grows and shrinks, and answers nearest-neighbour queries.
 
-    DIR/manifest.json   the model (checkpoint, hash of its weights, name, options, embedding size),
-                        the tiling (scale, patch size, tissue threshold) and the vector index type
+    DIR/manifest.json   the encoder (spec, kind, weights file and the hash of its weights, name,
+                        options, input steps, normalisation, pooling, scale, embedding size), the
+                        tiling (scale, patch size, tissue threshold) and the vector index type
     DIR/patches.sqlite  per source: path, size, modification time, state, thumbnail; per patch: its
                         source, level-0 box, tissue fraction, file and class; per source its vectors
     DIR/vectors.faiss   the faiss index of every patch vector, by patch id (histo_retrieval.search.vector_index)
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Iterator, Literal, Sequence
 
 import numpy as np
 
+from histo_retrieval.data.datasets import InputSteps
 from histo_retrieval.search import vector_index
 from histo_retrieval.errors import UserError
 from histo_retrieval.files import atomic_write_text, command_line
@@ -345,9 +347,21 @@ class PatchDatabase:
         return found
 
 
+# The manifest's "model" keys IndexSettings reads itself; any other key is kept as it is (`extra`).
+MODEL_KEYS = ("spec", "kind", "weights", "checkpoint", "weights_sha256", "model_name", "model_options", "crop_size",
+              "input_steps", "preprocessing", "pooling", "mpp", "embedding_dim")
+
+
 @dataclass
 class IndexSettings:
-    """What every vector of an index shares: the model that made it and the tiling it was cut with."""
+    """What every vector of an index shares: the encoder that made it and the tiling it was cut with.
+
+    `checkpoint` is the file the encoder's weights came from: a checkpoint of this project, a timm or
+    preset encoder's weights file ('random' for timm's seeded random weights, '' for the histogram).
+    `spec` is the encoder as named (the checkpoint's path for a checkpoint), `kind` its family; an
+    index written before encoders had names holds a checkpoint's vectors, cut by the plain centre
+    crop of `crop_size`, and reads so.
+    """
     checkpoint: str
     weights_sha256: str
     model_name: str
@@ -361,23 +375,57 @@ class IndexSettings:
     ivf_lists: int | None = None
     hnsw_m: int = 32
     extra: dict = field(default_factory=dict)
+    spec: str = ""  # default: the checkpoint's path
+    kind: str = "checkpoint"
+    input_steps: InputSteps | None = None  # default: the plain centre crop of crop_size
+    preprocessing: dict | None = None  # Preprocessing.to_dict() (None: not recorded, as in older indexes)
+    pooling: str = ""
+    encoder_mpp: float | None = None  # the scale the encoder expects, when its source states one
+
+    def __post_init__(self) -> None:
+        self.spec = self.spec or self.checkpoint
+        if self.input_steps is None:
+            self.input_steps = InputSteps(self.crop_size)
+        self.crop_size = self.input_steps.crop_size
 
     @classmethod
-    def for_model(cls, loaded: Encoder, checkpoint: str | os.PathLike, tiling: Tiling, index_type: str = "flat",
+    def for_model(cls, encoder: Encoder, tiling: Tiling, index_type: str = "flat",
                   ivf_lists: int | None = None) -> IndexSettings:
-        """The settings of an index of `loaded`'s vectors (the checkpoint at `checkpoint`) cut by `tiling`.
-        A vector is the combined row of the model's learners, which split embedding_dim among them."""
+        """The settings of an index of `encoder`'s vectors cut by `tiling`."""
         tiling.check()
-        options = loaded.model_options
-        return cls(os.path.abspath(checkpoint), loaded.weights_sha256(), loaded.model_name, options, loaded.crop_size,
-                   options["embedding_dim"], tiling.mpp, tiling.patch_size, tiling.tissue_threshold, index_type,
-                   ivf_lists)
+        weights = encoder.path
+        if weights and weights != "random":
+            weights = os.path.abspath(weights)
+        # A checkpoint is named by its path, which must open from wherever the index is read.
+        spec = weights if encoder.kind == "checkpoint" else encoder.spec
+        return cls(weights, encoder.weights_sha256(), encoder.model_name, dict(encoder.model_options),
+                   encoder.crop_size, encoder.dim, tiling.mpp, tiling.patch_size, tiling.tissue_threshold, index_type,
+                   ivf_lists, spec=spec, kind=encoder.kind, input_steps=encoder.input_steps,
+                   preprocessing=encoder.preprocessing.to_dict(), pooling=encoder.pooling, encoder_mpp=encoder.mpp)
+
+    @property
+    def encoder_identity(self) -> str:
+        """What names the encoder whatever file it was read from: a checkpoint's family (its weights'
+        hash tells two apart), or the spec of any other encoder."""
+        return self.kind if self.kind == "checkpoint" else f"{self.spec} ({self.kind})"
+
+    def describe_encoder(self) -> str:
+        """One line: the encoder, its vector and its input steps, as Encoder.describe() words it."""
+        pooling = f", {self.pooling}" if self.pooling else ""
+        scale = f", {self.encoder_mpp} um/px" if self.encoder_mpp else ""
+        weights = f"; weights {self.checkpoint}" if self.checkpoint and self.kind != "checkpoint" else ""
+        return (f"{self.spec} ({self.model_name} {self.model_options}, {self.dim}-d{pooling}; "
+                f"{self.input_steps.describe()}{scale}{weights})")
 
     def manifest(self) -> dict:
-        return {"format": FORMAT,
-                "model": {"checkpoint": self.checkpoint, "weights_sha256": self.weights_sha256,
-                          "model_name": self.model_name, "model_options": self.model_options,
-                          "crop_size": self.crop_size, "embedding_dim": self.dim, **self.extra},
+        model = {"spec": self.spec, "kind": self.kind, "weights": self.checkpoint}
+        if self.kind == "checkpoint":
+            model["checkpoint"] = self.checkpoint  # where indexes before named encoders kept it
+        model.update({"weights_sha256": self.weights_sha256, "model_name": self.model_name,
+                      "model_options": self.model_options, "crop_size": self.crop_size,
+                      "input_steps": self.input_steps.to_dict(), "preprocessing": self.preprocessing,
+                      "pooling": self.pooling, "mpp": self.encoder_mpp, "embedding_dim": self.dim, **self.extra})
+        return {"format": FORMAT, "model": model,
                 "tiling": {"mpp": self.mpp, "patch_size": self.patch_size, "tissue_threshold": self.tissue_threshold},
                 "vector_index": {"type": self.index_type, "ivf_lists": self.ivf_lists, "hnsw_m": self.hnsw_m},
                 "created": _now(), "command": command_line()}
@@ -385,21 +433,27 @@ class IndexSettings:
     @classmethod
     def from_manifest(cls, manifest: dict) -> IndexSettings:
         model, tiling, vectors = manifest["model"], manifest["tiling"], manifest["vector_index"]
-        extra = {k: v for k, v in model.items()
-                 if k not in ("checkpoint", "weights_sha256", "model_name", "model_options", "crop_size",
-                              "embedding_dim")}
-        return cls(model["checkpoint"], model["weights_sha256"], model["model_name"], model["model_options"],
+        extra = {k: v for k, v in model.items() if k not in MODEL_KEYS}
+        weights = model["weights"] if "weights" in model else model["checkpoint"]
+        steps = model.get("input_steps")
+        return cls(weights, model["weights_sha256"], model["model_name"], model["model_options"],
                    model["crop_size"], model["embedding_dim"], tiling["mpp"], tiling["patch_size"],
                    tiling["tissue_threshold"], vectors["type"], vectors.get("ivf_lists"), vectors.get("hnsw_m", 32),
-                   extra)
+                   extra, spec=model.get("spec") or weights, kind=model.get("kind", "checkpoint"),
+                   input_steps=InputSteps.from_dict(steps) if steps else InputSteps(int(model["crop_size"])),
+                   preprocessing=model.get("preprocessing"), pooling=model.get("pooling", ""),
+                   encoder_mpp=model.get("mpp"))
 
     def differences(self, other: IndexSettings) -> list[str]:
         """What `other` (a new run's settings) changes of what the index's vectors share."""
-        named = {"weights (model hash)": (self.weights_sha256, other.weights_sha256),
+        named = {"--encoder": (self.encoder_identity, other.encoder_identity),
+                 "weights (model hash)": (self.weights_sha256, other.weights_sha256),
                  "model": (self.model_name, other.model_name), "model options": (self.model_options, other.model_options),
-                 "crop size": (self.crop_size, other.crop_size), "--mpp": (self.mpp, other.mpp),
-                 "--patch-size": (self.patch_size, other.patch_size),
+                 "input steps": (self.input_steps.describe(), other.input_steps.describe()),
+                 "--mpp": (self.mpp, other.mpp), "--patch-size": (self.patch_size, other.patch_size),
                  "--tissue-threshold": (self.tissue_threshold, other.tissue_threshold)}
+        if self.preprocessing is not None:  # an index from before it was recorded: its checkpoint's hash stands
+            named["normalisation"] = (self.preprocessing, other.preprocessing)
         return [f"{name} {theirs} (the index has {ours})" for name, (ours, theirs) in named.items() if ours != theirs]
 
 

@@ -53,13 +53,14 @@ class Job:
     """One unit of work: a slide (tiled where there is tissue), a region of a slide (tiled whole,
     level-0 x, y, width, height), a list of patch image files (a folder source, or queries), or an
     image in memory ("pixels": an H x W x 3 uint8 array, such as an upload; `path` is its label,
-    never read)."""
+    never read; `cropped` when the array is already what the encoder's input steps made of it)."""
     path: str
     kind: JobKind
     region: tuple[int, int, int, int] | None = None
     files: tuple[str, ...] = ()
     classes: tuple[str | None, ...] = ()
     pixels: np.ndarray | None = field(default=None, compare=False, repr=False)
+    cropped: bool = False
 
     def __post_init__(self) -> None:
         if (self.kind == "pixels") != (self.pixels is not None):
@@ -70,9 +71,11 @@ class Job:
                              f"{self.pixels.shape}")
 
     @classmethod
-    def of_pixels(cls, pixels: np.ndarray, label: str) -> Job:
-        """A query of one image in memory, named `label` (its `<class>_` prefix may name its class)."""
-        return cls(label, "pixels", pixels=pixels)
+    def of_pixels(cls, pixels: np.ndarray, label: str, cropped: bool = False) -> Job:
+        """A query of one image in memory, named `label` (its `<class>_` prefix may name its class);
+        `cropped`: the image is already the encoder's input crop (the search page's uploads are
+        cropped where they are decoded: a resize is not undone by cropping again)."""
+        return cls(label, "pixels", pixels=pixels, cropped=cropped)
 
 
 @dataclass
@@ -108,6 +111,7 @@ class Chunk:
     level: int = 0
     out_size: int = 0
     fallback_mpp: float | None = None
+    cropped: bool = False  # pixels already through the input steps
 
 
 class ChunkRead(NamedTuple):
@@ -142,7 +146,7 @@ class ChunkReader(Dataset):
                         failed.append((path, str(error) or type(error).__name__))
             elif chunk.kind == "pixels":  # the same crop as of the image saved and read back as a file
                 for i, pixels in enumerate(chunk.positions):
-                    images.append(self.crop(pixels))
+                    images.append(self._cropped(pixels) if chunk.cropped else self.crop(pixels))
                     kept.append(i)
             else:
                 slide = self._open(chunk.path, chunk.fallback_mpp)
@@ -153,6 +157,11 @@ class ChunkReader(Dataset):
         except slide_errors() as error:
             return ChunkRead(chunk, self._none(), [], [], f"{type(error).__name__}: {error}")
         return ChunkRead(chunk, torch.stack(images) if images else self._none(), kept, failed, None)
+
+    def _cropped(self, pixels: np.ndarray) -> torch.Tensor:
+        if pixels.shape[:2] != (self.crop_size, self.crop_size):
+            raise ValueError(f"a cropped image must be {self.crop_size} x {self.crop_size}, got {pixels.shape[:2]}")
+        return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).contiguous()
 
     def _none(self) -> torch.Tensor:
         return torch.zeros(0, 3, self.crop_size, self.crop_size, dtype=torch.uint8)
@@ -299,7 +308,7 @@ class EmbeddingRun:
             self.progress.planned(len(items))
             for start in range(0, len(items), chunk_size):
                 yield Chunk(number, job.path, job.kind, start, tuple(items[start:start + chunk_size]), level,
-                             out_size, self.fallback_mpp)
+                            out_size, self.fallback_mpp, job.cropped)
 
     def read(self, item: ChunkRead) -> None:
         """Embed a chunk as read; after a read error in a job, its later chunks are only counted."""
@@ -434,7 +443,7 @@ def index_sources(index: SlideIndex, sources: Sequence[str], embedder: Embedder,
     todo = todo[rank::world_size]
     settings = index.settings
     tiling = Tiling(settings.mpp, settings.patch_size, settings.tissue_threshold)
-    for result in embed_sources(todo, embedder, tiling, settings.crop_size, workers, fallback_mpp, progress):
+    for result in embed_sources(todo, embedder, tiling, settings.input_steps, workers, fallback_mpp, progress):
         report.unreadable_files += result.failed
         path = result.job.path
         if result.error is not None:

@@ -26,7 +26,7 @@ import torch
 from histo_retrieval.figures import pyplot, save_figure
 
 from histo_retrieval.encoders.base import Encoder
-from histo_retrieval.encoders.project import load_model
+from histo_retrieval.encoders.registry import RANDOM_WEIGHTS, load_encoder
 from histo_retrieval.evaluation.embedder import Embedder
 from histo_retrieval.errors import UserError
 from histo_retrieval.files import atomic_write_text, command_line, list_images, write_csv
@@ -95,17 +95,37 @@ class QueryResult:
     pixels: np.ndarray | None = None  # a query of pixels in memory: its image, as searched
 
 
-def load_index_model(index: SlideIndex, device: torch.device | str, checkpoint: str | None = None) -> Encoder:
-    """The model the index was built with (its manifest's checkpoint, or `checkpoint` if it moved),
-    refused when its weights are not those the index's vectors came from."""
-    checkpoint = checkpoint or index.settings.checkpoint
-    if not Path(checkpoint).is_file():
-        raise UserError(f"{checkpoint}: the index's checkpoint is missing; pass its new place with --checkpoint")
-    loaded = load_model(checkpoint, device, index.settings.crop_size)
-    if loaded.weights_sha256() != index.settings.weights_sha256:
-        raise UserError(f"{checkpoint}: not the weights this index was built with (their hash differs); pass "
-                        "the index's checkpoint with --checkpoint")
-    return loaded
+def load_index_encoder(index: SlideIndex, device: torch.device | str, checkpoint: str | None = None,
+                       weights: str | None = None) -> Encoder:
+    """The encoder the index was built with, rebuilt from its manifest (spec, weights file, options),
+    refused when its weights are not those the index's vectors came from. `checkpoint` is a
+    checkpoint index's checkpoint that moved, `weights` a timm or preset index's weights file that moved."""
+    settings = index.settings
+    if settings.kind == "checkpoint":
+        if weights:
+            raise UserError(f"--encoder-weights {weights}: this index was built with a checkpoint of this project; "
+                            "pass it with --checkpoint if it moved")
+        path = checkpoint or settings.checkpoint
+        if not Path(path).is_file():
+            raise UserError(f"{path}: the index's checkpoint is missing; pass its new place with --checkpoint")
+        encoder = load_encoder(path, device, crop_size=settings.crop_size)
+        what, flag = path, "the index's checkpoint with --checkpoint"
+    else:
+        if checkpoint:
+            raise UserError(f"--checkpoint {checkpoint}: this index was built with --encoder {settings.spec}; pass "
+                            "its weights with --encoder-weights if they moved")
+        path = weights or settings.checkpoint or None
+        if settings.kind in ("timm", "preset") and path and path != RANDOM_WEIGHTS and not Path(path).is_file():
+            if settings.kind == "timm" or weights:
+                raise UserError(f"{path}: the weights of the index's encoder ({settings.spec}) are missing; pass "
+                                "their new place with --encoder-weights FILE")
+            path = None  # a preset finds its weights in its own folder or the Hugging Face cache
+        # Recorded as built (a preset's own options with the user's over them): building with them again is the same.
+        encoder = load_encoder(settings.spec, device, weights=path, options=settings.model_options or None)
+        what, flag = path or settings.spec, "the index's weights file with --encoder-weights"
+    if encoder.weights_sha256() != settings.weights_sha256:
+        raise UserError(f"{what}: not the weights this index was built with (their hash differs); pass {flag}")
+    return encoder
 
 
 def query_jobs(items: Sequence[str], region: tuple[int, int, int, int] | None = None,
@@ -188,7 +208,7 @@ def run_queries(index: SlideIndex, jobs: Sequence[Job], embedder: Embedder, top_
     tiling = Tiling(settings.mpp, settings.patch_size, settings.tissue_threshold)
     results, failed = [], []
     known = index.classes()
-    for result in embed_sources(jobs, embedder, tiling, settings.crop_size, workers, fallback_mpp, progress, opener):
+    for result in embed_sources(jobs, embedder, tiling, settings.input_steps, workers, fallback_mpp, progress, opener):
         failed += result.failed
         if result.error is not None:
             failed.append((result.job.path, result.error))

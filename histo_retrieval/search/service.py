@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from histo_retrieval.data.datasets import eval_crop
+from histo_retrieval.data.datasets import InputSteps
 from histo_retrieval.evaluation.embedder import Embedder
 from histo_retrieval.errors import UserError
 from histo_retrieval.images import UNREADABLE
@@ -37,7 +37,7 @@ from histo_retrieval.search.indexing import Job, slide_errors
 from histo_retrieval.search.index import (Patch, SlideChanged, SlideIndex, SourceKind, SourceRow, check_unchanged,
                                           open_indexed_slide)
 from histo_retrieval.search.queries import (Match, QueryResult, SlideRank, best_matches, cut_patch, heat_colours,
-                                            load_index_model, patch_pixels, query_pixels, run_queries, slide_heat)
+                                            load_index_encoder, patch_pixels, query_pixels, run_queries, slide_heat)
 from histo_retrieval.search.slides import Slide, SlideOpener, best_level, open_slide
 
 # The search page's limits, in one place (docs/search_page.md, "Security"); histo_retrieval/search/app.py enforces
@@ -159,13 +159,13 @@ def check_upload(upload: bytes | BinaryIO, filename: str) -> Image.Image:
 _DECODING = threading.BoundedSemaphore(DECODES_AT_ONCE)
 
 
-def decode_upload(upload: bytes | BinaryIO, filename: str, crop_size: int) -> tuple[np.ndarray, Image.Image]:
-    """(the centre crop the model sees, c x c x 3 uint8; a preview at most PREVIEW_SIDE a side) of an
-    upload. The whole image lives only here, DECODES_AT_ONCE at a time: what follows holds a crop and
-    a thumbnail."""
+def decode_upload(upload: bytes | BinaryIO, filename: str, steps: InputSteps | int) -> tuple[np.ndarray, Image.Image]:
+    """(the crop the model sees, c x c x 3 uint8, through the index's input steps; a preview at most
+    PREVIEW_SIDE a side) of an upload. The whole image lives only here, DECODES_AT_ONCE at a time:
+    what follows holds a crop and a thumbnail."""
     with _DECODING:
         image = check_upload(upload, filename)
-        crop = eval_crop(crop_size)(image)  # 3 x c x c uint8, exactly what the loader would cut from a file
+        crop = InputSteps.of(steps)(image)  # 3 x c x c uint8, exactly what the loader would make of a file
         image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
     return crop.permute(1, 2, 0).numpy(), image
 
@@ -230,10 +230,13 @@ class SearchService:
     @classmethod
     def open(cls, directory: str, device: torch.device | str = "cpu", checkpoint: str | None = None,
              batch_size: int = 32, amp: str = "off", channels_last: bool = False, top_k: int = 10,
-             nprobe: int | None = None, ef_search: int | None = None) -> SearchService:
+             nprobe: int | None = None, ef_search: int | None = None,
+             encoder_weights: str | None = None) -> SearchService:
+        """The service over the index at `directory`, with the encoder it was built with (`checkpoint` or
+        `encoder_weights`: its weights' new place if they moved)."""
         index = SlideIndex.open(directory, writable=False)
         try:
-            loaded = load_index_model(index, device, checkpoint)
+            loaded = load_index_encoder(index, device, checkpoint, encoder_weights)
             _ = index.vectors  # load (or rebuild) the faiss index now, not on the first search
         except BaseException:
             index.close()
@@ -253,6 +256,7 @@ class SearchService:
         s = self.index.settings
         sources = self.sources()
         return {"model_name": s.model_name, "model_options": s.model_options, "checkpoint": Path(s.checkpoint).name,
+                "encoder": Path(s.spec).name if s.kind == "checkpoint" else s.spec, "encoder_kind": s.kind,
                 "crop_size": s.crop_size, "dim": s.dim, "mpp": s.mpp, "patch_size": s.patch_size,
                 "tissue_threshold": s.tissue_threshold, "index_type": s.index_type,
                 "slides": sum(row.kind == "slide" for row in sources.values()),
@@ -365,12 +369,12 @@ class SearchService:
 
     # ------------------------------------------------------------------ searches
     def search_upload(self, upload: bytes | BinaryIO, filename: str | None, top_k: int | None = None) -> Search:
-        """Search with an uploaded patch image (its centre crop at the index's scale), held in memory.
-        The file name is a label only; its `<class>_` prefix, when the index knows the class, judges
-        the matches."""
+        """Search with an uploaded patch image, held in memory: cut by the index's input steps as a
+        query of the same file is. The file name is a label only; its `<class>_` prefix, when the index
+        knows the class, judges the matches."""
         name = upload_label(filename)
-        crop, preview = decode_upload(upload, name, self.index.settings.crop_size)
-        result = self._search(Job.of_pixels(crop, name), top_k)
+        crop, preview = decode_upload(upload, name, self.index.settings.input_steps)
+        result = self._search(Job.of_pixels(crop, name, cropped=True), top_k)
         return self._keep(Search(uuid.uuid4().hex, "upload", name, result, preview=jpeg_bytes(preview)))
 
     def search_region(self, source_id: int, box: tuple[int, int, int, int], top_k: int | None = None) -> Search:
