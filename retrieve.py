@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from histo_retrieval import distributed
+from histo_retrieval.encoders.base import Encoder
 from histo_retrieval.encoders.registry import add_encoder_args, encoder_from_args, is_named_encoder
 from histo_retrieval.evaluation.embedder import Embedder, check_settings
 from histo_retrieval.errors import UserError
@@ -216,8 +217,8 @@ def run_index(args: argparse.Namespace, device: torch.device) -> int:
     encoder = encoder_from_args(args, device, spec=spec)
     tiling = Tiling(args.mpp, args.patch_size or encoder.crop_size, args.tissue_threshold)
     settings = IndexSettings.for_model(encoder, tiling, args.index_type, args.ivf_lists)
-    if encoder.mpp and encoder.mpp != args.mpp and rank == 0:
-        print(f"note: {encoder.spec} expects patches at {encoder.mpp} um/px; this index cuts them at --mpp {args.mpp}")
+    if rank == 0:
+        print_scale_note(encoder, args.mpp)
     embedder = Embedder(encoder.model, device, args.batch_size, args.amp, args.channels_last, encoder.preprocessing)
     report = build_index(directory, sources, settings, embedder, args.workers, args.slide_mpp, args.replace,
                          rank=rank, world_size=world_size)
@@ -234,6 +235,13 @@ def run_index(args: argparse.Namespace, device: torch.device) -> int:
     if note := encoder.preprocessing.passed_through_note():
         print(note)
     return status
+
+
+def print_scale_note(encoder: Encoder, mpp: float) -> None:
+    """A note when the encoder states another scale than the one its patches are cut at (not refused:
+    the user may know better, e.g. a model trained at several magnifications)."""
+    if encoder.mpp and encoder.mpp != mpp:
+        print(f"note: {encoder.spec} expects patches at {encoder.mpp} um/px; they are cut at --mpp {mpp}")
 
 
 def check_not_empty(index: SlideIndex) -> None:
@@ -294,8 +302,7 @@ def run_embed(args: argparse.Namespace, device: torch.device) -> int:
     encoder = encoder_from_args(args, device)
     tiling = Tiling(args.mpp, args.patch_size or encoder.crop_size, args.tissue_threshold)
     print(f"encoder {encoder.describe()}")
-    if encoder.mpp and encoder.mpp != args.mpp:
-        print(f"note: {encoder.spec} was trained at {encoder.mpp} um/px; its slide patches are cut at --mpp {args.mpp}")
+    print_scale_note(encoder, args.mpp)
     embedder = Embedder(encoder.model, device, args.batch_size, args.amp, args.channels_last, encoder.preprocessing)
     report = export_features(plan, encoder, embedder, tiling, args.workers, args.slide_mpp, args.replace)
     print_report(report, plan.directory)

@@ -199,7 +199,7 @@ def test_a_preset_records_its_scale_says_when_the_run_is_at_another_and_queries(
     index = tmp_path / "index"
     assert run(*cpu("index", "--encoder", "uni", "--encoder-weights", "random", "--encoder-options", options,
                     str(archive["images"]), "--index", str(index), "--mpp", MPP)) == 0
-    assert "note: uni expects patches at 0.5 um/px; this index cuts them at --mpp 1.0" in capsys.readouterr().out
+    assert "note: uni expects patches at 0.5 um/px; they are cut at --mpp 1.0" in capsys.readouterr().out
     model = json.loads((index / "manifest.json").read_text())["model"]
     assert (model["spec"], model["kind"], model["weights"], model["mpp"], model["embedding_dim"]) == (
         "uni", "preset", "random", 0.5, 32)
