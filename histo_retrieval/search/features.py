@@ -85,19 +85,13 @@ def feature_settings(encoder: Encoder, tiling: Tiling, amp: str) -> dict[str, An
 
 
 def _versions() -> dict[str, str]:
-    import h5py
-    import torch
-
-    versions = {"torch": torch.__version__, "h5py": h5py.__version__, "numpy": np.__version__}
-    try:
-        versions["histo-retrieval"] = metadata.version("histo-retrieval")
-    except metadata.PackageNotFoundError:
-        versions["histo-retrieval"] = "not installed"
-    try:
-        import timm
-        versions["timm"] = timm.__version__
-    except ImportError:
-        pass
+    """The installed versions of what makes the numbers (read from the packages' metadata)."""
+    versions = {}
+    for package in ("histo-retrieval", "torch", "timm", "numpy", "h5py"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
     return versions
 
 
