@@ -98,7 +98,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             raise UserError("--freeze-trunk runs in one process (an epoch of the head takes seconds); run it without "
                             "torchrun")
         trunk = FrozenTrunk(args, device)
-        args.crop_size = trunk.encoder.crop_size  # the encoder's input size, recorded with the checkpoint
+        trunk.take_crop_size()
     dataset, train_indices, val_indices, num_images = build_datasets(args, check_crop=trunk is None or
                                                                      trunk.needs_crop_check)
 

@@ -27,13 +27,14 @@ import models
 from histo_retrieval.data.datasets import KimiaDataset, eval_transform, train_transform
 from histo_retrieval.encoders.base import Encoder
 from histo_retrieval.encoders.frozen import TrunkAndHead, frozen_model_name, trunk_record
+from histo_retrieval.encoders.project import REFERENCE_CROP_SIZE
 from histo_retrieval.encoders.registry import RANDOM_WEIGHTS, load_encoder, parse_encoder_options
 from histo_retrieval.errors import UserError
 from histo_retrieval.evaluation.embedder import Embedder
 from histo_retrieval.training.loop import NO_AUGMENT, ResolvedNames, build_loaders, resolve_loss
 
 __all__ = ["CachedVectors", "FrozenTrunk", "add_frozen_arguments", "cache_vectors", "check_frozen_arguments",
-           "frozen_names"]
+           "frozen_names", "vector_loaders"]
 
 DEFAULT_HEAD_DIM = 512
 
@@ -134,6 +135,14 @@ def cache_vectors(trunk: Encoder, dataset: KimiaDataset, indices: list[int], dev
                          {by_path[path]: reason for path, reason in failed})
 
 
+def vector_loaders(args: argparse.Namespace, vectors: CachedVectors, train_indices: list[int], val_indices: list[int],
+                   device: torch.device) -> tuple[DataLoader, DataLoader]:
+    """train.py's loaders (build_loaders: the same batches, seeded the same way) over cached vectors."""
+    # The vectors are in memory: loader processes would only copy them.
+    return build_loaders(argparse.Namespace(**{**vars(args), "workers": 0}), vectors, train_indices, val_indices,
+                         device, 0, 1, None, (None, None))
+
+
 # ----------------------------------------------------------------------------- the run
 class FrozenTrunk:
     """The trunk of a --freeze-trunk run, with what train.py needs of it: the head, the loaders and
@@ -145,6 +154,15 @@ class FrozenTrunk:
         self.encoder.model.requires_grad_(False).eval()
         self.record = trunk_record(self.encoder, args.model, args.encoder_options)
         self.cached = args.augment == NO_AUGMENT and not args.no_feature_cache
+
+    def take_crop_size(self) -> None:
+        """Set --crop-size to the encoder's input size (recorded with the checkpoint); UserError when the
+        command asks for another one."""
+        crop = self.encoder.crop_size
+        if self.args.crop_size not in (REFERENCE_CROP_SIZE, crop):  # 224: --crop-size's default
+            raise UserError(f"--crop-size {self.args.crop_size}: with --freeze-trunk the input steps are the "
+                            f"encoder's ({self.encoder.input_steps.describe()}); leave --crop-size out")
+        self.args.crop_size = crop
 
     @property
     def needs_crop_check(self) -> bool:
@@ -176,9 +194,7 @@ class FrozenTrunk:
         if verbose:
             print(f"trunk {self.encoder.describe()}: {len(vectors.rows)} images' vectors ({vectors.vectors.shape[1]}-d) "
                   f"cached in {time.perf_counter() - started:.1f} s; each epoch trains the head alone", flush=True)
-        # The vectors are in memory: loader processes would only copy them.
-        return build_loaders(argparse.Namespace(**{**vars(self.args), "workers": 0}), vectors,
-                             train_indices, val_indices, device, 0, 1, None, (None, None))
+        return vector_loaders(self.args, vectors, train_indices, val_indices, device)
 
     def augment_transform(self) -> Callable:
         """--augment reference or stain on the encoder's input: its resize (if any), then the reference's
