@@ -6,6 +6,7 @@
     python3 train.py se_resnet50 MSLoss --resume model/se_resnet50_MSLoss_checkpoint.pth
     torchrun --nproc_per_node=4 train.py se_resnet50 MSLoss --batch-size 15   # 4 GPUs, 60 images per step
     python3 train.py se_resnet50 MSLoss --pretrained imagenet --augment stain   # one's own tissue (docs/own_tissue.md)
+    python3 train.py uni MSLoss --freeze-trunk --encoder-weights uni.bin   # a projection head on a frozen encoder
 
 Every file is named after the run's identity, `<model>_<loss>` with a tag for each model or loss option
 that differs from its default (`se_resnet50_MSLoss` for the paper's run, `se_resnet50-noattention_MSLoss`
@@ -19,6 +20,12 @@ and a loss-curve PNG beside it. A new run refuses a folder that already holds a 
 (pass --resume to continue that run, or another --output-dir). Images that cannot be decoded are left
 out of their batches and listed at the end; the exit status is then 1; when no batch can be formed
 from readable images, the run stops before writing anything of that epoch.
+
+With --freeze-trunk the first argument is an encoder (timm:<architecture>, a preset, histogram or a
+checkpoint file; histo_retrieval.encoders) and only a projection head learns, on the encoder's vectors:
+computed once and cached when nothing augments the images (--augment none, the default then). The run
+is `<trunk>-frozen-<head>_<loss>`, and its checkpoint loads like any other
+(`histo_retrieval.training.frozen`, `histo_retrieval.encoders.frozen`).
 
 Under torchrun the script runs DistributedDataParallel (NCCL on GPUs, gloo on CPU); --batch-size and
 --workers are per process, and only rank 0 prints and writes files. The pieces live in
@@ -44,17 +51,19 @@ from histo_retrieval.files import command_line, write_csv
 from histo_retrieval.images import report_unreadable
 from histo_retrieval.data.preprocessing import Preprocessing
 from histo_retrieval.runtime import check_runtime, seed_everything
+from histo_retrieval.training.frozen import FrozenTrunk, add_frozen_arguments, check_frozen_arguments, frozen_names
 from histo_retrieval.training.loop import (RunFiles, TensorBoardLog, add_training_arguments, build_datasets, build_loaders,
                            build_training_model, check_training_arguments, describe_train_files,
-                           load_resume_checkpoint, plot_losses, refuse_other_run, resolve_names, seed_epoch,
-                           start_model, step_lr_scheduler, train_one_epoch, validate)
+                           load_resume_checkpoint, plot_losses, refuse_other_run, resolve_augment, resolve_names,
+                           seed_epoch, start_model, step_lr_scheduler, train_one_epoch, validate)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train a deep-metric-learning model on Kimia Path24", add_help=add_help)
-    parser.add_argument("model", help=f"one of {', '.join(models.MODEL_NAMES)} (case-insensitive; se_resnet accepted)")
+    parser.add_argument("model", help=f"one of {', '.join(models.MODEL_NAMES)} (case-insensitive; se_resnet accepted); "
+                                      "with --freeze-trunk an encoder spec")
     parser.add_argument("loss", help=f"one of {', '.join(losses.LOSS_NAMES)} (case-insensitive; MsLoss accepted)")
-    return add_training_arguments(parser)
+    return add_frozen_arguments(add_training_arguments(parser))
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -63,11 +72,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     Raises UserError for bad arguments or data before any training starts, and when the loss
     becomes non-finite (the last good checkpoints are kept).
     """
-    names = resolve_names(args)
+    frozen = getattr(args, "freeze_trunk", False)  # train_traindata.py's commands have no such flag
+    check_frozen_arguments(args, frozen)
+    resolve_augment(args)
+    names = frozen_names(args) if frozen else resolve_names(args)
     model_name, loss_name, requested_model_options, loss_options = names
     if args.summary:
-        model, _ = build_training_model(model_name, requested_model_options)
-        print(models.summary(model, args.crop_size))
+        if frozen:
+            trunk = FrozenTrunk(args, torch.device("cpu"))
+            print(f"trunk (frozen): {trunk.encoder.describe()}")
+            print(models.summary(trunk.whole(trunk.build_head()[0]), trunk.encoder.crop_size))
+        else:
+            model, _ = build_training_model(model_name, requested_model_options)
+            print(models.summary(model, args.crop_size))
         return {}
     check_training_arguments(args)
     files = RunFiles(Path(args.output_dir), names.identity)
@@ -75,28 +92,49 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         refuse_other_run(files)
     device, rank, world_size = setup_distributed(check_runtime(args, training=True))
     is_main = rank == 0
-    dataset, train_indices, val_indices, num_images = build_datasets(args)
+    trunk = None
+    if frozen:
+        if world_size > 1:
+            raise UserError("--freeze-trunk runs in one process (an epoch of the head takes seconds); run it without "
+                            "torchrun")
+        trunk = FrozenTrunk(args, device)
+        trunk.take_crop_size()
+    dataset, train_indices, val_indices, num_images = build_datasets(args, check_crop=trunk is None or
+                                                                     trunk.needs_crop_check)
 
     seed_everything(args.seed)
-    model, model_options = build_training_model(model_name, requested_model_options)
+    if trunk is not None:
+        model, model_options = trunk.build_head()
+    else:
+        model, model_options = build_training_model(model_name, requested_model_options)
     criterion = losses.build_loss(loss_name, **loss_options).to(device)
     run = {"model_name": model_name, "loss_name": loss_name, "model_options": model_options,
            "loss_options": loss_options, "class_names": list(dataset.classes), "history": [],
            "best_val_loss": math.inf, "command": command_line(),
            "train_files": describe_train_files(dataset, train_indices, args.data_dir)}
+    if trunk is not None:
+        run["trunk"] = trunk.record
     checkpoint = load_resume_checkpoint(args.resume, run, args) if args.resume else None
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         preprocessing = Preprocessing.from_dict(checkpoint.get("preprocessing"))
         run["pretrained"] = checkpoint.get("pretrained")
+    elif trunk is not None:
+        preprocessing, run["pretrained"] = trunk.encoder.preprocessing, None
     else:
         preprocessing, run["pretrained"] = start_model(model, model_name, args, verbose=is_main)
     run["preprocessing"] = preprocessing.to_dict()
-    train_loader, val_loader = build_loaders(args, dataset, train_indices, val_indices, device, rank, world_size,
-                                             preprocessing)
+    if trunk is not None:
+        train_loader, val_loader = trunk.loaders(dataset, train_indices, val_indices, device, is_main)
+    else:
+        train_loader, val_loader = build_loaders(args, dataset, train_indices, val_indices, device, rank, world_size,
+                                                 preprocessing)
     model.to(device)
-    if args.channels_last:
+    if args.channels_last and trunk is None:
         model.to(memory_format=torch.channels_last)
+    # What each step runs: the model; with --freeze-trunk the head, on the cached vectors or after the trunk.
+    run_model = model if trunk is None or trunk.cached else trunk.whole(model)
+    step_args = args if trunk is None else trunk.step_args()
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step, gamma=args.lr_gamma)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
@@ -112,7 +150,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                           if h["val_loss"] == run["best_val_loss"]), None)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    train_model = model
+    train_model = run_model
     if world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -134,8 +172,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             step_lr_scheduler(lr_scheduler)
         lr = optimizer.param_groups[0]["lr"]
         show_progress = is_main and sys.stderr.isatty()
-        stats = train_one_epoch(train_model, criterion, optimizer, train_loader, device, args, scaler, epoch, show_progress)
-        val_loss, val_unreadable = validate(model, criterion, val_loader, device, args)
+        stats = train_one_epoch(train_model, criterion, optimizer, train_loader, device, step_args, scaler, epoch,
+                                show_progress)
+        val_loss, val_unreadable = validate(run_model, criterion, val_loader, device, step_args)
         if args.lr_step_at == "end":
             lr_scheduler.step()
         unreadable.update(stats.pop("unreadable"), val_unreadable)
@@ -171,7 +210,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                   f"lr {lr:.3g}  {stats['images_per_s']:.1f} img/s  skipped {stats['skipped_batches']}/"
                   f"{stats['train_batches']}" + (f"  saved {best_path}" if improved else ""), flush=True)
     if board is not None:
-        board.embeddings(model, dataset, val_indices, args, preprocessing, device)
+        if trunk is not None:
+            board.embeddings(trunk.whole(model), dataset, val_indices, args, preprocessing, device,
+                             trunk.encoder.input_steps)
+        else:
+            board.embeddings(model, dataset, val_indices, args, preprocessing, device)
         board.close()
         print(f"TensorBoard log in {args.tensorboard}: tensorboard --logdir {args.tensorboard}")
     # Each process reads its own share of the images: every process returns (and rank 0 reports) them all.

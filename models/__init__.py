@@ -14,6 +14,7 @@ from typing import Any, Callable
 from torch import nn
 
 from .abe_m import abe_m
+from .projection import HEADS, ProjectionHead, build_head, head_options
 from .resnet import resnet50
 from .se_resnet import se_resnet50
 
@@ -69,4 +70,7 @@ def summary(model: nn.Module, crop_size: int = 224, depth: int = 3) -> str:
     return str(stats)
 
 
-__all__ = ["MODEL_NAMES", "build_model", "canonical_model_name", "default_model_options", "summary"]
+# The projection head of train.py --freeze-trunk (models.projection) is not among MODEL_NAMES: it is
+# trained on an encoder's vectors, never on images by itself.
+__all__ = ["HEADS", "MODEL_NAMES", "ProjectionHead", "build_head", "build_model", "canonical_model_name",
+           "default_model_options", "head_options", "summary"]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import MODEL_NAMES, build_model, canonical_model_name, summary
+from models import MODEL_NAMES, build_head, build_model, canonical_model_name, summary
 from models.abe_m import STAGE4
 from models.layers import PointwiseConv2d, StackedBatchNorm2d, pooled_embedding
 from models.reference import ReferenceStyle, filled_state_dict
@@ -394,3 +394,19 @@ def test_benchmark_baseline_computes_the_same_embeddings_and_gradients(name: str
     assert max((a - b).abs().max().item() for a, b in zip(ours, theirs)) < 1e-10
     for key, parameter in our_parameters.items():
         torch.testing.assert_close(parameter.grad, their_parameters["model." + key].grad, rtol=1e-7, atol=1e-9)
+
+
+def test_projection_head_is_its_documented_layers() -> None:
+    """train.py --freeze-trunk's head: the unit input through one linear layer, or two with a ReLU, to unit rows."""
+    torch.manual_seed(0)
+    vectors = torch.randn(5, 12) * 3
+    linear, mlp = build_head("linear", 12, 6), build_head("mlp", 12, 6)
+    unit = vectors / vectors.norm(dim=1, keepdim=True)
+    (w, b), (w1, b1, w2, b2) = ([p.detach() for p in head.parameters()] for head in (linear, mlp))
+    expected = [unit @ w.T + b, torch.relu(unit @ w1.T + b1) @ w2.T + b2]
+    for head, raw in zip((linear, mlp), expected):
+        (rows,) = head(vectors)
+        torch.testing.assert_close(rows, raw / raw.norm(dim=1, keepdim=True))
+    assert w1.shape == (12, 12)  # the MLP's hidden layer is as wide as its input
+    with pytest.raises(ValueError, match="unknown head 'conv'"):
+        build_head("conv", 12)

@@ -107,12 +107,13 @@ def to_unit_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div(255)
 
 
-def eval_transform(crop_size: int = 224, preprocessing: Preprocessing | None = None) -> transforms.Compose:
+def eval_transform(crop_size: int | InputSteps = 224, preprocessing: Preprocessing | None = None) -> transforms.Compose:
     """The reference's validation and test transform, CenterCrop then ToTensor (no normalisation),
-    as eval_crop then to_unit_float; with `preprocessing`, its steps in the order the Embedder
-    applies them (stain on the uint8 crop, then the normalisation)."""
+    as eval_crop then to_unit_float (or an encoder's InputSteps then to_unit_float); with
+    `preprocessing`, its steps in the order the Embedder applies them (stain on the uint8 crop, then
+    the normalisation)."""
     preprocessing = preprocessing or Preprocessing()
-    steps = [eval_crop(crop_size)]
+    steps = [InputSteps.of(crop_size)]
     if preprocessing.stain:
         steps.append(StainStep(preprocessing))
     steps.append(to_unit_float)

@@ -19,6 +19,7 @@ import models
 from histo_retrieval.data.datasets import InputSteps
 from histo_retrieval.data.preprocessing import Preprocessing
 from histo_retrieval.encoders.base import Encoder
+from histo_retrieval.encoders.frozen import is_frozen_checkpoint, load_frozen
 from histo_retrieval.encoders.weights import CheckpointError, read_torch_file, state_dict_mismatch
 from histo_retrieval.errors import one_line
 
@@ -45,13 +46,16 @@ def is_bare_state_dict(content: Any) -> bool:
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", crop_size: int | None = None) -> Encoder:
     """Build the model stored in `path`, in eval mode on `device`.
 
-    Accepts a checkpoint written by train.py or a bare reference state_dict. Raises CheckpointError
+    Accepts a checkpoint written by train.py (with --freeze-trunk: its trunk, rebuilt through the
+    registry, then its head; histo_retrieval.encoders.frozen) or a bare reference state_dict. Raises CheckpointError
     (one line naming the file) when the file is unreadable, not a checkpoint, or does not fit.
     """
     name = os.path.basename(path)
     content = read_torch_file(path, label=name)
     if not isinstance(content, dict) or not content:
         raise CheckpointError(f"{name}: not a checkpoint (holds a {type(content).__name__}, expected a dict)")
+    if is_frozen_checkpoint(content):  # a head trained on a frozen encoder (train.py --freeze-trunk)
+        return load_frozen(content, path, device, crop_size)
     if is_training_checkpoint(content):
         try:
             model_name = models.canonical_model_name(content["model_name"])

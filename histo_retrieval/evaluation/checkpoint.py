@@ -43,7 +43,8 @@ def training_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, lr_s
     """train.py's checkpoint dict (docs/reproduction.md, "Training"); loads with torch.load(weights_only=True).
 
     `run` holds model_name, loss_name, model_options, loss_options, class_names, history (one dict
-    per epoch, with val_loss), best_val_loss, train_files and command; `args` the command's settings.
+    per epoch, with val_loss), best_val_loss, train_files and command (and with --freeze-trunk the
+    trunk's record); `args` the command's settings.
     """
     return {
         "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
@@ -63,6 +64,8 @@ def training_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, lr_s
         "seed": args["seed"],
         "train_files": run["train_files"],
         "command": run["command"],
+        # train.py --freeze-trunk: the encoder under the head (histo_retrieval.encoders.frozen.trunk_record).
+        **({"trunk": run["trunk"]} if run.get("trunk") else {}),
     }
 
 

@@ -20,7 +20,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,7 +34,7 @@ from histo_retrieval.figures import pyplot, save_figure
 from histo_retrieval.evaluation.checkpoint import last_epoch_name, run_identity
 from histo_retrieval.encoders.weights import CheckpointError, read_torch_file
 from histo_retrieval.encoders.project import is_training_checkpoint
-from histo_retrieval.data.datasets import (AUGMENTS, KimiaDataset, SkipUnreadable, collate_readable, eval_transform, split_train_val,
+from histo_retrieval.data.datasets import (AUGMENTS, InputSteps, KimiaDataset, SkipUnreadable, collate_readable, eval_transform, split_train_val,
                    subsample_per_class, train_transform)
 from histo_retrieval.data.preprocessing import Preprocessing
 from histo_retrieval.training.pretrained import load_pretrained
@@ -57,6 +57,7 @@ LOSS_OPTION_DESTS = {
 RESUME_SETTINGS = ("seed", "val_ratio", "val_batches", "data_ratio", "batch_size", "sampler", "samples_per_class",
                    "crop_size", "lr", "momentum", "weight_decay", "lr_step", "lr_gamma", "lr_step_at", "pretrained",
                    "augment", "stain_normalize", "stain_target")
+NO_AUGMENT = "none"  # --augment none: --freeze-trunk's default, which lets the trunk's vectors be cached
 PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each one reads the loss from the device)
 
 
@@ -117,9 +118,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                        help="initialise the backbone from a torchvision-layout ResNet-50 (resnet50, se_resnet50) or "
                             "GoogLeNet (ABE_M) state_dict file, or from torchvision's ImageNet weights; inputs are "
                             "then normalised as those weights expect (default: none, random initialisation)")
-    start.add_argument("--augment", choices=AUGMENTS, default="reference",
+    start.add_argument("--augment", choices=(*AUGMENTS, NO_AUGMENT), default=None,
                        help="reference: the paper's flips and random crop; stain: adds HED stain, brightness and "
-                            "contrast variation after the crop (default: %(default)s)")
+                            "contrast variation after the crop; none: no augmentation, each image through the "
+                            "encoder's own input steps (--freeze-trunk only, whose trunk vectors are then computed "
+                            "once and cached) (default: reference; none with --freeze-trunk)")
     start.add_argument("--stain-normalize", choices=("none", "macenko"), default="none",
                        help="macenko: normalise every patch to --stain-target's stain, in training and in every tool "
                             "that embeds with the checkpoint (default: %(default)s)")
@@ -160,6 +163,16 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     run.add_argument("--summary", action="store_true",
                      help="print the model's layers and parameter counts, then exit (default: off)")
     return parser
+
+
+def resolve_augment(args: argparse.Namespace) -> None:
+    """Fill in --augment's default: reference, or none with --freeze-trunk (UserError for none without it)."""
+    frozen = getattr(args, "freeze_trunk", False)
+    if args.augment is None:
+        args.augment = NO_AUGMENT if frozen else "reference"
+    elif args.augment == NO_AUGMENT and not frozen:
+        raise UserError("--augment none is for --freeze-trunk (a head on a frozen encoder); a model trained whole "
+                        "takes --augment reference or stain")
 
 
 def check_training_arguments(args: argparse.Namespace) -> None:
@@ -211,9 +224,10 @@ def resolve_names(args: argparse.Namespace) -> ResolvedNames:
     model does not take."""
     try:
         model_name = models.canonical_model_name(args.model)
-        loss_name = losses.canonical_loss_name(args.loss)
     except ValueError as err:
-        raise UserError(str(err)) from None
+        raise UserError(f"{err}, or add --freeze-trunk to train a projection head on an encoder "
+                        "(timm:<architecture>, a preset, histogram or a checkpoint file)") from None
+    loss_name, loss_options = resolve_loss(args)
     requested: dict[str, Any] = {"embedding_dim": args.embedding_dim}
     if args.num_learners is not None:
         requested["num_learners"] = args.num_learners
@@ -221,8 +235,16 @@ def resolve_names(args: argparse.Namespace) -> ResolvedNames:
         requested["attention"] = not args.no_attention
     elif args.no_attention:
         raise UserError(f"--no-attention applies to se_resnet50 only, not {model_name}")
-    loss_options = {key: getattr(args, dest) for key, dest in LOSS_OPTION_DESTS[loss_name].items()}
     return ResolvedNames(model_name, loss_name, requested, loss_options)
+
+
+def resolve_loss(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The command's loss name in canonical spelling and its own hyper-parameters; UserError if unknown."""
+    try:
+        loss_name = losses.canonical_loss_name(args.loss)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return loss_name, {key: getattr(args, dest) for key, dest in LOSS_OPTION_DESTS[loss_name].items()}
 
 
 def build_training_model(model_name: str, requested_options: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
@@ -236,10 +258,11 @@ def build_training_model(model_name: str, requested_options: dict[str, Any]) -> 
 
 
 # ----------------------------------------------------------------------------- data
-def build_datasets(args: argparse.Namespace) -> tuple[KimiaDataset, list[int], list[int], int]:
+def build_datasets(args: argparse.Namespace, check_crop: bool = True) -> tuple[KimiaDataset, list[int], list[int], int]:
     """The data set and its (train, validation) indices after the --data-ratio cut; also the images used.
 
-    Raises UserError for a class too small for the cut or the split.
+    Raises UserError for a class too small for the cut or the split, and (with `check_crop`; an
+    encoder whose input steps resize first needs none) for a --crop-size larger than the images.
     """
     dataset = KimiaDataset(args.data_dir)
     if not 0.0 < args.data_ratio <= 1.0:
@@ -247,7 +270,8 @@ def build_datasets(args: argparse.Namespace) -> tuple[KimiaDataset, list[int], l
     kept = subsample_per_class(dataset.targets, args.data_ratio, args.seed) if args.data_ratio < 1.0 else list(range(len(dataset)))
     train_part, val_part = split_train_val(len(kept), args.val_ratio, args.seed)
     train_indices, val_indices = [kept[i] for i in train_part], [kept[i] for i in val_part]
-    check_crop_size(dataset, args.crop_size)
+    if check_crop:
+        check_crop_size(dataset, args.crop_size)
     if not val_indices:
         raise UserError(f"--val-ratio {args.val_ratio} leaves no validation image among {len(kept)}; raise it")
     train_counts = [0] * len(dataset.classes)
@@ -280,8 +304,11 @@ def check_crop_size(dataset: KimiaDataset, crop_size: int) -> None:
 
 def build_loaders(args: argparse.Namespace, dataset: KimiaDataset, train_indices: list[int], val_indices: list[int],
                   device: torch.device, rank: int, world_size: int,
-                  preprocessing: Preprocessing | None = None) -> tuple[DataLoader, DataLoader]:
+                  preprocessing: Preprocessing | None = None,
+                  transforms: tuple[Callable | None, Callable | None] | None = None) -> tuple[DataLoader, DataLoader]:
     """Training loader (random or P x K, sharded over processes) and validation loader (ValidationBatches).
+    `transforms`: (training, validation) transforms in place of the reference's (train.py --freeze-trunk:
+    its trunk's input steps, or None for a data set of cached vectors).
 
     Workers are started anew each epoch with seeds drawn from the loader's generator, which the
     epoch loop seeds from (seed, epoch, rank): persistent workers would carry their random streams
@@ -289,10 +316,13 @@ def build_loaders(args: argparse.Namespace, dataset: KimiaDataset, train_indices
     """
     if preprocessing is not None and preprocessing.stain:
         _ = preprocessing.stain_normalizer  # made here, so that the workers share its count of pass-throughs
+    if transforms is None:
+        transforms = (train_transform(args.crop_size, args.augment, preprocessing),
+                      eval_transform(args.crop_size, preprocessing))
     train_set = copy.copy(dataset)
-    train_set.transform = train_transform(args.crop_size, args.augment, preprocessing)
+    train_set.transform = transforms[0]
     val_set = copy.copy(dataset)
-    val_set.transform = eval_transform(args.crop_size, preprocessing)
+    val_set.transform = transforms[1]
     common = dict(num_workers=args.workers, pin_memory=device.type == "cuda", collate_fn=collate_readable)
     train_data = SkipUnreadable(train_set, train_indices)
     if args.sampler == "pk":
@@ -464,6 +494,10 @@ def load_resume_checkpoint(path: str, run: dict, args: argparse.Namespace) -> di
                    for dest in RESUME_SETTINGS if dest in saved_args and saved_args[dest] != getattr(args, dest)]
     differences += [f"loss option {key} ({value} in the checkpoint, {run['loss_options'].get(key)} here)"
                     for key, value in (checkpoint.get("loss_options") or {}).items() if run["loss_options"].get(key) != value]
+    saved_trunk, trunk = checkpoint.get("trunk") or {}, run.get("trunk") or {}
+    if saved_trunk.get("weights_sha256") != trunk.get("weights_sha256"):
+        differences.append(f"the frozen trunk's weights ({saved_trunk.get('spec')} in the checkpoint, "
+                           f"{trunk.get('spec')} here, or the same encoder with other weights)")
     saved_files = checkpoint.get("train_files")
     if saved_files and saved_files != run["train_files"]:
         differences.append(f"the training files ({saved_files['count']} in the checkpoint, "
@@ -578,15 +612,16 @@ class TensorBoardLog:
         self.writer.flush()
 
     def embeddings(self, model: nn.Module, dataset: KimiaDataset, val_indices: Sequence[int], args: argparse.Namespace,
-                   preprocessing: Preprocessing, device: torch.device) -> None:
-        """The validation images' embeddings (the first PROJECTOR_IMAGES), as every tool embeds them."""
+                   preprocessing: Preprocessing, device: torch.device, steps: InputSteps | None = None) -> None:
+        """The validation images' embeddings (the first PROJECTOR_IMAGES), as every tool embeds them
+        (`steps`: the encoder's input steps; default the --crop-size centre crop)."""
         from histo_retrieval.evaluation.embedder import CropCache, Embedder
 
         indices = list(val_indices)[:PROJECTOR_IMAGES]
         paths = [dataset.samples[i][0] for i in indices]
         model.eval()
         embedder = Embedder(model, device, args.batch_size, args.amp, args.channels_last, preprocessing)
-        with CropCache(paths, args.crop_size, args.workers) as cache:
+        with CropCache(paths, steps or args.crop_size, args.workers) as cache:
             if not len(cache):
                 return
             vectors = embedder.embed(cache.batches(args.batch_size)).float().cpu()
