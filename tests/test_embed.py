@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import h5py
 import numpy as np
@@ -30,10 +31,11 @@ PATCHES = [("s0", "p1.png", 40, 30), ("s0", "p2.png", 64, 64), ("s0", "p10.png",
 
 
 def embed(*argv: str) -> int:
-    """retrieve.py embed as its __main__ runs it: the exit status, a UserError as one line and status 2."""
-    args = retrieve.get_args_parser().parse_args(["embed", *argv, "--device", "cpu", "--workers", "0",
-                                                  "--batch-size", "4"])
-    return run_distributed_script(retrieve.main, args)
+    """retrieve.py embed as its __main__ runs it: the exit status, a UserError as one line and status 2;
+    sys.argv is the command's, which the files record."""
+    argv = ("embed", *argv, "--device", "cpu", "--workers", "0", "--batch-size", "4")
+    with mock.patch.object(sys, "argv", ["retrieve.py", *argv]):
+        return run_distributed_script(retrieve.main, retrieve.get_args_parser().parse_args(argv))
 
 
 def timm_weights(path: Path, architecture: str) -> Path:
