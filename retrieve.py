@@ -99,19 +99,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     where.add_argument("--index", default=None, metavar="DIR",
                        help="the index folder; every sub-command needs one (no default)")
 
-    index = commands.add_parser("index", parents=[model, where], help="create an index or add sources to it")
+    tiling = argparse.ArgumentParser(add_help=False)  # how index and embed cut slides into patches
+    tiling.add_argument("--mpp", type=positive_float, default=0.5,
+                        help="microns per pixel of the slide patches, about 20x (default: %(default)s)")
+    tiling.add_argument("--patch-size", type=int, default=None,
+                        help="slide patch side in pixels at --mpp (default: the encoder's input size)")
+    tiling.add_argument("--tissue-threshold", type=float, default=0.5,
+                        help="tissue fraction a slide patch needs to be kept (default: %(default)s)")
+
+    index = commands.add_parser("index", parents=[model, where, tiling], help="create an index or add sources to it")
     index.add_argument("sources", nargs="+", metavar="SOURCE",
                        help="whole-slide files, plain images, or folders of patches; without --encoder, the first "
                             "is the checkpoint (written by train.py, or a bare reference state_dict)")
     add_encoder_args(index, spec_help="the encoder instead of a CHECKPOINT: timm:<architecture>, a preset, histogram "
                                       "or a checkpoint's path (docs/encoders.md; default: none, the first positional "
                                       "argument is the checkpoint)")
-    index.add_argument("--mpp", type=positive_float, default=0.5,
-                       help="microns per pixel of the patches, about 20x (default: %(default)s)")
-    index.add_argument("--patch-size", type=int, default=None,
-                       help="patch side in pixels at --mpp (default: the encoder's crop size)")
-    index.add_argument("--tissue-threshold", type=float, default=0.5,
-                       help="tissue fraction a slide patch needs to be indexed (default: %(default)s)")
     index.add_argument("--index-type", choices=INDEX_TYPES, default="flat",
                        help="faiss index: flat is exact; ivf and hnsw are approximate and faster on large "
                             "archives (default: %(default)s; fixed when the index is created)")
@@ -162,18 +164,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     remove = commands.add_parser("remove", parents=[where], help="delete sources and their patches from an index")
     remove.add_argument("sources", nargs="+", help="sources as given to `index` (paths)")
 
-    embed = commands.add_parser("embed", parents=[model],
+    embed = commands.add_parser("embed", parents=[model, tiling],
                                 help="write each source's patch features to DIR/<name>.h5 (CLAM/TRIDENT layout)")
     add_encoder_args(embed, required=True)
     embed.add_argument("sources", nargs="+", help="whole-slide files, plain images, or folders of patches")
     embed.add_argument("--out-dir", required=True, metavar="DIR",
                        help="folder for the .h5 files and embed.json (created when missing; no default)")
-    embed.add_argument("--mpp", type=positive_float, default=0.5,
-                       help="microns per pixel of the slide patches, about 20x (default: %(default)s)")
-    embed.add_argument("--patch-size", type=int, default=None,
-                       help="slide patch side in pixels at --mpp (default: the encoder's input size)")
-    embed.add_argument("--tissue-threshold", type=float, default=0.5,
-                       help="tissue fraction a slide patch needs to be kept (default: %(default)s)")
     embed.add_argument("--replace", action="store_true",
                        help="write the files of sources again that DIR already holds (default: skip them)")
     return parser

@@ -47,6 +47,7 @@ if not __package__:  # run by path: the repository root, whose packages it impor
 import numpy as np
 import torch
 
+from bench.timing import Meter
 from histo_retrieval.data.datasets import InputSteps
 from histo_retrieval.data.preprocessing import Preprocessing
 from histo_retrieval.errors import UserError, run_script
@@ -98,37 +99,6 @@ def build(name: str, seed: int) -> Built:
 
 
 # ----------------------------------------------------------------------------- measuring
-def busy_seconds() -> float:
-    """CPU seconds the whole machine has been busy since boot (nan where /proc/stat is missing)."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
-    except (OSError, ValueError):
-        return float("nan")
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-class Meter:
-    """Wall seconds of a block, and how many cores programs other than this one (and its children) kept busy."""
-
-    def __enter__(self) -> Meter:
-        self.start = (time.perf_counter(), time.process_time(), _children_cpu(), busy_seconds())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        wall, own, children, busy = (b - a for a, b in zip(self.start, (time.perf_counter(), time.process_time(),
-                                                                        _children_cpu(), busy_seconds())))
-        self.wall = wall
-        self.other_cores = max(0.0, busy - own - children) / wall if wall > 0 else 0.0
-
-
-def _children_cpu() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def random_crops(steps: InputSteps, count: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (count, 3, steps.crop_size, steps.crop_size), dtype=torch.uint8, generator=generator)

@@ -57,7 +57,6 @@ import argparse
 import datetime
 import os
 import re
-import resource
 import statistics
 import sys
 import tempfile
@@ -65,7 +64,6 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Self
 
 if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
     sys.exit("error: run it as a module, from the repository root: python3 -m bench.index_speed")
@@ -73,7 +71,7 @@ if not __package__:  # run by path: the repository root, whose packages it impor
 import numpy as np
 import torch
 
-from bench.timing import write_checkpoint
+from bench.timing import Meter, write_checkpoint
 from histo_retrieval.encoders.project import load_model
 from histo_retrieval.evaluation.embedder import Embedder
 from histo_retrieval.files import atomic_write_text, command_line
@@ -173,45 +171,6 @@ class StubEmbedder:
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return torch.zeros(len(images), self.dim)
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def self_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def system_busy() -> float:
-    """CPU seconds the whole machine has spent busy (user, nice, system, irq, softirq, steal) since boot."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            fields = [int(v) for v in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return float("nan")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-class Meter:
-    """Wall time, this process's CPU, its joined children's CPU (the DataLoader's readers) and the
-    CPU of everything else on the machine (other programs, the hypervisor's steal) over a block."""
-
-    def __enter__(self) -> Self:
-        self.start = (time.perf_counter(), self_cpu(), children_cpu(), system_busy())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        end = (time.perf_counter(), self_cpu(), children_cpu(), system_busy())
-        self.wall, self.main_cpu, self.worker_cpu, busy = (b - a for a, b in zip(self.start, end))
-        self.other_cores = max(0.0, busy - self.main_cpu - self.worker_cpu) / self.wall
-
-    def result(self, patches: int) -> dict:
-        return {"patches": patches, "wall": self.wall, "main_cpu": self.main_cpu, "worker_cpu": self.worker_cpu,
-                "other_cores": self.other_cores}
 
 
 def index_run(command: argparse.Namespace, loaded, embedder: Embedder | StubEmbedder) -> dict:

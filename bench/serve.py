@@ -78,7 +78,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.timing import write_checkpoint  # noqa: E402
+from bench.timing import system_busy, write_checkpoint  # noqa: E402
 from histo_retrieval.encoders.project import load_model  # noqa: E402
 from histo_retrieval.evaluation.embedder import Embedder  # noqa: E402
 from histo_retrieval.errors import UserError  # noqa: E402
@@ -337,16 +337,6 @@ def peak_memory_mib(pid: int) -> float:
     except (OSError, ValueError, IndexError):
         pass
     return float("nan")
-
-
-def system_busy() -> float:
-    """CPU seconds the whole machine has spent busy (user, nice, system, irq, softirq, steal) since boot."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
-    except (OSError, ValueError):
-        return float("nan")
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def search(client, query: dict, top_k: int, timeout: float) -> dict:

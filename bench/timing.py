@@ -1,10 +1,12 @@
-"""Timing, and the random checkpoint, shared by the benchmarks."""
+"""Timing, the machine's load during a measurement, and the random checkpoint, shared by the benchmarks."""
 from __future__ import annotations
 
+import os
+import resource
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Self
 
 import torch
 
@@ -41,3 +43,42 @@ def write_checkpoint(path: Path, model_name: str, crop_size: int, seed: int) -> 
            "train_files": [], "command": "python3 train.py"}
     save_torch_file(training_checkpoint(model, optimizer, scheduler, None, 0,
                                         {"model": model_name, "crop_size": crop_size, "seed": seed}, run), path)
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def system_busy() -> float:
+    """CPU seconds the whole machine has spent busy (user, nice, system, irq, softirq, steal) since boot."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class Meter:
+    """Wall time, this process's CPU, its joined children's CPU (the DataLoader's readers) and the
+    CPU of everything else on the machine (other programs, the hypervisor's steal) over a block."""
+
+    def __enter__(self) -> Self:
+        self.start = (time.perf_counter(), self_cpu(), children_cpu(), system_busy())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = (time.perf_counter(), self_cpu(), children_cpu(), system_busy())
+        self.wall, self.main_cpu, self.worker_cpu, busy = (b - a for a, b in zip(self.start, end))
+        self.other_cores = max(0.0, busy - self.main_cpu - self.worker_cpu) / self.wall
+
+    def result(self, patches: int) -> dict:
+        return {"patches": patches, "wall": self.wall, "main_cpu": self.main_cpu, "worker_cpu": self.worker_cpu,
+                "other_cores": self.other_cores}
