@@ -5,6 +5,7 @@
     python3 retrieve.py embed --encoder SPEC SOURCE... --out-dir DIR      # CLAM/TRIDENT .h5 features
     python3 retrieve.py query --index DIR QUERY... [--top-k 10] [--region X,Y,W,H] [--heatmap]
     python3 retrieve.py list --index DIR
+    python3 retrieve.py label --index DIR LABELS.csv                     # columns slide,label,patient
     python3 retrieve.py remove --index DIR SOURCE...
     python3 retrieve.py serve --index DIR [--host 127.0.0.1] [--port 8000] [--allowed-hosts HOST[,HOST]]
 
@@ -55,6 +56,7 @@ from histo_retrieval.errors import UserError
 from histo_retrieval.images import report_unreadable
 from histo_retrieval.runtime import add_runtime_args, check_runtime
 from histo_retrieval.search.index import IndexSettings, SlideIndex
+from histo_retrieval.search.labels import read_labels
 from histo_retrieval.search.indexing import build_index, check_sources
 from histo_retrieval.search.queries import load_index_encoder, query_jobs, run_queries
 from histo_retrieval.search.slides import Tiling
@@ -161,6 +163,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("list", parents=[where], help="show an index's encoder, scale and sources")
     listing.add_argument("--failed", action="store_true", help="also list sources that failed (default: off)")
+    label = commands.add_parser("label", parents=[where],
+                                help="attach a label (diagnosis) and a patient to indexed slides, from a CSV file")
+    label.add_argument("labels", metavar="LABELS.csv",
+                       help="columns slide,label,patient: the slide's file name as indexed (or its full path), its "
+                            "label, its patient (optional: empty means the slide is its own patient)")
     remove = commands.add_parser("remove", parents=[where], help="delete sources and their patches from an index")
     remove.add_argument("sources", nargs="+", help="sources as given to `index` (paths)")
 
@@ -287,7 +294,8 @@ def run_list(args: argparse.Namespace) -> int:
         for row in rows:
             detail = f"{row.patch_count:>8} patches  {row.kind:<6}" if row.state == "indexed" else \
                 f"  failed: {row.reason}"
-            print(f"  {detail}  {row.path}")
+            labelled = f"  label {row.label}" + (f", patient {row.patient}" if row.patient else "") if row.label else ""
+            print(f"  {detail}  {row.path}{labelled}")
     return 0
 
 
@@ -309,6 +317,16 @@ def run_embed(args: argparse.Namespace, device: torch.device) -> int:
     if note := encoder.preprocessing.passed_through_note():
         print(note)
     return 1 if report.failed or report.unreadable_files else 0
+
+
+def run_label(args: argparse.Namespace) -> int:
+    with SlideIndex.open(require_index(args), writable=True) as index:
+        labels = read_labels(args.labels, index.sources())  # refuses a bad file before anything changes
+        index.set_labels(labels)
+        labelled = sum(row.label is not None for row in index.sources())
+        print(f"labelled {len(labels)} slide(s) from {args.labels}; {labelled} of {len(index.sources())} indexed "
+              f"source(s) have a label ({len({label for label, _ in labels.values()})} label(s) in this file)")
+    return 0
 
 
 def run_remove(args: argparse.Namespace) -> int:
@@ -361,6 +379,8 @@ def main(args: argparse.Namespace) -> int:
         return run_list(args)
     if args.command == "remove":
         return run_remove(args)
+    if args.command == "label":
+        return run_label(args)
     check_settings(args.batch_size, args.amp)
     device = check_runtime(args)
     if args.command == "serve":

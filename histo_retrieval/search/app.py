@@ -87,11 +87,13 @@ class SourceOut(BaseModel):
     patch_count: int
     thumbnail_url: str
     dzi_url: str | None = Field(description="Deep Zoom descriptor for the viewer (slides)")
+    label: str | None = Field(default=None, description="diagnosis or subtype (`retrieve.py label`), if given")
+    patient: str | None = Field(default=None, description="the slide's patient (`retrieve.py label`), if given")
 
     @classmethod
     def of(cls, row: SourceRow) -> SourceOut:
         return cls(id=row.id, name=row.name, kind=row.kind, width=row.width, height=row.height,
-                   slide_mpp=row.slide_mpp, patch_count=row.patch_count,
+                   slide_mpp=row.slide_mpp, patch_count=row.patch_count, label=row.label, patient=row.patient,
                    thumbnail_url=f"/api/slides/{row.id}/thumbnail.jpeg",
                    dzi_url=f"/api/slides/{row.id}/image.dzi" if row.kind == "slide" else None)
 

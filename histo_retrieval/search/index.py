@@ -57,6 +57,9 @@ CREATE INDEX IF NOT EXISTS patches_by_source ON patches (source_id);
 CREATE TABLE IF NOT EXISTS vectors (
     source_id INTEGER PRIMARY KEY REFERENCES sources(id) ON DELETE CASCADE, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, started TEXT NOT NULL, command TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS labels (
+    source_id INTEGER PRIMARY KEY REFERENCES sources(id) ON DELETE CASCADE, label TEXT NOT NULL, patient TEXT,
+    labelled_at TEXT NOT NULL, command TEXT);
 """
 
 SOURCE_COLUMNS = ("path", "kind", "file_size", "mtime", "width", "height", "slide_mpp", "backend",
@@ -105,6 +108,8 @@ class SourceRow:
     thumbnail_downsample: float | None
     reason: str | None  # why it failed
     indexed_at: str | None
+    label: str | None = None  # diagnosis or subtype, from `retrieve.py label`; never guessed from names
+    patient: str | None = None  # None: the slide is its own patient
 
     @property
     def name(self) -> str:
@@ -284,16 +289,32 @@ class PatchDatabase:
 
     # ------------------------------------------------------------------ reads
     def _source_rows(self, where: str, values: tuple) -> list[SourceRow]:
-        columns = ", ".join(column.name for column in fields(SourceRow))
-        rows = self.connection.execute(f"SELECT {columns} FROM sources {where} ORDER BY id", values)
+        labelled = ("label", "patient")
+        columns = ", ".join(f"s.{column.name}" for column in fields(SourceRow) if column.name not in labelled)
+        # An index opened read-only from before labels has no labels table: its sources have none.
+        join, extra = ("LEFT JOIN labels l ON l.source_id = s.id", "l.label, l.patient") if self._has_labels() \
+            else ("", "NULL, NULL")
+        rows = self.connection.execute(f"SELECT {columns}, {extra} FROM sources s {join} {where} ORDER BY s.id",
+                                       values)
         return [SourceRow(*row) for row in rows]
+
+    def _has_labels(self) -> bool:
+        return self.connection.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'labels'").fetchone() is not None
+
+    def set_labels(self, labels: dict[int, tuple[str, str | None]], command: str = "") -> None:
+        """Give each source id its (label, patient), replacing what it had, in one transaction."""
+        with self.connection:
+            self.connection.executemany(
+                "INSERT OR REPLACE INTO labels (source_id, label, patient, labelled_at, command) VALUES (?, ?, ?, ?, ?)",
+                ((source_id, label, patient, _now(), command) for source_id, (label, patient) in labels.items()))
 
     def sources(self, state: SourceState | None = "indexed") -> list[SourceRow]:
         """The sources in `state` (every one with None), by id."""
-        return self._source_rows("WHERE state = ?", (state,)) if state else self._source_rows("", ())
+        return self._source_rows("WHERE s.state = ?", (state,)) if state else self._source_rows("", ())
 
     def source_by_path(self, path: str) -> SourceRow | None:
-        rows = self._source_rows("WHERE path = ?", (path,))
+        rows = self._source_rows("WHERE s.path = ?", (path,))
         return rows[0] if rows else None
 
     def thumbnail(self, source_id: int) -> Thumbnail | None:
@@ -582,6 +603,10 @@ class SlideIndex:
     def add_failure(self, path: str, reason: str) -> None:
         """Record a source that could not be indexed (shown by `list --failed`, retried by the next run)."""
         self.db.add_failure(path, reason)
+
+    def set_labels(self, labels: dict[int, tuple[str, str | None]]) -> None:
+        """Give each source id its (label, patient) (`retrieve.py label`); the vectors are untouched."""
+        self.db.set_labels(labels, command_line())
 
     # ------------------------------------------------------------------ the faiss index
     @property

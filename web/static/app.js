@@ -68,7 +68,8 @@ function renderSlideList() {
       element("img", { src: slide.thumbnail_url, alt: "", loading: "lazy" }),
       element("div", {}, slide.name,
         element("small", {}, `${slide.width.toLocaleString()} × ${slide.height.toLocaleString()} px · `
-          + `${slide.patch_count} patches`)));
+          + `${slide.patch_count} patches`
+          + (slide.label ? ` · ${slide.label}${slide.patient ? ` (patient ${slide.patient})` : ""}` : ""))));
     list.append(element("li", {}, link));
   }
   if (!shown.length) list.append(element("li", { class: "hint" }, text ? "No slide matches." : "No slides indexed."));
