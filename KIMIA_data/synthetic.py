@@ -35,6 +35,14 @@ REFERENCE_PATCH-px patch of the set spans REFERENCE_PATCH * PATCH_MPP microns (3
 
     python3 KIMIA_data/synthetic.py --slides DIR [--slide-count 4] [--slide-size 3072x2048]
         [--slide-mpp 0.5] [--classes 3] [--seed 0]
+
+With --archive DIR it writes a labelled archive for whole-slide search instead (write_archive):
+slides `DIR/p00_s0.tiff, ...` of several diagnoses (each a mixture of tissue classes) and patients
+(each with its own stain and scanner tint, shared by its slides), and `DIR/labels.csv`
+(slide,label,patient), the file `retrieve.py label` reads.
+
+    python3 KIMIA_data/synthetic.py --archive DIR [--diagnoses 4] [--patients 12]
+        [--slides-per-patient 2] [--slide-size 2048x1536] [--slide-mpp 1.0] [--seed 0]
 """
 from __future__ import annotations
 
@@ -52,7 +60,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from histo_retrieval.errors import UserError, run_script
-from histo_retrieval.files import atomic_write, atomic_write_text, command_line
+from histo_retrieval.files import atomic_write, atomic_write_text, command_line, write_csv
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "synthetic_source"
 MARKER_NAME = "synthetic.json"  # settings and file list of the last run, so a re-run may replace them
@@ -670,7 +678,8 @@ def _write_svs(path: str, pyramid: list[np.ndarray], mpp: float, tile: int, comp
 
 def write_slide(path: str | os.PathLike, regions: list[tuple[int, int, int, int, int]],
                 size: tuple[int, int] = (3072, 2048), mpp: float = 0.5, tile: int = 256, seed: int = 0,
-                levels: int | None = None, compression: str = "jpeg", patch_mpp: float = PATCH_MPP) -> dict:
+                levels: int | None = None, compression: str = "jpeg", patch_mpp: float = PATCH_MPP,
+                stain: tuple[float, float] | None = None, tint: tuple[float, float, float] | None = None) -> dict:
     """Write a synthetic whole-slide image: glass with boxes of tissue of known classes.
 
     `regions` are (class_index, x, y, w, h) boxes in level-0 pixels, inside the slide; each is
@@ -681,6 +690,10 @@ def write_slide(path: str | os.PathLike, regions: list[tuple[int, int, int, int,
     `tile` px tiles, JPEG (quality 90) or deflate, levels 2x apart down to a largest side below
     1024 px unless `levels` (the count, level 0 included) says otherwise. Deterministic for a seed;
     written atomically. Level 0 is built in memory (3 bytes a pixel).
+
+    `stain` (hematoxylin and eosin gains, as a patient's lab stains) replaces each box's own gains
+    (0.75-1.25 each) by these within +-5%; `tint` (R, G, B factors, as a scanner's colour response)
+    multiplies the tissue's colour. Glass stays as it is: scanners white-balance on it.
 
     Returns {"path", "size": [w, h], "mpp", "unit", "patch_mpp", "seed", "level_dimensions",
     "regions": [{"class", "class_index", "x", "y", "w", "h"}]}.
@@ -703,10 +716,15 @@ def write_slide(path: str | os.PathLike, regions: list[tuple[int, int, int, int,
         rng = np.random.default_rng([seed, k])
         tissue = TISSUE_CLASSES[index]
         hema, eosin = render_tissue(tissue, h, w, unit, rng)
-        rgb = colorize(hema, eosin, tissue.palette, *_stain_gains(rng))
+        gains = _stain_gains(rng)  # drawn even with `stain`, so the rest of the stream is the same
+        if stain is not None:
+            gains = tuple(float(g) * (1.0 + (own - 1.0) / 5.0) for g, own in zip(stain, gains))
+        rgb = colorize(hema, eosin, tissue.palette, *gains).astype(np.float32)
+        if tint is not None:
+            rgb *= np.asarray(tint, np.float32)
         alpha = _region_alpha(rng, h, w, unit)[..., None]
         window = image[y:y + h, x:x + w]
-        window[:] = (window + alpha * (rgb.astype(np.float32) - window) + 0.5).astype(np.uint8)
+        window[:] = (window + alpha * (rgb - window) + 0.5).astype(np.uint8)
         del hema, eosin, rgb, alpha
     pyramid = _pyramid(image, levels)
     atomic_write(path, lambda tmp: _write_svs(tmp, pyramid, mpp, tile, compression))
@@ -785,6 +803,111 @@ def parse_slide_size(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+# ----------------------------------------------------------------------------- labelled archive
+ARCHIVE_LABELS_NAME = "labels.csv"  # slide,label,patient: what `retrieve.py label` reads
+ARCHIVE_MARKER_NAME = "archive.json"  # settings, mixtures and every slide's record
+ARCHIVE_FILE = re.compile(r"\.?(p\d{2,}_s\d+\.tiff|labels\.csv|archive\.json)(\..+\.tmp)?")
+DEFAULT_DIAGNOSES, DEFAULT_PATIENTS, DEFAULT_SLIDES_PER_PATIENT = 4, 12, 2
+DEFAULT_ARCHIVE_SIZE, DEFAULT_ARCHIVE_MPP = (2048, 1536), 1.0
+SHARED_CLASSES = 2  # classes every diagnosis holds some of, besides its own and its neighbour's
+MAX_DIAGNOSES = MAX_CLASSES - SHARED_CLASSES
+ARCHIVE_BOXES = (2, 4)  # tissue pieces per slide, fewest and most (those that fit)
+
+
+def diagnosis_mixtures(diagnoses: int, seed: int = 0) -> list[dict[int, float]]:
+    """Each diagnosis's share of each tissue class (class index -> weight, summing to 1): its own
+    class d (0.4-0.55), the next diagnosis's own class (0.1-0.2) and the SHARED_CLASSES classes
+    numbered from `diagnoses` up (the rest, split at random), so classes are shared across diagnoses
+    in different proportions. Deterministic for a seed."""
+    rng = np.random.default_rng([seed, 2_000_029])
+    mixtures = []
+    for d in range(diagnoses):
+        own, neighbour = rng.uniform(0.4, 0.55), rng.uniform(0.1, 0.2)
+        shared = (1.0 - own - neighbour) * rng.dirichlet(np.ones(SHARED_CLASSES))
+        weights = {d: float(own)}
+        weights[(d + 1) % diagnoses] = weights.get((d + 1) % diagnoses, 0.0) + float(neighbour)
+        weights.update({diagnoses + j: float(w) for j, w in enumerate(shared)})
+        mixtures.append(weights)
+    return mixtures
+
+
+def _archive_settings(diagnoses: int, patients: int, slides_per_patient: int) -> None:
+    if not 2 <= diagnoses <= MAX_DIAGNOSES:
+        raise UserError(f"--diagnoses must be from 2 to {MAX_DIAGNOSES}, got {diagnoses}")
+    if patients < diagnoses:
+        raise UserError(f"--patients {patients} is fewer than --diagnoses {diagnoses}: every diagnosis "
+                        f"needs a patient; use at least {diagnoses} patients")
+    if slides_per_patient < 1:
+        raise UserError(f"--slides-per-patient must be at least 1, got {slides_per_patient}")
+
+
+def write_archive(out_dir: str | os.PathLike, diagnoses: int = DEFAULT_DIAGNOSES, patients: int = DEFAULT_PATIENTS,
+                  slides_per_patient: int = DEFAULT_SLIDES_PER_PATIENT,
+                  size: tuple[int, int] = DEFAULT_ARCHIVE_SIZE, mpp: float = DEFAULT_ARCHIVE_MPP, seed: int = 0,
+                  compression: str = "jpeg") -> dict:
+    """Write a labelled archive for whole-slide search: `out_dir/p00_s0.tiff, ...` (patient p00's
+    slides s0, s1, ...), `out_dir/labels.csv` (columns slide,label,patient: the file name, its
+    diagnosis d0, d1, ... and its patient) and `out_dir/archive.json` (command, settings, mixtures,
+    and every slide's write_slide record with its label, patient, stain and tint).
+
+    - Diagnoses: each is a mixture of tissue classes (diagnosis_mixtures). A slide has 2-4 tissue
+      pieces (those that fit, plan_slide_regions): the first of its diagnosis's own class, the others
+      drawn from the mixture.
+    - Patients: diagnoses are dealt round-robin, then shuffled by the seed, so each has
+      patients // diagnoses or one more. A patient's stain (hematoxylin and eosin gains, 0.75-1.25
+      each) and scanner tint (R, G, B factors, 0.9-1.0 each) are drawn once and shared by all its
+      slides (write_slide's `stain` and `tint`): its slides look alike beyond their diagnosis.
+    - Slides: each side drawn from half to all of `size` (level 0, multiples of 16, at least
+      MIN_SLIDE_SIDE px), at `mpp`; the layout, and so the amount of glass, differs per slide.
+
+    Deterministic for a seed. A re-run replaces an earlier archive; a folder holding any other file
+    is refused. Returns the record written to archive.json."""
+    _archive_settings(diagnoses, patients, slides_per_patient)
+    mpp = float(mpp)
+    width, height = _check_slide_settings(size, mpp, 256, None, compression, PATCH_MPP)
+    out = Path(out_dir)
+    if out.exists():  # replace an earlier archive (even one cut short), never anything else
+        entries = list(out.iterdir())
+        ours = [p for p in entries if p.is_file() and ARCHIVE_FILE.fullmatch(p.name)]
+        if len(ours) < len(entries):
+            raise UserError(f"--archive {out}: the folder holds files other than pNN_sN.tiff, "
+                            f"{ARCHIVE_LABELS_NAME} and {ARCHIVE_MARKER_NAME}; choose a new or empty folder")
+        for path in ours:
+            path.unlink()
+    mixtures = diagnosis_mixtures(diagnoses, seed)
+    dealt = np.random.default_rng([seed, 2_000_011]).permutation(np.arange(patients) % diagnoses)
+    digits = max(2, len(str(patients - 1)))
+    unit = slide_unit(mpp)
+    slides, rows = [], []
+    for p, diagnosis in enumerate(int(d) for d in dealt):
+        patient, label = f"p{p:0{digits}d}", f"d{diagnosis}"
+        rng = np.random.default_rng([seed, 2_000_003, p])  # the patient's stream: stain, tint, slides
+        stain = tuple(float(g) for g in rng.uniform(0.75, 1.25, 2))
+        tint = tuple(float(t) for t in rng.uniform(0.9, 1.0, 3))
+        classes, weights = zip(*sorted(mixtures[diagnosis].items()))
+        for k in range(slides_per_patient):
+            layout = np.random.default_rng([seed, 2_000_003, p, 1 + k])
+            slide_size = tuple(max(MIN_SLIDE_SIDE, int(layout.uniform(0.5, 1.0) * side) // 16 * 16)
+                               for side in (width, height))
+            pieces = int(layout.integers(ARCHIVE_BOXES[0], ARCHIVE_BOXES[1] + 1))
+            drawn = layout.choice(classes, pieces - 1, p=np.asarray(weights) / sum(weights))
+            regions = plan_slide_regions(layout, slide_size, [diagnosis, *map(int, drawn)], unit)
+            name = f"{patient}_s{k}.tiff"
+            slide_seed = int(np.random.SeedSequence([seed, 2_000_003, p, k]).generate_state(1)[0])
+            record = write_slide(out / name, regions, slide_size, mpp, seed=slide_seed, compression=compression,
+                                 stain=stain, tint=tint)
+            slides.append({"file": name, "label": label, "patient": patient, "stain": list(stain),
+                           "tint": list(tint), **record})
+            rows.append({"slide": name, "label": label, "patient": patient})
+    write_csv(rows, out / ARCHIVE_LABELS_NAME, ["slide", "label", "patient"])
+    record = {"command": command_line(), "seed": seed, "diagnoses": diagnoses, "patients": patients,
+              "slides_per_patient": slides_per_patient, "size": [width, height], "mpp": mpp,
+              "mixtures": {f"d{d}": {f"s{c}": w for c, w in sorted(m.items())} for d, m in enumerate(mixtures)},
+              "slides": slides}
+    atomic_write_text(out / ARCHIVE_MARKER_NAME, json.dumps(record, indent=1) + "\n")
+    return record
+
+
 # ----------------------------------------------------------------------------- command line
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Generate a synthetic Kimia-Path24-like data set.")
@@ -810,13 +933,27 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="write synthetic whole-slide images DIR/slide_000.tif, ... and DIR/slides.json "
                              "instead of the patch set; only --classes and --seed of the flags above apply "
                              "(default: none, write the patch set)")
+    slides.add_argument("--archive", default=None, metavar="DIR",
+                        help="write a labelled archive instead of the patch set: slides DIR/p00_s0.tiff, ... of "
+                             "--diagnoses diagnoses and --patients patients, and DIR/labels.csv (slide,label,patient); "
+                             "--slide-size, --slide-mpp and --seed apply (default: none)")
     slides.add_argument("--slide-count", type=int, default=None,
                         help=f"number of slides (default: {DEFAULT_SLIDE_COUNT})")
     slides.add_argument("--slide-size", default=None, metavar="WxH",
                         help=f"level-0 size of each slide in pixels (default: {DEFAULT_SLIDE_SIZE[0]}x"
-                             f"{DEFAULT_SLIDE_SIZE[1]})")
+                             f"{DEFAULT_SLIDE_SIZE[1]}); with --archive the largest, each side drawn from half "
+                             f"to all of it (default: {DEFAULT_ARCHIVE_SIZE[0]}x{DEFAULT_ARCHIVE_SIZE[1]})")
     slides.add_argument("--slide-mpp", type=float, default=None,
-                        help=f"microns per pixel at level 0 (default: {DEFAULT_SLIDE_MPP})")
+                        help=f"microns per pixel at level 0 (default: {DEFAULT_SLIDE_MPP}; "
+                             f"{DEFAULT_ARCHIVE_MPP} with --archive)")
+    archive = parser.add_argument_group("labelled archive (with --archive)")
+    archive.add_argument("--diagnoses", type=int, default=None,
+                         help=f"diagnoses d0, d1, ..., each a mixture of tissue classes (default: {DEFAULT_DIAGNOSES})")
+    archive.add_argument("--patients", type=int, default=None,
+                         help=f"patients p00, p01, ..., dealt to the diagnoses in turn; at least --diagnoses "
+                              f"(default: {DEFAULT_PATIENTS})")
+    archive.add_argument("--slides-per-patient", type=int, default=None,
+                         help=f"slides of each patient (default: {DEFAULT_SLIDES_PER_PATIENT})")
     return parser
 
 
@@ -832,13 +969,37 @@ def slides_main(args: argparse.Namespace) -> list[dict]:
     return records
 
 
+def archive_main(args: argparse.Namespace) -> dict:
+    record = write_archive(
+        args.archive, diagnoses=DEFAULT_DIAGNOSES if args.diagnoses is None else args.diagnoses,
+        patients=DEFAULT_PATIENTS if args.patients is None else args.patients,
+        slides_per_patient=DEFAULT_SLIDES_PER_PATIENT if args.slides_per_patient is None else args.slides_per_patient,
+        size=DEFAULT_ARCHIVE_SIZE if args.slide_size is None else parse_slide_size(args.slide_size),
+        mpp=DEFAULT_ARCHIVE_MPP if args.slide_mpp is None else args.slide_mpp, seed=args.seed)
+    print(f"wrote {len(record['slides'])} slides of {record['diagnoses']} diagnoses ({record['patients']} patients, "
+          f"{record['slides_per_patient']} slides each, at most {record['size'][0]}x{record['size'][1]} px at "
+          f"{record['mpp']:g} um/px) to {args.archive}; labels in {Path(args.archive) / ARCHIVE_LABELS_NAME}")
+    return record
+
+
 def main(args: argparse.Namespace) -> dict | list[dict]:
+    archive_flags = [flag for flag, value in (("--diagnoses", args.diagnoses), ("--patients", args.patients),
+                                              ("--slides-per-patient", args.slides_per_patient)) if value is not None]
+    if args.archive is not None:
+        if args.slides is not None:
+            raise UserError("--archive and --slides write different things: give one of them")
+        if args.classes is not None or args.slide_count is not None:
+            flag = "--classes" if args.classes is not None else "--slide-count"
+            raise UserError(f"{flag} does not apply to --archive: use --diagnoses, --patients and --slides-per-patient")
+        return archive_main(args)
+    if archive_flags:
+        raise UserError(f"{archive_flags[0]} applies to a labelled archive only: add --archive DIR")
     if args.slides is not None:
         return slides_main(args)
     given = [flag for flag, value in (("--slide-count", args.slide_count), ("--slide-size", args.slide_size),
                                       ("--slide-mpp", args.slide_mpp)) if value is not None]
     if given:
-        raise UserError(f"{given[0]} applies to whole slides only: add --slides DIR")
+        raise UserError(f"{given[0]} applies to whole slides only: add --slides DIR or --archive DIR")
     if args.classes is None:
         args.classes = MAX_CLASSES
     record = make_rgb_release(args.out, num_classes=args.classes, patch_size=args.patch_size,
