@@ -6,6 +6,7 @@
     python3 retrieve.py query --index DIR QUERY... [--top-k 10] [--region X,Y,W,H] [--heatmap]
     python3 retrieve.py list --index DIR
     python3 retrieve.py label --index DIR LABELS.csv                     # columns slide,label,patient
+    python3 retrieve.py evaluate --index DIR [--out-dir DIR] [--exclude patient|slide] [--slide-score votes]
     python3 retrieve.py remove --index DIR SOURCE...
     python3 retrieve.py serve --index DIR [--host 127.0.0.1] [--port 8000] [--allowed-hosts HOST[,HOST]]
 
@@ -57,6 +58,7 @@ from histo_retrieval.images import report_unreadable
 from histo_retrieval.runtime import add_runtime_args, check_runtime
 from histo_retrieval.search.index import IndexSettings, SlideIndex
 from histo_retrieval.search.labels import read_labels
+from histo_retrieval.search.slide_evaluation import EXCLUSIONS, SLIDE_SCORES, rank_labelled_slides, write_evaluation
 from histo_retrieval.search.indexing import build_index, check_sources
 from histo_retrieval.search.queries import load_index_encoder, query_jobs, run_queries
 from histo_retrieval.search.slides import Tiling
@@ -168,6 +170,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     label.add_argument("labels", metavar="LABELS.csv",
                        help="columns slide,label,patient: the slide's file name as indexed (or its full path), its "
                             "label, its patient (optional: empty means the slide is its own patient)")
+    evaluate = commands.add_parser("evaluate", parents=[where],
+                                   help="score slide search: each labelled slide queries the others (docs/slide_search.md)")
+    evaluate.add_argument("--out-dir", default="slide_evaluation",
+                          help="folder for slide_rankings.csv, slide_retrieval.csv, the per-class table, the "
+                               "confusion matrix and evaluation.json (default: %(default)s)")
+    evaluate.add_argument("--exclude", nargs="+", choices=EXCLUSIONS, default=["patient"],
+                          help="left out of each query's ranking besides its own slide: every slide of its patient "
+                               "(patient), or nothing more (slide); both give a row each (default: patient)")
+    evaluate.add_argument("--top-k", type=int, default=5,
+                          help="ranked slides written per query, at least 5 (default: %(default)s)")
+    evaluate.add_argument("--slide-score", choices=SLIDE_SCORES, default="votes",
+                          help="votes: the query patches' first matches vote, as `query` ranks slides; "
+                               "median-of-best: Yottixel's median over the query's patches of each one's best "
+                               "similarity to the slide (default: %(default)s)")
+    evaluate.add_argument("--neighbours", type=int, default=10,
+                          help="matches per query patch for the votes (default: %(default)s)")
     remove = commands.add_parser("remove", parents=[where], help="delete sources and their patches from an index")
     remove.add_argument("sources", nargs="+", help="sources as given to `index` (paths)")
 
@@ -329,6 +347,25 @@ def run_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_evaluate(args: argparse.Namespace) -> int:
+    if args.top_k < 1 or args.neighbours < 1:
+        raise UserError(f"--top-k and --neighbours must be at least 1, got {args.top_k} and {args.neighbours}")
+    settings = {"exclude": args.exclude, "top_k": args.top_k, "slide_score": args.slide_score,
+                "neighbours": args.neighbours, "seed": None}
+    with SlideIndex.open(require_index(args)) as index:
+        check_not_empty(index)
+        evaluations = {exclude: rank_labelled_slides(index, exclude, args.slide_score, args.neighbours, args.top_k)
+                       for exclude in dict.fromkeys(args.exclude)}
+        rows = write_evaluation(args.out_dir, index, evaluations, settings)
+    for row in rows:
+        print(f"leave-one-{row['exclude']}-out, {row['queries']} queries: top-1 {row['top1_acc']:.3f}  MV@3 "
+              f"{row['mv3_acc']:.3f}  MV@5 {row['mv5_acc']:.3f}  mMV@5 {row['mmv5']:.3f}  mAP@5 {row['map5_sish']:.3f} "
+              f"(SISH) {row['map5_hits']:.3f} (hits)  query {row['query_ms_median']:.1f} ms median")
+    print(f"slide_rankings.csv, slide_retrieval.csv, slide_retrieval_per_class.csv, the confusion matrix and "
+          f"evaluation.json written to {args.out_dir}")
+    return 0
+
+
 def run_remove(args: argparse.Namespace) -> int:
     missing = 0
     with SlideIndex.open(require_index(args), writable=True) as index:
@@ -381,6 +418,8 @@ def main(args: argparse.Namespace) -> int:
         return run_remove(args)
     if args.command == "label":
         return run_label(args)
+    if args.command == "evaluate":
+        return run_evaluate(args)
     check_settings(args.batch_size, args.amp)
     device = check_runtime(args)
     if args.command == "serve":
