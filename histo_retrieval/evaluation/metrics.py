@@ -13,6 +13,8 @@ Definitions (docs/reproduction.md, "Metrics"; Babaie et al. CVPRW 2017):
   relevant gallery items, (1/R) * sum over the top R neighbours i of precision@i * relevant(i).
 Recall@K and mAP@R leave out queries that have no relevant item in the gallery ("lone" queries,
 as pytorch-metric-learning does); eta_p and eta_W count every query.
+With groups (slides or patients; docs/reproduction.md, "Protocols that respect slides"), no gallery
+item of the query's group is a neighbour or counts as relevant; the mask is built block by block.
 
 Similarity of two images under a model with M learners is the mean over learners of their cosine
 similarities. `combine_learners` turns the M embeddings into one vector per image whose inner
