@@ -8,6 +8,14 @@ Protocols (every output names the one that produced it):
 - test (default, the reference's): leave-one-out retrieval inside the test set; each test patch
   is predicted by the class of its most similar other test patch.
 - train (Kimia Path24's own): each test patch is searched against the training set.
+--groups CSV (columns image,group; a group is a slide or a patient) names the protocols that respect
+slides instead: test-groups, leave-one-out in the test set where no image of the query's group is a
+neighbour (the query itself included), and train-groups when the file also gives the training images'
+groups (a training image of the query's group is left out; a file without training images leaves the
+train protocol as it is). `image` is the path under the data folder (test/ADI/x.png), under the
+split folder (ADI/x.png), or the file name alone when no other image has it; every test image needs a
+group. Leave-one-out without groups rewards finding the same slide whenever test patches share slides
+(docs/reproduction.md: which protocol to report).
 
 Each `.pth` file of the folder, sorted by name, is either a checkpoint written by train.py
 (architecture, embedding size, crop size and class names read from it) or a bare state_dict
@@ -31,15 +39,18 @@ just before it. An encoder is no training run, so no selection applies: its rows
 
 Outputs, beside the checkpoints unless --output-dir says otherwise:
 - <model>_results.txt: one line per checkpoint and protocol in the reference's format,
-  `<file>[(eta_p, 'np'), (eta_W, 'nw'), (eta_total, 'n_total')]`, followed by `# protocol=...`;
+  `<file>[(eta_p, 'np'), (eta_W, 'nw'), (eta_total, 'n_total')]`, followed by `# protocol=...`
+  (test, train, test-groups or train-groups);
   for an encoder, <spec>_results.txt (`timm:resnet18` -> timm-resnet18_results.txt), its lines
   named <spec>_<weights file stem> (timm-resnet18_r18; histogram);
 - results.csv: every metric, the validation loss, `selected_by` (validation, last_epoch, encoder or
   empty), the encoder (spec, kind, weights_sha256, input steps, normalisation: a checkpoint's own),
   the settings, the class list and the command, one row per checkpoint or encoder and protocol;
+  with --groups also `exclusion` (group: the query's group left out; none: the training set whole),
+  `groups` (the file), `groups_sha256` and `num_groups`;
 - both rewritten with this sweep's rows only (--results-mode overwrite, the reference's), or
   with them added after earlier sweeps' (append);
-- confusion/<checkpoint or encoder name>_<protocol>.csv and .png: the confusion matrix (rows true
+- confusion/<checkpoint or encoder name>_<protocol>.csv and .png (protocol as in the results line): the confusion matrix (rows true
   class, columns predicted class);
 - with --plot-embeddings, embeddings/<checkpoint or encoder name>_tsne.png: the test embeddings in
   2-D (t-SNE), coloured by class.
@@ -56,6 +67,7 @@ from typing import Sequence
 
 import torch
 
+from histo_retrieval.data.datasets import read_groups
 from histo_retrieval.encoders.base import Encoder
 from histo_retrieval.encoders.registry import (EncoderRequest, add_encoder_args, check_encoder_spec, encoder_requests,
                                                is_named_encoder, load_encoder)
@@ -63,7 +75,8 @@ from histo_retrieval.encoders.weights import CheckpointError
 from histo_retrieval.encoders.project import load_model
 from histo_retrieval.errors import UserError, one_line, run_script
 from histo_retrieval.evaluation.protocols import (PROTOCOLS, RESULTS_MODES, Evaluator, ResultFiles, encoder_table,
-                                                  plot_embeddings, ranking_table, result_name, result_stem,
+                                                  plot_embeddings, protocol_label, ranking_table, result_name,
+                                                  result_stem,
                                                   selected_table, tsne_coordinates, write_outputs)
 from histo_retrieval.files import command_line
 from histo_retrieval.images import report_unreadable
@@ -99,7 +112,7 @@ def draw_embedding_map(result: dict, output_dir: Path) -> None:
     """<output_dir>/embeddings/<name>_tsne.png: the test embeddings of one checkpoint or encoder, in 2-D."""
     path = output_dir / "embeddings" / f"{result_stem(result)}_tsne.png"
     title = (f"{result['checkpoint']}: t-SNE of the {len(result['query_labels'])} test embeddings "
-             f"(eta_p {result['eta_p']:.4f} in the {result['protocol']} protocol)")
+             f"(eta_p {result['eta_p']:.4f} in the {protocol_label(result)} protocol)")
     try:
         coordinates = tsne_coordinates(result["query_embeddings"])
     except UserError as err:  # too few test images: the sweep's results stand without the figure
@@ -119,6 +132,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--protocol", choices=("test", "train", "both"), default="test",
                         help="test: leave-one-out in the test set (the reference's); train: test patches searched "
                              "against the training set (Kimia Path24's); both (default: test)")
+    parser.add_argument("--groups", default=None, metavar="CSV",
+                        help="CSV with columns image,group (group: the slide or patient of each image; image: its "
+                             "path under the data folder or the split folder, or its file name): no image of the "
+                             "query's group is ever its neighbour (protocols test-groups, train-groups); every test "
+                             "image needs a group (default: none, the paper's protocols)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--crop-size", type=int, default=None,
                         help="centre crop for every checkpoint (default: each checkpoint's own; 224 for bare "
@@ -177,13 +195,21 @@ def main(args: argparse.Namespace) -> int:
     device = check_runtime(args)
     output_dir = Path(args.output_dir) if args.output_dir else Path(args.weight_folder)
     protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
+    # Read before any work, so that a file missing an image stops the run at once.
+    groups = (read_groups(args.groups, args.data_dir, ("test", "train") if "train" in protocols else ("test",))
+              if args.groups else None)
+    if groups:
+        print(f"groups: {groups.path} ({len(groups.names)} groups, sha256 {groups.sha256[:12]}); protocols "
+              f"{', '.join(p + '-groups' if p == 'test' or groups.covers(p) else p for p in protocols)}"
+              + (f"; {groups.unmatched_rows} rows name no image of the splits read" if groups.unmatched_rows else ""),
+              flush=True)
     result_files = ResultFiles(output_dir, args.results_mode)
     described = {path: describe_checkpoint(path) for path in files}
     selection = select(described.values())
     command = command_line()
     rows, failures, unevaluated = [], [], []
     with Evaluator(args.data_dir, args.batch_size, args.amp, device, args.workers, args.channels_last,
-                   args.cache_dir) as evaluator:
+                   args.cache_dir, groups) as evaluator:
         for path in files:
             try:
                 loaded = load_model(path, evaluator.device, args.crop_size)
@@ -200,7 +226,7 @@ def main(args: argparse.Namespace) -> int:
                 result.update(selected_by=selection[path], val_loss=described[path].val_loss, run=described[path].run)
                 rows.append(write_outputs(result, result_files, command))
                 warning = "" if result["checkpoint_classes_match"] else "  (its class list differs from the data's)"
-                print(f"{path.name} [{loaded.model_name}, protocol {result['protocol']}{tag}]: eta_p "
+                print(f"{path.name} [{loaded.model_name}, protocol {protocol_label(result)}{tag}]: eta_p "
                       f"{result['eta_p']:.4f} eta_W {result['eta_w']:.4f} eta_total {result['eta_total']:.4f} "
                       f"({result['correct']}/{result['num_queries']}) in {result['seconds']:.1f} s{warning}", flush=True)
             if args.plot_embeddings:
@@ -229,7 +255,7 @@ def main(args: argparse.Namespace) -> int:
                               run=described_file.run if described_file else "")
                 rows.append(write_outputs(result, result_files, command))
                 warning = "" if result["checkpoint_classes_match"] else "  (its class list differs from the data's)"
-                print(f"{name} [{request.spec}: {loaded.model_name}, protocol {result['protocol']}, encoder, weights "
+                print(f"{name} [{request.spec}: {loaded.model_name}, protocol {protocol_label(result)}, encoder, weights "
                       f"{result['weights_sha256'][:12]}]: eta_p {result['eta_p']:.4f} eta_W {result['eta_w']:.4f} "
                       f"eta_total {result['eta_total']:.4f} ({result['correct']}/{result['num_queries']}) in "
                       f"{result['seconds']:.1f} s{warning}", flush=True)

@@ -2,7 +2,7 @@
 
     python3 -m bench.real_data ROOT [--out DIR] [--model se_resnet50] [--loss MSLoss] [--image-size 300]
         [--resize reference|antialias] [--histogram-bins 8] [--eval-batch-size 32]
-        [--encoder SPEC [--encoder-weights FILE] [--encoder-options JSON]]... [-- TRAIN.PY OPTIONS ...]
+        [--encoder SPEC [--encoder-weights FILE] [--encoder-options JSON]]... [--groups CSV] [-- TRAIN.PY OPTIONS ...]
 
     python3 -m bench.real_data /data/liver --out liver_check -- --epochs 30 --device cuda --pretrained imagenet
     python3 -m bench.real_data /data/liver --encoder uni --encoder-weights pytorch_model.bin -- --epochs 30
@@ -36,6 +36,13 @@ stain normalisation if it has one: the encoder gets the checkpoint's stain step)
 per channel (8: 512 bins), L1-normalised; similarity = the cosine of two histograms (the inner
 product of the L2-normalised rows), so that it ranks with the same code as the embeddings.
 
+--groups CSV (columns image,group: the slide or patient of each image, `image` naming a ROOT image
+by its path under ROOT, e.g. test/ADI/x.jpg, under its split folder, ADI/x.jpg, or its file name
+alone when no other image has it; multi_test.py's rules) evaluates both protocols with the query's group
+left out: test-groups (leave-one-out that never returns an image of the query's slide or patient) and,
+when the file gives the training images' groups too, train-groups (otherwise train as above). Every
+test image needs a group. The file is read, and refused, before any work; the results record it.
+
 --encoder SPEC (repeatable; docs/encoders.md) adds a row per encoder scored with no training:
 timm:<architecture>, a pathology foundation model preset, histogram, or a checkpoint file. Each
 --encoder-weights FILE and --encoder-options JSON belongs to the --encoder just before it. An encoder
@@ -43,8 +50,9 @@ sees the preprocessed images through its own input steps and normalisation (no s
 
 Writes DIR/real_data_results.csv (one row per method: colour histogram, untrained network, trained,
 then one per --encoder; columns test_* and train_* per protocol, and the encoder's spec and weights
-hash), DIR/real_data_results.md (the same table, with the command), and DIR/real_data_settings.json
-(the exact command, the train.py command, the seed and every setting). Exit status 2 with one line
+hash; with --groups also test_protocol and train_protocol, groups, groups_sha256 and num_groups),
+DIR/real_data_results.md (the same table, with the command, headed by the protocols' names), and
+DIR/real_data_settings.json (the exact command, the train.py command, the seed and every setting). Exit status 2 with one line
 for bad input, 1 when some images could not be read.
 """
 from __future__ import annotations
@@ -97,6 +105,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "512 bins in all)")
     parser.add_argument("--eval-batch-size", type=int, default=32,
                         help="images per forward pass in the evaluation (default: %(default)s, multi_test.py's)")
+    parser.add_argument("--groups", default=None, metavar="CSV",
+                        help="CSV with columns image,group naming each ROOT image's slide or patient: no image of "
+                             "the query's group is its neighbour (protocols test-groups, train-groups; every test "
+                             "image needs a group) (default: none, the paper's protocols)")
     from histo_retrieval.encoders.registry import add_encoder_args  # imports torch: a second or two
 
     add_encoder_args(parser, repeatable=True,
@@ -208,6 +220,21 @@ def preprocess(args: argparse.Namespace, root: Path, data: Path, source_counts: 
     return {"argv": argv, "record": record}
 
 
+# ----------------------------------------------------------------------------- groups
+def read_root_groups(path: str, root: Path, data: Path):
+    """The groups of --groups, read against ROOT's images (histo_retrieval.data.datasets.read_groups: the
+    one reader, its errors) and renamed to the images data_process.py writes into `data`."""
+    from histo_retrieval.data.datasets import read_groups
+    from KIMIA_data.data_process import output_path
+
+    groups = read_groups(path, root, SPLITS[::-1])  # test first: every query needs a group
+    moved = {}
+    for key in groups.by_image:
+        split, class_name, name = key.split("/")
+        moved[key] = output_path(data, split, class_name, Path(name).stem).relative_to(data).as_posix()
+    return groups.moved(moved)
+
+
 # ----------------------------------------------------------------------------- the untrained network
 def untrained_state_dict(model_name: str, model_options: dict, seed: int) -> dict:
     """The weights train.py starts from without --pretrained: seed_everything(seed) then the model built
@@ -270,7 +297,10 @@ def method_name(request, taken: set[str]) -> str:
 # ----------------------------------------------------------------------------- the table
 def table_rows(results: dict[str, dict[str, dict]], extra: dict[str, Any]) -> list[dict]:
     """One row per method, in the order of `results`: its metrics per protocol, then `extra`, then the
-    encoder that made it (crop size, spec, kind, weights hash, input steps)."""
+    encoder that made it (crop size, spec, kind, weights hash, input steps), then with groups the
+    protocols' names (test-groups, train-groups) and the groups file."""
+    from histo_retrieval.evaluation.protocols import protocol_label
+
     rows = []
     for method in results:
         row: dict[str, Any] = {"method": method}
@@ -285,11 +315,15 @@ def table_rows(results: dict[str, dict[str, dict]], extra: dict[str, Any]) -> li
         rows.append({**row, **extra, "crop_size": test["crop_size"], "encoder": test["encoder"],
                      "encoder_kind": test["encoder_kind"], "weights_sha256": test["weights_sha256"],
                      "input_steps": json.dumps(test["input_steps"], sort_keys=True)})
+        if test.get("groups"):  # only then: without --groups the columns stay as they were
+            rows[-1].update({f"{protocol}_protocol": protocol_label(results[method][protocol]) for protocol in PROTOCOLS})
+            rows[-1].update({key: test[key] for key in ("groups", "groups_sha256", "num_groups")})
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-    headings = [f"{protocol}: {heading}" for protocol in PROTOCOLS for _, heading, _ in METRICS]
+    names = {protocol: rows[0].get(f"{protocol}_protocol", protocol) if rows else protocol for protocol in PROTOCOLS}
+    headings = [f"{names[protocol]}: {heading}" for protocol in PROTOCOLS for _, heading, _ in METRICS]
     lines = ["| method | " + " | ".join(headings) + " |", "|---" * (1 + len(headings)) + "|"]
     for row in rows:
         cells = [f"{row[f'{protocol}_{column}']:.4f}" for protocol in PROTOCOLS for column, _, _ in METRICS]
@@ -334,8 +368,10 @@ def main(args: argparse.Namespace) -> int:
     requests = encoder_requests(args)
     for request in requests:  # before any work: a bad --encoder fails at once
         check_encoder_spec(request.spec, request.weights, request.options)
-
     data = out / "data"
+    groups = read_root_groups(args.groups, root, data) if args.groups else None  # before any work too
+    if groups:
+        print(f"groups: {groups.path} ({len(groups.names)} groups, sha256 {groups.sha256[:12]})", flush=True)
     step = time.time()
     print(f"\n[1/4] preprocessing {root} -> {data} ({args.image_size} px, --resize {args.resize})", flush=True)
     prepared = preprocess(args, root, data, source_counts)
@@ -365,7 +401,7 @@ def main(args: argparse.Namespace) -> int:
     results: dict[str, dict[str, dict]] = {}
     names = set(METHODS)
     with Evaluator(data, batch_size=args.eval_batch_size, amp=targs.amp, device=device, workers=targs.workers,
-                   channels_last=targs.channels_last) as evaluator:
+                   channels_last=targs.channels_last, groups=groups) as evaluator:
         trained_encoder = load_model(best, evaluator.device)
         crop_size = trained_encoder.crop_size
         stain = trained_encoder.preprocessing.stain
@@ -403,8 +439,13 @@ def main(args: argparse.Namespace) -> int:
                      f"{result['test']['weights_sha256'][:12]}) with no training, through its own input steps "
                      f"({result['test']['input_steps']}) and normalisation ({result['test']['normalisation']})"
                      for method, result in results.items() if method not in METHODS]
+    labels = {protocol: rows[0].get(f"{protocol}_protocol", protocol) for protocol in PROTOCOLS}
     notes = [
-        f"Protocols: test = {PROTOCOL_NAMES['test']}; train = {PROTOCOL_NAMES['train']}.",
+        f"Protocols: test = {PROTOCOL_NAMES['test']}; train = {PROTOCOL_NAMES['train']}."
+        + (f" With --groups {groups.path} ({len(groups.names)} groups, sha256 {groups.sha256}): "
+           + "; ".join(f"{labels[p]} = {p}, never an image of the query's group" if labels[p] != p
+                       else f"{p} = as without groups (the file gives no training image a group)" for p in PROTOCOLS)
+           + "." if groups else ""),
         f"Rows: colour histogram = nearest neighbour by the cosine of {args.histogram_bins}^3-bin joint RGB histograms "
         f"of the {crop_size} px eval crops (L1-normalised{', after the checkpoint stain normalisation' if stain else ''}); "
         f"untrained network = {targs.model} initialised with seed "
@@ -443,10 +484,13 @@ def main(args: argparse.Namespace) -> int:
         "torch": torch.__version__, "seconds": round(time.time() - started, 1),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results_csv": csv_path.name, "results_md": md_path.name,
     }
+    if groups:
+        settings["groups"] = {**groups.record(), "protocols": labels, "rows_naming_no_image": groups.unmatched_rows}
     atomic_write_text(settings_path, json.dumps(settings, indent=1) + "\n")
 
     print(f"\n=== {len(classes)} classes, seed {targs.seed}, {crop_size} px crops; columns per protocol "
-          f"(test: leave-one-out in the test set, the paper's; train: test against the training set)\n")
+          f"(test: leave-one-out in the test set, the paper's; train: test against the training set"
+          f"{'; -groups: never an image of the query' + chr(39) + 's group' if groups else ''})\n")
     print(table)
     print("\n" + "\n".join(notes))
     print(f"\nWritten: {csv_path}, {md_path}, {settings_path}. Took {time.time() - started:.0f} s.")

@@ -134,3 +134,90 @@ def test_retrieval_metrics_against_a_separate_gallery():
     # Query 0 (R=1): its match is second, outside the top R -> AP 0; query 1 (R=2): hit, miss -> AP 1/2.
     assert result["map@r"] == pytest.approx((0 + 0.5) / 2)
     assert not math.isnan(result["eta_total"])
+
+
+# ----------------------------------------------------------------------------- groups (slides, patients)
+def naive_group_neighbours(queries, gallery, query_groups, gallery_groups, k):
+    """The k most similar gallery rows of each query outside its group, by a plain loop over all pairs."""
+    result = []
+    for i in range(queries.shape[0]):
+        pairs = [(float(queries[i] @ gallery[j]), j) for j in range(gallery.shape[0])
+                 if gallery_groups[j] != query_groups[i]]
+        result.append([j for _, j in sorted(pairs, key=lambda p: (-p[0], p[1]))[:k]])
+    return result
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_group_exclusion_blockwise_equals_a_naive_loop_and_never_returns_the_querys_group(seed):
+    generator = torch.Generator().manual_seed(seed)
+    queries = F.normalize(torch.randn(29, 5, generator=generator), dim=1)
+    gallery = F.normalize(torch.randn(41, 5, generator=generator), dim=1)
+    query_groups = torch.randint(0, 6, (29,), generator=generator)
+    gallery_groups = torch.randint(0, 6, (41,), generator=generator)
+    scores, indices = topk_similar(queries, gallery, k=9, query_block=4, gallery_block=7,
+                                   query_groups=query_groups, gallery_groups=gallery_groups)
+    assert not (gallery_groups[indices] == query_groups[:, None]).any()
+    assert indices.tolist() == naive_group_neighbours(queries, gallery, query_groups, gallery_groups, 9)
+    torch.testing.assert_close(scores, (queries @ gallery.T).gather(1, indices))
+
+
+def test_a_query_whose_group_fills_most_of_the_gallery_gets_minus_one_where_nothing_is_left():
+    images = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.8, 0.3], [0.0, 1.0]]), dim=1)
+    groups = torch.tensor([0, 0, 0, 1])
+    scores, indices = topk_similar(images, images, k=3, exclude=torch.arange(4), query_groups=groups,
+                                   gallery_groups=groups, gallery_block=2)
+    assert indices[0].tolist() == [3, -1, -1] and math.isinf(scores[0, 1]) and scores[0, 1] < 0
+    assert indices[3].tolist() == [2, 1, 0]  # nearest to (0, 1) first
+
+
+def test_leave_one_out_with_groups_hand_example():
+    # Images 0 and 1 share a slide; so do 2 and 3. Image 1's best match outside its slide is 2 (class 1).
+    embeddings = F.normalize(torch.tensor([[1.0, 0.0], [0.95, 0.3], [0.7, 0.7], [0.0, 1.0], [0.9, -0.2]]), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 0])
+    result = retrieval_metrics(embeddings, labels, query_groups=[0, 0, 1, 1, 2])
+    np.testing.assert_array_equal(result["predicted"], [0, 1, 0, 0, 0])
+    assert result["eta_p"] == pytest.approx(2 / 5)
+    # Relevant items outside the query's slide: 0 -> {4}; 1 -> {4}; 2 -> none; 3 -> none; 4 -> {0, 1}.
+    assert result["num_lone_queries"] == 2
+    # Query 0 ranks 4 first (AP 1); query 1 ranks 2 first (AP 0); query 4 ranks 0, 1 first (AP 1).
+    assert result["map@r"] == pytest.approx(2 / 3)
+    assert result["recall@1"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("gallery_side", [False, True])
+def test_one_group_per_image_gives_exactly_the_papers_numbers(gallery_side):
+    generator = torch.Generator().manual_seed(3)
+    queries = F.normalize(torch.randn(40, 6, generator=generator), dim=1)
+    labels = torch.randint(0, 4, (40,), generator=generator)
+    if gallery_side:  # the train protocol: groups on both sides, none shared
+        gallery = F.normalize(torch.randn(33, 6, generator=generator), dim=1)
+        gallery_labels = torch.randint(0, 4, (33,), generator=generator)
+        plain = retrieval_metrics(queries, labels, gallery, gallery_labels, num_classes=4)
+        grouped = retrieval_metrics(queries, labels, gallery, gallery_labels, num_classes=4,
+                                    query_groups=torch.arange(40), gallery_groups=torch.arange(40, 73))
+    else:
+        plain = retrieval_metrics(queries, labels, num_classes=4, query_block=7, gallery_block=9)
+        grouped = retrieval_metrics(queries, labels, num_classes=4, query_block=7, gallery_block=9,
+                                    query_groups=torch.arange(40))
+    for key in ("eta_p", "eta_w", "eta_total", "map@r", "num_lone_queries", "num_gallery",
+                *(f"recall@{k}" for k in (1, 2, 4, 8))):
+        assert grouped[key] == plain[key], key
+    np.testing.assert_array_equal(grouped["predicted"], plain["predicted"])
+    np.testing.assert_array_equal(grouped["confusion"], plain["confusion"])
+
+
+def test_one_group_per_class_leaves_no_neighbour_of_the_querys_class():
+    generator = torch.Generator().manual_seed(4)
+    embeddings = F.normalize(torch.randn(30, 4, generator=generator), dim=1)
+    labels = torch.arange(30) % 3
+    result = retrieval_metrics(embeddings, labels, query_groups=labels + 10)
+    assert result["eta_p"] == 0.0 and result["eta_w"] == 0.0
+    assert result["num_lone_queries"] == 30 and math.isnan(result["map@r"])
+
+
+def test_groups_on_one_side_only_or_a_group_holding_the_whole_gallery_are_refused():
+    images = F.normalize(torch.randn(4, 3), dim=1)
+    with pytest.raises(ValueError, match="groups of both the queries and the gallery"):
+        retrieval_metrics(images, [0, 1, 0, 1], images, [0, 1, 0, 1], query_groups=[0, 1, 2, 3])
+    with pytest.raises(ValueError, match="query 0: every gallery item is of its own group"):
+        retrieval_metrics(images, [0, 1, 0, 1], query_groups=[5, 5, 5, 5])

@@ -403,3 +403,74 @@ def test_an_unknown_encoder_is_refused_in_one_line_before_any_work(data_dir, tmp
         multi_test.get_args_parser().parse_args(["--encoder-weights", "r18.pth", "--encoder", "timm:resnet18"])
     assert exit_status.value.code == 2
     assert "--encoder-weights belongs to an --encoder: put it after the --encoder SPEC it is for" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- --groups: slides or patients
+def naive_grouped_kimia_eta_p(queries: list[tuple[str, str, np.ndarray]], gallery: list[tuple[str, str, np.ndarray]]) -> float:
+    """eta_p of nearest-neighbour search by cosine over (label, group, vector), never within the query's group."""
+    correct = 0
+    for label, group, vector in queries:
+        best, predicted = -2.0, None
+        for other_label, other_group, other in gallery:
+            cosine = float(vector @ other / np.sqrt((vector @ vector) * (other @ other)))
+            if other_group != group and cosine > best:
+                best, predicted = cosine, other_label
+        correct += predicted == label
+    return correct / len(queries)
+
+
+def test_groups_name_the_protocol_record_the_file_and_leave_the_querys_slide_out(data_dir, tmp_path, capsys):
+    import hashlib
+
+    slides = {}
+    for split in ("test", "train"):
+        for number, path in enumerate(images_of(data_dir / split)):
+            slides[f"{split}/{path.parent.name}/{path.name}"] = f"slide{number % 3}"  # slides across classes
+    groups = tmp_path / "slides.csv"
+    groups.write_text("image,group\n" + "".join(f"{image},{slide}\n" for image, slide in slides.items()))
+    base = ["--encoder", "histogram", "--encoder-options", f'{{"crop_size": {CROP}}}', "--data-dir", str(data_dir),
+            "--protocol", "both", "--batch-size", "4", "--device", "cpu", "--workers", "0"]
+    output = tmp_path / "grouped"
+    args = multi_test.get_args_parser().parse_args(base + ["--output-dir", str(output), "--groups", str(groups)])
+    assert multi_test.main(args) == 0
+    with open(output / "results.csv", newline="") as f:
+        rows = {row["protocol"]: row for row in csv.DictReader(f)}
+    out = capsys.readouterr().out
+    histograms = {split: [(p.parent.name, slides[f"{split}/{p.parent.name}/{p.name}"], naive_colour_histogram(p, CROP))
+                          for p in images_of(data_dir / split)] for split in ("test", "train")}
+    for protocol, gallery in (("test", "test"), ("train", "train")):
+        row = rows[protocol]
+        assert float(row["eta_p"]) == pytest.approx(naive_grouped_kimia_eta_p(histograms["test"], histograms[gallery]),
+                                                    abs=1e-12), protocol
+        assert (row["exclusion"], row["groups"], row["num_groups"]) == ("group", str(groups), "3")
+        assert row["groups_sha256"] == hashlib.sha256(groups.read_bytes()).hexdigest()
+        assert (output / "confusion" / f"histogram_{protocol}-groups.csv").exists()
+    lines = (output / "histogram_results.txt").read_text().splitlines()
+    assert [line.rsplit("# ", 1)[1] for line in lines] == ["protocol=test-groups", "protocol=train-groups"]
+    assert "protocols test-groups, train-groups" in out and "| test-groups |" in out
+
+    # Without --groups: the paper's protocols, and results.csv has the columns it always had.
+    plain = tmp_path / "plain"
+    assert multi_test.main(multi_test.get_args_parser().parse_args(base + ["--output-dir", str(plain)])) == 0
+    with open(plain / "results.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        plain_rows = list(reader)
+    assert not {"exclusion", "groups", "groups_sha256", "num_groups"} & set(reader.fieldnames)
+    assert [row["protocol"] for row in plain_rows] == ["test", "train"]
+    assert (plain / "histogram_results.txt").read_text().splitlines()[0].endswith("# protocol=test")
+
+
+def test_a_groups_file_missing_an_image_is_refused_before_any_work(data_dir, tmp_path):
+    from histo_retrieval.errors import UserError
+
+    images = [f"test/{p.parent.name}/{p.name}" for p in images_of(data_dir / "test")]
+    groups = tmp_path / "slides.csv"
+    groups.write_text("image,group\n" + "".join(f"{image},slide\n" for image in images if "/s1/" not in image))
+    output = tmp_path / "results"
+    args = multi_test.get_args_parser().parse_args(["--encoder", "histogram", "--data-dir", str(data_dir), "--output-dir",
+                                                    str(output), "--groups", str(groups), "--device", "cpu"])
+    with pytest.raises(UserError) as refused:
+        multi_test.main(args)
+    assert str(refused.value) == (f"--groups {groups}: no group for 4 of the 9 images of {data_dir / 'test'}, the "
+                                  "first test/s1/s1_0.png; add a row image,group for each (groups are never guessed)")
+    assert not output.exists()

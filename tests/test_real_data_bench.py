@@ -254,3 +254,80 @@ def test_an_unknown_encoder_is_refused_in_one_line_before_any_work(tmp_path: Pat
     assert len(lines) == 1 and lines[0].startswith("error: --encoder unii: neither a checkpoint file nor a known "
                                                    "encoder (did you mean uni"), result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- --groups
+def test_groups_name_root_images_and_follow_them_to_the_preprocessed_names(tmp_path: Path, make_images) -> None:
+    from bench import real_data
+
+    root = tmp_path / "root"
+    for split in ("train", "test"):
+        make_images(root / split, {"s0": 2, "s1": 2}, size=8)
+    groups_file = tmp_path / "slides.csv"
+    groups_file.write_text("image,group\ntest/s0/s0_0.png,A\ntest/s0/s0_1.png,B\ntest/s1/s1_0.png,A\n"
+                           "test/s1/s1_1.png,B\ntrain/s0/s0_0.png,A\ntrain/s0/s0_1.png,C\ntrain/s1/s1_0.png,C\n"
+                           "train/s1/s1_1.png,D\n")
+    groups = real_data.read_root_groups(str(groups_file), root, tmp_path / "out" / "data")
+    # data_process.py writes <class>_<stem>.png: the groups follow the images there.
+    assert groups.by_image == {"test/s0/s0_s0_0.png": "A", "test/s0/s0_s0_1.png": "B", "test/s1/s1_s1_0.png": "A",
+                               "test/s1/s1_s1_1.png": "B", "train/s0/s0_s0_0.png": "A", "train/s0/s0_s0_1.png": "C",
+                               "train/s1/s1_s1_0.png": "C", "train/s1/s1_s1_1.png": "D"}
+    assert groups.path == str(groups_file) and groups.covers("train")
+
+    # The table names the protocols and records the file; without groups its columns stay as they were.
+    def result(protocol: str, grouped: bool) -> dict:
+        record = groups.record() if grouped else {"groups": "", "groups_sha256": "", "num_groups": ""}
+        return {"eta_p": 0.5, "eta_w": 0.5, "eta_total": 0.25, "recall@1": 0.5, "map@r": 0.5, "num_queries": 4,
+                "num_gallery": 4, "crop_size": 8, "encoder": "histogram", "encoder_kind": "histogram",
+                "weights_sha256": "0" * 64, "input_steps": {}, "protocol": protocol,
+                "exclusion": "group" if grouped else "query" if protocol == "test" else "none", **record}
+
+    grouped = real_data.table_rows({"colour histogram": {p: result(p, True) for p in ("test", "train")}}, {})
+    assert (grouped[0]["test_protocol"], grouped[0]["train_protocol"]) == ("test-groups", "train-groups")
+    assert (grouped[0]["groups"], grouped[0]["num_groups"]) == (str(groups_file), 4)
+    assert "| method | test-groups: eta_p |" in real_data.markdown_table(grouped)
+    plain = real_data.table_rows({"colour histogram": {p: result(p, False) for p in ("test", "train")}}, {})
+    assert not {"test_protocol", "groups"} & set(plain[0])
+    assert "| method | test: eta_p |" in real_data.markdown_table(plain)
+
+
+def test_a_groups_file_missing_an_image_is_refused_in_one_line_before_any_work(tmp_path: Path, make_images) -> None:
+    root = tmp_path / "root"
+    for split in ("train", "test"):
+        make_images(root / split, {"s0": 2, "s1": 2}, size=8)
+    groups_file = tmp_path / "slides.csv"
+    groups_file.write_text("image,group\ntest/s0/s0_0.png,A\ntest/s0/s0_1.png,B\n")
+    result = run_bench(str(root), "--out", str(tmp_path / "out"), "--groups", str(groups_file), "--",
+                       "--epochs", "1", timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: --groups {groups_file}: no group for 2 of the 4 images of "
+                                     f"{root / 'test'}, the first test/s1/s1_0.png; add a row image,group for each "
+                                     "(groups are never guessed)")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_bench_with_groups_names_the_protocols_and_records_the_file(tmp_path: Path, make_images) -> None:
+    import hashlib
+
+    root = tmp_path / "root"
+    make_images(root / "train", {"s0": 4, "s1": 4}, size=40, seed=1)
+    make_images(root / "test", {"s0": 3, "s1": 3}, size=40, seed=2)
+    groups_file = tmp_path / "slides.csv"
+    groups_file.write_text("image,group\n" + "".join(f"{split}/{c}/{c}_{i}.png,{split}{i % 2}\n"
+                                                     for split, n in (("train", 4), ("test", 3))
+                                                     for c in ("s0", "s1") for i in range(n)))
+    out = tmp_path / "check"
+    result = run_bench(str(root), "--out", str(out), "--image-size", "40", "--groups", str(groups_file), "--",
+                       "--epochs", "1", "--crop-size", "32", "--batch-size", "4", "--device", "cpu", "--workers", "0",
+                       "--val-batches", "fixed")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out / "real_data_results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    digest = hashlib.sha256(groups_file.read_bytes()).hexdigest()
+    for row in rows:
+        assert (row["test_protocol"], row["train_protocol"]) == ("test-groups", "train-groups")
+        assert (row["groups"], row["groups_sha256"], row["num_groups"]) == (str(groups_file), digest, "4")
+    assert "| method | test-groups: eta_p |" in (out / "real_data_results.md").read_text()
+    settings = json.loads((out / "real_data_settings.json").read_text())
+    assert settings["groups"]["groups_sha256"] == digest and settings["bench_options"]["groups"] == str(groups_file)

@@ -238,3 +238,122 @@ def subsample_per_class(targets: Sequence[int], ratio: float, seed: int) -> list
         order = torch.randperm(len(indices), generator=generator)[: int(len(indices) * ratio)]
         kept += [indices[i] for i in sorted(order.tolist())]
     return sorted(kept)
+
+
+# ----------------------------------------------------------------------------- groups (slides, patients)
+GROUP_COLUMNS = ("image", "group")
+
+
+@dataclass(frozen=True)
+class Groups:
+    """The group (a slide or a patient) of every image of a data folder's splits, from a groups file.
+
+    `by_image` maps an image's path under the data folder, `<split>/<class>/<file>` with '/', to its
+    group; `path` and `sha256` name the file it was read from, so results can record it.
+    """
+
+    path: str
+    sha256: str
+    by_image: dict[str, str]
+    unmatched_rows: int = 0
+
+    def covers(self, split: str) -> bool:
+        """Whether the file gives groups for the images of `split` (read_groups made sure: all or none)."""
+        return any(key.startswith(f"{split}/") for key in self.by_image)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(set(self.by_image.values()))
+
+    def codes(self, keys: Sequence[str]) -> list[int]:
+        """The group of each image (keys as in `by_image`) as an integer, the same integer for the same
+        group in every split."""
+        index = {name: i for i, name in enumerate(self.names)}
+        return [index[self.by_image[key]] for key in keys]
+
+    def record(self) -> dict[str, Any]:
+        """What results record of the groups file: its path, sha256 and number of groups."""
+        return {"groups": self.path, "groups_sha256": self.sha256, "num_groups": len(self.names)}
+
+    def moved(self, keys: dict[str, str]) -> Groups:
+        """The same groups for images that moved (`keys`: old key -> new key, e.g. after
+        KIMIA_data/data_process.py renamed them); the file recorded stays this one."""
+        return Groups(self.path, self.sha256, {keys[key]: group for key, group in self.by_image.items()},
+                      self.unmatched_rows)
+
+
+def image_key(split: str, class_name: str, file_name: str) -> str:
+    """How a groups file and Groups.by_image name an image: `<split>/<class>/<file>`."""
+    return f"{split}/{class_name}/{file_name}"
+
+
+def read_groups(path: str | os.PathLike, data_dir: str | os.PathLike, splits: Sequence[str] = ("test",),
+                option: str = "--groups") -> Groups:
+    """The groups of the images of `data_dir/<split>/<class>/` for each split, from a CSV with columns
+    `image,group` (docs/reproduction.md, "Protocols that respect slides").
+
+    `image` names an image by its path under the data folder (`test/ADI/x.png`), under the split folder
+    (`ADI/x.png`), or by its file name alone (`x.png`); a shorter form must name a single image of the
+    splits read (else the row is refused, never guessed), and the longest form listed wins. Every image of the first split (the queries) needs a
+    group; each other split has a group for every image or for none (then nothing of it is excluded).
+    Rows naming no image of the splits are allowed (a file written for more splits than read) and
+    counted. UserError (one line) for a missing file or column, an empty cell, an image listed twice,
+    an ambiguous file name, or images without a group (the first one named, and how many).
+    """
+    import csv
+    import hashlib
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{option} {path}: no such file; pass a CSV with columns image,group")
+    content = path.read_bytes()
+    try:
+        reader = csv.DictReader(content.decode("utf-8-sig").splitlines())
+        missing = [c for c in GROUP_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise UserError(f"{option} {path}: no column {' or '.join(missing)}; the CSV needs a header "
+                            "image,group (image: the file name or its path under the split folder)")
+        rows: dict[str, tuple[str, int]] = {}
+        for line, row in enumerate(reader, 2):
+            image = (row["image"] or "").strip().replace("\\", "/").removeprefix("./")
+            group = (row["group"] or "").strip()
+            if not image or not group:
+                raise UserError(f"{option} {path}: line {line} has an empty {'image' if not image else 'group'}; "
+                                "every row needs an image and its group (slide or patient)")
+            if image in rows:
+                raise UserError(f"{option} {path}: line {line} lists {image} again (first on line "
+                                f"{rows[image][1]}); give each image one group")
+            rows[image] = group, line
+    except UnicodeDecodeError as err:
+        raise UserError(f"{option} {path}: not a UTF-8 text CSV ({one_line(err)})") from err
+    data_dir = Path(data_dir)
+    images = []
+    for split in splits:
+        dataset = KimiaDataset(data_dir / split)
+        images += [(split, dataset.classes[label], Path(file).name) for file, label in dataset.samples]
+    # A shorter form naming several images (the same file name in two classes, or the same <class>/<file>
+    # in two splits) would guess: refused, the full form asked for.
+    form_counts: dict[str, int] = {}
+    for _, class_name, name in images:
+        for form in (f"{class_name}/{name}", name):
+            form_counts[form] = form_counts.get(form, 0) + 1
+    by_image: dict[str, str] = {}
+    used: set[str] = set()
+    for split, class_name, name in images:
+        for candidate in (image_key(split, class_name, name), f"{class_name}/{name}", name):
+            if candidate in rows:
+                if form_counts.get(candidate, 1) > 1:
+                    raise UserError(f"{option} {path}: line {rows[candidate][1]}: {candidate} names "
+                                    f"{form_counts[candidate]} images of {', '.join(s + '/' for s in splits)}; "
+                                    "write its path under the data folder (<split>/<class>/<file>)")
+                by_image[image_key(split, class_name, name)] = rows[candidate][0]
+                used.add(candidate)
+                break
+    for number, split in enumerate(splits):
+        keys = [image_key(s, c, n) for s, c, n in images if s == split]
+        absent = [key for key in keys if key not in by_image]
+        if absent and (number == 0 or len(absent) < len(keys)):
+            raise UserError(f"{option} {path}: no group for {len(absent)} of the {len(keys)} images of "
+                            f"{data_dir / split}, the first {absent[0]}; add a row image,group for each "
+                            "(groups are never guessed)")
+    return Groups(str(path), hashlib.sha256(content).hexdigest(), by_image, len(rows) - len(used))

@@ -13,6 +13,8 @@ Definitions (docs/reproduction.md, "Metrics"; Babaie et al. CVPRW 2017):
   relevant gallery items, (1/R) * sum over the top R neighbours i of precision@i * relevant(i).
 Recall@K and mAP@R leave out queries that have no relevant item in the gallery ("lone" queries,
 as pytorch-metric-learning does); eta_p and eta_W count every query.
+With groups (slides or patients; docs/reproduction.md, "Protocols that respect slides"), no gallery
+item of the query's group is a neighbour or counts as relevant; the mask is built block by block.
 
 Similarity of two images under a model with M learners is the mean over learners of their cosine
 similarities. `combine_learners` turns the M embeddings into one vector per image whose inner
@@ -43,10 +45,12 @@ def combine_learners(embeddings: torch.Tensor | Sequence[torch.Tensor]) -> torch
 
 
 def topk_similar(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: torch.Tensor | None = None,
-                 query_block: int = 1024, gallery_block: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+                 query_block: int = 1024, gallery_block: int = 16384, query_groups: torch.Tensor | None = None,
+                 gallery_groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k gallery rows most similar (inner product) to each query, most similar first.
 
-    Memory stays at query_block x (gallery_block + k) scores, whatever the gallery size.
+    Memory stays at query_block x (gallery_block + k) scores, whatever the gallery size (the group
+    mask too is built block by block, never n_q x n_g).
 
     Args:
         queries: n_q x D.
@@ -55,10 +59,17 @@ def topk_similar(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: 
         exclude: n_q gallery indices, one per query, never returned for that query (-1: none);
             used to drop the query itself by index, so identical images do not confuse it.
         query_block, gallery_block: block sizes of the ranking.
+        query_groups, gallery_groups: n_q and n_g integer group codes (a slide or a patient, the same
+            code for the same group on both sides), both or neither: a gallery row of the query's
+            group is never returned for it. A query that reaches fewer than k rows gets score -inf
+            and index -1 in the places it cannot fill.
     Returns:
         (scores n_q x k float32, indices n_q x k int64).
     """
     num_queries, num_gallery = queries.shape[0], gallery.shape[0]
+    if (query_groups is None) != (gallery_groups is None):
+        raise ValueError("pass the groups of both the queries and the gallery, or neither")
+    grouped = query_groups is not None
     reachable = num_gallery - (1 if exclude is not None and num_gallery > 0 else 0)
     if not 0 < k <= reachable:
         raise ValueError(f"k={k} must be between 1 and the {reachable} gallery items a query can reach")
@@ -75,6 +86,9 @@ def topk_similar(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: 
                 inside = (local >= 0) & (local < block.shape[1])
                 rows = inside.nonzero().squeeze(1)
                 block[rows, local[rows]] = float("-inf")
+            if grouped:
+                same = query_groups[q0:q0 + query_block, None] == gallery_groups[None, g0:g0 + gallery_block]
+                block.masked_fill_(same, float("-inf"))
             block_scores, block_indices = block.topk(min(k, block.shape[1]), dim=1)
             merged_scores = torch.cat([best_scores, block_scores], dim=1)
             merged_indices = torch.cat([best_indices, block_indices + g0], dim=1)
@@ -82,6 +96,8 @@ def topk_similar(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: 
             best_indices = merged_indices.gather(1, order)
         scores[q0:q0 + query_block] = best_scores
         indices[q0:q0 + query_block] = best_indices
+    if grouped:  # places a query could not fill hold an excluded row: say so instead
+        indices[scores == float("-inf")] = -1
     return scores, indices
 
 
@@ -164,7 +180,9 @@ def map_at_r(query_labels: torch.Tensor, neighbour_labels: torch.Tensor, num_rel
 def retrieval_metrics(query_embeddings: torch.Tensor, query_labels: torch.Tensor,
                       gallery_embeddings: torch.Tensor | None = None, gallery_labels: torch.Tensor | None = None,
                       num_classes: int | None = None, ks: Sequence[int] = RECALL_KS,
-                      query_block: int = 1024, gallery_block: int = 16384) -> dict:
+                      query_block: int = 1024, gallery_block: int = 16384,
+                      query_groups: Sequence[int] | torch.Tensor | None = None,
+                      gallery_groups: Sequence[int] | torch.Tensor | None = None) -> dict:
     """Every metric of a query set searched against a gallery.
 
     Args:
@@ -175,25 +193,51 @@ def retrieval_metrics(query_embeddings: torch.Tensor, query_labels: torch.Tensor
         num_classes: size of the confusion matrix.
         ks: the K of Recall@K.
         query_block, gallery_block: block sizes of the ranking (see `topk_similar`).
+        query_groups, gallery_groups: integer group codes (slides or patients; see `topk_similar`):
+            no gallery item of the query's group is a neighbour, nor counts as relevant for Recall@K
+            and mAP@R. In leave-one-out only query_groups is passed (the gallery is the queries).
+            One group per item gives exactly the numbers without groups.
     Returns:
         kimia_accuracy's dict plus "recall@K", "map@r", "num_gallery", "num_lone_queries" and
         "predicted" (n_q int64 array).
     """
-    query_labels = torch.as_tensor(query_labels, dtype=torch.long, device=query_embeddings.device)
+    device = query_embeddings.device
+    query_labels = torch.as_tensor(query_labels, dtype=torch.long, device=device)
     exclude = None
-    if gallery_embeddings is None:
+    leave_one_out = gallery_embeddings is None
+    if leave_one_out:
         gallery_embeddings, gallery_labels = query_embeddings, query_labels
-        exclude = torch.arange(query_labels.shape[0], device=query_embeddings.device)
-    gallery_labels = torch.as_tensor(gallery_labels, dtype=torch.long, device=query_embeddings.device)
+        exclude = torch.arange(query_labels.shape[0], device=device)
+        gallery_groups = query_groups
+    gallery_labels = torch.as_tensor(gallery_labels, dtype=torch.long, device=device)
     if num_classes is None:
         num_classes = int(max(query_labels.max(), gallery_labels.max())) + 1
     num_relevant = torch.bincount(gallery_labels, minlength=num_classes)[query_labels]
-    if exclude is not None:
-        num_relevant = num_relevant - (gallery_labels[exclude] == query_labels).long()
     reachable = gallery_labels.shape[0] - (1 if exclude is not None else 0)
+    if (query_groups is None) != (gallery_groups is None):
+        raise ValueError("pass the groups of both the queries and the gallery, or neither")
+    if query_groups is not None:
+        query_groups = torch.as_tensor(query_groups, dtype=torch.long, device=device)
+        gallery_groups = torch.as_tensor(gallery_groups, dtype=torch.long, device=device)
+        # Per query, the gallery items of its own group (all of them, of its class) drop out: counted
+        # with one bincount over the (group, class) pairs, never a query x gallery matrix.
+        num_codes = int(max(query_groups.max(), gallery_groups.max())) + 1
+        in_group = torch.bincount(gallery_groups, minlength=num_codes)[query_groups]
+        pairs = torch.bincount(gallery_groups * num_classes + gallery_labels, minlength=num_codes * num_classes)
+        num_relevant = num_relevant - pairs[query_groups * num_classes + query_labels]
+        per_query = gallery_labels.shape[0] - in_group
+        if int(per_query.min()) == 0:
+            lonely = int(per_query.argmin())
+            raise ValueError(f"query {lonely}: every gallery item is of its own group, so it has no neighbour "
+                             "to score (one group holds the whole gallery)")
+        reachable = int(per_query.max())
+    elif exclude is not None:
+        num_relevant = num_relevant - (gallery_labels[exclude] == query_labels).long()
     k = min(reachable, max(max(ks), int(num_relevant.max())))
-    _, indices = topk_similar(query_embeddings, gallery_embeddings, k, exclude, query_block, gallery_block)
-    neighbour_labels = gallery_labels[indices]
+    _, indices = topk_similar(query_embeddings, gallery_embeddings, k, exclude, query_block, gallery_block,
+                              query_groups, gallery_groups)
+    # -1 (a place the query's groups left empty) is no class, so never a hit.
+    neighbour_labels = torch.where(indices >= 0, gallery_labels[indices.clamp(min=0)], -1)
     result = kimia_accuracy(query_labels.cpu().numpy(), neighbour_labels[:, 0].cpu().numpy(), num_classes)
     result.update(recall_at_k(query_labels, neighbour_labels, num_relevant, ks))
     result["map@r"] = map_at_r(query_labels, neighbour_labels, num_relevant)

@@ -9,6 +9,11 @@ Protocols (every result names the one that produced it):
 - test (the reference's): leave-one-out retrieval inside the test set; each test patch is predicted
   by the class of its most similar other test patch.
 - train (Kimia Path24's own): each test patch is searched against the training set.
+With groups (`Evaluator(groups=read_groups(...))`, multi_test.py --groups: the slide or patient of
+each image), no image of the query's group is ever its neighbour: in the test protocol
+(`test-groups`), and in the train protocol (`train-groups`) when the groups file covers the training
+images too (otherwise the training set is searched whole, as without groups). Every result says what
+was excluded (`exclusion`: query, group or none) and records the groups file.
 
 Any encoder (histo_retrieval.encoders: a checkpoint of this project, a timm network, a pathology
 foundation model preset, the colour histogram) is scored the same way, through its own input steps
@@ -38,7 +43,7 @@ from histo_retrieval.figures import pyplot, save_figure
 
 from histo_retrieval.encoders.base import Encoder
 from histo_retrieval.encoders.project import load_model
-from histo_retrieval.data.datasets import InputSteps, KimiaDataset
+from histo_retrieval.data.datasets import Groups, InputSteps, KimiaDataset, image_key
 from histo_retrieval.evaluation.embedder import CropCache, Embedder, check_settings
 from histo_retrieval.errors import UserError
 from histo_retrieval.files import append_csv_row, atomic_write_text, natural_sorted, write_csv
@@ -58,12 +63,16 @@ class Evaluator:
 
     def __init__(self, data_dir: str | os.PathLike = "KIMIA_data", batch_size: int = 32, amp: str = "off",
                  device: torch.device | str | None = None, workers: int = 0, channels_last: bool = False,
-                 cache_dir: str | os.PathLike | None = None) -> None:
+                 cache_dir: str | os.PathLike | None = None, groups: Groups | None = None) -> None:
+        """groups: the slide or patient of the images (histo_retrieval.data.datasets.read_groups on the same
+        data folder); None: the protocols as published."""
         check_settings(batch_size, amp)
         self.data_dir = Path(data_dir)
         self.batch_size, self.amp, self.workers, self.channels_last = batch_size, amp, workers, channels_last
         self.device = select_device(device)
         self.cache_dir = cache_dir
+        self.groups = groups
+        self._keys: dict[tuple[str, InputSteps], list[str]] = {}  # image_key of each decoded image
         self._splits: dict[tuple[str, InputSteps], tuple[CropCache, list[str]]] = {}
 
     def decoded(self, split: str, steps: InputSteps | int) -> tuple[CropCache, list[str]]:
@@ -77,6 +86,8 @@ class Evaluator:
             cache = CropCache([path for path, _ in dataset.samples], steps, self.workers, self.cache_dir)
             names = [dataset.classes[dataset.samples[position][1]] for position in cache.kept]
             self._splits[key] = cache, names
+            self._keys[key] = [image_key(split, name, Path(dataset.samples[position][0]).name)
+                               for position, name in zip(cache.kept, names)]
             print(f"decoded {len(cache)} {split} images ({steps.describe()}) in {time.time() - started:.1f} s "
                   f"({cache.num_bytes / 2**20:.0f} MiB in a temporary file)", flush=True)
             if not len(cache):
@@ -112,13 +123,26 @@ class Evaluator:
         identity = {"encoder": loaded.spec, "encoder_kind": loaded.kind, "weights_sha256": loaded.weights_sha256(),
                     "input_steps": loaded.input_steps.to_dict(), "normalisation": loaded.preprocessing.describe(),
                     "dim": loaded.dim, "pooling": loaded.pooling}
+        keys = {split: self._keys[(split, InputSteps.of(loaded.input_steps))] for split in used}
         results = []
         for protocol in protocols:
             gallery = "train" if protocol == "train" else None
-            result = retrieval_metrics(embeddings["test"], labels["test"], embeddings.get(gallery), labels.get(gallery),
-                                       num_classes=len(class_names))
+            grouped = self.groups is not None and (gallery is None or self.groups.covers(gallery))
+            query_groups = self.groups.codes(keys["test"]) if grouped else None
+            gallery_groups = self.groups.codes(keys[gallery]) if grouped and gallery else None
+            try:
+                result = retrieval_metrics(embeddings["test"], labels["test"], embeddings.get(gallery),
+                                           labels.get(gallery), num_classes=len(class_names),
+                                           query_groups=query_groups, gallery_groups=gallery_groups)
+            except ValueError as err:
+                if not grouped:
+                    raise
+                raise UserError(f"--groups {self.groups.path}: protocol {protocol}: {err}") from err
+            groups_record = self.groups.record() if self.groups else {"groups": "", "groups_sha256": "",
+                                                                       "num_groups": ""}
             result.update({
-                "protocol": protocol, "checkpoint": name or result_name(loaded), "checkpoint_path": loaded.path, **identity,
+                "protocol": protocol, "exclusion": "group" if grouped else "none" if gallery else "query",
+                **groups_record, "checkpoint": name or result_name(loaded), "checkpoint_path": loaded.path, **identity,
                 "source": loaded.source, "model": loaded.model_name, "loss": loaded.loss_name or "",
                 "model_options": loaded.model_options, "crop_size": loaded.crop_size, "seed": loaded.seed,
                 "class_names": class_names,
@@ -187,10 +211,16 @@ def results_text_name(result: dict) -> str:
     return f"{file_safe(result['encoder'])}_results.txt"
 
 
+def protocol_label(result: dict) -> str:
+    """The protocol a report names: `test` or `train`, as published, or `test-groups` / `train-groups`
+    when no image of the query's group could be its neighbour."""
+    return f"{result['protocol']}-groups" if result.get("exclusion") == "group" else result["protocol"]
+
+
 def reference_line(result: dict) -> str:
     """The reference's results.txt line, followed by the protocol that produced it."""
     scores = [(result["eta_p"], "np"), (result["eta_w"], "nw"), (result["eta_total"], "n_total")]
-    return f"{result['checkpoint']}{scores}  # protocol={result['protocol']}\n"
+    return f"{result['checkpoint']}{scores}  # protocol={protocol_label(result)}\n"
 
 
 def write_confusion_csv(path: str | os.PathLike, confusion: np.ndarray, class_names: Sequence[str], note: str) -> None:
@@ -253,9 +283,9 @@ class ResultFiles:
 def write_outputs(result: dict, files: ResultFiles, command: str) -> dict:
     """Add the result to the text and CSV files and write its confusion matrix; returns the CSV row."""
     output_dir = files.output_dir
-    stem = f"{result_stem(result)}_{result['protocol']}"
+    stem = f"{result_stem(result)}_{protocol_label(result)}"
     confusion_csv = output_dir / "confusion" / f"{stem}.csv"
-    note = (f"{result['checkpoint']}, protocol {result['protocol']}, rows true class, columns predicted class; "
+    note = (f"{result['checkpoint']}, protocol {protocol_label(result)}, rows true class, columns predicted class; "
             f"eta_p {result['eta_p']:.4f} eta_W {result['eta_w']:.4f} eta_total {result['eta_total']:.4f}")
     write_confusion_csv(confusion_csv, result["confusion"], result["class_names"], note)
     plot_confusion(confusion_csv.with_suffix(".png"), result["confusion"], result["class_names"], note)
@@ -276,6 +306,8 @@ def write_outputs(result: dict, files: ResultFiles, command: str) -> dict:
         "confusion_csv": os.path.relpath(confusion_csv, output_dir), "seconds": round(result["seconds"], 2),
         "command": command, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     })
+    if result.get("groups"):  # only then: without --groups the file keeps the columns it always had
+        row.update({key: result[key] for key in ("exclusion", "groups", "groups_sha256", "num_groups")})
     files.add_row("results.csv", row)
     return row
 
@@ -290,9 +322,9 @@ def selected_table(rows: Sequence[dict]) -> str:
     """Markdown table of the validation-selected rows, one per run and protocol, by run name."""
     lines = ["| run | checkpoint | val_loss | protocol | eta_p | eta_W | eta_total | R@1 | mAP@R |",
              "|---|---|---|---|---|---|---|---|---|"]
-    chosen = sorted((r for r in rows if r["selected_by"] == VALIDATION), key=lambda r: (r["run"], r["protocol"]))
+    chosen = sorted((r for r in rows if r["selected_by"] == VALIDATION), key=lambda r: (r["run"], protocol_label(r)))
     for row in chosen:
-        lines.append(f"| {row['run']} | {row['checkpoint']} | {row['val_loss']:.4f} | {row['protocol']} | "
+        lines.append(f"| {row['run']} | {row['checkpoint']} | {row['val_loss']:.4f} | {protocol_label(row)} | "
                      f"{_scores(row)}")
     return "\n".join(lines)
 
@@ -304,7 +336,7 @@ def encoder_table(rows: Sequence[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in (r for r in rows if r["selected_by"] == ENCODER):
         lines.append(f"| {row['encoder']} | {row['checkpoint']} | {row['encoder_kind']} | {row['weights_sha256'][:12]} | "
-                     f"{row['protocol']} | {_scores(row)}")
+                     f"{protocol_label(row)} | {_scores(row)}")
     return "\n".join(lines)
 
 
@@ -313,7 +345,7 @@ def ranking_table(rows: Sequence[dict]) -> str:
     lines = ["| rank | checkpoint | selected_by | model | protocol | eta_p | eta_W | eta_total | R@1 | mAP@R |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for rank, row in enumerate(sorted(rows, key=lambda r: -r["eta_total"]), 1):
-        lines.append(f"| {rank} | {row['checkpoint']} | {row['selected_by']} | {row['model']} | {row['protocol']} | "
+        lines.append(f"| {rank} | {row['checkpoint']} | {row['selected_by']} | {row['model']} | {protocol_label(row)} | "
                      f"{_scores(row)}")
     return "\n".join(lines)
 
