@@ -167,3 +167,102 @@ def test_mosaic_grid_keeps_the_plan_and_thumbnail(grid):
 def test_bad_settings_are_refused(grid, settings, message):
     with pytest.raises(UserError, match=message):
         select_mosaic(grid, settings)
+
+
+# ----------------------------------------------------------------------------- retrieve.py --mosaic
+def run(*argv: str) -> int:
+    import retrieve
+
+    return retrieve.main(retrieve.get_args_parser().parse_args([*argv]))
+
+
+def cpu(*argv: str) -> list[str]:
+    """A run on the CPU; `index` with the colour histogram, at TILING's scale."""
+    tiling = ["--encoder", "histogram", "--mpp", "1.0", "--patch-size", "32"] if argv[0] == "index" else []
+    return [*argv, *tiling, "--device", "cpu", "--workers", "0", "--batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("mosaic_slides")
+    records = synthetic.write_slide_set(root, count=2, classes=3, size=(1536, 1024), seed=5)
+    return [str(root / r["file"]) for r in records]
+
+
+def indexed_boxes(index) -> dict[str, list[tuple[int, int, int, int]]]:
+    import sqlite3
+
+    with sqlite3.connect(index / "patches.sqlite") as db:
+        rows = db.execute("SELECT s.path, p.x, p.y, p.width, p.height FROM patches p JOIN sources s "
+                          "ON s.id = p.source_id ORDER BY p.id").fetchall()
+    out: dict[str, list] = {}
+    for path, *box in rows:
+        out.setdefault(path, []).append(tuple(box))
+    return out
+
+
+def expected_boxes(path: str, settings: MosaicSettings | None) -> list[tuple[int, int, int, int]]:
+    with open_slide(path) as slide:
+        grid = tissue_grid(slide, TILING) if settings is None else slide_mosaic(slide, TILING, settings)
+    return [(int(x), int(y), 64, 64) for x, y in grid.positions]
+
+
+def test_an_index_built_with_mosaic_holds_each_slides_mosaic_and_says_so(slides, tmp_path, capsys):
+    import json
+
+    index = tmp_path / "mosaic_index"
+    assert run(*cpu("index", *slides, "--index", str(index), "--mosaic", "--mosaic-percent", "10",
+                    "--mosaic-seed", "2")) == 0
+    held = indexed_boxes(index)
+    settings = MosaicSettings(9, 10.0, 2)
+    assert held == {path: expected_boxes(path, settings) for path in slides}
+    assert all(len(held[path]) < len(expected_boxes(path, None)) for path in slides)
+    manifest = json.loads((index / "manifest.json").read_text())
+    assert manifest["mosaic"] == {"clusters": 9, "percent": 10.0, "seed": 2}
+    run("list", "--index", str(index))
+    assert "each slide's mosaic only (9 colour clusters, 10% of each, seed 2)" in capsys.readouterr().out
+    # adding with other mosaic settings, or none, is refused like any other setting
+    with pytest.raises(UserError, match=r"refusing to mix: --mosaic off \(the index has on \(9 colour clusters, "
+                                        r"10% of each, seed 2\)\)"):
+        run(*cpu("index", slides[0], "--index", str(index), "--replace"))
+    with pytest.raises(UserError, match=r"refusing to mix: --mosaic on \(9 colour clusters, 10% of each, seed 3\) "):
+        run(*cpu("index", slides[0], "--index", str(index), "--mosaic", "--mosaic-percent", "10", "--mosaic-seed", "3"))
+    assert indexed_boxes(index) == held
+
+
+def test_an_index_without_mosaic_holds_every_tissue_patch_and_no_mosaic_key(slides, tmp_path):
+    import json
+
+    index = tmp_path / "full_index"
+    assert run(*cpu("index", *slides, "--index", str(index))) == 0
+    assert indexed_boxes(index) == {path: expected_boxes(path, None) for path in slides}
+    assert "mosaic" not in json.loads((index / "manifest.json").read_text())
+    with pytest.raises(UserError, match=r"refusing to mix: --mosaic on \(9 colour clusters, 5% of each, seed 0\) "
+                                        r"\(the index has off\)"):
+        run(*cpu("index", slides[0], "--index", str(index), "--mosaic"))
+
+
+def test_a_mosaic_query_searches_a_full_index_with_the_slides_mosaic(slides, tmp_path):
+    import csv
+
+    index, out = tmp_path / "full_index", tmp_path / "out"
+    assert run(*cpu("index", slides[1], "--index", str(index))) == 0
+    assert run(*cpu("query", slides[0], "--index", str(index), "--out-dir", str(out), "--top-k", "3",
+                    "--mosaic")) == 0
+    with open(out / "matches.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    queried = sorted({(int(r["query_x"]), int(r["query_y"])) for r in rows})
+    assert queried == sorted((x, y) for x, y, _, _ in expected_boxes(slides[0], MosaicSettings()))
+    assert len(rows) == 3 * len(queried) and {r["source"] for r in rows} == {slides[1]}
+    with open(out / "slides.csv", newline="") as f:
+        assert [r["source"] for r in csv.DictReader(f)] == [slides[1]]
+
+
+def test_mosaic_settings_without_mosaic_and_with_a_region_are_refused(slides, tmp_path):
+    with pytest.raises(UserError, match=r"--mosaic-clusters, --mosaic-seed given without --mosaic"):
+        run(*cpu("index", slides[0], "--index", str(tmp_path / "x"), "--mosaic-clusters", "4", "--mosaic-seed", "1"))
+    with pytest.raises(UserError, match=r"--mosaic-percent is a share of each cluster's patches, above 0 and at most 100, got 0.0"):
+        run(*cpu("index", slides[0], "--index", str(tmp_path / "x"), "--mosaic", "--mosaic-percent", "0"))
+    with pytest.raises(UserError, match="drop one of the two"):
+        run("query", slides[0], "--index", str(tmp_path / "x"), "--mosaic", "--region", "0,0,64,64")
+    assert not (tmp_path / "x").exists()

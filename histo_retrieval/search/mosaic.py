@@ -24,6 +24,7 @@ Only the thumbnail is read: choosing a mosaic reads no full-resolution pixels.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import warnings
 from dataclasses import dataclass, replace
@@ -62,6 +63,37 @@ class MosaicSettings:
 
     def describe(self) -> str:
         return f"{self.clusters} colour clusters, {self.percent:g}% of each, seed {self.seed}"
+
+
+def add_mosaic_args(parser: argparse.ArgumentParser) -> None:
+    """--mosaic and its settings (retrieve.py index and query)."""
+    default = MosaicSettings()
+    parser.add_argument("--mosaic", action="store_true",
+                        help="use each slide's Yottixel mosaic instead of all its tissue patches (default: off)")
+    parser.add_argument("--mosaic-clusters", type=int, default=default.clusters,
+                        help="colour clusters of the mosaic, fewer on a slide with fewer patches "
+                             "(default: %(default)s; with --mosaic)")
+    parser.add_argument("--mosaic-percent", type=float, default=default.percent,
+                        help="percent of each colour cluster's patches in the mosaic, at least one "
+                             "(default: %(default)s; with --mosaic)")
+    parser.add_argument("--mosaic-seed", type=int, default=default.seed,
+                        help="seed of the mosaic's k-means (default: %(default)s; with --mosaic)")
+
+
+def mosaic_from_args(args: argparse.Namespace) -> MosaicSettings | None:
+    """The mosaic the arguments ask for, None without --mosaic; its settings alone are refused
+    rather than silently ignored."""
+    settings = MosaicSettings(args.mosaic_clusters, args.mosaic_percent, args.mosaic_seed)
+    if not args.mosaic:
+        changed = [flag for flag, value, default in
+                   (("--mosaic-clusters", settings.clusters, MosaicSettings.clusters),
+                    ("--mosaic-percent", settings.percent, MosaicSettings.percent),
+                    ("--mosaic-seed", settings.seed, MosaicSettings.seed)) if value != default]
+        if changed:
+            raise UserError(f"{', '.join(changed)} given without --mosaic; add --mosaic to use a mosaic")
+        return None
+    settings.check()
+    return settings
 
 
 def cluster_share(size: int, percent: float) -> int:
