@@ -59,6 +59,7 @@ from histo_retrieval.runtime import add_runtime_args, check_runtime
 from histo_retrieval.search.index import IndexSettings, SlideIndex
 from histo_retrieval.search.labels import read_labels
 from histo_retrieval.search.slide_evaluation import EXCLUSIONS, SLIDE_SCORES, rank_labelled_slides, write_evaluation
+from histo_retrieval.search.mosaic import add_mosaic_args, mosaic_from_args
 from histo_retrieval.search.indexing import build_index, check_sources
 from histo_retrieval.search.queries import load_index_encoder, query_jobs, run_queries
 from histo_retrieval.search.slides import Tiling
@@ -110,8 +111,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="slide patch side in pixels at --mpp (default: the encoder's input size)")
     tiling.add_argument("--tissue-threshold", type=float, default=0.5,
                         help="tissue fraction a slide patch needs to be kept (default: %(default)s)")
+    mosaic = argparse.ArgumentParser(add_help=False)  # index and query: each slide's mosaic only
+    add_mosaic_args(mosaic)
 
-    index = commands.add_parser("index", parents=[model, where, tiling], help="create an index or add sources to it")
+    index = commands.add_parser("index", parents=[model, where, tiling, mosaic], help="create an index or add sources to it")
     index.add_argument("sources", nargs="+", metavar="SOURCE",
                        help="whole-slide files, plain images, or folders of patches; without --encoder, the first "
                             "is the checkpoint (written by train.py, or a bare reference state_dict)")
@@ -142,7 +145,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     searching.add_argument("--ef-search", type=int, default=None,
                            help=f"HNSW search breadth (default: {DEFAULT_EF_SEARCH})")
 
-    query = commands.add_parser("query", parents=[model, where, searching], help="search the index with patches, regions or slides")
+    query = commands.add_parser("query", parents=[model, where, searching, mosaic], help="search the index with patches, regions or slides")
     query.add_argument("queries", nargs="+", help="image files, folders of them, or slide files")
     query.add_argument("--region", type=parse_region, default=None,
                        help="X,Y,WIDTH,HEIGHT: search with this level-0 region of each slide given (default: "
@@ -233,11 +236,12 @@ def run_index(args: argparse.Namespace, device: torch.device) -> int:
                         "(python3 retrieve.py index CHECKPOINT SOURCE... --index DIR)")
     directory = Path(require_index(args))
     spec, sources = encoder_and_sources(args)
+    mosaic = mosaic_from_args(args)
     check_sources(sources)  # before the encoder is loaded: a typo is refused at once
     device, rank, world_size = distributed.setup_distributed(device)
     encoder = encoder_from_args(args, device, spec=spec)
     tiling = Tiling(args.mpp, args.patch_size or encoder.crop_size, args.tissue_threshold)
-    settings = IndexSettings.for_model(encoder, tiling, args.index_type, args.ivf_lists)
+    settings = IndexSettings.for_model(encoder, tiling, args.index_type, args.ivf_lists, mosaic)
     if rank == 0:
         print_scale_note(encoder, args.mpp)
     embedder = Embedder(encoder.model, device, args.batch_size, args.amp, args.channels_last, encoder.preprocessing)
@@ -279,11 +283,14 @@ def check_not_empty(index: SlideIndex) -> None:
 
 def run_query(args: argparse.Namespace, device: torch.device) -> int:
     check_settings(args.batch_size, args.amp)
+    mosaic = mosaic_from_args(args)
+    if mosaic is not None and args.region is not None:
+        raise UserError("--mosaic chooses patches of whole slides; a --region query is tiled whole, drop one of the two")
     with SlideIndex.open(require_index(args)) as index:
         check_not_empty(index)
         loaded = load_index_encoder(index, device, args.checkpoint, args.encoder_weights)
         embedder = Embedder(loaded.model, device, args.batch_size, args.amp, args.channels_last, loaded.preprocessing)
-        jobs = query_jobs(args.queries, args.region, args.slide_mpp)
+        jobs = query_jobs(args.queries, args.region, args.slide_mpp, mosaic)
         results, failed = run_queries(index, jobs, embedder, args.top_k, args.out_dir, args.heatmap, args.workers,
                                       args.slide_mpp, args.nprobe, args.ef_search)
     for result in results:
@@ -306,7 +313,8 @@ def run_list(args: argparse.Namespace) -> int:
     with SlideIndex.open(require_index(args)) as index:
         s = index.settings
         print(f"index {index.directory}: {s.describe_encoder()}, {s.index_type}")
-        print(f"patches of {s.patch_size} px at {s.mpp} um/px, tissue threshold {s.tissue_threshold}")
+        print(f"patches of {s.patch_size} px at {s.mpp} um/px, tissue threshold {s.tissue_threshold}"
+              + (f"; each slide's mosaic only ({s.mosaic.describe()})" if s.mosaic else ""))
         rows = index.sources(None if args.failed else "indexed")
         print(f"{sum(r.patch_count for r in rows)} patches in {sum(r.state == 'indexed' for r in rows)} source(s)")
         for row in rows:

@@ -34,6 +34,7 @@ from histo_retrieval.data.datasets import InputSteps
 from histo_retrieval.search import vector_index
 from histo_retrieval.errors import UserError
 from histo_retrieval.files import atomic_write_text, command_line
+from histo_retrieval.search.mosaic import MosaicSettings
 from histo_retrieval.search.slides import Slide, SlideError, Tiling, open_slide
 
 if TYPE_CHECKING:
@@ -402,6 +403,7 @@ class IndexSettings:
     preprocessing: dict | None = None  # Preprocessing.to_dict() (None: not recorded, as in older indexes)
     pooling: str = ""
     encoder_mpp: float | None = None  # the scale the encoder expects, when its source states one
+    mosaic: MosaicSettings | None = None  # each slide's mosaic only (None: all its tissue patches)
 
     def __post_init__(self) -> None:
         self.spec = self.spec or self.checkpoint
@@ -411,9 +413,12 @@ class IndexSettings:
 
     @classmethod
     def for_model(cls, encoder: Encoder, tiling: Tiling, index_type: str = "flat",
-                  ivf_lists: int | None = None) -> IndexSettings:
-        """The settings of an index of `encoder`'s vectors cut by `tiling`."""
+                  ivf_lists: int | None = None, mosaic: MosaicSettings | None = None) -> IndexSettings:
+        """The settings of an index of `encoder`'s vectors cut by `tiling`, holding each slide's
+        `mosaic` only when one is given."""
         tiling.check()
+        if mosaic is not None:
+            mosaic.check()
         weights = encoder.path
         if weights and weights != "random":
             weights = os.path.abspath(weights)
@@ -422,7 +427,8 @@ class IndexSettings:
         return cls(weights, encoder.weights_sha256(), encoder.model_name, dict(encoder.model_options),
                    encoder.crop_size, encoder.dim, tiling.mpp, tiling.patch_size, tiling.tissue_threshold, index_type,
                    ivf_lists, spec=spec, kind=encoder.kind, input_steps=encoder.input_steps,
-                   preprocessing=encoder.preprocessing.to_dict(), pooling=encoder.pooling, encoder_mpp=encoder.mpp)
+                   preprocessing=encoder.preprocessing.to_dict(), pooling=encoder.pooling, encoder_mpp=encoder.mpp,
+                   mosaic=mosaic)
 
     @property
     def encoder_identity(self) -> str:
@@ -449,6 +455,7 @@ class IndexSettings:
         return {"format": FORMAT, "model": model,
                 "tiling": {"mpp": self.mpp, "patch_size": self.patch_size, "tissue_threshold": self.tissue_threshold},
                 "vector_index": {"type": self.index_type, "ivf_lists": self.ivf_lists, "hnsw_m": self.hnsw_m},
+                **({} if self.mosaic is None else {"mosaic": self.mosaic.to_dict()}),  # absent: all tissue patches
                 "created": _now(), "command": command_line()}
 
     @classmethod
@@ -463,7 +470,8 @@ class IndexSettings:
                    extra, spec=model.get("spec") or weights, kind=model.get("kind", "checkpoint"),
                    input_steps=InputSteps.from_dict(steps) if steps else InputSteps(int(model["crop_size"])),
                    preprocessing=model.get("preprocessing"), pooling=model.get("pooling", ""),
-                   encoder_mpp=model.get("mpp"))
+                   encoder_mpp=model.get("mpp"),
+                   mosaic=MosaicSettings.from_dict(manifest["mosaic"]) if manifest.get("mosaic") else None)
 
     def differences(self, other: IndexSettings) -> list[str]:
         """What `other` (a new run's settings) changes of what the index's vectors share."""
@@ -472,10 +480,15 @@ class IndexSettings:
                  "model": (self.model_name, other.model_name), "model options": (self.model_options, other.model_options),
                  "input steps": (self.input_steps.describe(), other.input_steps.describe()),
                  "--mpp": (self.mpp, other.mpp), "--patch-size": (self.patch_size, other.patch_size),
-                 "--tissue-threshold": (self.tissue_threshold, other.tissue_threshold)}
+                 "--tissue-threshold": (self.tissue_threshold, other.tissue_threshold),
+                 "--mosaic": (_mosaic(self.mosaic), _mosaic(other.mosaic))}
         if self.preprocessing is not None:  # an index from before it was recorded: its checkpoint's hash stands
             named["normalisation"] = (self.preprocessing, other.preprocessing)
         return [f"{name} {theirs} (the index has {ours})" for name, (ours, theirs) in named.items() if ours != theirs]
+
+
+def _mosaic(settings: MosaicSettings | None) -> str:
+    return "off" if settings is None else f"on ({settings.describe()})"
 
 
 class SlideIndex:

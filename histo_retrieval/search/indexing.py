@@ -31,6 +31,7 @@ from histo_retrieval.images import UNREADABLE, load_rgb
 from histo_retrieval.errors import UserError
 from histo_retrieval.search.index import (MANIFEST, SHARDS, IndexSettings, PatchDatabase, SlideIndex, SourceKind,
                                           SourceRecord, file_stat)
+from histo_retrieval.search.mosaic import MosaicSettings, mosaic_grid
 from histo_retrieval.search.slides import (SlideError, SlideOpener, Tiling, display_thumbnail, open_slide, read_plan,
                                            read_scaled, tissue_grid)
 
@@ -53,7 +54,8 @@ class Job:
     """One unit of work: a slide (tiled where there is tissue), a region of a slide (tiled whole,
     level-0 x, y, width, height), a list of patch image files (a folder source, or queries), or an
     image in memory ("pixels": an H x W x 3 uint8 array, such as an upload; `path` is its label,
-    never read; `cropped` when the array is already what the encoder's input steps made of it)."""
+    never read; `cropped` when the array is already what the encoder's input steps made of it).
+    A slide job with `mosaic` reads its mosaic's patches only (histo_retrieval.search.mosaic)."""
     path: str
     kind: JobKind
     region: tuple[int, int, int, int] | None = None
@@ -61,6 +63,7 @@ class Job:
     classes: tuple[str | None, ...] = ()
     pixels: np.ndarray | None = field(default=None, compare=False, repr=False)
     cropped: bool = False
+    mosaic: MosaicSettings | None = None
 
     def __post_init__(self) -> None:
         if (self.kind == "pixels") != (self.pixels is not None):
@@ -211,6 +214,8 @@ def plan_job(job: Job, tiling: Tiling, fallback_mpp: float | None,
                 "slide_mpp": slide.mpp, "backend": slide.backend}
         if job.kind == "slide":
             grid = tissue_grid(slide, tiling)
+            if job.mosaic is not None:  # chosen on the thumbnail: the other patches are never read
+                grid = mosaic_grid(grid, job.mosaic)
             thumbnail, downsample = display_thumbnail(grid.thumbnail, grid.thumbnail_downsample)
             info.update(thumbnail=thumbnail, thumbnail_downsample=downsample)
             plan = grid.read
@@ -385,9 +390,11 @@ def check_sources(sources: Sequence[str]) -> None:
     raise UserError(f"{names}: {what}; nothing to index, so no index folder was created or changed")
 
 
-def source_jobs(sources: Sequence[str]) -> tuple[list[Job], list[tuple[str, str]]]:
+def source_jobs(sources: Sequence[str], mosaic: MosaicSettings | None = None,
+                ) -> tuple[list[Job], list[tuple[str, str]]]:
     """A job for each source on the command line: a folder is a list of patch files (class from the
-    first-level subfolder), a file is a slide; and (path, reason) for each source not there."""
+    first-level subfolder), a file is a slide (its `mosaic` only, when given); and (path, reason)
+    for each source not there."""
     jobs, missing, seen = [], [], set()
     for source in sources:
         path = os.path.abspath(source)
@@ -400,7 +407,7 @@ def source_jobs(sources: Sequence[str]) -> tuple[list[Job], list[tuple[str, str]
             jobs.append(Job(path, "files", files=tuple(os.path.abspath(p) for p, _ in found),
                             classes=tuple(c for _, c in found)))
         elif kind == "slide":
-            jobs.append(Job(path, "slide"))
+            jobs.append(Job(path, "slide", mosaic=mosaic))
         else:
             missing.append((path, MISSING))
     return jobs, missing
@@ -423,7 +430,7 @@ def index_sources(index: SlideIndex, sources: Sequence[str], embedder: Embedder,
     takes every world_size-th source and writes it into `shard` (merged by SlideIndex.merge_shards)."""
     report = IndexReport()
     todo = []
-    jobs, missing = source_jobs(sources)
+    jobs, missing = source_jobs(sources, index.settings.mosaic)
     if rank == 0:  # reported once, not by every process
         report.failed += missing
     for job in jobs:

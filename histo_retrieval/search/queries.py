@@ -31,6 +31,7 @@ from histo_retrieval.evaluation.embedder import Embedder
 from histo_retrieval.errors import UserError
 from histo_retrieval.files import atomic_write_text, command_line, list_images, write_csv
 from histo_retrieval.images import UNREADABLE, load_rgb
+from histo_retrieval.search.mosaic import MosaicSettings
 from histo_retrieval.search.indexing import Job, SourceResult, slide_errors, embed_sources
 from histo_retrieval.search.index import MANIFEST, Patch, SlideChanged, SlideIndex, check_unchanged, open_indexed_slide
 from histo_retrieval.search.slides import Slide, SlideOpener, Tiling, best_level, decode_jpeg, open_slide, read_scaled
@@ -129,9 +130,10 @@ def load_index_encoder(index: SlideIndex, device: torch.device | str, checkpoint
 
 
 def query_jobs(items: Sequence[str], region: tuple[int, int, int, int] | None = None,
-               fallback_mpp: float | None = None) -> list[Job]:
+               fallback_mpp: float | None = None, mosaic: MosaicSettings | None = None) -> list[Job]:
     """Jobs for the query arguments: a folder's images and a plain image are patch queries, a
-    whole-slide file is a slide query, and with `region` each file is a region query."""
+    whole-slide file is a slide query (its `mosaic` only, when given), and with `region` each file
+    is a region query."""
     jobs = []
     for item in items:
         path = os.path.abspath(item)
@@ -150,7 +152,7 @@ def query_jobs(items: Sequence[str], region: tuple[int, int, int, int] | None = 
                     is_slide = slide.is_pyramid
             except slide_errors():
                 is_slide = False  # an unreadable file: reported as an unreadable patch
-            jobs.append(Job(path, "slide") if is_slide else Job(path, "files", files=(path,)))
+            jobs.append(Job(path, "slide", mosaic=mosaic) if is_slide else Job(path, "files", files=(path,)))
     return jobs
 
 
