@@ -189,6 +189,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                "similarity to the slide (default: %(default)s)")
     evaluate.add_argument("--neighbours", type=int, default=10,
                           help="matches per query patch for the votes (default: %(default)s)")
+    add_mosaic_args(evaluate)
     remove = commands.add_parser("remove", parents=[where], help="delete sources and their patches from an index")
     remove.add_argument("sources", nargs="+", help="sources as given to `index` (paths)")
 
@@ -358,12 +359,14 @@ def run_label(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     if args.top_k < 1 or args.neighbours < 1:
         raise UserError(f"--top-k and --neighbours must be at least 1, got {args.top_k} and {args.neighbours}")
+    mosaic = mosaic_from_args(args)
     settings = {"exclude": args.exclude, "top_k": args.top_k, "slide_score": args.slide_score,
-                "neighbours": args.neighbours, "seed": None}
+                "neighbours": args.neighbours, "mosaic": mosaic.to_dict() if mosaic else None,
+                "seed": mosaic.seed if mosaic else None}
     with SlideIndex.open(require_index(args)) as index:
         check_not_empty(index)
-        evaluations = {exclude: rank_labelled_slides(index, exclude, args.slide_score, args.neighbours, args.top_k)
-                       for exclude in dict.fromkeys(args.exclude)}
+        evaluations = {exclude: rank_labelled_slides(index, exclude, args.slide_score, args.neighbours, args.top_k,
+                                                     mosaic=mosaic) for exclude in dict.fromkeys(args.exclude)}
         rows = write_evaluation(args.out_dir, index, evaluations, settings)
     for row in rows:
         print(f"leave-one-{row['exclude']}-out, {row['queries']} queries: top-1 {row['top1_acc']:.3f}  MV@3 "

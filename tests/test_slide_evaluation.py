@@ -110,3 +110,13 @@ def test_an_index_without_two_labelled_slides_is_refused(served_index, tmp_path)
     with pytest.raises(UserError, match="0 labelled slide"):
         run("evaluate", "--index", str(served_index["index"]), "--out-dir", str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
+
+
+def test_a_mosaic_query_uses_the_stored_mosaic_and_records_it(archive, tmp_path) -> None:
+    out = evaluate(archive, tmp_path / "eval", "--mosaic", "--mosaic-clusters", "2", "--exclude", "slide")
+    row = next(csv.DictReader(open(out / "slide_retrieval.csv")))
+    # 2 colour clusters, 5% of each, at least one: 1 or 2 patches a query, against every tissue patch indexed.
+    assert 1 <= float(row["query_patches_per_slide"]) <= 2 < float(row["index_patches_per_slide"])
+    record = json.loads((out / "evaluation.json").read_text())
+    assert record["settings"]["mosaic"] == {"clusters": 2, "percent": 5.0, "seed": 0}
+    assert all(query.ranking for query in read_rankings(out / "slide_rankings.csv"))

@@ -5,7 +5,10 @@ other labelled slides are ranked, and the rankings are scored (histo_retrieval.s
     write_evaluation(out_dir, index, {"patient": (queries, costs)}, settings)      # retrieve.py evaluate
 
 A query is the slide's own indexed patches: their vectors are read from the index, which holds
-exactly what embedding the slide again would give, so nothing is embedded. Its own slide, and with
+exactly what embedding the slide again would give, so nothing is embedded. With a mosaic, the query
+is the slide's Yottixel mosaic (histo_retrieval.search.mosaic), chosen among its stored patches from
+its stored thumbnail, so no pixel is read either (an index built with --mosaic holds only mosaics
+already). Its own slide, and with
 `exclude="patient"` every slide of its patient, never appear in its ranking; nor do unlabelled
 sources, which have nothing to score.
 
@@ -18,6 +21,7 @@ Slide scores (docs/slide_search.md, "Evaluating slide search"):
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import statistics
@@ -27,11 +31,14 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
+from PIL import Image
 
 from histo_retrieval.errors import UserError
 from histo_retrieval.evaluation.protocols import plot_confusion, write_confusion_csv
 from histo_retrieval.files import atomic_write_text, command_line, write_csv
 from histo_retrieval.search.index import DATABASE, VECTORS, SlideIndex, SourceRow
+from histo_retrieval.search.mosaic import MosaicSettings, select_mosaic
+from histo_retrieval.search.slides import ReadPlan, TissueGrid
 from histo_retrieval.search.queries import Match, rank_slides
 from histo_retrieval.search.slide_metrics import (METRIC_COLUMNS, RankedSlide, SlideQuery, confusion,
                                                   per_class_rows, slide_retrieval_metrics, write_rankings)
@@ -65,9 +72,26 @@ def labelled_slides(index: SlideIndex) -> list[SourceRow]:
     return rows
 
 
+def stored_mosaic(index: SlideIndex, source_id: int, settings: MosaicSettings) -> np.ndarray:
+    """Positions, among the slide's stored patches (in patch order), of its mosaic: the mosaic's rule
+    applied to the stored boxes and the stored thumbnail."""
+    ids = index.patch_ids(source_id)
+    thumbnail = index.thumbnail(source_id)
+    if not len(ids) or thumbnail is None:
+        return np.arange(len(ids))
+    patches = index.patches(ids)
+    boxes = np.array([(patches[int(i)].x, patches[int(i)].y) for i in ids], np.int64)
+    size0 = patches[int(ids[0])].width
+    grid = TissueGrid(boxes, np.array([patches[int(i)].tissue or 1.0 for i in ids]),
+                      ReadPlan(0, size0, size0, index.settings.patch_size), np.asarray(Image.open(io.BytesIO(thumbnail.jpeg)).convert("RGB")),
+                      thumbnail.downsample)
+    return select_mosaic(grid, settings)
+
+
 def rank_labelled_slides(index: SlideIndex, exclude: Exclusion = "patient", slide_score: str = "votes",
                          neighbours: int = 10, depth: int = RANKING_DEPTH, nprobe: int | None = None,
-                         ef_search: int | None = None) -> tuple[list[SlideQuery], QueryCosts]:
+                         ef_search: int | None = None, mosaic: MosaicSettings | None = None,
+                         ) -> tuple[list[SlideQuery], QueryCosts]:
     """Every labelled slide as a query, in id order, with its ranking of the other labelled slides."""
     if exclude not in EXCLUSIONS:
         raise UserError(f"--exclude {exclude}: choose one of {', '.join(EXCLUSIONS)}")
@@ -81,6 +105,9 @@ def rank_labelled_slides(index: SlideIndex, exclude: Exclusion = "patient", slid
     queries, costs = [], QueryCosts([], [])
     for query in slides:
         ids, vectors = stored.get(query.id) or index.source_vectors(query.id)
+        if mosaic is not None:  # chosen before the clock starts: an index built with --mosaic stores it
+            keep = stored_mosaic(index, query.id, mosaic)
+            ids, vectors = ids[keep], vectors[keep]
         left_out = [row for row in slides if row.id == query.id or
                     (exclude == "patient" and patient_of(row) == patient_of(query))]
         started = time.perf_counter()
