@@ -160,6 +160,28 @@ def test_a_region_drawn_in_the_viewer_is_searched(page):
     page.screenshot(path=page.shots / "4_region_results.png", full_page=True)
 
 
+def test_find_similar_slides_lists_the_others_ranked_and_opens_them(page, base_url):
+    import json
+    page.goto("/#/slide/1")
+    viewer_loaded(page)
+    page.click("#similar")
+    items = page.locator("#similar-list li")
+    expect(items).to_have_count(2, timeout=30_000)  # the two other slides, never the open one
+    expected = json.loads(urllib.request.urlopen(base_url + "/api/slides/1/similar").read())["slides"]
+    for item, slide in zip(items.all(), expected):
+        assert item.get_attribute("data-slide") == str(slide["id"])
+        expect(item).to_contain_text(f"#{slide['rank']} · {slide['score']:.3f}")
+        expect(item).to_contain_text(slide["name"])
+    assert "slide_000.tif" not in " ".join(items.all_inner_texts())
+    expect(page.locator("#similar-title")).to_have_text("Slides like slide_000.tif")
+    page.wait_for_function("() => [...document.querySelectorAll('#similar-list img')].every(i => i.naturalWidth > 0)")
+    page.screenshot(path=page.shots / "5_similar_slides.png", full_page=True)
+    items.first.locator("a").click()
+    expect(page.locator("#slide-name")).to_have_text(expected[0]["name"])
+    assert page.evaluate("location.hash") == f"#/slide/{expected[0]['id']}"
+    expect(page.locator("#similar-section")).to_be_hidden()
+
+
 def test_a_bad_upload_says_why_on_the_page(page, tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not pixels")

@@ -30,7 +30,8 @@ from histo_retrieval.errors import UserError
 from histo_retrieval.search.index import SlideChanged, SourceKind, SourceRow
 from histo_retrieval.search.queries import Match, SlideRank
 from histo_retrieval.search.service import (MAX_BODY_BYTES, MAX_ID, MAX_UPLOAD_BYTES, MAX_UPLOAD_SIDE,
-                                            UPLOAD_FORM_OVERHEAD, NotFound, Search, SearchKind, SearchService)
+                                            SIMILAR_SLIDES, UPLOAD_FORM_OVERHEAD, NotFound, Search, SearchKind,
+                                            SearchService)
 
 WEB = Path(__file__).resolve().parents[2] / "web"  # the checkout's web/: the page and its viewer from npm
 STATIC = WEB / "static"
@@ -135,6 +136,30 @@ class SlideRankOut(BaseModel):
                    score=slide.score)
 
 
+class SimilarSlideOut(BaseModel):
+    rank: int
+    id: int = Field(description="the slide's id in the index")
+    name: str
+    votes: int = Field(description="query patches whose first match lies on this slide")
+    score: float = Field(description="mean similarity of this slide's patches among the matches")
+    label: str | None = Field(description="its diagnosis, when the index has labels (`retrieve.py label`)")
+    patient: str | None
+    thumbnail_url: str
+
+    @classmethod
+    def of(cls, slide: SlideRank, row: SourceRow) -> SimilarSlideOut:
+        return cls(rank=slide.rank, id=slide.source_id, name=row.name, votes=slide.votes, score=slide.score,
+                   label=row.label, patient=row.patient, thumbnail_url=f"/api/slides/{row.id}/thumbnail.jpeg")
+
+
+class SimilarSlidesOut(BaseModel):
+    id: int = Field(description="the query slide's id")
+    name: str
+    label: str | None
+    query_patches: int = Field(description="its stored patches searched with (its mosaic with --mosaic)")
+    slides: list[SimilarSlideOut] = Field(description="the other slides, best first, the query slide never among them")
+
+
 class SearchOut(BaseModel):
     id: str
     kind: SearchKind = Field(description='"upload" or "region"')
@@ -221,6 +246,21 @@ def dzi(service: Service, slide_id: SlideId) -> Response:
                   summary="One Deep Zoom tile")
 def tile(service: Service, level: int, col: int, row: int, slide_id: SlideId) -> Response:
     return _image(service.tile(slide_id, level, col, row))
+
+
+@slide_routes.get("/{slide_id}/similar", response_model=SimilarSlidesOut, summary="The slides most like it",
+                  description="The slide's own stored patch vectors (its mosaic when the index was built with "
+                              "--mosaic) search the index; the other slides are ranked as `retrieve.py query` of "
+                              "the slide ranks them: by the votes of its patches' first matches, then by mean "
+                              "similarity. Reads only what the index holds. 400 for a folder of patch images.")
+def similar(service: Service, slide_id: SlideId,
+            top: int = Query(SIMILAR_SLIDES, ge=1, le=100, description="how many slides to list, at most")
+            ) -> SimilarSlidesOut:
+    query_patches, ranked = service.similar_slides(slide_id, top)
+    row, sources = service.source(slide_id), service.sources()
+    return SimilarSlidesOut(id=row.id, name=row.name, label=row.label, query_patches=query_patches,
+                            slides=[SimilarSlideOut.of(slide, sources[slide.source_id]) for slide in ranked
+                                    if slide.source_id in sources])
 
 
 @patch_routes.get("/{patch_id}/image.jpeg", response_class=Response, summary="An indexed patch's pixels")

@@ -38,6 +38,7 @@ from histo_retrieval.search.index import (Patch, SlideChanged, SlideIndex, Sourc
                                           open_indexed_slide)
 from histo_retrieval.search.queries import (Match, QueryResult, SlideRank, best_matches, cut_patch, heat_colours,
                                             load_index_encoder, patch_pixels, query_pixels, run_queries, slide_heat)
+from histo_retrieval.search.slide_evaluation import similar_slides
 from histo_retrieval.search.slides import Slide, SlideOpener, best_level, open_slide
 
 # The search page's limits, in one place (docs/search_page.md, "Security"); histo_retrieval/search/app.py enforces
@@ -53,6 +54,7 @@ MAX_ID = 2**63 - 1  # SQLite's largest integer: no id above it can be in an inde
 PREVIEW_SIDE = 512  # the query image shown with a search's results
 MAX_REGION_PATCHES = 64  # a drawn region is tiled into at most this many query patches
 TILE_SIZE, TILE_OVERLAP, TILE_FORMAT, TILE_QUALITY = 254, 1, "jpeg", 80
+SIMILAR_SLIDES = 10  # slides a "find similar slides" answer lists unless it asks for another number
 KEPT_SEARCHES = 32  # recent searches kept for their heat maps and query images
 OPEN_SLIDE_BYTES = 512 * 2**20  # what the slides kept open may hold: a plain image's decoded pixels count whole
 HANDLE_BYTES = 64 * 2**20  # a pyramid file's handle counts this much (nominal: its reader's own tile cache)
@@ -434,6 +436,21 @@ class SearchService:
         """The search's ranking of the slides the index still holds."""
         sources = self.sources()
         return [slide for slide in search.result.slides if slide.source_id in sources]
+
+    def similar_slides(self, source_id: int, top: int = SIMILAR_SLIDES) -> tuple[int, list[SlideRank]]:
+        """(the slide's query patches, the `top` other slides ranked for it) as `retrieve.py query` of the
+        slide ranks them, from the vectors the index holds (slide_evaluation.similar_slides): no pixel is
+        read, so a slide whose file changed is still answered for what was indexed."""
+        row = self.source(source_id)
+        if row.kind != "slide":
+            raise BadInput(f"source {source_id} ({row.name}): a folder of patch images, not a slide; only an "
+                           "indexed slide can be searched for similar slides")
+        if not 1 <= top <= 100:
+            raise BadInput(f"top {top}: choose from 1 to 100")
+        with self.lock:
+            ranked = similar_slides(self.index, source_id, self.top_k, self.nprobe, self.ef_search)
+        sources = self.sources()
+        return row.patch_count, [slide for slide in ranked if slide.source_id in sources][:top]
 
     def heatmap(self, search_id: str, source_id: int) -> tuple[bytes, float, float]:
         """A PNG the size of the slide's thumbnail, each indexed patch coloured by its similarity to

@@ -38,12 +38,12 @@ from histo_retrieval.evaluation.protocols import plot_confusion, write_confusion
 from histo_retrieval.files import atomic_write_text, command_line, write_csv
 from histo_retrieval.search.index import DATABASE, VECTORS, SlideIndex, SourceRow
 from histo_retrieval.search.mosaic import MosaicSettings, select_mosaic
+from histo_retrieval.search.queries import Match, SlideRank, rank_slides
 from histo_retrieval.search.slides import ReadPlan, TissueGrid
-from histo_retrieval.search.queries import Match, rank_slides
 from histo_retrieval.search.slide_metrics import (METRIC_COLUMNS, RankedSlide, SlideQuery, confusion,
                                                   per_class_rows, slide_retrieval_metrics, write_rankings)
 
-__all__ = ["EXCLUSIONS", "SLIDE_SCORES", "QueryCosts", "rank_labelled_slides", "write_evaluation"]
+__all__ = ["EXCLUSIONS", "SLIDE_SCORES", "QueryCosts", "rank_labelled_slides", "similar_slides", "write_evaluation"]
 
 Exclusion = Literal["patient", "slide"]
 EXCLUSIONS: tuple[str, ...] = ("patient", "slide")
@@ -125,16 +125,33 @@ def rank_labelled_slides(index: SlideIndex, exclude: Exclusion = "patient", slid
     return queries, costs
 
 
-def _votes(index: SlideIndex, vectors: np.ndarray, excluded: np.ndarray, neighbours: int, nprobe: int | None,
-           ef_search: int | None) -> list[tuple[int, float]]:
-    """(source id, score) best first, as `retrieve.py query` ranks slides (queries.rank_slides)."""
+def similar_slides(index: SlideIndex, source_id: int, neighbours: int = 10, nprobe: int | None = None,
+                   ef_search: int | None = None) -> list[SlideRank]:
+    """The other indexed slides ranked for the slide `source_id`, best first, as `retrieve.py query` of
+    the slide ranks them (votes): its stored patch vectors are the query (with an index built with
+    --mosaic, its mosaic), its own patches are never matched, and nothing is embedded or read from
+    the slide's file. Folders of patch images may be matched but are never ranked (rank_slides)."""
+    own, vectors = index.source_vectors(source_id)
+    return _ranked(index, vectors, own, neighbours, nprobe, ef_search)
+
+
+def _ranked(index: SlideIndex, vectors: np.ndarray, excluded: np.ndarray, neighbours: int, nprobe: int | None,
+            ef_search: int | None) -> list[SlideRank]:
+    """The slides ranked for the query `vectors` by queries.rank_slides, the patches `excluded` never matched."""
     if not len(vectors):
         return []
     scores, ids = index.search(vectors, neighbours, [excluded] * len(vectors), nprobe, ef_search)
     patches = index.patches(np.unique(ids[ids >= 0]))
     matches = [[Match(rank + 1, float(s), patches[int(i)]) for rank, (s, i) in enumerate(zip(row_s, row_i))
                 if i >= 0 and int(i) in patches] for row_s, row_i in zip(scores, ids)]
-    return [(slide.source_id, slide.score) for slide in rank_slides(matches)]
+    return rank_slides(matches)
+
+
+def _votes(index: SlideIndex, vectors: np.ndarray, excluded: np.ndarray, neighbours: int, nprobe: int | None,
+           ef_search: int | None) -> list[tuple[int, float]]:
+    """(source id, score) best first, as `retrieve.py query` ranks slides (queries.rank_slides)."""
+    return [(slide.source_id, slide.score) for slide in _ranked(index, vectors, excluded, neighbours, nprobe,
+                                                                ef_search)]
 
 
 def _median_of_best(vectors: np.ndarray, candidates: dict[int, np.ndarray]) -> list[tuple[int, float]]:

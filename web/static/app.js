@@ -155,6 +155,7 @@ function openSlide(id, box) {
     $("#search-region").disabled = true;
     $("#region-text").textContent = "";
     $("#heat-legend").textContent = "";
+    hideSimilar();
     state.viewer.open(slide.dzi_url);
   }
   renderSlideList();
@@ -283,6 +284,49 @@ function renderResults(search) {
   }
 }
 
+// ------------------------------------------------------------------ similar slides
+// The open slide's own stored patches (its mosaic when the index was built with --mosaic) search the
+// index; the other slides come back ranked as `retrieve.py query` of the slide ranks them.
+async function findSimilar() {
+  const slideId = state.slideId;
+  if (slideId === null) return;
+  setStatus(`Finding slides like ${currentSlide().name}…`);
+  try {
+    const found = await (await api(`/api/slides/${slideId}/similar`)).json();
+    if (state.slideId !== slideId) return;  // another slide was opened meanwhile
+    renderSimilar(found);
+    setStatus(`${found.slides.length} slide(s) like ${found.name}.`);
+  } catch (error) {
+    setStatus(`Finding similar slides failed: ${error.message}`, true);
+  }
+}
+
+function renderSimilar(found) {
+  $("#similar-section").hidden = false;
+  $("#similar-title").textContent = `Slides like ${found.name}` + (found.label ? ` (${found.label})` : "");
+  $("#similar-hint").textContent = `Its ${found.query_patches} stored patch(es) searched the index; slides ranked `
+    + "by the votes of their first matches, then by mean similarity.";
+  const list = $("#similar-list");
+  list.replaceChildren();
+  for (const slide of found.slides) {
+    const same = found.label && slide.label ? (slide.label === found.label ? " same" : "") : "";
+    list.append(element("li", { "data-slide": slide.id },
+      element("a", { href: `#/slide/${slide.id}`, title: "Open this slide" },
+        element("img", { src: slide.thumbnail_url, alt: "", loading: "lazy" }),
+        element("strong", {}, `#${slide.rank} · ${similarity(slide.score)}`),
+        element("div", {}, slide.name),
+        element("span", {}, `${slide.votes} vote(s)`),
+        element("span", { class: "label" + same },
+                slide.label ? slide.label + (slide.patient ? ` · patient ${slide.patient}` : "") : ""))));
+  }
+  if (!found.slides.length) list.append(element("li", { class: "hint" }, "No other slide matched."));
+}
+
+function hideSimilar() {
+  $("#similar-section").hidden = true;
+  $("#similar-list").replaceChildren();
+}
+
 // ------------------------------------------------------------------ wiring
 function route() {
   const found = location.hash.match(/^#\/slide\/(\d+)(?:\/(\d+),(\d+),(\d+),(\d+))?$/);
@@ -305,6 +349,7 @@ function wire() {
   });
   $("#draw").addEventListener("click", () => setDrawing(!state.drawing));
   $("#search-region").addEventListener("click", searchRegion);
+  $("#similar").addEventListener("click", findSimilar);
   $("#heat").addEventListener("change", (event) => (event.target.checked ? showHeat() : hideHeat()));
   window.addEventListener("hashchange", route);
 }
