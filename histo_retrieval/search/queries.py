@@ -177,6 +177,15 @@ def _exclusions(index: SlideIndex, result: SourceResult) -> list[np.ndarray]:
     return [none] * len(result.boxes)
 
 
+def search_matches(index: SlideIndex, vectors: np.ndarray, top_k: int, exclude: Sequence[np.ndarray] | None = None,
+                   nprobe: int | None = None, ef_search: int | None = None) -> list[list[Match]]:
+    """Each query vector's top-k matches in the index, best first, never one of its `exclude` ids."""
+    scores, ids = index.search(vectors, top_k, exclude, nprobe, ef_search)
+    patches = index.patches(np.unique(ids[ids >= 0]))
+    return [[Match(rank + 1, float(s), patches[int(i)]) for rank, (s, i) in enumerate(zip(row_s, row_i))
+             if i >= 0 and int(i) in patches] for row_s, row_i in zip(scores, ids)]
+
+
 def rank_slides(matches: Sequence[Sequence[Match]]) -> list[SlideRank]:
     """The indexed slides ranked by the votes of the query patches' first matches, then by the
     mean similarity of their patches among all the top-k matches."""
@@ -219,10 +228,7 @@ def run_queries(index: SlideIndex, jobs: Sequence[Job], embedder: Embedder, top_
             if result.job.kind == "slide":
                 failed.append((result.job.path, "no tissue found at the index's --tissue-threshold"))
             continue
-        scores, ids = index.search(result.vectors, top_k, _exclusions(index, result), nprobe, ef_search)
-        patches = index.patches(np.unique(ids[ids >= 0]))
-        matches = [[Match(rank + 1, float(s), patches[int(i)]) for rank, (s, i) in enumerate(zip(row_s, row_i))
-                    if i >= 0 and int(i) in patches] for row_s, row_i in zip(scores, ids)]
+        matches = search_matches(index, result.vectors, top_k, _exclusions(index, result), nprobe, ef_search)
         results += _query_results(result, matches, known)
     if not results and not failed:
         raise UserError("no queries to answer")

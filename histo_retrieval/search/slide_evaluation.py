@@ -38,7 +38,7 @@ from histo_retrieval.evaluation.protocols import plot_confusion, write_confusion
 from histo_retrieval.files import atomic_write_text, command_line, write_csv
 from histo_retrieval.search.index import DATABASE, VECTORS, SlideIndex, SourceRow
 from histo_retrieval.search.mosaic import MosaicSettings, select_mosaic
-from histo_retrieval.search.queries import Match, SlideRank, rank_slides
+from histo_retrieval.search.queries import SlideRank, rank_slides, search_matches
 from histo_retrieval.search.slides import ReadPlan, TissueGrid
 from histo_retrieval.search.slide_metrics import (METRIC_COLUMNS, RankedSlide, SlideQuery, confusion,
                                                   per_class_rows, slide_retrieval_metrics, write_rankings)
@@ -140,11 +140,7 @@ def _ranked(index: SlideIndex, vectors: np.ndarray, excluded: np.ndarray, neighb
     """The slides ranked for the query `vectors` by queries.rank_slides, the patches `excluded` never matched."""
     if not len(vectors):
         return []
-    scores, ids = index.search(vectors, neighbours, [excluded] * len(vectors), nprobe, ef_search)
-    patches = index.patches(np.unique(ids[ids >= 0]))
-    matches = [[Match(rank + 1, float(s), patches[int(i)]) for rank, (s, i) in enumerate(zip(row_s, row_i))
-                if i >= 0 and int(i) in patches] for row_s, row_i in zip(scores, ids)]
-    return rank_slides(matches)
+    return rank_slides(search_matches(index, vectors, neighbours, [excluded] * len(vectors), nprobe, ef_search))
 
 
 def _votes(index: SlideIndex, vectors: np.ndarray, excluded: np.ndarray, neighbours: int, nprobe: int | None,
