@@ -109,3 +109,15 @@ def test_an_index_from_before_labels_opens_read_only_with_none(index_copy) -> No
     with SlideIndex.open(index_copy) as opened:  # read-only: the table is not created
         rows = opened.sources()
     assert rows and all(row.label is None and row.patient is None for row in rows)
+
+
+def test_a_slide_indexed_again_with_replace_keeps_its_label(index_copy, served_index, tmp_path) -> None:
+    name = Path(served_index["slides"][0]).name
+    run("label", "--index", str(index_copy), str(write_csv(tmp_path / "a.csv", f"slide,label,patient\n{name},d4,p7\n")))
+    with SlideIndex.open(index_copy) as opened:
+        old_id = opened.source_by_path(served_index["slides"][0]).id
+    assert run("index", str(served_index["checkpoint"]), served_index["slides"][0], "--index", str(index_copy),
+               "--mpp", "1.0", "--replace", "--device", "cpu", "--workers", "0", "--batch-size", "16") == 0
+    with SlideIndex.open(index_copy) as opened:
+        row = opened.source_by_path(served_index["slides"][0])
+    assert row.id != old_id and (row.label, row.patient) == ("d4", "p7")

@@ -466,7 +466,9 @@ def index_sources(index: SlideIndex, sources: Sequence[str], embedder: Embedder,
             known = index.source_by_path(path)
             if replace and known is not None and known.state == "indexed":  # the old one goes now
                 index.remove(known.id)
-            index.add(result.record())
+            source_id = index.add(result.record())
+            if known is not None and known.label:  # the same slide indexed again keeps its diagnosis
+                index.set_labels({source_id: (known.label, known.patient)})
         report.indexed.append((path, len(result.boxes)))
     return report
 
