@@ -160,17 +160,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def checkpoint_crop(request: EncoderRequest, crop_size: int | None) -> int | None:
+    """--crop-size for this --encoder: it applies to a checkpoint only; the others keep their own input steps."""
+    return None if is_named_encoder(request.spec) else crop_size
+
+
 def check_requests(requests: Sequence[EncoderRequest], crop_size: int | None) -> None:
     """Refuse a bad --encoder before any work (one line, exit status 2)."""
     for request in requests:
-        check_encoder_spec(request.spec, request.weights, request.options,
-                           None if is_named_encoder(request.spec) else crop_size)
+        check_encoder_spec(request.spec, request.weights, request.options, checkpoint_crop(request, crop_size))
 
 
 def load_request(request: EncoderRequest, device: torch.device, crop_size: int | None) -> Encoder:
-    """The encoder of one --encoder (--crop-size applies to a checkpoint only)."""
-    return load_encoder(request.spec, device, request.weights, request.options,
-                        None if is_named_encoder(request.spec) else crop_size)
+    """The encoder of one --encoder."""
+    return load_encoder(request.spec, device, request.weights, request.options, checkpoint_crop(request, crop_size))
 
 
 def main(args: argparse.Namespace) -> int:
