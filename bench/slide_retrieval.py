@@ -20,7 +20,8 @@ Steps (each prints its progress), all under --out-dir:
   5. per encoder (the colour histogram at the same crop, the untrained network, the trained checkpoint)
      and tiling (full: every tissue patch of --crop-size px at 1.0 um/px; mosaic: only each slide's
      Yottixel mosaic, when `retrieve.py index` has --mosaic), `retrieve.py index`, `label` with
-     archive/labels.csv and `evaluate --exclude patient slide` (votes), into indexes/ and evaluations/.
+     archive/labels.csv and `evaluate --exclude patient slide` once per --slide-scores, into indexes/ and
+     evaluations/.
 
 Writes --out-dir/slide_retrieval_results.csv (one row per encoder, tiling and exclusion: every column of
 retrieve.py evaluate's slide_retrieval.csv, with method and tiling first), slide_retrieval_results.md (the
@@ -74,6 +75,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="synthetic training patches per tissue class (default: %(default)s)")
     parser.add_argument("--train-epochs", type=int, default=5, help="training epochs (default: %(default)s)")
     parser.add_argument("--train-batch-size", type=int, default=30, help="training batch size (default: %(default)s)")
+    parser.add_argument("--train-augment", default="reference", choices=("reference", "stain"),
+                        help="train.py's --augment: the paper's flips and crop, or those with stain, brightness and "
+                             "contrast variation (default: %(default)s)")
+    parser.add_argument("--slide-scores", nargs="+", default=["votes"], choices=("votes", "median-of-best"),
+                        help="retrieve.py evaluate's --slide-score, one evaluation each (default: %(default)s)")
     parser.add_argument("--histogram-bins", type=int, default=8,
                         help="colour-histogram bins per channel, joint over R, G, B (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
@@ -114,10 +120,10 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = ["method", "tiling", "exclude", *MAIN_COLUMNS]
+    head = ["method", "tiling", "slide_score", "exclude", *MAIN_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for row in rows:
-        cells = [row["method"], row["tiling"], row["exclude"]]
+        cells = [row["method"], row["tiling"], row["slide_score"], row["exclude"]]
         for column in MAIN_COLUMNS:
             value = float(row[column])
             cells.append(f"{value:.0f}" if column.endswith(("per_slide",)) else
@@ -157,8 +163,8 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     train_argv = [args.model, args.loss, "--data-dir", str(patches / "Training"), "--output-dir", str(out / "model"),
                   "--epochs", str(args.train_epochs), "--crop-size", str(args.crop_size), "--batch-size",
-                  str(args.train_batch_size), "--keep-best", "1", "--val-batches", "fixed", "--seed", str(args.seed), "--device", args.device,
-                  "--workers", str(args.workers)]
+                  str(args.train_batch_size), "--keep-best", "1", "--val-batches", "fixed", "--seed", str(args.seed),
+                  "--augment", args.train_augment, "--device", args.device, "--workers", str(args.workers)]
     train_command = shlex.join(["python3", "train.py", *train_argv])
     print(f"[3/5] training: {train_command}", flush=True)
     trained = train.main(train.get_args_parser().parse_args(train_argv))
@@ -190,10 +196,12 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
                           "--device", args.device, "--workers", str(args.workers),
                           *(["--mosaic"] if tiling == "mosaic" else [])])
             retrieve_run(["label", "--index", str(index_dir), str(archive / synthetic.ARCHIVE_LABELS_NAME)])
-            retrieve_run(["evaluate", "--index", str(index_dir), "--out-dir", str(eval_dir),
-                          "--exclude", *EXCLUSIONS])
-            for row in read_rows(eval_dir / "slide_retrieval.csv"):
-                rows.append({"method": method, "tiling": tiling, **row})
+            for score in args.slide_scores:
+                score_dir = eval_dir if score == "votes" else eval_dir.with_name(f"{eval_dir.name}_{score}")
+                retrieve_run(["evaluate", "--index", str(index_dir), "--out-dir", str(score_dir),
+                              "--exclude", *EXCLUSIONS, "--slide-score", score])
+                for row in read_rows(score_dir / "slide_retrieval.csv"):
+                    rows.append({"method": method, "tiling": tiling, **row})
 
     command = command_line()
     csv_path, md_path, settings_path = (out / "slide_retrieval_results.csv", out / "slide_retrieval_results.md",
@@ -210,7 +218,8 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
              f"selected by validation loss. Tiling: full = every tissue patch of {args.crop_size} px"
              + ("; mosaic = each slide's Yottixel mosaic" if "mosaic" in tilings else
                 "; no mosaic rows: this retrieve.py has no `index --mosaic`")
-             + ". Slide score: votes. Machine: " + machine + ".")
+             + f". Slide scores: {', '.join(args.slide_scores)}. Training augmentation: {args.train_augment}. "
+             f"Machine: {machine}.")
     atomic_write_text(md_path, f"# Slide retrieval on a synthetic archive\n\nCommand: `{command}`\n\n"
                                f"train.py: `{train_command}`\n\n{table}\n\n{notes}\n")
     settings = {"command": command, "train_command": train_command, "seed": args.seed, "machine": machine,
