@@ -8,6 +8,9 @@
     python3 retrieve.py label --index DIR LABELS.csv                     # columns slide,label,patient
     python3 retrieve.py evaluate --index DIR [--out-dir DIR] [--exclude patient|slide] [--slide-score votes]
     python3 retrieve.py remove --index DIR SOURCE...
+    python3 retrieve.py compact --index DIR                              # give back removed vectors' space
+    python3 retrieve.py reindex --index DIR --index-type flat|ivf|hnsw   # from the stored vectors
+    python3 retrieve.py upgrade --index DIR                              # an index folder of format 1
     python3 retrieve.py serve --index DIR [--host 127.0.0.1] [--port 8000] [--allowed-hosts HOST[,HOST]]
 
 `index` creates the index folder DIR or adds to it, with the vectors of a checkpoint of this project
@@ -56,13 +59,14 @@ from histo_retrieval.evaluation.embedder import Embedder, check_settings
 from histo_retrieval.errors import UserError
 from histo_retrieval.images import report_unreadable
 from histo_retrieval.runtime import add_runtime_args, check_runtime
-from histo_retrieval.search.index import IndexSettings, SlideIndex
+from histo_retrieval.search.index import FORMAT, IndexSettings, SlideIndex, upgrade_index
 from histo_retrieval.search.labels import read_labels
 from histo_retrieval.search.slide_evaluation import EXCLUSIONS, SLIDE_SCORES, rank_labelled_slides, write_evaluation
 from histo_retrieval.search.mosaic import add_mosaic_args, mosaic_from_args
 from histo_retrieval.search.indexing import build_index, check_sources
 from histo_retrieval.search.queries import load_index_encoder, query_jobs, run_queries
 from histo_retrieval.search.slides import Tiling
+from histo_retrieval.search.vector_store import DTYPES
 from histo_retrieval.search.vector_index import DEFAULT_EF_SEARCH, DEFAULT_MIN_NPROBE, DEFAULT_NPROBE_FRACTION, INDEX_TYPES
 
 
@@ -126,6 +130,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "archives (default: %(default)s; fixed when the index is created)")
     index.add_argument("--ivf-lists", type=int, default=None,
                        help="IVF lists (default: about 4 sqrt(n) of the vectors it is trained on)")
+    index.add_argument("--vector-dtype", choices=DTYPES, default="float32",
+                       help="how the index stores its vectors: float32 as computed, float16 in half the space "
+                            "(default: %(default)s; fixed when the index is created)")
     index.add_argument("--crop-size", type=int, default=None,
                        help="model input size (default: the checkpoint's; 224 for a bare reference state_dict)")
     index.add_argument("--replace", action="store_true", help="index sources again that are already indexed "
@@ -192,6 +199,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_mosaic_args(evaluate)
     remove = commands.add_parser("remove", parents=[where], help="delete sources and their patches from an index")
     remove.add_argument("sources", nargs="+", help="sources as given to `index` (paths)")
+    commands.add_parser("compact", parents=[where],
+                        help="give back the space of removed sources' vectors (rewrites the vector store)")
+    commands.add_parser("upgrade", parents=[where],
+                        help="convert an index folder of format 1 (vectors inside patches.sqlite); embeds nothing")
+    reindex = commands.add_parser("reindex", parents=[where],
+                                  help="rebuild the faiss index as another type from the stored vectors")
+    reindex.add_argument("--index-type", choices=INDEX_TYPES, required=True,
+                         help="the faiss index to build: flat, ivf or hnsw (no default)")
+    reindex.add_argument("--ivf-lists", type=int, default=None,
+                         help="IVF lists (default: about 4 sqrt(n) of the stored vectors)")
 
     embed = commands.add_parser("embed", parents=[model, tiling],
                                 help="write each source's patch features to DIR/<name>.h5 (CLAM/TRIDENT layout)")
@@ -242,7 +259,7 @@ def run_index(args: argparse.Namespace, device: torch.device) -> int:
     device, rank, world_size = distributed.setup_distributed(device)
     encoder = encoder_from_args(args, device, spec=spec)
     tiling = Tiling(args.mpp, args.patch_size or encoder.crop_size, args.tissue_threshold)
-    settings = IndexSettings.for_model(encoder, tiling, args.index_type, args.ivf_lists, mosaic)
+    settings = IndexSettings.for_model(encoder, tiling, args.index_type, args.ivf_lists, mosaic, args.vector_dtype)
     if rank == 0:
         print_scale_note(encoder, args.mpp)
     embedder = Embedder(encoder.model, device, args.batch_size, args.amp, args.channels_last, encoder.preprocessing)
@@ -316,6 +333,7 @@ def run_list(args: argparse.Namespace) -> int:
         print(f"index {index.directory}: {s.describe_encoder()}, {s.index_type}")
         print(f"patches of {s.patch_size} px at {s.mpp} um/px, tissue threshold {s.tissue_threshold}"
               + (f"; each slide's mosaic only ({s.mosaic.describe()})" if s.mosaic else ""))
+        print(describe_store(index))
         rows = index.sources(None if args.failed else "indexed")
         print(f"{sum(r.patch_count for r in rows)} patches in {sum(r.state == 'indexed' for r in rows)} source(s)")
         for row in rows:
@@ -391,6 +409,37 @@ def run_remove(args: argparse.Namespace) -> int:
     return 1 if missing else 0
 
 
+def describe_store(index: SlideIndex) -> str:
+    """One line on the vector store: its dtype, live rows, and the space `compact` would give back."""
+    stats = index.store_stats()
+    return (f"vectors: {stats.dtype}, {stats.live_rows} live rows in {stats.chunks} chunk file(s); {stats.dead_rows} "
+            f"dead rows ({stats.dead_bytes} bytes) reclaimable by `retrieve.py compact --index {index.directory}`")
+
+
+def run_compact(args: argparse.Namespace) -> int:
+    with SlideIndex.open(require_index(args), writable=True) as index:
+        before = index.compact()
+        after = index.store_stats()
+        print(f"{index.directory}: compacted the vector store from {before.file_bytes} to {after.file_bytes} bytes "
+              f"({after.live_rows} live rows in {after.chunks} chunk file(s))")
+    return 0
+
+
+def run_upgrade(args: argparse.Namespace) -> int:
+    directory = require_index(args)
+    moved = upgrade_index(directory)
+    print(f"{directory}: " + (f"converted to index format {FORMAT}, {moved} vectors moved into its vector store"
+                              if moved else f"of index format {FORMAT}, nothing to convert"))
+    return 0
+
+
+def run_reindex(args: argparse.Namespace) -> int:
+    with SlideIndex.open(require_index(args), writable=True) as index:
+        index.reindex(args.index_type, args.ivf_lists)
+        print(f"{index.directory}: rebuilt the {args.index_type} index from {index.vectors.ntotal} stored vectors")
+    return 0
+
+
 def run_serve(args: argparse.Namespace, device: torch.device) -> int:
     import uvicorn
 
@@ -427,6 +476,12 @@ def main(args: argparse.Namespace) -> int:
         return run_list(args)
     if args.command == "remove":
         return run_remove(args)
+    if args.command == "compact":
+        return run_compact(args)
+    if args.command == "upgrade":
+        return run_upgrade(args)
+    if args.command == "reindex":
+        return run_reindex(args)
     if args.command == "label":
         return run_label(args)
     if args.command == "evaluate":

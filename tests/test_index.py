@@ -110,7 +110,8 @@ def test_each_change_moves_the_generation_and_a_stale_faiss_file_is_rebuilt(tmp_
         assert set(ids[0].tolist()) == {4, 5, 6}  # /a's patches 1-3 are gone
     assert json.loads((folder / "vectors.faiss.json").read_text()) == {"generation": 3}
 
-    shard = PatchDatabase(folder / "patches.sqlite")  # a run killed after its commit, before saving vectors.faiss
+    # A run killed after its commit, before saving vectors.faiss.
+    shard = PatchDatabase(folder / "patches.sqlite", store=folder / "vectors", dim=4)
     shard.add_source(slide_record("/c", vectors[:3]))
     shard.close()
     capsys.readouterr()
@@ -168,8 +169,9 @@ OLD_MODEL = {"checkpoint": "/models/se_resnet50_MSLoss_0.5000.pth", "weights_sha
 
 
 def old_manifest(**model) -> dict:
-    """A manifest as indexes were written before encoders had names: a checkpoint, its crop size."""
-    return {"format": 1, "model": {**OLD_MODEL, **model}, "tiling": {"mpp": 0.5, "patch_size": 32,
+    """A manifest as indexes were written before encoders had names: a checkpoint, its crop size (in
+    an index of today's storage, as `retrieve.py upgrade` leaves one: it keeps the model record)."""
+    return {"format": 2, "model": {**OLD_MODEL, **model}, "tiling": {"mpp": 0.5, "patch_size": 32,
                                                                      "tissue_threshold": 0.5},
             "vector_index": {"type": "flat", "ivf_lists": None, "hnsw_m": 32}, "created": "", "command": ""}
 

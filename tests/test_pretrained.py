@@ -23,6 +23,7 @@ from histo_retrieval.errors import UserError
 from histo_retrieval.data.preprocessing import Preprocessing
 from histo_retrieval.training.pretrained import IMAGENET_MEAN, IMAGENET_STD, load_pretrained
 from histo_retrieval.evaluation.metrics import combine_learners
+from histo_retrieval.search.index import SlideIndex
 
 
 @pytest.fixture(scope="module")
@@ -163,9 +164,10 @@ def test_the_normalisation_is_saved_and_applied_where_models_embed(resnet_file, 
             "--workers", "0"]
     assert retrieve.main(retrieve.get_args_parser().parse_args(argv)) == 0
     with sqlite3.connect(index / "patches.sqlite") as db:
-        (data,) = db.execute("SELECT data FROM vectors").fetchone()
         (position,) = db.execute("SELECT COUNT(*) FROM patches WHERE file < ?", (str(image),)).fetchone()
-    stored = np.frombuffer(data, np.float32).reshape(-1, naive.shape[1])[position]
+    with SlideIndex.open(index) as opened:
+        (source,) = opened.sources()
+        stored = opened.source_vectors(source.id)[1][position]
     assert np.allclose(stored, naive[0].numpy(), atol=1e-5)
 
 

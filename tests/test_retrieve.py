@@ -47,11 +47,11 @@ def collection(tmp_path_factory, make_images, write_checkpoint) -> dict:
 
 
 def stored(index_dir: Path) -> tuple[list[tuple], np.ndarray]:
-    """(file, class) per patch in id order, and their vectors, read straight from the database."""
+    """(file, class) per patch in id order, read straight from the database, and their stored vectors."""
     with sqlite3.connect(index_dir / "patches.sqlite") as db:
         rows = db.execute("SELECT file, class FROM patches ORDER BY id").fetchall()
-        blobs = db.execute("SELECT data FROM vectors ORDER BY source_id").fetchall()
-    return rows, np.concatenate([np.frombuffer(b[0], np.float32).reshape(-1, 512) for b in blobs])
+    with SlideIndex.open(index_dir) as index:
+        return rows, np.concatenate([index.source_vectors(source.id)[1] for source in index.sources()])
 
 
 def naive_vectors(checkpoint: Path, paths: list[str]) -> np.ndarray:
@@ -128,20 +128,22 @@ def test_remove_readd_and_replace_leave_no_duplicates_or_orphans(collection, tmp
     assert "already indexed (7 patches), skipped" in capsys.readouterr().out
 
     def counts() -> tuple:
+        """Patches, distinct files, orphan patches, and the live vectors of the store."""
         with sqlite3.connect(index / "patches.sqlite") as db:
-            return (db.execute("SELECT COUNT(*) FROM patches").fetchone()[0],
-                    db.execute("SELECT COUNT(DISTINCT file) FROM patches").fetchone()[0],
-                    db.execute("SELECT COUNT(*) FROM patches WHERE source_id NOT IN (SELECT id FROM sources)").fetchone()[0],
-                    db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0])
+            patches = (db.execute("SELECT COUNT(*) FROM patches").fetchone()[0],
+                       db.execute("SELECT COUNT(DISTINCT file) FROM patches").fetchone()[0],
+                       db.execute("SELECT COUNT(*) FROM patches WHERE source_id NOT IN (SELECT id FROM sources)").fetchone()[0])
+        with SlideIndex.open(index) as opened:
+            return (*patches, opened.store_stats().live_rows)
 
-    assert counts() == (9, 9, 0, 2)
+    assert counts() == (9, 9, 0, 9)
     assert run("remove", "--index", str(index), str(extra)) == 0
-    assert counts() == (7, 7, 0, 1)
+    assert counts() == (7, 7, 0, 7)
     with SlideIndex.open(index) as opened:
         assert opened.vectors.ntotal == 7
     assert run(*cpu("index", checkpoint, str(extra), "--index", str(index))) == 0
     assert run(*cpu("index", checkpoint, str(extra), "--index", str(index), "--replace")) == 0
-    assert counts() == (9, 9, 0, 2)
+    assert counts() == (9, 9, 0, 9)
     with SlideIndex.open(index) as opened:
         assert opened.vectors.ntotal == 9
         ids = set(int(i) for i in __import__("histo_retrieval.search.vector_index", fromlist=["x"]).index_ids(opened.vectors))

@@ -61,9 +61,8 @@ def archive(tmp_path_factory, make_images) -> dict:
 
 
 def stored(index: Path) -> dict[str, np.ndarray]:
-    with sqlite3.connect(index / "patches.sqlite") as db:
-        rows = db.execute("SELECT s.path, v.data FROM vectors v JOIN sources s ON s.id = v.source_id").fetchall()
-    return {path: np.frombuffer(data, np.float32).reshape(-1, 192) for path, data in rows}
+    with SlideIndex.open(index) as opened:
+        return {source.path: opened.source_vectors(source.id)[1] for source in opened.sources()}
 
 
 def first_match(out_dir: Path) -> dict:

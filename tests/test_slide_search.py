@@ -54,9 +54,10 @@ def patch_rows(index: Path) -> list[tuple]:
 
 
 def stored_vectors(index: Path) -> dict[str, np.ndarray]:
-    with sqlite3.connect(index / "patches.sqlite") as db:
-        rows = db.execute("SELECT s.path, v.data FROM vectors v JOIN sources s ON s.id = v.source_id").fetchall()
-    return {path: np.frombuffer(data, np.float32).reshape(-1, 512) for path, data in rows}
+    from histo_retrieval.search.index import SlideIndex
+
+    with SlideIndex.open(index) as opened:
+        return {source.path: opened.source_vectors(source.id)[1] for source in opened.sources()}
 
 
 def inside_any(record: dict, x: int, y: int, size: int) -> bool:

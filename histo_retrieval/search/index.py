@@ -4,14 +4,19 @@
                         options, input steps, normalisation, pooling, scale, embedding size), the
                         tiling (scale, patch size, tissue threshold) and the vector index type
     DIR/patches.sqlite  per source: path, size, modification time, state, thumbnail; per patch: its
-                        source, level-0 box, tissue fraction, file and class; per source its vectors
+                        source, level-0 box, tissue fraction, file and class; per source where its
+                        vectors are (vector_blocks)
+    DIR/vectors/        the patch vectors, in append-only chunk files (histo_retrieval.search.vector_store)
     DIR/vectors.faiss   the faiss index of every patch vector, by patch id (histo_retrieval.search.vector_index)
 
-SQLite is the record: a source and all of its patches and vectors go in one transaction, so a
-killed run leaves each source either complete or absent. The faiss file is derived from it: it is
-saved with the generation of the database it reflects, and rebuilt from the stored vectors when
-the two differ (after a run was killed before saving it). Under torchrun each process writes its
-sources into a shard database of the same layout (DIR/shards/), which the first process merges.
+SQLite is the record: a source, all of its patches and the block of its vectors go in one
+transaction (the vectors themselves are written and synced to the store just before), so a killed
+run leaves each source either complete or absent. The faiss file is derived from the store: it is
+saved with the generation of the database it reflects, and rebuilt from the stored vectors, in
+chunks, when the two differ (after a run was killed before saving it) or when its kind is not the
+manifest's (a `reindex` killed between its two writes). Under torchrun each process writes its
+sources into a shard database (DIR/shards/), which keeps its vectors as blobs in a `vectors`
+table, as format 1 indexes did; the first process merges the shards into the store.
 
 Source and patch ids are never given twice (counters in the meta table), so an id in a URL or a
 cache names one file for good. A slide's pixels are read again only through open_indexed_slide,
@@ -24,7 +29,7 @@ import json
 import os
 import sqlite3
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Literal, Sequence
 
@@ -34,14 +39,16 @@ from histo_retrieval.data.datasets import InputSteps
 from histo_retrieval.search import vector_index
 from histo_retrieval.errors import UserError
 from histo_retrieval.files import atomic_write_text, command_line
+from histo_retrieval.search.vector_store import DTYPES, STORE_SCHEMA, Block, StoreStats, VectorStore, crash_point
 from histo_retrieval.search.mosaic import MosaicSettings
 from histo_retrieval.search.slides import Slide, SlideError, Tiling, open_slide
 
 if TYPE_CHECKING:
     from histo_retrieval.encoders.base import Encoder
 
-FORMAT = 1
-MANIFEST, DATABASE, VECTORS, SHARDS = "manifest.json", "patches.sqlite", "vectors.faiss", "shards"
+# 2: vectors in DIR/vectors/ (vector_store); 1: vectors as blobs inside patches.sqlite (`retrieve.py upgrade`).
+FORMAT = 2
+MANIFEST, DATABASE, VECTORS, SHARDS, STORE = "manifest.json", "patches.sqlite", "vectors.faiss", "shards", "vectors"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -55,12 +62,16 @@ CREATE TABLE IF NOT EXISTS patches (
     x INTEGER NOT NULL, y INTEGER NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL,
     tissue REAL, file TEXT, class TEXT);
 CREATE INDEX IF NOT EXISTS patches_by_source ON patches (source_id);
-CREATE TABLE IF NOT EXISTS vectors (
-    source_id INTEGER PRIMARY KEY REFERENCES sources(id) ON DELETE CASCADE, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, started TEXT NOT NULL, command TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS labels (
     source_id INTEGER PRIMARY KEY REFERENCES sources(id) ON DELETE CASCADE, label TEXT NOT NULL, patient TEXT,
     labelled_at TEXT NOT NULL, command TEXT);
+"""
+# A database without a vector store (a torchrun shard; an index of format 1) keeps each source's
+# float32 vectors as one blob.
+BLOB_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vectors (
+    source_id INTEGER PRIMARY KEY REFERENCES sources(id) ON DELETE CASCADE, data BLOB NOT NULL);
 """
 
 SOURCE_COLUMNS = ("path", "kind", "file_size", "mtime", "width", "height", "slide_mpp", "backend",
@@ -188,9 +199,14 @@ def open_indexed_slide(record: SourceRow) -> Slide:
 
 
 class PatchDatabase:
-    """The SQLite record of sources, patches and vectors (an index's, or a torchrun shard's)."""
+    """The SQLite record of sources, patches and vectors (an index's, or a torchrun shard's).
 
-    def __init__(self, path: str | os.PathLike, readonly: bool = False) -> None:
+    With `store` (a folder), the vectors go to a VectorStore there (`dim` values of `vector_dtype`
+    a row), the database keeping where each source's are; without, to blobs in its `vectors` table
+    (a shard)."""
+
+    def __init__(self, path: str | os.PathLike, readonly: bool = False, store: str | os.PathLike | None = None,
+                 dim: int | None = None, vector_dtype: str = "float32") -> None:
         self.path = Path(path)
         if readonly:
             # A reader may be shared by a server's threads, which take turns under the server's lock.
@@ -198,7 +214,7 @@ class PatchDatabase:
                                               check_same_thread=False)
         else:
             self.connection = sqlite3.connect(self.path, timeout=60)
-            self.connection.executescript(SCHEMA)
+            self.connection.executescript(SCHEMA + ("" if store is not None else BLOB_SCHEMA))
             # WAL: a reader (a query, the search page) never waits for an index run's write.
             self.connection.execute("PRAGMA journal_mode=WAL")
             with self.connection:
@@ -207,6 +223,11 @@ class PatchDatabase:
                 self.connection.execute("INSERT OR IGNORE INTO meta (key, value) "
                                         "SELECT 'next_source_id', COALESCE(MAX(id), 0) + 1 FROM sources")
         self.connection.execute("PRAGMA foreign_keys=ON")
+        self.store: VectorStore | None = None
+        if store is not None:
+            if dim is None:
+                raise ValueError("a vector store needs the vectors' dimension")
+            self.store = VectorStore(store, self.connection, dim, vector_dtype, writable=not readonly)
 
     def close(self) -> None:
         self.connection.close()
@@ -239,7 +260,8 @@ class PatchDatabase:
     # ------------------------------------------------------------------ writes
     def add_source(self, record: SourceRecord, command: str = "") -> tuple[int, np.ndarray]:
         """Insert a source with all its patches and vectors in one transaction, replacing a failed
-        record of the same path; returns (source id, patch ids)."""
+        record of the same path; returns (source id, patch ids). With a store, the vectors are
+        appended and synced to it first, and the transaction records their block."""
         count = len(record.boxes)
         vectors = np.ascontiguousarray(record.vectors, dtype=np.float32)
         if vectors.shape[0] != count:
@@ -247,6 +269,8 @@ class PatchDatabase:
         files = record.files or [None] * count
         classes = record.classes or [None] * count
         tissue = record.tissue if record.tissue is not None else [None] * count
+        block = self.store.append(vectors) if self.store is not None else None
+        crash_point("add-source")  # the vectors are in the store, the source is not recorded yet
         with self.connection:
             self.connection.execute("DELETE FROM sources WHERE path = ? AND state = 'failed'", (record.path,))
             first = self.meta("next_patch_id", 1)
@@ -262,8 +286,11 @@ class PatchDatabase:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 ((int(i), source_id, *map(int, box), None if t is None else float(t), f, c)
                  for i, box, t, f, c in zip(ids, record.boxes, tissue, files, classes)))
-            self.connection.execute("INSERT INTO vectors (source_id, data) VALUES (?, ?)",
-                                    (source_id, vectors.tobytes()))
+            if block is not None:
+                self.store.record(source_id, block)
+            else:
+                self.connection.execute("INSERT INTO vectors (source_id, data) VALUES (?, ?)",
+                                        (source_id, vectors.tobytes()))
             self._set_meta("next_patch_id", first + count)
             self._set_meta("generation", self.generation + 1)
         return source_id, ids
@@ -329,14 +356,12 @@ class PatchDatabase:
         return np.array([row[0] for row in rows], dtype=np.int64)
 
     def source_vectors(self, source_id: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-        """(patch ids, their vectors) of one source, in patch order."""
+        """(patch ids, their vectors) of one source, in patch order (float32)."""
+        if self.store is not None:
+            return self.patch_ids(source_id), self.store.source_vectors(source_id)
         row = self.connection.execute("SELECT data FROM vectors WHERE source_id = ?", (source_id,)).fetchone()
         vectors = np.frombuffer(row[0], dtype=np.float32).reshape(-1, dim) if row else np.zeros((0, dim), np.float32)
         return self.patch_ids(source_id), vectors
-
-    def all_vectors(self, dim: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for source in self.sources():
-            yield self.source_vectors(source.id, dim)
 
     def patch_count(self) -> int:
         return self.connection.execute("SELECT COUNT(*) FROM patches").fetchone()[0]
@@ -404,6 +429,7 @@ class IndexSettings:
     pooling: str = ""
     encoder_mpp: float | None = None  # the scale the encoder expects, when its source states one
     mosaic: MosaicSettings | None = None  # each slide's mosaic only (None: all its tissue patches)
+    vector_dtype: str = "float32"  # of the stored vectors (vector_store.DTYPES); fixed when the index is created
 
     def __post_init__(self) -> None:
         self.spec = self.spec or self.checkpoint
@@ -413,10 +439,13 @@ class IndexSettings:
 
     @classmethod
     def for_model(cls, encoder: Encoder, tiling: Tiling, index_type: str = "flat",
-                  ivf_lists: int | None = None, mosaic: MosaicSettings | None = None) -> IndexSettings:
+                  ivf_lists: int | None = None, mosaic: MosaicSettings | None = None,
+                  vector_dtype: str = "float32") -> IndexSettings:
         """The settings of an index of `encoder`'s vectors cut by `tiling`, holding each slide's
-        `mosaic` only when one is given."""
+        `mosaic` only when one is given, its vectors stored as `vector_dtype`."""
         tiling.check()
+        if vector_dtype not in DTYPES:
+            raise UserError(f"--vector-dtype {vector_dtype}: choose one of {', '.join(DTYPES)}")
         if mosaic is not None:
             mosaic.check()
         weights = encoder.path
@@ -428,7 +457,7 @@ class IndexSettings:
                    encoder.crop_size, encoder.dim, tiling.mpp, tiling.patch_size, tiling.tissue_threshold, index_type,
                    ivf_lists, spec=spec, kind=encoder.kind, input_steps=encoder.input_steps,
                    preprocessing=encoder.preprocessing.to_dict(), pooling=encoder.pooling, encoder_mpp=encoder.mpp,
-                   mosaic=mosaic)
+                   mosaic=mosaic, vector_dtype=vector_dtype)
 
     @property
     def encoder_identity(self) -> str:
@@ -455,6 +484,7 @@ class IndexSettings:
         return {"format": FORMAT, "model": model,
                 "tiling": {"mpp": self.mpp, "patch_size": self.patch_size, "tissue_threshold": self.tissue_threshold},
                 "vector_index": {"type": self.index_type, "ivf_lists": self.ivf_lists, "hnsw_m": self.hnsw_m},
+                "vector_store": {"dtype": self.vector_dtype},
                 **({} if self.mosaic is None else {"mosaic": self.mosaic.to_dict()}),  # absent: all tissue patches
                 "created": _now(), "command": command_line()}
 
@@ -471,7 +501,8 @@ class IndexSettings:
                    input_steps=InputSteps.from_dict(steps) if steps else InputSteps(int(model["crop_size"])),
                    preprocessing=model.get("preprocessing"), pooling=model.get("pooling", ""),
                    encoder_mpp=model.get("mpp"),
-                   mosaic=MosaicSettings.from_dict(manifest["mosaic"]) if manifest.get("mosaic") else None)
+                   mosaic=MosaicSettings.from_dict(manifest["mosaic"]) if manifest.get("mosaic") else None,
+                   vector_dtype=(manifest.get("vector_store") or {}).get("dtype", "float32"))
 
     def differences(self, other: IndexSettings) -> list[str]:
         """What `other` (a new run's settings) changes of what the index's vectors share."""
@@ -491,30 +522,69 @@ def _mosaic(settings: MosaicSettings | None) -> str:
     return "off" if settings is None else f"on ({settings.describe()})"
 
 
-class SlideIndex:
-    """An index folder: manifest, patch database and the faiss index over its vectors.
+def _lock_folder(directory: Path):
+    """The exclusive writer's lock of an index folder (an open file; closing it lets go)."""
+    lock = open(directory / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UserError(f"{directory}: another `retrieve.py index` or `remove` is writing this index; "
+                        "wait for it to finish") from None
+    return lock
 
-    Open it with `SlideIndex.create` (a new folder) or `SlideIndex.open`; writers (index, remove)
-    hold an exclusive lock on the folder for as long as it is open, readers take none. What the
-    index holds is read through its methods (rows as SourceRow, Patch, Thumbnail); `db`, the
-    PatchDatabase, is its own.
+
+def _read_manifest(directory: Path) -> tuple[dict, IndexSettings]:
+    """The manifest of the index folder `directory` and its settings, or a one-line UserError."""
+    if directory.is_file():
+        raise UserError(f"{directory}: an index file of the old format (one .pt file); rebuild it as an index "
+                        f"folder: python3 retrieve.py index CHECKPOINT IMAGE_DIR --index DIR")
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"{directory}: not an index folder (no {MANIFEST}); "
+                        "build one with `python3 retrieve.py index CHECKPOINT SOURCE... --index DIR`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        settings = IndexSettings.from_manifest(manifest)
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{manifest_path}: unreadable manifest ({error}); rebuild the index") from None
+    return manifest, settings
+
+
+def format_1_message(directory: Path) -> str:
+    return (f"{directory}: index format 1 keeps its vectors inside {DATABASE}; convert it (nothing is embedded "
+            f"again) with: python3 retrieve.py upgrade --index {directory}")
+
+
+# Training vectors an ivf index is trained on when rebuilt from the store: every vector up to this
+# many, a sample of at least TRAIN_POINTS_PER_LIST per list beyond (faiss's k-means samples as many
+# itself, so the lists come out as if trained on all).
+REBUILD_TRAIN_MAX = 2 ** 18
+REBUILD_BATCH_ROWS = 2 ** 16
+
+
+class SlideIndex:
+    """An index folder: manifest, patch database, vector store and the faiss index over its vectors.
+
+    Open it with `SlideIndex.create` (a new folder) or `SlideIndex.open`; writers (index, remove,
+    compact, reindex) hold an exclusive lock on the folder for as long as it is open, readers take
+    none. What the index holds is read through its methods (rows as SourceRow, Patch, Thumbnail;
+    vectors as float32 arrays); `db`, the PatchDatabase, and its `store`, are its own.
     """
 
     def __init__(self, directory: Path, settings: IndexSettings, writable: bool) -> None:
         self.directory, self.settings, self.writable = directory, settings, writable
-        self._lock = None
-        if writable:
-            self._lock = open(directory / ".lock", "w")
-            try:
-                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self._lock.close()
-                raise UserError(f"{directory}: another `retrieve.py index` or `remove` is writing this index; "
-                                "wait for it to finish") from None
+        self._lock = _lock_folder(directory) if writable else None
         if not writable and not (directory / DATABASE).is_file():
             raise UserError(f"{directory}: an index with no patches yet (no {DATABASE}); add sources with "
                             "`python3 retrieve.py index CHECKPOINT SOURCE... --index DIR`")
-        self.db = PatchDatabase(directory / DATABASE, readonly=not writable)
+        try:
+            self.db = PatchDatabase(directory / DATABASE, readonly=not writable, store=directory / STORE,
+                                    dim=settings.dim, vector_dtype=settings.vector_dtype)
+        except BaseException:
+            if self._lock is not None:
+                self._lock.close()
+            raise
         self._vectors = None
         self._vectors_generation = -1
 
@@ -528,6 +598,8 @@ class SlideIndex:
             raise UserError(f"{directory}: a folder that is not empty and not an index; choose a new --index folder")
         if settings.index_type not in vector_index.INDEX_TYPES:
             raise UserError(f"--index-type {settings.index_type}: choose one of {', '.join(vector_index.INDEX_TYPES)}")
+        if settings.vector_dtype not in DTYPES:
+            raise UserError(f"--vector-dtype {settings.vector_dtype}: choose one of {', '.join(DTYPES)}")
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_text(directory / MANIFEST, json.dumps(settings.manifest(), indent=2) + "\n")
         return cls(directory, settings, writable=True)
@@ -535,21 +607,12 @@ class SlideIndex:
     @classmethod
     def open(cls, directory: str | os.PathLike, writable: bool = False) -> SlideIndex:
         directory = Path(directory)
-        if directory.is_file():
-            raise UserError(f"{directory}: an index file of the old format (one .pt file); rebuild it as an index "
-                            f"folder: python3 retrieve.py index CHECKPOINT IMAGE_DIR --index DIR")
-        manifest_path = directory / MANIFEST
-        if not manifest_path.is_file():
-            raise UserError(f"{directory}: not an index folder (no {MANIFEST}); "
-                            "build one with `python3 retrieve.py index CHECKPOINT SOURCE... --index DIR`")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            settings = IndexSettings.from_manifest(manifest)
-        except (ValueError, KeyError, TypeError) as error:
-            raise UserError(f"{manifest_path}: unreadable manifest ({error}); rebuild the index") from None
+        manifest, settings = _read_manifest(directory)
+        if manifest.get("format") == 1:
+            raise UserError(format_1_message(directory))
         if manifest.get("format") != FORMAT:
-            raise UserError(f"{manifest_path}: index format {manifest.get('format')}, this version reads {FORMAT}; "
-                            "rebuild the index")
+            raise UserError(f"{directory / MANIFEST}: index format {manifest.get('format')}, this version reads "
+                            f"{FORMAT}; rebuild the index")
         index = cls(directory, settings, writable)
         if writable:
             index.merge_shards()
@@ -557,7 +620,7 @@ class SlideIndex:
 
     def close(self) -> None:
         if self.writable and self._vectors is not None and self._vectors_generation == self.db.generation:
-            if self.settings.index_type == "ivf" and vector_index.index_kind(self._vectors) != "ivf":
+            if vector_index.index_kind(self._vectors) != self._kind_for(self._vectors.ntotal):
                 self._vectors = self._rebuild()  # the first run's vectors are all here: train the lists on them
             self.save_vectors()
         self.db.close()
@@ -576,6 +639,11 @@ class SlideIndex:
     def generation(self) -> int:
         """Changes with every source added or removed (by this process or another)."""
         return self.db.generation
+
+    @property
+    def store(self) -> VectorStore:
+        """The store of the patch vectors (histo_retrieval.search.vector_store)."""
+        return self.db.store
 
     def sources(self, state: SourceState | None = "indexed") -> list[SourceRow]:
         """The sources in `state` (every one with None), by id."""
@@ -606,6 +674,19 @@ class SlideIndex:
         """(patch ids, their vectors) of one source, in patch order."""
         return self.db.source_vectors(source_id, self.settings.dim)
 
+    def vectors_of(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors (float32, len(ids) x dim) of arbitrary patch ids, in the order given; no
+        SQL per id (e.g. to re-rank approximate candidates exactly). KeyError for an id not held."""
+        return self.store.vectors(ids)
+
+    def iter_vectors(self, batch_rows: int = REBUILD_BATCH_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every stored (patch ids, float32 vectors), in id order, about `batch_rows` rows at a time."""
+        return self.store.iter_vectors(batch_rows)
+
+    def store_stats(self) -> StoreStats:
+        """The store's dtype, live rows, and dead rows and bytes `compact` would give back."""
+        return self.store.stats()
+
     def classes(self) -> set[str]:
         """The classes of the indexed patch images (their first-level folders)."""
         return self.db.classes()
@@ -625,15 +706,20 @@ class SlideIndex:
     @property
     def vectors(self):
         """The faiss index, current with the database: loaded from its file when that reflects the
-        database's generation, else rebuilt from the stored vectors."""
+        database's generation and is of the manifest's kind, else rebuilt from the stored vectors."""
         generation = self.db.generation
         if self._vectors is not None and self._vectors_generation == generation:
             return self._vectors
         saved = self._saved_generation()
-        if saved == generation:
-            self._vectors = vector_index.load_vector_index(self.directory / VECTORS)
+        loaded = vector_index.load_vector_index(self.directory / VECTORS) if saved == generation else None
+        if loaded is not None and vector_index.index_kind(loaded) == self._kind_for(loaded.ntotal):
+            self._vectors = loaded
         else:
-            if saved is not None:
+            if loaded is not None:
+                print(f"note: {self.directory / VECTORS} is a {vector_index.index_kind(loaded)} index, the manifest "
+                      f"says {self.settings.index_type} (a reindex was stopped); rebuilding it from "
+                      f"{self.db.patch_count()} stored vectors")
+            elif saved is not None:
                 print(f"note: {self.directory / VECTORS} is older than the patch database (a run was stopped "
                       f"before saving it); rebuilding it from {self.db.patch_count()} stored vectors")
             self._vectors = self._rebuild()
@@ -652,22 +738,38 @@ class SlideIndex:
         except (ValueError, KeyError, TypeError):
             return None
 
-    def _rebuild(self):
-        dim = self.settings.dim
-        parts = list(self.db.all_vectors(dim))
-        ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-        vectors = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, dim), np.float32)
-        index = self._new_vector_index(vectors)
-        if len(ids):
+    def _kind_for(self, count: int, index_type: str | None = None) -> str:
+        """The faiss kind an index of `index_type` (the manifest's) holding `count` vectors has: ivf
+        is exact (flat) until there are vectors to train its lists on."""
+        kind = index_type or self.settings.index_type
+        # Part B's ivfpq joins here: flat until the store holds enough vectors to train it.
+        if kind == "ivf" and count == 0:
+            return "flat"
+        return kind
+
+    def _training_sample(self, count: int, lists: int | None) -> np.ndarray:
+        """Training vectors for the lists, read from the store: all of them up to REBUILD_TRAIN_MAX, an
+        evenly spread sample of at least TRAIN_POINTS_PER_LIST per list beyond."""
+        lists = lists or vector_index.default_ivf_lists(count)
+        size = min(count, max(REBUILD_TRAIN_MAX, vector_index.TRAIN_POINTS_PER_LIST * lists))
+        if size == count:
+            return np.concatenate([part for _, part in self.iter_vectors()])
+        ids = np.concatenate([part for part, _ in self.iter_vectors()])  # 8 bytes a patch, not the vectors
+        return self.vectors_of(ids[np.linspace(0, count - 1, size).astype(np.int64)])
+
+    def _rebuild(self, index_type: str | None = None, ivf_lists: int | None = None):
+        """A faiss index of `index_type` (the manifest's by default) over every stored vector, trained
+        on a sample and filled in batches of REBUILD_BATCH_ROWS: never all the vectors in memory at once."""
+        count = self.store.live_rows()
+        kind = self._kind_for(count, index_type)
+        lists = ivf_lists if index_type is not None else self.settings.ivf_lists
+        if lists is None and kind == "ivf":
+            lists = vector_index.default_ivf_lists(count)
+        train = self._training_sample(count, lists) if kind == "ivf" else None
+        index = vector_index.new_vector_index(kind, self.settings.dim, train, lists, self.settings.hnsw_m)
+        for ids, vectors in self.iter_vectors():
             vector_index.add_vectors(index, vectors, ids)
         return index
-
-    def _new_vector_index(self, train: np.ndarray):
-        kind = self.settings.index_type
-        if kind == "ivf" and len(train) == 0:
-            kind = "flat"  # nothing to train on yet: exact until the run that adds vectors closes the index
-        return vector_index.new_vector_index(kind, self.settings.dim, train if kind == "ivf" else None,
-                                             self.settings.ivf_lists, self.settings.hnsw_m)
 
     def save_vectors(self) -> None:
         if self._vectors is None:
@@ -682,17 +784,50 @@ class SlideIndex:
         current = self.vectors  # brought up to date before this change
         source_id, ids = self.db.add_source(record, command_line())
         if len(ids):
-            vector_index.add_vectors(current, np.ascontiguousarray(record.vectors, np.float32), ids)
+            # What the store holds (float16 rounds), so that a rebuild from it gives this index again.
+            stored = np.asarray(record.vectors, np.float32).astype(self.store.dtype).astype(np.float32)
+            vector_index.add_vectors(current, stored, ids)
         self._vectors_generation = self.db.generation
         return source_id
 
     def remove(self, source_id: int) -> int:
+        """Remove a source: its record, patches and block go in one transaction; its rows in the store
+        become dead space (`compact` gives it back)."""
         current = self.vectors
         ids = self.db.remove_source(source_id)
         if len(ids) and not vector_index.remove_ids(current, ids):
             self._vectors = self._rebuild()  # HNSW cannot remove: rebuilt without them
         self._vectors_generation = self.db.generation
         return len(ids)
+
+    def compact(self) -> StoreStats:
+        """Rewrite the store's live rows into new chunks and delete the old ones (crash-safe: see
+        vector_store.VectorStore.compact); returns the stats before. Writers only."""
+        self._require_writer("compact")
+        return self.store.compact()
+
+    def reindex(self, index_type: str, ivf_lists: int | None = None) -> None:
+        """Rebuild the faiss index as `index_type` from the store (nothing is embedded) and record the
+        type in the manifest. The faiss file is written first: killed before the manifest, the file's
+        kind differs from the manifest's type and the next open rebuilds it as the manifest says."""
+        self._require_writer("reindex")
+        if index_type not in vector_index.INDEX_TYPES:
+            raise UserError(f"--index-type {index_type}: choose one of {', '.join(vector_index.INDEX_TYPES)}")
+        if ivf_lists is not None and ivf_lists < 1:
+            raise UserError(f"--ivf-lists must be at least 1, got {ivf_lists}")
+        generation = self.db.generation
+        self._vectors = self._rebuild(index_type, ivf_lists)
+        self._vectors_generation = generation
+        self.save_vectors()
+        crash_point("reindex-saved")
+        self.settings = replace(self.settings, index_type=index_type, ivf_lists=ivf_lists)
+        manifest = json.loads((self.directory / MANIFEST).read_text())
+        manifest["vector_index"] = {**manifest.get("vector_index", {}), "type": index_type, "ivf_lists": ivf_lists}
+        atomic_write_text(self.directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+    def _require_writer(self, what: str) -> None:
+        if not self.writable:
+            raise RuntimeError(f"{what} needs the index opened with writable=True")
 
     def merge_shards(self) -> list[str]:
         """Move every source of the shard databases left by torchrun processes into the index."""
@@ -720,6 +855,52 @@ class SlideIndex:
                nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         return vector_index.search(self.vectors, np.ascontiguousarray(queries, np.float32), k, exclude,
                                    nprobe, ef_search)
+
+
+def upgrade_index(directory: str | os.PathLike) -> int:
+    """Convert an index folder of format 1 (vectors as blobs in patches.sqlite) to format 2 without
+    embedding anything; returns the number of vectors moved (0 for a folder already of format 2).
+    Crash-safe, and finished or redone by running it again: the store is written (a killed try's
+    rows are deleted by the store's recover), one transaction records every block and drops the
+    blobs, then VACUUM gives their space back, then the manifest says format 2."""
+    directory = Path(directory)
+    manifest, settings = _read_manifest(directory)
+    if manifest.get("format") == FORMAT:
+        return 0
+    if manifest.get("format") != 1:
+        raise UserError(f"{directory / MANIFEST}: index format {manifest.get('format')}, this version converts 1 "
+                        f"and reads {FORMAT}; rebuild the index")
+    lock = _lock_folder(directory)
+    try:
+        moved = 0
+        if (directory / DATABASE).is_file():
+            db = PatchDatabase(directory / DATABASE, store=directory / STORE, dim=settings.dim)
+            try:
+                connection, store = db.connection, db.store
+                has_blobs = connection.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'vectors'").fetchone()
+                if has_blobs:
+                    blocks = []
+                    for source_id, data in connection.execute(
+                            "SELECT v.source_id, v.data FROM vectors v JOIN sources s ON s.id = v.source_id "
+                            "ORDER BY s.first_patch"):  # one blob at a time
+                        vectors = np.frombuffer(data, np.float32).reshape(-1, settings.dim)
+                        blocks.append((source_id, store.append(vectors)))
+                        moved += len(vectors)
+                        crash_point("upgrade-append")
+                    with connection:
+                        for source_id, block in blocks:
+                            store.record(source_id, block)
+                        connection.execute("DROP TABLE vectors")
+                    crash_point("upgrade-switched")
+                connection.execute("VACUUM")
+            finally:
+                db.close()
+        manifest.update(format=FORMAT, vector_store={"dtype": "float32"})
+        atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    finally:
+        lock.close()
+    return moved
 
 
 def shard_record(shard: PatchDatabase, source: SourceRow, dim: int) -> SourceRecord:
