@@ -428,8 +428,8 @@ def run_compact(args: argparse.Namespace) -> int:
 def run_upgrade(args: argparse.Namespace) -> int:
     directory = require_index(args)
     moved = upgrade_index(directory)
-    print(f"{directory}: " + (f"converted to index format {FORMAT}, {moved} vectors moved into its vector store"
-                              if moved else f"of index format {FORMAT}, nothing to convert"))
+    print(f"{directory}: " + (f"of index format {FORMAT}, nothing to convert" if moved is None else
+                              f"converted to index format {FORMAT}, its vector store holds {moved} vectors"))
     return 0
 
 

@@ -857,16 +857,17 @@ class SlideIndex:
                                    nprobe, ef_search)
 
 
-def upgrade_index(directory: str | os.PathLike) -> int:
+def upgrade_index(directory: str | os.PathLike) -> int | None:
     """Convert an index folder of format 1 (vectors as blobs in patches.sqlite) to format 2 without
-    embedding anything; returns the number of vectors moved (0 for a folder already of format 2).
+    embedding anything; returns the number of vectors the store holds after it (None for a folder
+    already of format 2: nothing to do).
     Crash-safe, and finished or redone by running it again: the store is written (a killed try's
     rows are deleted by the store's recover), one transaction records every block and drops the
     blobs, then VACUUM gives their space back, then the manifest says format 2."""
     directory = Path(directory)
     manifest, settings = _read_manifest(directory)
     if manifest.get("format") == FORMAT:
-        return 0
+        return None
     if manifest.get("format") != 1:
         raise UserError(f"{directory / MANIFEST}: index format {manifest.get('format')}, this version converts 1 "
                         f"and reads {FORMAT}; rebuild the index")
@@ -886,7 +887,6 @@ def upgrade_index(directory: str | os.PathLike) -> int:
                             "ORDER BY s.first_patch"):  # one blob at a time
                         vectors = np.frombuffer(data, np.float32).reshape(-1, settings.dim)
                         blocks.append((source_id, store.append(vectors)))
-                        moved += len(vectors)
                         crash_point("upgrade-append")
                     with connection:
                         for source_id, block in blocks:
@@ -894,6 +894,7 @@ def upgrade_index(directory: str | os.PathLike) -> int:
                         connection.execute("DROP TABLE vectors")
                     crash_point("upgrade-switched")
                 connection.execute("VACUUM")
+                moved = store.live_rows()
             finally:
                 db.close()
         manifest.update(format=FORMAT, vector_store={"dtype": "float32"})
