@@ -332,3 +332,17 @@ def test_upgrade_converts_a_format_1_folder_to_the_same_results_even_when_killed
     assert chunk_bytes(folder) == live * DIM * 4
     assert run("upgrade", "--index", str(folder)) == 0
     assert "of index format 2, nothing to convert" in capsys.readouterr().out
+
+
+def test_index_vector_dtype_float16_is_recorded_and_stores_half_the_bytes(tmp_path, make_images):
+    make_images(tmp_path / "images", {"c": 3}, size=24)
+    folder = tmp_path / "index"
+    assert run("index", "--encoder", "histogram", str(tmp_path / "images"), "--index", str(folder),
+               "--vector-dtype", "float16", "--device", "cpu", "--workers", "0") == 0
+    assert json.loads((folder / "manifest.json").read_text())["vector_store"] == {"dtype": "float16"}
+    with SlideIndex.open(folder) as index:
+        (source,) = index.sources()
+        ids, stored = index.source_vectors(source.id)
+        assert chunk_bytes(folder) == len(ids) * index.settings.dim * 2 and len(ids) == 3
+        assert np.array_equal(stored, stored.astype(np.float16).astype(np.float32))
+        assert np.array_equal(index.search(stored, 1)[1][:, 0], ids)  # each finds itself first
