@@ -92,6 +92,9 @@ def test_vectors_of_any_ids_and_the_chunked_iteration_match_a_naive_concatenatio
         order = np.random.default_rng(0).permutation(len(ids))
         assert np.array_equal(index.vectors_of(ids[order]), naive[order])
         assert np.array_equal(index.vectors_of(np.array([ids[3]] * 4)), np.repeat(naive[3:4], 4, axis=0))
+        spread = index.store.spread_ids(5)
+        assert np.array_equal(spread, ids[np.linspace(0, len(ids) - 1, 5).astype(np.int64)])
+        assert np.array_equal(index.store.spread_ids(10 ** 6), ids)
         batches = list(index.iter_vectors(batch_rows=7))
         assert len(batches) > 1
         assert np.array_equal(np.concatenate([b[0] for b in batches]), ids)
@@ -240,7 +243,7 @@ def test_retrieve_index_killed_among_many_sources_reruns_to_one_uninterrupted_ru
 
 
 # ----------------------------------------------------------------------------- reindex
-def test_reindex_gives_the_same_vectors_and_the_same_exact_results(tmp_path, capsys):
+def test_reindex_gives_the_same_vectors_and_the_same_exact_results(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "index"
     build(folder, remove=("/s2",))
     before = contents(folder)
@@ -249,9 +252,19 @@ def test_reindex_gives_the_same_vectors_and_the_same_exact_results(tmp_path, cap
     with SlideIndex.open(folder) as index:
         assert vector_index.index_kind(index.vectors) == "hnsw" and index.settings.index_type == "hnsw"
         assert index.vectors.ntotal == index.patch_count()
+    # IVF trained on a sample read from the store by id: 3 per list here, not every vector.
+    from histo_retrieval.search import index as index_module
+    trained = []
+    monkeypatch.setattr(index_module, "REBUILD_TRAIN_MAX", 4)
+    monkeypatch.setattr(vector_index, "TRAIN_POINTS_PER_LIST", 3)
+    new = vector_index.new_vector_index
+    monkeypatch.setattr(vector_index, "new_vector_index", lambda kind, dim, train=None, *a: trained.append(
+        None if train is None else train.copy()) or new(kind, dim, train, *a))
     assert run("reindex", "--index", str(folder), "--index-type", "ivf", "--ivf-lists", "2") == 0
     with SlideIndex.open(folder) as index:
         assert vector_index.index_kind(index.vectors) == "ivf" and index.vectors.nlist == 2
+        everything = np.concatenate([v for _, v in index.iter_vectors()])
+        assert np.array_equal(trained[0], everything[np.linspace(0, len(everything) - 1, 6).astype(np.int64)])
         assert index.settings.ivf_lists == 2
     assert run("reindex", "--index", str(folder), "--index-type", "flat") == 0
     same_contents(contents(folder), before)

@@ -39,7 +39,7 @@ from histo_retrieval.data.datasets import InputSteps
 from histo_retrieval.search import vector_index
 from histo_retrieval.errors import UserError
 from histo_retrieval.files import atomic_write_text, command_line
-from histo_retrieval.search.vector_store import DTYPES, STORE_SCHEMA, Block, StoreStats, VectorStore, crash_point
+from histo_retrieval.search.vector_store import DTYPES, StoreStats, VectorStore, crash_point
 from histo_retrieval.search.mosaic import MosaicSettings
 from histo_retrieval.search.slides import Slide, SlideError, Tiling, open_slide
 
@@ -754,8 +754,7 @@ class SlideIndex:
         size = min(count, max(REBUILD_TRAIN_MAX, vector_index.TRAIN_POINTS_PER_LIST * lists))
         if size == count:
             return np.concatenate([part for _, part in self.iter_vectors()])
-        ids = np.concatenate([part for part, _ in self.iter_vectors()])  # 8 bytes a patch, not the vectors
-        return self.vectors_of(ids[np.linspace(0, count - 1, size).astype(np.int64)])
+        return self.vectors_of(self.store.spread_ids(size))
 
     def _rebuild(self, index_type: str | None = None, ivf_lists: int | None = None):
         """A faiss index of `index_type` (the manifest's by default) over every stored vector, trained

@@ -284,6 +284,16 @@ class VectorStore:
         if ids_parts:
             yield np.concatenate(ids_parts), np.concatenate(vector_parts)
 
+    def spread_ids(self, size: int) -> np.ndarray:
+        """`size` live patch ids evenly spread over all of them in id order (a training sample),
+        without listing every id: positions are mapped through the sources' cumulative counts."""
+        self._current()
+        total = int(self._count.sum())
+        positions = np.linspace(0, total - 1, min(size, total)).astype(np.int64) if total else np.zeros(0, np.int64)
+        ends = np.cumsum(self._count)
+        at = np.searchsorted(ends, positions, side="right")
+        return self._first[at] + positions - (ends[at] - self._count[at])
+
     def live_rows(self) -> int:
         self._current()
         return int(self._count.sum())
