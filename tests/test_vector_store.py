@@ -140,7 +140,17 @@ def test_remove_and_replace_leave_no_live_orphan_and_compact_gives_the_space_bac
     assert run("list", "--index", str(folder)) == 0
     assert (f"vectors: float32, {stats.live_rows} live rows in {stats.chunks} chunk file(s); {dead} dead rows "
             f"({dead * DIM * 4} bytes) reclaimable by `retrieve.py compact --index {folder}`") in capsys.readouterr().out
+    reader = SlideIndex.open(folder)  # a query or the search page, open across the compact
+    ids = np.concatenate([b[0] for b in reader.iter_vectors()])
+    expected = reader.vectors_of(ids)
+    iterating = reader.iter_vectors(batch_rows=1)
+    first = next(iterating)
     assert run("compact", "--index", str(folder)) == 0
+    assert not (folder / "vectors" / "000001.vec").exists()  # the old chunks are gone
+    assert np.array_equal(reader.vectors_of(ids), expected)  # read from the new chunks
+    rest = list(iterating)  # began before: reads the old chunks through its maps
+    assert np.array_equal(np.concatenate([first[1], *[b[1] for b in rest]]), expected)
+    reader.close()
     assert f"compacted the vector store from {stats.file_bytes} to {stats.live_rows * DIM * 4} bytes" in \
         capsys.readouterr().out
     with SlideIndex.open(folder) as index:

@@ -270,13 +270,18 @@ class VectorStore:
 
     def iter_vectors(self, batch_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every live (patch ids, float32 vectors), in id order, in batches of about `batch_rows` rows
-        (a source is never split), so that a rebuild never holds all the vectors at once."""
-        self._current()
-        order = list(zip(self._first, self._count, self._chunk, self._row))
+        (a source is never split), so that a rebuild never holds all the vectors at once. It reads
+        the store as it was when it began: every chunk is mapped first, so a compact that deletes
+        them meanwhile changes nothing it reads."""
+        def snapshot():
+            return (list(zip(self._first, self._count, self._chunk, self._row)),
+                    {int(chunk): self._map(int(chunk)) for chunk in np.unique(self._chunk)})
+
+        order, maps = self._read(snapshot)
         ids_parts, vector_parts, held = [], [], 0
         for first, count, chunk, row in order:
             ids_parts.append(np.arange(first, first + count, dtype=np.int64))
-            vector_parts.append(np.array(self._map(int(chunk))[row:row + count], np.float32))
+            vector_parts.append(np.array(maps[int(chunk)][row:row + count], np.float32))
             held += count
             if held >= batch_rows:
                 yield np.concatenate(ids_parts), np.concatenate(vector_parts)
