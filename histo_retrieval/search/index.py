@@ -561,6 +561,9 @@ def format_1_message(directory: Path) -> str:
 # itself, so the lists come out as if trained on all).
 REBUILD_TRAIN_MAX = 2 ** 18
 REBUILD_BATCH_ROWS = 2 ** 16
+# Kinds whose lists are trained on a sample of the store (ivfpq once vector_index has it): exact
+# (flat) until the store holds vectors enough to train them, see SlideIndex._kind_for.
+TRAINED_KINDS = ("ivf", "ivfpq")
 
 
 class SlideIndex:
@@ -742,8 +745,8 @@ class SlideIndex:
         """The faiss kind an index of `index_type` (the manifest's) holding `count` vectors has: ivf
         is exact (flat) until there are vectors to train its lists on."""
         kind = index_type or self.settings.index_type
-        # Part B's ivfpq joins here: flat until the store holds enough vectors to train it.
-        if kind == "ivf" and count == 0:
+        # ivfpq will need its own minimum here (vector_index's count a PQ needs), not just one vector.
+        if kind in TRAINED_KINDS and count == 0:
             return "flat"
         return kind
 
@@ -762,9 +765,9 @@ class SlideIndex:
         count = self.store.live_rows()
         kind = self._kind_for(count, index_type)
         lists = ivf_lists if index_type is not None else self.settings.ivf_lists
-        if lists is None and kind == "ivf":
+        if lists is None and kind in TRAINED_KINDS:
             lists = vector_index.default_ivf_lists(count)
-        train = self._training_sample(count, lists) if kind == "ivf" else None
+        train = self._training_sample(count, lists) if kind in TRAINED_KINDS else None
         index = vector_index.new_vector_index(kind, self.settings.dim, train, lists, self.settings.hnsw_m)
         for ids, vectors in self.iter_vectors():
             vector_index.add_vectors(index, vectors, ids)
