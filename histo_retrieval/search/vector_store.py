@@ -23,7 +23,7 @@ import signal
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 
@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS vector_blocks (
 # killing): HISTO_RETRIEVAL_CRASH_AT=NAME, or NAME:N for the N-th time it is reached.
 CRASH_ENV = "HISTO_RETRIEVAL_CRASH_AT"
 _reached: dict[str, int] = {}
+T = TypeVar("T")
 
 
 def crash_point(name: str) -> None:
@@ -219,7 +220,7 @@ class VectorStore:
             self._maps[chunk] = mapped
         return mapped
 
-    def _read(self, read):
+    def _read(self, read: Callable[[], T]) -> T:
         """read() under a current map; once more after reloading it when a chunk file went away
         (a compact switched the blocks between our check and our read)."""
         self._current()
@@ -231,7 +232,7 @@ class VectorStore:
             return read()
 
     # ------------------------------------------------------------------ reads
-    def source_vectors(self, source_id: int, first_patch: int | None = None) -> np.ndarray:
+    def source_vectors(self, source_id: int) -> np.ndarray:
         """One source's rows (float32, a copy), in patch order; empty when it has none."""
         def read() -> np.ndarray:
             i = self._by_source.get(int(source_id))
