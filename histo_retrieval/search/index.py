@@ -66,6 +66,15 @@ CREATE TABLE IF NOT EXISTS labels (
 SOURCE_COLUMNS = ("path", "kind", "file_size", "mtime", "width", "height", "slide_mpp", "backend",
                   "thumbnail", "thumbnail_downsample")
 
+# A source's file name (Path(path).name) in SQL: what follows the path's last "/".
+FILE_NAME_SQL = "substr(s.path, length(rtrim(s.path, replace(s.path, '/', ''))) + 1)"
+
+
+def like_pattern(text: str) -> str:
+    """`text` for a LIKE ... ESCAPE '\\' pattern, its own %, _ and \\ matched as themselves."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 SourceKind = Literal["slide", "folder"]  # what an index holds: a whole slide, or a folder of patch images
 SourceState = Literal["indexed", "failed"]  # a failed source is recorded for `list --failed` and retried
 
@@ -289,14 +298,14 @@ class PatchDatabase:
         return ids
 
     # ------------------------------------------------------------------ reads
-    def _source_rows(self, where: str, values: tuple) -> list[SourceRow]:
+    def _source_rows(self, where: str, values: tuple, page: str = "") -> list[SourceRow]:
         labelled = ("label", "patient")
         columns = ", ".join(f"s.{column.name}" for column in fields(SourceRow) if column.name not in labelled)
         # An index opened read-only from before labels has no labels table: its sources have none.
         join, extra = ("LEFT JOIN labels l ON l.source_id = s.id", "l.label, l.patient") if self._has_labels() \
             else ("", "NULL, NULL")
-        rows = self.connection.execute(f"SELECT {columns}, {extra} FROM sources s {join} {where} ORDER BY s.id",
-                                       values)
+        rows = self.connection.execute(f"SELECT {columns}, {extra} FROM sources s {join} {where} ORDER BY s.id "
+                                       f"{page}", values)
         return [SourceRow(*row) for row in rows]
 
     def _has_labels(self) -> bool:
@@ -317,6 +326,52 @@ class PatchDatabase:
     def source_by_path(self, path: str) -> SourceRow | None:
         rows = self._source_rows("WHERE s.path = ?", (path,))
         return rows[0] if rows else None
+
+    def sources_by_id(self, ids: Sequence[int], state: SourceState | None = "indexed") -> dict[int, SourceRow]:
+        """The sources among `ids` in `state` (every one with None), by id; ids it does not hold are left out."""
+        found: dict[int, SourceRow] = {}
+        ids = sorted({int(i) for i in ids})
+        for start in range(0, len(ids), 900):  # SQLite's limit on bound parameters
+            chunk = ids[start:start + 900]
+            where = f"WHERE s.id IN ({', '.join('?' * len(chunk))})" + (" AND s.state = ?" if state else "")
+            found.update((row.id, row) for row in self._source_rows(where, (*chunk, *([state] if state else []))))
+        return found
+
+    def source_page(self, offset: int = 0, limit: int = 100, name: str = "", kind: SourceKind | None = None,
+                    state: SourceState | None = "indexed") -> tuple[list[SourceRow], int]:
+        """(at most `limit` sources from the `offset`-th, by id; how many there are in all) of those in
+        `state` of `kind` whose file name contains `name` (ASCII letters of either case): one page of
+        a list too long to read whole, read with SQL LIMIT and OFFSET."""
+        clauses, values = [], []
+        for column, value in (("state", state), ("kind", kind)):
+            if value:
+                clauses.append(f"s.{column} = ?")
+                values.append(value)
+        if name:
+            clauses.append(f"{FILE_NAME_SQL} LIKE ? ESCAPE '\\'")
+            values.append("%" + like_pattern(name) + "%")
+        where = "WHERE " + " AND ".join(clauses) if clauses else ""
+        total = self.connection.execute(f"SELECT COUNT(*) FROM sources s {where}", values).fetchone()[0]
+        return self._source_rows(where, (*values, limit, offset), "LIMIT ? OFFSET ?"), total
+
+    def source_counts(self) -> dict[str, int]:
+        """How many sources the record holds, counted by SQL without reading one row out: slides and
+        folders indexed, their patches, sources that failed, indexed sources with a label."""
+        slides, folders, patches, failed = self.connection.execute(
+            "SELECT COALESCE(SUM(state = 'indexed' AND kind = 'slide'), 0), "
+            "COALESCE(SUM(state = 'indexed' AND kind = 'folder'), 0), "
+            "COALESCE(SUM(CASE WHEN state = 'indexed' THEN patch_count END), 0), "
+            "COALESCE(SUM(state = 'failed'), 0) FROM sources").fetchone()
+        labelled = self.connection.execute(
+            "SELECT COUNT(*) FROM labels l JOIN sources s ON s.id = l.source_id WHERE s.state = 'indexed'"
+        ).fetchone()[0] if self._has_labels() else 0
+        return {"sources": slides + folders, "slides": slides, "folders": folders, "patches": patches,
+                "failed": failed, "labelled": labelled}
+
+    def paths_in(self, text: str) -> list[str]:
+        """The paths of the sources (in any state) that occur in `text`, such as an error message."""
+        return [row[0] for row in self.connection.execute("SELECT path FROM sources WHERE instr(?, path) > 0",
+                                                          (text,))]
 
     def thumbnail(self, source_id: int) -> Thumbnail | None:
         """A slide's thumbnail; None for a folder (or an id the database does not hold)."""
@@ -583,6 +638,27 @@ class SlideIndex:
 
     def source_by_path(self, path: str) -> SourceRow | None:
         return self.db.source_by_path(path)
+
+    def sources_by_id(self, ids: Sequence[int], state: SourceState | None = "indexed") -> dict[int, SourceRow]:
+        """The sources among `ids` in `state` (every one with None), by id."""
+        return self.db.sources_by_id(ids, state)
+
+    def source(self, source_id: int, state: SourceState | None = "indexed") -> SourceRow | None:
+        """One source by id (None when the index holds none in `state`)."""
+        return self.db.sources_by_id([source_id], state).get(source_id)
+
+    def source_page(self, offset: int = 0, limit: int = 100, name: str = "", kind: SourceKind | None = None,
+                    state: SourceState | None = "indexed") -> tuple[list[SourceRow], int]:
+        """(one page of the sources, by id; how many match in all): PatchDatabase.source_page."""
+        return self.db.source_page(offset, limit, name, kind, state)
+
+    def source_counts(self) -> dict[str, int]:
+        """Sources, slides, folders, patches, failed and labelled, counted without listing."""
+        return self.db.source_counts()
+
+    def paths_in(self, text: str) -> list[str]:
+        """The paths of the sources that occur in `text`."""
+        return self.db.paths_in(text)
 
     def thumbnail(self, source_id: int) -> Thumbnail | None:
         return self.db.thumbnail(source_id)
