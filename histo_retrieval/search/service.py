@@ -8,8 +8,8 @@
 Everything is addressed by the ids of the index's own records (sources, patches, searches): no
 path from a request ever reaches the file system, so nothing outside the index can be read, and
 the index is opened read-only, so nothing in it can be changed. Requests read the rows they need
-by id, a page or a count at a time (never the whole list: an archive holds 100,000 slides). One lock serialises the model and
-the SQLite connection (searches are model-bound); tiles are read outside it. Each slide's pixels
+by id, a page or a count at a time (never the whole list: an archive holds 100,000 slides). One
+lock serialises the model and the SQLite connection (searches are model-bound); tiles are read outside it. Each slide's pixels
 (tiles, patch images, region searches) come through one cached handle of its own, checked before
 every use against the index's current record of its id and against its file: a file changed since
 it was indexed is refused (SlideChanged, HTTP 409), never mixed with what the index holds.
