@@ -348,8 +348,9 @@ class PatchDatabase:
                 clauses.append(f"s.{column} = ?")
                 values.append(value)
         if name:
-            clauses.append(f"{FILE_NAME_SQL} LIKE ? ESCAPE '\\'")
-            values.append("%" + like_pattern(name) + "%")
+            # The whole path first, a plain scan: the file name, dearer to cut out, only where that matches.
+            clauses.append(f"s.path LIKE ? ESCAPE '\\' AND {FILE_NAME_SQL} LIKE ? ESCAPE '\\'")
+            values += ["%" + like_pattern(name) + "%"] * 2
         where = "WHERE " + " AND ".join(clauses) if clauses else ""
         total = self.connection.execute(f"SELECT COUNT(*) FROM sources s {where}", values).fetchone()[0]
         return self._source_rows(where, (*values, limit, offset), "LIMIT ? OFFSET ?"), total
