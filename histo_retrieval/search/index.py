@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS sources (
     file_size INTEGER, mtime REAL, width INTEGER, height INTEGER, slide_mpp REAL, backend TEXT,
     first_patch INTEGER, patch_count INTEGER NOT NULL DEFAULT 0, thumbnail BLOB, thumbnail_downsample REAL,
     reason TEXT, indexed_at TEXT, command TEXT);
+CREATE INDEX IF NOT EXISTS sources_by_state ON sources (state, kind, patch_count);
 CREATE TABLE IF NOT EXISTS patches (
     id INTEGER PRIMARY KEY, source_id INTEGER NOT NULL REFERENCES sources(id) ON DELETE CASCADE,
     x INTEGER NOT NULL, y INTEGER NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL,
@@ -347,24 +348,29 @@ class PatchDatabase:
             if value:
                 clauses.append(f"s.{column} = ?")
                 values.append(value)
+        # sources_by_state counts them; the rows are read in id order, not through it (`+` keeps the
+        # planner off it: a page deep in the list would otherwise sort every match first).
         if name:
             # The whole path first, a plain scan: the file name, dearer to cut out, only where that matches.
             clauses.append(f"s.path LIKE ? ESCAPE '\\' AND {FILE_NAME_SQL} LIKE ? ESCAPE '\\'")
             values += ["%" + like_pattern(name) + "%"] * 2
         where = "WHERE " + " AND ".join(clauses) if clauses else ""
         total = self.connection.execute(f"SELECT COUNT(*) FROM sources s {where}", values).fetchone()[0]
-        return self._source_rows(where, (*values, limit, offset), "LIMIT ? OFFSET ?"), total
+        by_id = where.replace("s.state =", "+s.state =").replace("s.kind =", "+s.kind =")
+        return self._source_rows(by_id, (*values, limit, offset), "LIMIT ? OFFSET ?"), total
 
     def source_counts(self) -> dict[str, int]:
         """How many sources the record holds, counted by SQL without reading one row out: slides and
         folders indexed, their patches, sources that failed, indexed sources with a label."""
-        slides, folders, patches, failed = self.connection.execute(
-            "SELECT COALESCE(SUM(state = 'indexed' AND kind = 'slide'), 0), "
-            "COALESCE(SUM(state = 'indexed' AND kind = 'folder'), 0), "
-            "COALESCE(SUM(CASE WHEN state = 'indexed' THEN patch_count END), 0), "
-            "COALESCE(SUM(state = 'failed'), 0) FROM sources").fetchone()
+        # One pass over sources_by_state (not the rows, thumbnails and all), where the index has it.
+        groups = {(state, kind): (count, patches) for state, kind, count, patches in self.connection.execute(
+            "SELECT state, kind, COUNT(*), COALESCE(SUM(patch_count), 0) FROM sources GROUP BY state, kind")}
+        slides, folders = (groups.get(("indexed", kind), (0, 0))[0] for kind in ("slide", "folder"))
+        patches = sum(patches for (state, _), (_, patches) in groups.items() if state == "indexed")
+        failed = sum(count for (state, _), (count, _) in groups.items() if state == "failed")
+        # CROSS JOIN: the labels first (a few), each source looked up by id, not every source scanned.
         labelled = self.connection.execute(
-            "SELECT COUNT(*) FROM labels l JOIN sources s ON s.id = l.source_id WHERE s.state = 'indexed'"
+            "SELECT COUNT(*) FROM labels l CROSS JOIN sources s ON s.id = l.source_id WHERE s.state = 'indexed'"
         ).fetchone()[0] if self._has_labels() else 0
         return {"sources": slides + folders, "slides": slides, "folders": folders, "patches": patches,
                 "failed": failed, "labelled": labelled}

@@ -50,6 +50,7 @@ const similarity = (value) => value.toFixed(3);
 // 100,000 slides are never all read. A sentinel after the last item loads the next page when it
 // scrolls into view.
 async function loadIndex() {
+  const listed = resetSlideList();  // the list's first page and the summary are asked for together
   const summary = await (await api("/api/index")).json();
   state.summary = summary;
   $("#summary").textContent = `${summary.slides} slide(s), ${summary.patches.toLocaleString()} patches of `
@@ -65,7 +66,7 @@ async function loadIndex() {
   new IntersectionObserver((entries) => {
     if (entries.some((entry) => entry.isIntersecting)) loadSlides();
   }, { root: $("aside"), rootMargin: "200px" }).observe($("#more"));
-  await resetSlideList();
+  await listed;
 }
 
 // Start the list again for the filter's text, from its first page.
