@@ -17,7 +17,7 @@ Measured, --repeats times each, the median reported:
   thumbnail decoded, and a name search, from typing the last slide's name into the filter to the list
   showing that one slide (the page waits FILTER_DELAY_MS = 250 ms after typing before it asks: included).
 
-Writes the table (command, machine, date) to bench/results.md's "Search page at archive size" section
+Writes the table (command, machine, date, the load average at the start and the end) to bench/results.md's "Search page at archive size" section
 (--record PATH elsewhere; --no-record: never). Exit status 2 on bad arguments.
 """
 from __future__ import annotations
@@ -216,7 +216,8 @@ def measure(size: int, work: Path, args: argparse.Namespace, launcher) -> dict:
         stop(process)
 
 
-def report(rows: list[dict], args: argparse.Namespace, browser_note: str | None) -> str:
+def report(rows: list[dict], args: argparse.Namespace, browser_note: str | None,
+           load: tuple[float, float] = (0.0, 0.0)) -> str:
     lines = ["| slide records | GET /api/index | GET /api/slides, first page (100) | name search, API | "
              "page: first load to the first slide card | page: name search typed to its one result | "
              "set-up: records written, server up |", "|---:|---:|---:|---:|---:|---:|---|"]
@@ -230,6 +231,9 @@ def report(rows: list[dict], args: argparse.Namespace, browser_note: str | None)
               "the page's 250 ms typing pause before it asks the server."]
     if browser_note:
         lines.append(f"The page itself was not measured: {browser_note}.")
+    busy = "other jobs shared the machine" if max(load) > (os.cpu_count() or 1) else "a quiet machine"
+    lines.append(f"Load average {load[0]:.1f} at the start, {load[1]:.1f} at the end, on {os.cpu_count()} cores: "
+                 f"{busy}.")
     return "\n".join(lines) + "\n"
 
 
@@ -239,12 +243,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     launcher, note = (None, "--no-browser") if args.no_browser else browser_or_reason()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="page_scale_"))
     work.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]
     try:
         rows = [measure(size, work, args, launcher) for size in args.sizes]
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    text = report(rows, args, note)
+    text = report(rows, args, note, (load_before, os.getloadavg()[0]))
     print(f"machine: {machine()}\n\n{text}")
     if not args.no_record:
         record(args.record, text, SECTION)
