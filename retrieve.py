@@ -175,6 +175,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("list", parents=[where], help="show an index's encoder, scale and sources")
     listing.add_argument("--failed", action="store_true", help="also list sources that failed (default: off)")
+    listing.add_argument("--summary", action="store_true",
+                         help="print the counts alone (sources, slides, folders, patches, failed, labelled), "
+                              "counted without reading a row per source (default: off: every source listed)")
     label = commands.add_parser("label", parents=[where],
                                 help="attach a label (diagnosis) and a patient to indexed slides, from a CSV file")
     label.add_argument("labels", metavar="LABELS.csv",
@@ -329,6 +332,10 @@ def run_query(args: argparse.Namespace, device: torch.device) -> int:
 
 def run_list(args: argparse.Namespace) -> int:
     with SlideIndex.open(require_index(args)) as index:
+        if args.summary:
+            for name, count in index.source_counts().items():
+                print(f"{name}: {count}")
+            return 0
         s = index.settings
         print(f"index {index.directory}: {s.describe_encoder()}, {s.index_type}")
         print(f"patches of {s.patch_size} px at {s.mpp} um/px, tissue threshold {s.tissue_threshold}"

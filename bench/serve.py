@@ -515,12 +515,12 @@ def report(args: argparse.Namespace, built: dict, summary: dict, results: list[d
     return data, "\n".join(lines) + "\n"
 
 
-def record(path: str, text: str) -> None:
-    """Put `text` under SECTION in the Markdown file `path`, replacing that section's old text."""
+def record(path: str, text: str, section_title: str = SECTION) -> None:
+    """Put `text` under `section_title` in the Markdown file `path`, replacing that section's old text."""
     old = Path(path).read_text(encoding="utf-8") if Path(path).exists() else ""
     stamp = f"Command: `{command_line()}` on {machine()}, {datetime.date.today().isoformat()}\n\n"
-    section = f"{SECTION}\n\n{stamp}{text}"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
+    section = f"{section_title}\n\n{stamp}{text}"
+    pattern = re.compile(rf"^{re.escape(section_title)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
     new = pattern.sub(lambda _: section + "\n", old) if pattern.search(old) else \
         (old.rstrip("\n") + "\n\n" if old.strip() else "") + section
     atomic_write_text(path, new)

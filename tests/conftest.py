@@ -1,6 +1,8 @@
 """Shared fixtures: a test that takes `device` runs on the CPU and, where one is present, on CUDA."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -118,6 +120,14 @@ def client(service):
 def live_server(served_index, tmp_path_factory) -> dict:
     """`retrieve.py serve` over `served_index` on a free loopback port, as a user starts it:
     {"url", "port", "pid"}."""
+    with serving(served_index["index"], tmp_path_factory.mktemp("serve") / "serve.log") as server:
+        yield server
+
+
+@contextlib.contextmanager
+def serving(index, log):
+    """`retrieve.py serve --index INDEX` on a free loopback port, its output in `log`, until the block
+    ends: {"url", "port", "pid"} (skips the test when the page's viewer is not installed)."""
     import socket
     import subprocess
     import sys
@@ -133,10 +143,9 @@ def live_server(served_index, tmp_path_factory) -> dict:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     repo = Path(__file__).resolve().parents[1]
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, str(repo / "retrieve.py"), "serve", "--index",
-                                    str(served_index["index"]), "--port", str(port), "--device", "cpu",
+                                    str(index), "--port", str(port), "--device", "cpu",
                                     "--batch-size", "16"], stdout=out, stderr=subprocess.STDOUT, cwd=repo)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -156,3 +165,14 @@ def live_server(served_index, tmp_path_factory) -> dict:
             process.wait(10)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="module")
+def records_server(tmp_path_factory) -> dict:
+    """`retrieve.py serve` over an index of 250 slide records (bench.page_scale.write_records: more
+    than the page lists at once): {"url", "port", "pid"}."""
+    from bench.page_scale import write_records
+
+    root = tmp_path_factory.mktemp("records")
+    with serving(write_records(root / "index", 250, patches=2), root / "serve.log") as server:
+        yield server

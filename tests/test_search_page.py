@@ -199,3 +199,72 @@ def test_the_served_page_needs_no_internet(base_url):
     assert len(viewer) > 100_000
     icon = urllib.request.urlopen(base_url + "/vendor/openseadragon/images/zoomin_rest.png").read()
     assert Image.open(io.BytesIO(icon)).size[0] > 0
+
+
+@pytest.fixture
+def records_page(browser, records_server, tmp_path):
+    """A page on the server of 250 slide records, with the /api/slides requests it made (their query
+    parameters) and the errors it reported."""
+    from urllib.parse import parse_qs, urlsplit
+
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, base_url=records_server["url"])
+    opened = context.new_page()
+    opened.errors, opened.listings = [], []
+    opened.on("pageerror", lambda error: opened.errors.append(str(error)))
+    opened.on("console", lambda message: opened.errors.append(message.text) if message.type == "error" else None)
+    opened.on("request", lambda request: opened.listings.append(parse_qs(urlsplit(request.url).query))
+              if urlsplit(request.url).path == "/api/slides" else None)
+    opened.shots = tmp_path
+    yield opened
+    context.close()
+
+
+def listed_names(page) -> list[str]:
+    return [text.split("\n")[0] for text in page.locator("#slide-list li a").all_inner_texts()]
+
+
+def test_the_slide_list_loads_a_page_more_as_one_scrolls(records_page):
+    page = records_page
+    page.goto("/")
+    expect(page.locator("#slide-list li a")).to_have_count(100)
+    expect(page.locator("#slide-count")).to_have_text("100 of 250 slide(s)")
+    assert listed_names(page) == [f"slide_{i:06d}.svs" for i in range(100)]
+    page.locator("#more").scroll_into_view_if_needed()
+    expect(page.locator("#slide-list li a")).to_have_count(200)
+    page.locator("#more").scroll_into_view_if_needed()
+    expect(page.locator("#slide-list li a")).to_have_count(250)
+    expect(page.locator("#slide-count")).to_have_text("250 of 250 slide(s)")
+    expect(page.locator("#more")).to_be_hidden()
+    assert listed_names(page) == [f"slide_{i:06d}.svs" for i in range(250)]  # each once, in order
+    assert [(q["offset"], q["limit"]) for q in page.listings if q["kind"] == ["slide"]] == \
+        [(["0"], ["100"]), (["100"], ["100"]), (["200"], ["100"])]
+    page.screenshot(path=page.shots / "6_scrolled_list.png")
+    assert not page.errors, page.errors
+
+
+def test_the_name_search_asks_the_server(records_page):
+    page = records_page
+    page.goto("/")
+    expect(page.locator("#slide-list li a")).to_have_count(100)
+    # Typed key by key; slides 230 to 239: none of them among the 100 the page has read.
+    page.locator("#filter").press_sequentially("slide_00023", delay=30)
+    expect(page.locator("#slide-list li a")).to_have_count(10)
+    assert listed_names(page) == [f"slide_{i:06d}.svs" for i in range(230, 240)]
+    expect(page.locator("#slide-count")).to_have_text("10 of 10 slide(s) matching “slide_00023”")
+    assert page.listings[-1]["q"] == ["slide_00023"] and page.listings[-1]["offset"] == ["0"]
+    page.fill("#filter", "no such slide")
+    expect(page.locator("#slide-list li")).to_have_text(["No slide matches."])
+    page.fill("#filter", "")
+    expect(page.locator("#slide-list li a")).to_have_count(100)
+    # One request a pause in typing, not one a key: three after the first page.
+    assert len([q for q in page.listings if q["kind"] == ["slide"]]) == 4
+    assert not page.errors, page.errors
+
+
+def test_a_link_to_a_slide_not_yet_listed_opens_it(records_page):
+    page = records_page
+    page.goto("/#/slide/240")  # the 240th record: not on the list's first page
+    expect(page.locator("#slide-name")).to_have_text("slide_000239.svs")
+    expect(page.locator("#slide-list li a")).to_have_count(100)
+    # Records only: the slide's file does not exist, so the viewer says it could not be opened.
+    expect(page.locator("#status")).to_contain_text("could not be opened")

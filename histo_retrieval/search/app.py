@@ -29,15 +29,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from histo_retrieval.errors import UserError
 from histo_retrieval.search.index import SlideChanged, SourceKind, SourceRow
 from histo_retrieval.search.queries import Match, SlideRank
-from histo_retrieval.search.service import (MAX_BODY_BYTES, MAX_ID, MAX_UPLOAD_BYTES, MAX_UPLOAD_SIDE,
-                                            SIMILAR_SLIDES, UPLOAD_FORM_OVERHEAD, NotFound, Search, SearchKind,
-                                            SearchService)
+from histo_retrieval.search.service import (MAX_BODY_BYTES, MAX_ID, MAX_PAGE_SIZE, MAX_UPLOAD_BYTES,
+                                            MAX_UPLOAD_SIDE, PAGE_SIZE, SIMILAR_SLIDES, UPLOAD_FORM_OVERHEAD, NotFound,
+                                            Search, SearchKind, SearchService)
 
 WEB = Path(__file__).resolve().parents[2] / "web"  # the checkout's web/: the page and its viewer from npm
 STATIC = WEB / "static"
 VIEWER = WEB / "node_modules" / "openseadragon" / "build" / "openseadragon"
 VIEWER_INSTALL = "npm ci --prefix web"
 SEARCH_ID = r"^[0-9a-f]{32}$"
+TOTAL_HEADER = "X-Total-Count"  # /api/slides: how many sources match its filter, over all its pages
 UPLOAD_ROUTE = "/api/search/upload"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")  # the names of this machine a browser may use
 UNSAFE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
@@ -219,12 +220,23 @@ def index_summary(service: Service) -> IndexSummary:
     return IndexSummary(**service.summary())
 
 
-@slide_routes.get("", response_model=list[SourceOut], summary="The indexed slides and folders")
-def slides(service: Service,
-           q: str = Query("", max_length=200, description="only those whose file name contains this"),
-           kind: SourceKind | None = Query(None)) -> list[SourceOut]:
-    return [SourceOut.of(row) for row in service.sources().values()
-            if q.lower() in row.name.lower() and (kind is None or row.kind == kind)]
+@slide_routes.get("", response_model=list[SourceOut], summary="The indexed slides and folders, a page at a time",
+                  description=f"At most `limit` of them from the `offset`-th, by id; the header {TOTAL_HEADER} says "
+                              "how many match in all (ask for the next page at offset + limit while it is less). "
+                              "Filtered and counted by the index's database: an archive of 100,000 slides is never "
+                              "read whole.",
+                  responses={200: {"headers": {TOTAL_HEADER: {"description": "how many match q and kind in all",
+                                                              "schema": {"type": "integer"}}}}})
+def slides(service: Service, response: Response,
+           q: str = Query("", max_length=200, description="only those whose file name contains this (ASCII letters "
+                                                          "of either case; % and _ are plain characters)"),
+           kind: SourceKind | None = Query(None),
+           offset: int = Query(0, ge=0, le=MAX_ID, description="how many matching ones to skip, by id"),
+           limit: int = Query(PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE, description="how many to list, at most")
+           ) -> list[SourceOut]:
+    rows, total = service.source_page(offset, limit, q, kind)
+    response.headers[TOTAL_HEADER] = str(total)
+    return [SourceOut.of(row) for row in rows]
 
 
 @slide_routes.get("/{slide_id}", response_model=SourceOut, summary="One slide or folder")
@@ -257,7 +269,7 @@ def similar(service: Service, slide_id: SlideId,
             top: int = Query(SIMILAR_SLIDES, ge=1, le=100, description="how many slides to list, at most")
             ) -> SimilarSlidesOut:
     query_patches, ranked = service.similar_slides(slide_id, top)
-    row, sources = service.source(slide_id), service.sources()
+    row, sources = service.source(slide_id), service.sources_by_id(slide.source_id for slide in ranked)
     return SimilarSlidesOut(id=row.id, name=row.name, label=row.label, query_patches=query_patches,
                             slides=[SimilarSlideOut.of(slide, sources[slide.source_id]) for slide in ranked
                                     if slide.source_id in sources])

@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS sources (
     file_size INTEGER, mtime REAL, width INTEGER, height INTEGER, slide_mpp REAL, backend TEXT,
     first_patch INTEGER, patch_count INTEGER NOT NULL DEFAULT 0, thumbnail BLOB, thumbnail_downsample REAL,
     reason TEXT, indexed_at TEXT, command TEXT);
+CREATE INDEX IF NOT EXISTS sources_by_state ON sources (state, kind, patch_count);
 CREATE TABLE IF NOT EXISTS patches (
     id INTEGER PRIMARY KEY, source_id INTEGER NOT NULL REFERENCES sources(id) ON DELETE CASCADE,
     x INTEGER NOT NULL, y INTEGER NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL,
@@ -76,6 +77,15 @@ CREATE TABLE IF NOT EXISTS vectors (
 
 SOURCE_COLUMNS = ("path", "kind", "file_size", "mtime", "width", "height", "slide_mpp", "backend",
                   "thumbnail", "thumbnail_downsample")
+
+# A source's file name (Path(path).name) in SQL: what follows the path's last "/".
+FILE_NAME_SQL = "substr(s.path, length(rtrim(s.path, replace(s.path, '/', ''))) + 1)"
+
+
+def like_pattern(text: str) -> str:
+    """`text` for a LIKE ... ESCAPE '\\' pattern, its own %, _ and \\ matched as themselves."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
 
 SourceKind = Literal["slide", "folder"]  # what an index holds: a whole slide, or a folder of patch images
 SourceState = Literal["indexed", "failed"]  # a failed source is recorded for `list --failed` and retried
@@ -316,14 +326,14 @@ class PatchDatabase:
         return ids
 
     # ------------------------------------------------------------------ reads
-    def _source_rows(self, where: str, values: tuple) -> list[SourceRow]:
+    def _source_rows(self, where: str, values: tuple, page: str = "") -> list[SourceRow]:
         labelled = ("label", "patient")
         columns = ", ".join(f"s.{column.name}" for column in fields(SourceRow) if column.name not in labelled)
         # An index opened read-only from before labels has no labels table: its sources have none.
         join, extra = ("LEFT JOIN labels l ON l.source_id = s.id", "l.label, l.patient") if self._has_labels() \
             else ("", "NULL, NULL")
-        rows = self.connection.execute(f"SELECT {columns}, {extra} FROM sources s {join} {where} ORDER BY s.id",
-                                       values)
+        rows = self.connection.execute(f"SELECT {columns}, {extra} FROM sources s {join} {where} ORDER BY s.id "
+                                       f"{page}", values)
         return [SourceRow(*row) for row in rows]
 
     def _has_labels(self) -> bool:
@@ -344,6 +354,58 @@ class PatchDatabase:
     def source_by_path(self, path: str) -> SourceRow | None:
         rows = self._source_rows("WHERE s.path = ?", (path,))
         return rows[0] if rows else None
+
+    def sources_by_id(self, ids: Sequence[int], state: SourceState | None = "indexed") -> dict[int, SourceRow]:
+        """The sources among `ids` in `state` (every one with None), by id; ids it does not hold are left out."""
+        found: dict[int, SourceRow] = {}
+        ids = sorted({int(i) for i in ids})
+        for start in range(0, len(ids), 900):  # SQLite's limit on bound parameters
+            chunk = ids[start:start + 900]
+            where = f"WHERE s.id IN ({', '.join('?' * len(chunk))})" + (" AND s.state = ?" if state else "")
+            found.update((row.id, row) for row in self._source_rows(where, (*chunk, *([state] if state else []))))
+        return found
+
+    def source_page(self, offset: int = 0, limit: int = 100, name: str = "", kind: SourceKind | None = None,
+                    state: SourceState | None = "indexed") -> tuple[list[SourceRow], int]:
+        """(at most `limit` sources from the `offset`-th, by id; how many there are in all) of those in
+        `state` of `kind` whose file name contains `name` (ASCII letters of either case): one page of
+        a list too long to read whole, read with SQL LIMIT and OFFSET."""
+        clauses, values = [], []
+        for column, value in (("state", state), ("kind", kind)):
+            if value:
+                clauses.append(f"s.{column} = ?")
+                values.append(value)
+        # sources_by_state counts them; the rows are read in id order, not through it (`+` keeps the
+        # planner off it: a page deep in the list would otherwise sort every match first).
+        if name:
+            # The whole path first, a plain scan: the file name, dearer to cut out, only where that matches.
+            clauses.append(f"s.path LIKE ? ESCAPE '\\' AND {FILE_NAME_SQL} LIKE ? ESCAPE '\\'")
+            values += ["%" + like_pattern(name) + "%"] * 2
+        where = "WHERE " + " AND ".join(clauses) if clauses else ""
+        total = self.connection.execute(f"SELECT COUNT(*) FROM sources s {where}", values).fetchone()[0]
+        by_id = where.replace("s.state =", "+s.state =").replace("s.kind =", "+s.kind =")
+        return self._source_rows(by_id, (*values, limit, offset), "LIMIT ? OFFSET ?"), total
+
+    def source_counts(self) -> dict[str, int]:
+        """How many sources the record holds, counted by SQL without reading one row out: slides and
+        folders indexed, their patches, sources that failed, indexed sources with a label."""
+        # One pass over sources_by_state (not the rows, thumbnails and all), where the index has it.
+        groups = {(state, kind): (count, patches) for state, kind, count, patches in self.connection.execute(
+            "SELECT state, kind, COUNT(*), COALESCE(SUM(patch_count), 0) FROM sources GROUP BY state, kind")}
+        slides, folders = (groups.get(("indexed", kind), (0, 0))[0] for kind in ("slide", "folder"))
+        patches = sum(patches for (state, _), (_, patches) in groups.items() if state == "indexed")
+        failed = sum(count for (state, _), (count, _) in groups.items() if state == "failed")
+        # CROSS JOIN: the labels first (a few), each source looked up by id, not every source scanned.
+        labelled = self.connection.execute(
+            "SELECT COUNT(*) FROM labels l CROSS JOIN sources s ON s.id = l.source_id WHERE s.state = 'indexed'"
+        ).fetchone()[0] if self._has_labels() else 0
+        return {"sources": slides + folders, "slides": slides, "folders": folders, "patches": patches,
+                "failed": failed, "labelled": labelled}
+
+    def paths_in(self, text: str) -> list[str]:
+        """The paths of the sources (in any state) that occur in `text`, such as an error message."""
+        return [row[0] for row in self.connection.execute("SELECT path FROM sources WHERE instr(?, path) > 0",
+                                                          (text,))]
 
     def thumbnail(self, source_id: int) -> Thumbnail | None:
         """A slide's thumbnail; None for a folder (or an id the database does not hold)."""
@@ -654,6 +716,27 @@ class SlideIndex:
 
     def source_by_path(self, path: str) -> SourceRow | None:
         return self.db.source_by_path(path)
+
+    def sources_by_id(self, ids: Sequence[int], state: SourceState | None = "indexed") -> dict[int, SourceRow]:
+        """The sources among `ids` in `state` (every one with None), by id."""
+        return self.db.sources_by_id(ids, state)
+
+    def source(self, source_id: int, state: SourceState | None = "indexed") -> SourceRow | None:
+        """One source by id (None when the index holds none in `state`)."""
+        return self.db.sources_by_id([source_id], state).get(source_id)
+
+    def source_page(self, offset: int = 0, limit: int = 100, name: str = "", kind: SourceKind | None = None,
+                    state: SourceState | None = "indexed") -> tuple[list[SourceRow], int]:
+        """(one page of the sources, by id; how many match in all): PatchDatabase.source_page."""
+        return self.db.source_page(offset, limit, name, kind, state)
+
+    def source_counts(self) -> dict[str, int]:
+        """Sources, slides, folders, patches, failed and labelled, counted without listing."""
+        return self.db.source_counts()
+
+    def paths_in(self, text: str) -> list[str]:
+        """The paths of the sources that occur in `text`."""
+        return self.db.paths_in(text)
 
     def thumbnail(self, source_id: int) -> Thumbnail | None:
         return self.db.thumbnail(source_id)

@@ -1,14 +1,15 @@
 """The search page's engine, free of any web framework: one index, read only, and its model.
 
     service = SearchService.open("slide_index", device="cpu")
-    service.sources()                                  # what the index holds, by id
+    service.source_page(offset=0, limit=100, name="")  # what the index holds, a page at a time
     search = service.search_upload(data, "patch.png")  # or service.search_region(source_id, box)
     service.tile(source_id, level, col, row)           # Deep Zoom tiles (OpenSlide's DeepZoomGenerator)
 
 Everything is addressed by the ids of the index's own records (sources, patches, searches): no
 path from a request ever reaches the file system, so nothing outside the index can be read, and
-the index is opened read-only, so nothing in it can be changed. One lock serialises the model and
-the SQLite connection (searches are model-bound); tiles are read outside it. Each slide's pixels
+the index is opened read-only, so nothing in it can be changed. Requests read the rows they need
+by id, a page or a count at a time (never the whole list: an archive holds 100,000 slides). One
+lock serialises the model and the SQLite connection (searches are model-bound); tiles are read outside it. Each slide's pixels
 (tiles, patch images, region searches) come through one cached handle of its own, checked before
 every use against the index's current record of its id and against its file: a file changed since
 it was indexed is refused (SlideChanged, HTTP 409), never mixed with what the index holds.
@@ -51,6 +52,7 @@ UPLOAD_FORMATS = ("PNG", "JPEG", "TIFF")  # single frame; Pillow tries no other 
 DECODES_AT_ONCE = 2  # uploads decoded at the same time, so that memory stays bounded whatever the load
 MAX_NAME_BYTES = 255  # an upload's file name, the longest most file systems allow
 MAX_ID = 2**63 - 1  # SQLite's largest integer: no id above it can be in an index
+PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000  # slides an /api/slides page lists unless it asks for another number; at most
 PREVIEW_SIDE = 512  # the query image shown with a search's results
 MAX_REGION_PATCHES = 64  # a drawn region is tiled into at most this many query patches
 TILE_SIZE, TILE_OVERLAP, TILE_FORMAT, TILE_QUALITY = 254, 1, "jpeg", 80
@@ -222,7 +224,7 @@ class SearchService:
         self.lock = threading.RLock()
         self._sources: dict[int, SourceRow] = {}
         self._classes: set[str] = set()
-        self._generation = -1
+        self._generation = self._classes_generation = -1
         self._searches: OrderedDict[str, Search] = OrderedDict()
         # Least recently used first. A slide dropped from it is not closed there: a request may still be
         # reading it (closing an OpenSlide handle under a read is unsafe); it closes when the last lets go.
@@ -256,28 +258,47 @@ class SearchService:
     # ------------------------------------------------------------------ what the index holds
     def summary(self) -> dict:
         s = self.index.settings
-        sources = self.sources()
+        with self.lock:
+            counts = self.index.source_counts()
+            generation = self.index.generation
+            if generation != self._classes_generation:
+                self._classes, self._classes_generation = self.index.classes(), generation
         return {"model_name": s.model_name, "model_options": s.model_options, "checkpoint": Path(s.checkpoint).name,
                 "encoder": Path(s.spec).name if s.kind == "checkpoint" else s.spec, "encoder_kind": s.kind,
                 "crop_size": s.crop_size, "dim": s.dim, "mpp": s.mpp, "patch_size": s.patch_size,
                 "tissue_threshold": s.tissue_threshold, "index_type": s.index_type,
-                "slides": sum(row.kind == "slide" for row in sources.values()),
-                "folders": sum(row.kind == "folder" for row in sources.values()),
-                "patches": sum(row.patch_count for row in sources.values()),
+                "slides": counts["slides"], "folders": counts["folders"], "patches": counts["patches"],
                 "classes": sorted(self._classes), "top_k": self.top_k}
 
     def sources(self) -> dict[int, SourceRow]:
-        """The indexed sources by id, read again whenever an index run has changed the database."""
+        """Every indexed source by id, read again whenever an index run has changed the database (all
+        of them: requests use source(), sources_by_id() and source_page() instead)."""
         with self.lock:
             generation = self.index.generation
             if generation != self._generation:
                 self._sources = {row.id: row for row in self.index.sources()}
-                self._classes = self.index.classes()
                 self._generation = generation
             return self._sources
 
+    def source_page(self, offset: int = 0, limit: int = PAGE_SIZE, name: str = "",
+                    kind: SourceKind | None = None) -> tuple[list[SourceRow], int]:
+        """(the indexed sources from the `offset`-th, at most `limit`, by id; how many there are in all),
+        only those of `kind` whose file name contains `name` when given."""
+        if not 1 <= limit <= MAX_PAGE_SIZE:
+            raise BadInput(f"limit {limit}: choose from 1 to {MAX_PAGE_SIZE}")
+        if offset < 0:
+            raise BadInput(f"offset {offset}: must be 0 or more")
+        with self.lock:
+            return self.index.source_page(offset, limit, name, kind)
+
+    def sources_by_id(self, ids: Iterable[int]) -> dict[int, SourceRow]:
+        """The indexed sources among `ids`, by id (ids the index does not hold are left out)."""
+        with self.lock:
+            return self.index.sources_by_id(list(ids))
+
     def source(self, source_id: int, kind: SourceKind | None = None) -> SourceRow:
-        row = self.sources().get(source_id)
+        with self.lock:
+            row = self.index.source(source_id)
         if row is None:
             raise NotFound(f"slide {source_id}: no such slide in the index; /api/slides lists them")
         if kind is not None and row.kind != kind:
@@ -288,7 +309,7 @@ class SearchService:
         """An error message as the API shows it: slides and folders by their file names, and no
         other path of this machine (a slide library's error names the file it could not read)."""
         with self.lock:
-            paths = [row.path for row in self._sources.values()] + [str(self.index.directory)]
+            paths = self.index.paths_in(message) + [str(self.index.directory)]
         return without_paths(message, paths)
 
     def thumbnail(self, source_id: int) -> bytes:
@@ -327,8 +348,8 @@ class SearchService:
         the index's record of the id is not the one it was opened for, refused (SlideChanged) when
         the file is not the one indexed any more."""
         row = self.source(source_id, "slide")
-        sources = self.sources()
         with self._open_lock:
+            sources = self.sources_by_id(self._open)
             for sid in [sid for sid, kept in self._open.items()
                         if sid not in sources or kept.record != _record_key(sources[sid])]:
                 del self._open[sid]  # removed from the index, or its id now names another file
@@ -434,7 +455,7 @@ class SearchService:
 
     def slide_ranking(self, search: Search) -> list[SlideRank]:
         """The search's ranking of the slides the index still holds."""
-        sources = self.sources()
+        sources = self.sources_by_id(slide.source_id for slide in search.result.slides)
         return [slide for slide in search.result.slides if slide.source_id in sources]
 
     def similar_slides(self, source_id: int, top: int = SIMILAR_SLIDES) -> tuple[int, list[SlideRank]]:
@@ -449,7 +470,7 @@ class SearchService:
             raise BadInput(f"top {top}: choose from 1 to 100")
         with self.lock:
             ranked = similar_slides(self.index, source_id, self.top_k, self.nprobe, self.ef_search)
-        sources = self.sources()
+        sources = self.sources_by_id(slide.source_id for slide in ranked)
         return row.patch_count, [slide for slide in ranked if slide.source_id in sources][:top]
 
     def heatmap(self, search_id: str, source_id: int) -> tuple[bytes, float, float]:

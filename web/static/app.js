@@ -3,8 +3,11 @@
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
+const PAGE_SIZE = 100;  // slides asked for at a time: the list grows by a page as one scrolls to its end
+const FILTER_DELAY_MS = 250;  // the name search asks the server once typing pauses this long
 const state = {
-  summary: null, slides: [], search: null,
+  summary: null, slides: new Map(), search: null,  // slides: every slide row the page has read, by id
+  list: { query: "", rows: [], total: null, loading: false, generation: 0 },  // the slide list, as far as read
   viewer: null, slideId: null, pendingBox: null,
   drawing: false, drawStart: null, region: null, regionBox: null, heatItem: null, heatUrl: null,
 };
@@ -43,26 +46,74 @@ async function api(url, options = {}) {
 const similarity = (value) => value.toFixed(3);
 
 // ------------------------------------------------------------------ the index and its slides
+// The list asks the server for one page of slides at a time (filtered by name there): an archive's
+// 100,000 slides are never all read. A sentinel after the last item loads the next page when it
+// scrolls into view.
 async function loadIndex() {
+  const listed = resetSlideList();  // the list's first page and the summary are asked for together
   const summary = await (await api("/api/index")).json();
   state.summary = summary;
   $("#summary").textContent = `${summary.slides} slide(s), ${summary.patches.toLocaleString()} patches of `
     + `${summary.patch_size} px at ${summary.mpp} µm/px · ${summary.model_name} · ${summary.index_type} index`;
   $("#upload-hint").textContent = `A patch at ${summary.mpp} µm/px (about ${summary.patch_size} px); the model `
     + `sees its central ${summary.crop_size} px. PNG, JPEG or TIFF, at most 20 MB and 4096 x 4096 pixels.`;
-  state.slides = await (await api("/api/slides")).json();
-  const folders = state.slides.filter((s) => s.kind === "folder");
-  $("#folders").textContent = folders.length
-    ? `Also indexed: ${folders.length} folder(s) of patch images (${folders.map((f) => f.name).join(", ")}).` : "";
-  renderSlideList();
+  if (summary.folders) {
+    const shown = 20;
+    const folders = await (await api(`/api/slides?kind=folder&limit=${shown}`)).json();
+    $("#folders").textContent = `Also indexed: ${summary.folders} folder(s) of patch images (`
+      + folders.map((f) => f.name).join(", ") + (summary.folders > shown ? ", …" : "") + ").";
+  }
+  new IntersectionObserver((entries) => {
+    if (entries.some((entry) => entry.isIntersecting)) loadSlides();
+  }, { root: $("aside"), rootMargin: "200px" }).observe($("#more"));
+  await listed;
 }
 
-function renderSlideList() {
-  const text = $("#filter").value.trim().toLowerCase();
+// Start the list again for the filter's text, from its first page.
+async function resetSlideList() {
+  const list = state.list;
+  list.generation += 1;
+  list.query = $("#filter").value.trim();
+  list.rows = [];
+  list.total = null;
+  list.loading = false;
+  $("#slide-list").replaceChildren();
+  await loadSlides();
+}
+
+// The list's next page, unless it is being read or complete; an answer for an older filter is dropped.
+async function loadSlides() {
+  const list = state.list;
+  if (list.loading || (list.total !== null && list.rows.length >= list.total)) return;
+  list.loading = true;
+  const generation = list.generation;
+  const params = new URLSearchParams({ kind: "slide", offset: list.rows.length, limit: PAGE_SIZE });
+  if (list.query) params.set("q", list.query);
+  try {
+    const response = await api(`/api/slides?${params}`);
+    const rows = await response.json();
+    if (generation !== list.generation) return;
+    list.total = Number(response.headers.get("X-Total-Count"));
+    list.rows.push(...rows);
+    for (const slide of rows) state.slides.set(slide.id, slide);
+    appendSlides(rows);
+  } catch (error) {
+    if (generation === list.generation) setStatus(`The slides could not be listed: ${error.message}`, true);
+    return;
+  } finally {
+    if (generation === list.generation) list.loading = false;
+  }
+  const more = $("#more");  // still in view after this page (a tall window): the observer will not fire again
+  more.hidden = list.rows.length >= list.total;
+  if (!more.hidden) {
+    const box = more.getBoundingClientRect(), aside = $("aside").getBoundingClientRect();
+    if (box.top < aside.bottom + 200) loadSlides();
+  }
+}
+
+function appendSlides(rows) {
   const list = $("#slide-list");
-  list.replaceChildren();
-  const shown = state.slides.filter((s) => s.kind === "slide" && s.name.toLowerCase().includes(text));
-  for (const slide of shown) {
+  for (const slide of rows) {
     const link = element("a", { href: `#/slide/${slide.id}`, "data-slide": slide.id,
                                 class: slide.id === state.slideId ? "open" : "" },
       element("img", { src: slide.thumbnail_url, alt: "", loading: "lazy" }),
@@ -72,7 +123,28 @@ function renderSlideList() {
           + (slide.label ? ` · ${slide.label}${slide.patient ? ` (patient ${slide.patient})` : ""}` : ""))));
     list.append(element("li", {}, link));
   }
-  if (!shown.length) list.append(element("li", { class: "hint" }, text ? "No slide matches." : "No slides indexed."));
+  const { rows: shown, total, query } = state.list;
+  if (!total) list.replaceChildren(element("li", { class: "hint" }, query ? "No slide matches." : "No slides indexed."));
+  $("#slide-count").textContent = total ? `${shown.length.toLocaleString()} of ${total.toLocaleString()} slide(s)`
+    + (query ? ` matching “${query}”` : "") : "";
+}
+
+function markOpenSlide() {
+  for (const link of document.querySelectorAll("#slide-list a[data-slide]")) {
+    link.classList.toggle("open", Number(link.dataset.slide) === state.slideId);
+  }
+}
+
+// A slide's row: from the list when it was read there, else asked for (a link may name any slide).
+async function slideRow(id) {
+  if (!state.slides.has(id)) {
+    try {
+      state.slides.set(id, await (await api(`/api/slides/${id}`)).json());
+    } catch (error) {
+      return null;
+    }
+  }
+  return state.slides.get(id);
 }
 
 // ------------------------------------------------------------------ the viewer
@@ -110,7 +182,7 @@ function createViewer() {
   return viewer;
 }
 
-function currentSlide() { return state.slides.find((s) => s.id === state.slideId); }
+function currentSlide() { return state.slides.get(state.slideId); }
 
 function setRegion(a, b) {
   const slide = currentSlide();
@@ -136,9 +208,9 @@ function setDrawing(on) {
   $("#draw").textContent = on ? "Drag on the slide…" : "Draw a region";
 }
 
-function openSlide(id, box) {
-  const slide = state.slides.find((s) => s.id === id && s.kind === "slide");
-  if (!slide) { setStatus(`Slide ${id} is not in the index.`, true); return; }
+async function openSlide(id, box) {
+  const slide = await slideRow(id);
+  if (!slide || slide.kind !== "slide") { setStatus(`Slide ${id} is not in the index.`, true); return; }
   $("#welcome").hidden = true;
   $("#viewer-section").hidden = false;
   $("#slide-name").textContent = slide.name;
@@ -158,7 +230,7 @@ function openSlide(id, box) {
     hideSimilar();
     state.viewer.open(slide.dzi_url);
   }
-  renderSlideList();
+  markOpenSlide();
 }
 
 function goTo(box) {
@@ -337,7 +409,11 @@ function route() {
 }
 
 function wire() {
-  $("#filter").addEventListener("input", renderSlideList);
+  let typing = null;
+  $("#filter").addEventListener("input", () => {
+    clearTimeout(typing);
+    typing = setTimeout(resetSlideList, FILTER_DELAY_MS);
+  });
   $("#file").addEventListener("change", (event) => { if (event.target.files[0]) searchUpload(event.target.files[0]); });
   const drop = $("#drop");
   drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
