@@ -42,7 +42,7 @@ from PIL import Image
 from bench.serve import free_port, machine, record, stop, tail, wait_until_up  # noqa: E402
 from histo_retrieval.encoders.registry import load_encoder  # noqa: E402
 from histo_retrieval.errors import UserError  # noqa: E402
-from histo_retrieval.search.index import IndexSettings, SlideIndex, _now  # noqa: E402
+from histo_retrieval.search.index import IndexSettings, SlideIndex, SourceRecord  # noqa: E402
 from histo_retrieval.search.slides import Tiling  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,10 +61,9 @@ def write_records(directory: str | os.PathLike, count: int, patches: int = 3, se
                   folder: str = "/archive/slides") -> Path:
     """A new index at `directory` holding `count` slide records (`folder`/slide_000000.svs, ...) of
     `patches` patches each, with random unit vectors of the colour histogram's BINS**3 dimensions and
-    one small shared thumbnail, written through its PatchDatabase in one transaction (100,000 records
-    take seconds). Records only: the slide files do not exist, so tiles and region searches of them
-    answer 404, but the list, counts, thumbnails and searches by vector work. Rows as add_source writes
-    them (sources, patches, vectors, the id counters and the generation)."""
+    one small shared thumbnail, written by PatchDatabase.add_sources in one transaction (100,000 records take seconds).
+    Records only: the slide files do not exist, so tiles and region searches of them answer 404, but
+    the list, counts, thumbnails and searches by vector work."""
     encoder = load_encoder("histogram", "cpu", options={"bins": BINS})
     settings = IndexSettings.for_model(encoder, Tiling(0.5, 224, 0.5))
     index = SlideIndex.create(directory, settings)
@@ -72,33 +71,18 @@ def write_records(directory: str | os.PathLike, count: int, patches: int = 3, se
     Image.new("RGB", (64, 48), (214, 160, 190)).save(buffer, "JPEG", quality=70)
     thumbnail = buffer.getvalue()
     rng = np.random.default_rng(seed)
-    db = index.db
+    boxes = np.array([[448 * j, 0, 448, 448] for j in range(patches)], dtype=np.int64).reshape(-1, 4)
+
+    def vectors() -> np.ndarray:
+        block = rng.standard_normal((patches, settings.dim)).astype(np.float32)
+        return block / np.linalg.norm(block, axis=1, keepdims=True)
+
+    records = [SourceRecord(path=f"{folder}/{record_name(i)}", kind="slide", vectors=vectors(), boxes=boxes,
+                            tissue=np.ones(patches, np.float32), file_size=1, mtime=0.0, width=SLIDE_SIZE[0],
+                            height=SLIDE_SIZE[1], slide_mpp=0.25, backend="openslide", thumbnail=thumbnail,
+                            thumbnail_downsample=625.0) for i in range(count)]
     try:
-        with db.connection:
-            first_source, first_patch, now = db.meta("next_source_id", 1), db.meta("next_patch_id", 1), _now()
-            db.connection.executemany(
-                "INSERT INTO sources (id, path, kind, state, file_size, mtime, width, height, slide_mpp, backend, "
-                "first_patch, patch_count, thumbnail, thumbnail_downsample, indexed_at, command) "
-                "VALUES (?, ?, 'slide', 'indexed', 1, 0.0, ?, ?, 0.25, 'openslide', ?, ?, ?, 625.0, ?, 'bench')",
-                ((first_source + i, f"{folder}/{record_name(i)}", *SLIDE_SIZE, first_patch + i * patches, patches,
-                  thumbnail, now) for i in range(count)))
-            db.connection.executemany(
-                "INSERT INTO patches (id, source_id, x, y, width, height, tissue, file, class) "
-                "VALUES (?, ?, ?, 0, 448, 448, 1.0, NULL, NULL)",
-                ((first_patch + i * patches + j, first_source + i, 448 * j) for i in range(count)
-                 for j in range(patches)))
-            dim = settings.dim
-
-            def vectors():
-                for i in range(count):
-                    block = rng.standard_normal((patches, dim)).astype(np.float32)
-                    block /= np.linalg.norm(block, axis=1, keepdims=True)
-                    yield first_source + i, block.tobytes()
-
-            db.connection.executemany("INSERT INTO vectors (source_id, data) VALUES (?, ?)", vectors())
-            db._set_meta("next_source_id", first_source + count)
-            db._set_meta("next_patch_id", first_patch + count * patches)
-            db._set_meta("generation", db.generation + 1)
+        index.db.add_sources(records, "bench")
     finally:
         index.close()
     return Path(directory)

@@ -39,7 +39,7 @@ from histo_retrieval.data.datasets import InputSteps
 from histo_retrieval.search import vector_index
 from histo_retrieval.errors import UserError
 from histo_retrieval.files import atomic_write_text, command_line
-from histo_retrieval.search.vector_store import DTYPES, StoreStats, VectorStore, crash_point
+from histo_retrieval.search.vector_store import DTYPES, Block, StoreStats, VectorStore, crash_point
 from histo_retrieval.search.mosaic import MosaicSettings
 from histo_retrieval.search.slides import Slide, SlideError, Tiling, open_slide
 
@@ -272,37 +272,54 @@ class PatchDatabase:
         """Insert a source with all its patches and vectors in one transaction, replacing a failed
         record of the same path; returns (source id, patch ids). With a store, the vectors are
         appended and synced to it first, and the transaction records their block."""
+        return self.add_sources([record], command)[0]
+
+    def add_sources(self, records: Sequence[SourceRecord], command: str = "") -> list[tuple[int, np.ndarray]]:
+        """add_source for many sources at once: their vectors in one append to the store, the sources
+        in one transaction (all or none), so that writing many small records costs one sync."""
+        vectors = [np.ascontiguousarray(record.vectors, dtype=np.float32) for record in records]
+        for record, rows in zip(records, vectors):
+            if rows.shape[0] != len(record.boxes):
+                raise ValueError(f"{record.path}: {rows.shape[0]} vectors for {len(record.boxes)} patches")
+        blocks: list[Block | None] = [None] * len(records)
+        if self.store is not None and records:
+            whole = self.store.append(np.concatenate(vectors))
+            offsets = np.cumsum([0, *(len(rows) for rows in vectors)])
+            blocks = [Block(whole.chunk, whole.row + int(start), len(rows)) for start, rows in zip(offsets, vectors)]
+        crash_point("add-source")  # the vectors are in the store, the sources are not recorded yet
+        with self.connection:
+            added = [self._insert_source(record, rows, block, command)
+                     for record, rows, block in zip(records, vectors, blocks)]
+            self._set_meta("generation", self.generation + 1)
+        return added
+
+    def _insert_source(self, record: SourceRecord, vectors: np.ndarray, block: Block | None,
+                       command: str) -> tuple[int, np.ndarray]:
+        """The rows of one source; inside add_sources's transaction."""
         count = len(record.boxes)
-        vectors = np.ascontiguousarray(record.vectors, dtype=np.float32)
-        if vectors.shape[0] != count:
-            raise ValueError(f"{record.path}: {vectors.shape[0]} vectors for {count} patches")
         files = record.files or [None] * count
         classes = record.classes or [None] * count
         tissue = record.tissue if record.tissue is not None else [None] * count
-        block = self.store.append(vectors) if self.store is not None else None
-        crash_point("add-source")  # the vectors are in the store, the source is not recorded yet
-        with self.connection:
-            self.connection.execute("DELETE FROM sources WHERE path = ? AND state = 'failed'", (record.path,))
-            first = self.meta("next_patch_id", 1)
-            source_id = self._new_source_id()
-            self.connection.execute(
-                f"INSERT INTO sources (id, {', '.join(SOURCE_COLUMNS)}, state, first_patch, patch_count, "
-                f"indexed_at, command) VALUES ({', '.join('?' * (len(SOURCE_COLUMNS) + 6))})",
-                (source_id, *(getattr(record, name) for name in SOURCE_COLUMNS), "indexed", first, count, _now(),
-                 command))
-            ids = np.arange(first, first + count, dtype=np.int64)
-            self.connection.executemany(
-                "INSERT INTO patches (id, source_id, x, y, width, height, tissue, file, class) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                ((int(i), source_id, *map(int, box), None if t is None else float(t), f, c)
-                 for i, box, t, f, c in zip(ids, record.boxes, tissue, files, classes)))
-            if block is not None:
-                self.store.record(source_id, block)
-            else:
-                self.connection.execute("INSERT INTO vectors (source_id, data) VALUES (?, ?)",
-                                        (source_id, vectors.tobytes()))
-            self._set_meta("next_patch_id", first + count)
-            self._set_meta("generation", self.generation + 1)
+        self.connection.execute("DELETE FROM sources WHERE path = ? AND state = 'failed'", (record.path,))
+        first = self.meta("next_patch_id", 1)
+        source_id = self._new_source_id()
+        self.connection.execute(
+            f"INSERT INTO sources (id, {', '.join(SOURCE_COLUMNS)}, state, first_patch, patch_count, "
+            f"indexed_at, command) VALUES ({', '.join('?' * (len(SOURCE_COLUMNS) + 6))})",
+            (source_id, *(getattr(record, name) for name in SOURCE_COLUMNS), "indexed", first, count, _now(),
+             command))
+        ids = np.arange(first, first + count, dtype=np.int64)
+        self.connection.executemany(
+            "INSERT INTO patches (id, source_id, x, y, width, height, tissue, file, class) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ((int(i), source_id, *map(int, box), None if t is None else float(t), f, c)
+             for i, box, t, f, c in zip(ids, record.boxes, tissue, files, classes)))
+        if block is not None:
+            self.store.record(source_id, block)
+        else:
+            self.connection.execute("INSERT INTO vectors (source_id, data) VALUES (?, ?)",
+                                    (source_id, vectors.tobytes()))
+        self._set_meta("next_patch_id", first + count)
         return source_id, ids
 
     def add_failure(self, path: str, reason: str, command: str = "") -> None:
