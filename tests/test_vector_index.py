@@ -1,4 +1,5 @@
-"""histo_retrieval.search.vector_index: search against a naive numpy top-k, exclusions, removal, ids, save/load, errors."""
+"""histo_retrieval.search.vector_index: search against a naive numpy top-k, exclusions, removal, ids, save/load,
+IVF-PQ (with and without OPQ) and exact re-ranking, training samples, errors."""
 from __future__ import annotations
 
 import faiss
@@ -43,8 +44,45 @@ def data():
     return vectors, ids, unit_rows(40, seed=2)
 
 
-def build(kind, vectors, ids, **kwargs):
-    index = vi.new_vector_index(kind, vectors.shape[1], train=vectors if kind == "ivf" else None, **kwargs)
+def clustered(n, seed, centres=30, noise=0.15, dim=DIM):
+    """Unit rows around a few centres, as embeddings are (uniform noise has no neighbourhood structure)."""
+    rng = np.random.default_rng(seed)
+    x = unit_rows(centres, seed + 1, dim)[rng.integers(0, centres, n)]
+    x = x + noise * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+PQ_BYTES = 8  # DIM / 8 = 4 dimensions per sub-quantizer
+
+
+@pytest.fixture(scope="module")
+def pq_trained():
+    """Empty IVF-PQ indexes trained once (PQ training takes seconds): plain, and with OPQ (its
+    rotation trained with few iterations: the tests check how the index is used, not OPQ's quality)."""
+    train = clustered(vi.IVFPQ_MIN_TRAIN, seed=20)
+    plain = vi.new_vector_index("ivfpq", DIM, train, pq_bytes=PQ_BYTES)
+    real = faiss.OPQMatrix
+
+    def quick_opq(dim, m):
+        opq = real(dim, m)
+        opq.niter, opq.niter_pq_0 = 2, 4
+        return opq
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(faiss, "OPQMatrix", quick_opq)
+        rotated = vi.new_vector_index("ivfpq", DIM, train, pq_bytes=PQ_BYTES, opq=True)
+    return {False: plain, True: rotated}
+
+
+def new_index(kind, vectors, pq=None, opq=False, **kwargs):
+    """An empty index of `kind` for rows like `vectors` (ivf trains on them); ivfpq ones are copies
+    of pq_trained's (trained on other rows of the same dimension)."""
+    if kind == "ivfpq":
+        return faiss.clone_index(pq[opq])
+    return vi.new_vector_index(kind, vectors.shape[1], train=vectors if kind == "ivf" else None, **kwargs)
+
+
+def build(kind, vectors, ids, pq=None, opq=False, **kwargs):
+    index = new_index(kind, vectors, pq, opq, **kwargs)
     vi.add_vectors(index, vectors, ids)
     return index
 
@@ -195,9 +233,9 @@ def test_hnsw_cannot_remove(data):
 
 
 @pytest.mark.parametrize("kind", vi.INDEX_TYPES)
-def test_index_ids_after_adds(data, kind):
+def test_index_ids_after_adds(data, kind, pq_trained):
     vectors, ids, _ = data
-    index = vi.new_vector_index(kind, DIM, train=vectors if kind == "ivf" else None)
+    index = new_index(kind, vectors, pq_trained)
     assert vi.index_ids(index).dtype == np.int64 and len(vi.index_ids(index)) == 0
     vi.add_vectors(index, vectors[:1000], ids[:1000])
     vi.add_vectors(index, vectors[1000:1500], ids[1000:1500].astype(np.int32))  # any integer dtype
@@ -207,9 +245,9 @@ def test_index_ids_after_adds(data, kind):
 
 
 @pytest.mark.parametrize("kind", vi.INDEX_TYPES)
-def test_save_and_load_give_identical_results(data, kind, tmp_path):
+def test_save_and_load_give_identical_results(data, kind, tmp_path, pq_trained):
     vectors, ids, queries = data
-    index = build(kind, vectors, ids)
+    index = build(kind, vectors, ids, pq_trained)
     exclude = [ids[:700]] * 20 + few_ids_per_query(ids, 20)
     path = tmp_path / "sub" / "vectors.faiss"
     vi.save_vector_index(index, path)
@@ -224,17 +262,17 @@ def test_save_and_load_give_identical_results(data, kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", vi.INDEX_TYPES)
-def test_padding_when_k_exceeds_the_allowed_vectors(data, kind, exclusion_path):
+def test_padding_when_k_exceeds_the_allowed_vectors(data, kind, exclusion_path, pq_trained):
     vectors, ids, queries = data
-    index = vi.new_vector_index(kind, DIM, train=vectors if kind == "ivf" else None, ivf_lists=4)
+    index = new_index(kind, vectors, pq_trained, ivf_lists=4)
     vi.add_vectors(index, vectors[:5], ids[:5])
-    nprobe = 4 if kind == "ivf" else None
+    nprobe = 4 if kind == "ivf" else None  # ivfpq: its default, 8 of 256 lists, then widened to find all 5
     scores, found = vi.search(index, queries[:3], 8, [ids[:2], np.array([], np.int64), ids[:5]], nprobe=nprobe)
     assert ((found >= 0).sum(axis=1) == [3, 5, 0]).all()
     assert (found[0, 3:] == -1).all() and np.isneginf(scores[0, 3:]).all()
     assert np.isneginf(scores[2]).all() and (found[2] == -1).all()
     assert set(found[0, :3]) == set(ids[2:5])
-    empty = vi.new_vector_index(kind, DIM, train=vectors if kind == "ivf" else None, ivf_lists=4)
+    empty = new_index(kind, vectors, pq_trained, ivf_lists=4)
     scores, found = vi.search(empty, queries[:2], 3)
     assert scores.shape == (2, 3) and (found == -1).all() and np.isneginf(scores).all()
 
