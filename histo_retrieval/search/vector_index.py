@@ -209,7 +209,7 @@ def remove_ids(index: faiss.Index, ids: np.ndarray) -> bool:
 
 def index_ids(index: faiss.Index) -> np.ndarray:
     """The ids held, sorted int64."""
-    if index_kind(index) in ("ivf", "ivfpq"):
+    if index_kind(index) in IVF_KINDS:
         lists = faiss.extract_index_ivf(index).invlists
         parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
                  for i in range(lists.nlist) if lists.list_size(i)]
