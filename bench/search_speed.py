@@ -193,19 +193,23 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores, faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads)"
 
 
+# search()'s re-ranking arguments per index (by id(index): faiss objects take no new attributes).
+RERANK: dict[int, dict] = {}
+
+
 def search(index, queries: np.ndarray, k: int, exclude=None, **widths) -> tuple[np.ndarray, np.ndarray]:
     """vi.search, re-ranking as the index was set up to (see with_rerank)."""
-    return vi.search(index, queries, k, exclude, **widths, **getattr(index, "rerank_settings", {}))
+    return vi.search(index, queries, k, exclude, **widths, **RERANK.get(id(index), {}))
 
 
-def with_rerank(index, candidates: int, vectors: np.ndarray, ids: np.ndarray):
-    """Make search() re-rank this index's best `candidates` exactly from `vectors` (0: never)."""
+def with_rerank(index, candidates: int, vectors: np.ndarray, ids: np.ndarray) -> None:
+    """Make search() re-rank this index's best `candidates` exactly from `vectors` (0: never), until
+    RERANK.pop(id(index))."""
     if candidates:
         order = np.argsort(ids)
         sorted_ids = ids[order]
-        index.rerank_settings = {"rerank": candidates,
-                                 "vectors_of": lambda wanted: vectors[order[np.searchsorted(sorted_ids, wanted)]]}
-    return index
+        RERANK[id(index)] = {"rerank": candidates,
+                             "vectors_of": lambda wanted: vectors[order[np.searchsorted(sorted_ids, wanted)]]}
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -368,6 +372,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], str]:
                              "defaults": defaults,
                              "wider": [f"| {kind} | {setting} | {p[width_name]} (own component excluded) | "
                                        f"{p['recall']:.4f} | {p['latency'] * 1e3:.2f} |" for p in wider]}
+        RERANK.pop(id(index), None)
         del index
     args.load = f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores"
     return report(results, sweeps, len(queries), args)
