@@ -1,4 +1,4 @@
-"""Query latency of histo_retrieval.search.vector_index's flat (exact), ivf and hnsw indexes, with their recall.
+"""Query latency of histo_retrieval.search.vector_index's flat (exact), ivf, hnsw and ivfpq indexes, with their recall.
 
     python3 -m bench.search_speed            # 1,000,000 vectors of 512 dimensions (minutes; ~6 GB)
     python3 -m bench.search_speed --quick    # 50,000 vectors, a smaller sweep (under a minute)
@@ -7,11 +7,14 @@ Data (class Mixture): a Gaussian mixture shaped like embeddings (uniform noise h
 structure): components grouped around a few "tissue" directions, overlapping, each varying along
 a few directions of its own (a low intrinsic dimension) plus a little isotropic noise; normalised.
 Queries are fresh points of the same mixture. Every index is built through histo_retrieval.search.vector_index, ivf
-trained on all the vectors (its k-means subsamples them), the vectors added 100,000 at a time (as
-an index store adds them, slide by slide). Per type: build time (training, or nothing), add time, size
-(the saved file's bytes), median latency of a batch of --batch queries (k = --k, batches cycled
-through the --queries query vectors), recall@k over all --queries against flat, and the speed-up
-over flat. A sweep over nlist x nprobe (ivf) and M x efSearch (hnsw) stops at the first setting of
+trained on all the vectors (its k-means subsamples them), ivfpq (--pq-bytes, 4 sqrt(n) lists) on the
+sample vector_index.train_sample draws and searched with --rerank N (the best N candidates re-ranked
+exactly from the float32 vectors held in memory; a vector store reads them from disk); the vectors
+added 100,000 at a time (as an index store adds them, slide by slide). Per type: build time
+(training, or nothing), add time, size (the saved file's bytes), median latency of a batch of
+--batch queries (k = --k, batches cycled through the --queries query vectors), recall@k over all
+--queries against flat, and the speed-up over flat. A sweep over nlist x nprobe (ivf; ivfpq at its
+one nlist) and M x efSearch (hnsw) stops at the first setting of
 each nlist / M reaching --target-recall; the fastest such setting is the one reported. Then each
 type is timed with exclusions (see exclusions()): --few-excluded random ids per query; each
 query's own component (an "own slide"); and --shared-excluded ids around a batch's first query
@@ -80,6 +83,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--few-excluded", type=int, default=5, help="ids excluded per query, few-ids case (default: 5)")
     parser.add_argument("--shared-excluded", type=int, default=10_000,
                         help="ids of the shared exclusion set (default: 10000)")
+    parser.add_argument("--pq-bytes", type=int, default=vi.DEFAULT_PQ_BYTES,
+                        help=f"ivfpq code bytes per vector; must divide --dim (default: {vi.DEFAULT_PQ_BYTES})")
+    parser.add_argument("--rerank", type=int, default=100,
+                        help="ivfpq: candidates re-ranked exactly per query, 0 for none (default: 100)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data (default: 0)")
     parser.add_argument("--record", default=None,
                         help="Markdown file whose 'Vector search' section gets the tables (default: "
@@ -156,7 +163,7 @@ def batch_latency(index, queries: np.ndarray, args: argparse.Namespace, exclude=
         start = starts[repeat % len(starts)]
         rows = slice(start, start + args.batch)
         batch_exclude = None if exclude is None else exclude[rows]
-        elapsed, _ = seconds(vi.search, index, queries[rows], args.k, batch_exclude, **widths)
+        elapsed, _ = seconds(search, index, queries[rows], args.k, batch_exclude, **widths)
         if repeat:
             times.append(elapsed)
     return statistics.median(times), min(times)
@@ -186,12 +193,35 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores, faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads)"
 
 
+# search()'s re-ranking arguments per index (by id(index): faiss objects take no new attributes).
+RERANK: dict[int, dict] = {}
+
+
+def search(index, queries: np.ndarray, k: int, exclude=None, **widths) -> tuple[np.ndarray, np.ndarray]:
+    """vi.search, re-ranking as the index was set up to (see with_rerank)."""
+    return vi.search(index, queries, k, exclude, **widths, **RERANK.get(id(index), {}))
+
+
+def with_rerank(index, candidates: int, vectors: np.ndarray, ids: np.ndarray) -> None:
+    """Make search() re-rank this index's best `candidates` exactly from `vectors` (0: never), until
+    RERANK.pop(id(index))."""
+    if candidates:
+        order = np.argsort(ids)
+        sorted_ids = ids[order]
+        RERANK[id(index)] = {"rerank": candidates,
+                             "vectors_of": lambda wanted: vectors[order[np.searchsorted(sorted_ids, wanted)]]}
+
+
 # ----------------------------------------------------------------------------- the benchmark
 def build(kind: str, vectors: np.ndarray, ids: np.ndarray, **kwargs) -> tuple[object, float, float]:
-    """(index, build seconds, add seconds), printing progress."""
+    """(index, build seconds, add seconds), printing progress. ivfpq trains on a sample drawn from
+    100,000-row chunks as from a vector store (its lists counted on all the vectors)."""
     print(f"building {kind} {kwargs or ''} ...", flush=True)
-    build_s, index = seconds(vi.new_vector_index, kind, vectors.shape[1],
-                             train=vectors if kind == "ivf" else None, **kwargs)
+    train = vectors if kind == "ivf" else None
+    if kind == "ivfpq":
+        chunks = (vectors[start:start + 100_000] for start in range(0, len(vectors), 100_000))
+        train = vi.train_sample(chunks, len(vectors), vi.train_sample_size(len(vectors), kwargs["ivf_lists"]))
+    build_s, index = seconds(vi.new_vector_index, kind, vectors.shape[1], train=train, **kwargs)
     add_s = 0.0
     chunk = 100_000
     for start in range(0, len(vectors), chunk):
@@ -207,7 +237,7 @@ def sweep(index, kind: str, width_name: str, widths: list[int], queries, truth, 
     """Recall and latency per width, ascending, up to the first that reaches the target."""
     points = []
     for width in widths:
-        found = vi.search(index, queries, args.k, exclude, **{width_name: width})[1]
+        found = search(index, queries, args.k, exclude, **{width_name: width})[1]
         latency, fastest = batch_latency(index, queries, args, exclude, **{width_name: width})
         point = {width_name: width, "recall": recall(found, truth), "latency": latency, "fastest": fastest}
         points.append(point)
@@ -251,7 +281,7 @@ def exclusion_rows(kind: str, index, queries, cases, widths: dict, args) -> list
     for case, exclude, truth, path in cases:
         old = forced_path(path)
         try:
-            found = vi.search(index, queries, args.k, exclude, **widths)[1]
+            found = search(index, queries, args.k, exclude, **widths)[1]
             latency = batch_latency(index, queries, args, exclude, **widths)[0]
         finally:
             vi.OVERFETCH_MAX = old
@@ -299,11 +329,19 @@ def run(args: argparse.Namespace) -> tuple[list[dict], str]:
     candidates = [("ivf", {"ivf_lists": nlist}, "nprobe", [p for p in args.nprobe if p <= nlist] or [nlist])
                   for nlist in args.nlist]
     candidates += [("hnsw", {"hnsw_m": m}, "ef_search", args.ef_search) for m in args.hnsw_m]
+    pq_lists = vi.default_ivf_lists(args.n)
+    if args.pq_bytes and vi.can_train("ivfpq", args.n):
+        candidates.append(("ivfpq", {"ivf_lists": pq_lists, "pq_bytes": args.pq_bytes}, "nprobe",
+                           [p for p in args.nprobe if p <= pq_lists] or [pq_lists]))
     sweeps: list[str] = []
     for kind, kwargs, width_name, widths in candidates:
         index, build_s, add_s = build(kind, vectors, ids, **kwargs)
+        if kind == "ivfpq":
+            with_rerank(index, args.rerank, vectors, ids)
         points = sweep(index, kind, width_name, widths, queries, truth, args)
         setting = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+        if kind == "ivfpq":
+            setting += f", rerank={args.rerank}"
         sweeps += [f"| {kind} | {setting} | {p[width_name]} | {p['recall']:.4f} | {p['latency'] * 1e3:.2f} |"
                    for p in points]
         best, previous = points[-1], results.get(kind)
@@ -314,15 +352,15 @@ def run(args: argparse.Namespace) -> tuple[list[dict], str]:
             width = {width_name: best[width_name]}
             # With each query's own component excluded, the search must go further: the width that
             # reaches the target then (doubling on up to every list / HNSW_MAX_EF_SEARCH).
-            limit = kwargs["ivf_lists"] if kind == "ivf" else vi.HNSW_MAX_EF_SEARCH
+            limit = kwargs["ivf_lists"] if kind in vi.IVF_KINDS else vi.HNSW_MAX_EF_SEARCH
             wider_widths = [best[width_name]]
             while wider_widths[-1] < limit:
                 wider_widths.append(min(2 * wider_widths[-1], limit))
             wider = sweep(index, kind, width_name, wider_widths, queries, own[1], args, own[0])
-            default_width = vi._search_widths(index, kind, None, None)[0 if kind == "ivf" else 1]
+            default_width = vi._search_widths(index, kind, None, None)[0 if kind in vi.IVF_KINDS else 1]
             defaults = []
             for case, exclude, truth_case in (("none", None, truth), ("own component", own[0], own[1])):
-                found = vi.search(index, queries, args.k, exclude)[1]
+                found = search(index, queries, args.k, exclude)[1]
                 defaults.append(f"| {kind} | {setting}, {width_name}={default_width} | {case} | "
                                 f"{recall(found, truth_case):.4f} | "
                                 f"{batch_latency(index, queries, args, exclude)[0] * 1e3:.2f} |")
@@ -334,6 +372,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], str]:
                              "defaults": defaults,
                              "wider": [f"| {kind} | {setting} | {p[width_name]} (own component excluded) | "
                                        f"{p['recall']:.4f} | {p['latency'] * 1e3:.2f} |" for p in wider]}
+        RERANK.pop(id(index), None)
         del index
     args.load = f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores"
     return report(results, sweeps, len(queries), args)
