@@ -67,7 +67,8 @@ from histo_retrieval.search.indexing import build_index, check_sources
 from histo_retrieval.search.queries import load_index_encoder, query_jobs, run_queries
 from histo_retrieval.search.slides import Tiling
 from histo_retrieval.search.vector_store import DTYPES
-from histo_retrieval.search.vector_index import DEFAULT_EF_SEARCH, DEFAULT_MIN_NPROBE, DEFAULT_NPROBE_FRACTION, INDEX_TYPES
+from histo_retrieval.search.vector_index import (DEFAULT_EF_SEARCH, DEFAULT_MIN_NPROBE, DEFAULT_NPROBE_FRACTION,
+                                                    DEFAULT_PQ_BYTES, INDEX_TYPES)
 
 
 def parse_region(text: str) -> tuple[int, int, int, int]:
@@ -125,11 +126,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_encoder_args(index, spec_help="the encoder instead of a CHECKPOINT: timm:<architecture>, a preset, histogram "
                                       "or a checkpoint's path (docs/encoders.md; default: none, the first positional "
                                       "argument is the checkpoint)")
-    index.add_argument("--index-type", choices=INDEX_TYPES, default="flat",
-                       help="faiss index: flat is exact; ivf and hnsw are approximate and faster on large "
-                            "archives (default: %(default)s; fixed when the index is created)")
-    index.add_argument("--ivf-lists", type=int, default=None,
-                       help="IVF lists (default: about 4 sqrt(n) of the vectors it is trained on)")
+    add_vector_index_args(index, new=True)
     index.add_argument("--vector-dtype", choices=DTYPES, default="float32",
                        help="how the index stores its vectors: float32 as computed, float16 in half the space "
                             "(default: %(default)s; fixed when the index is created)")
@@ -208,10 +205,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="convert an index folder of format 1 (vectors inside patches.sqlite); embeds nothing")
     reindex = commands.add_parser("reindex", parents=[where],
                                   help="rebuild the faiss index as another type from the stored vectors")
-    reindex.add_argument("--index-type", choices=INDEX_TYPES, required=True,
-                         help="the faiss index to build: flat, ivf or hnsw (no default)")
-    reindex.add_argument("--ivf-lists", type=int, default=None,
-                         help="IVF lists (default: about 4 sqrt(n) of the stored vectors)")
+    add_vector_index_args(reindex, new=False)
 
     embed = commands.add_parser("embed", parents=[model, tiling],
                                 help="write each source's patch features to DIR/<name>.h5 (CLAM/TRIDENT layout)")
@@ -262,7 +256,9 @@ def run_index(args: argparse.Namespace, device: torch.device) -> int:
     device, rank, world_size = distributed.setup_distributed(device)
     encoder = encoder_from_args(args, device, spec=spec)
     tiling = Tiling(args.mpp, args.patch_size or encoder.crop_size, args.tissue_threshold)
-    settings = IndexSettings.for_model(encoder, tiling, args.index_type, args.ivf_lists, mosaic, args.vector_dtype)
+    choice = vector_index_choice(args)
+    settings = IndexSettings.for_model(encoder, tiling, choice.pop("index_type"), choice.pop("ivf_lists"), mosaic,
+                                       args.vector_dtype, **choice)
     if rank == 0:
         print_scale_note(encoder, args.mpp)
     embedder = Embedder(encoder.model, device, args.batch_size, args.amp, args.channels_last, encoder.preprocessing)
@@ -337,7 +333,7 @@ def run_list(args: argparse.Namespace) -> int:
                 print(f"{name}: {count}")
             return 0
         s = index.settings
-        print(f"index {index.directory}: {s.describe_encoder()}, {s.index_type}")
+        print(f"index {index.directory}: {s.describe_encoder()}, {index.describe_vector_index()}")
         print(f"patches of {s.patch_size} px at {s.mpp} um/px, tissue threshold {s.tissue_threshold}"
               + (f"; each slide's mosaic only ({s.mosaic.describe()})" if s.mosaic else ""))
         print(describe_store(index))
@@ -440,10 +436,41 @@ def run_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_vector_index_args(parser: argparse.ArgumentParser, new: bool) -> None:
+    """The faiss index's flags, shared by `index` (new: a new index's) and `reindex` (where a flag not
+    given keeps the index's own setting); docs/slide_search.md."""
+    otherwise = "; fixed when the index is created, `reindex` changes it" if new else "; reindex: the index's own"
+    parser.add_argument("--index-type", choices=INDEX_TYPES, default=None,
+                        help="faiss index: flat is exact; ivf, hnsw and ivfpq (compressed codes, for archives of "
+                             f"millions of patches) are approximate and faster (default: flat{otherwise})")
+    parser.add_argument("--ivf-lists", type=int, default=None,
+                        help="lists of ivf and ivfpq (default: about 4 sqrt(n) of the vectors it is trained on)")
+    parser.add_argument("--pq-bytes", type=int, default=None,
+                        help=f"ivfpq: bytes of each vector's code, a divisor of the vector size (default: "
+                             f"{DEFAULT_PQ_BYTES}{otherwise})")
+    parser.add_argument("--opq", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"ivfpq: learn a rotation (OPQ) before the codes (default: off{otherwise})")
+    parser.add_argument("--rerank", type=int, default=None, metavar="N",
+                        help="ivfpq: re-score each query vector's best N candidates exactly from the stored vectors "
+                             f"(default: 0, off{otherwise})")
+
+
+def vector_index_choice(args: argparse.Namespace, current: IndexSettings | None = None) -> dict:
+    """The vector-index settings the flags give; a flag not given takes `current`'s setting (reindex)
+    or its default (a new index)."""
+    chosen = {"index_type": "flat", "ivf_lists": None, "pq_bytes": DEFAULT_PQ_BYTES, "opq": False, "rerank": 0}
+    if current is not None:
+        chosen = {name: getattr(current, name) for name in chosen}
+        if args.index_type not in (None, current.index_type):
+            chosen["ivf_lists"] = None  # another type: its own default lists
+    return {**chosen, **{name: getattr(args, name) for name in chosen if getattr(args, name) is not None}}
+
+
 def run_reindex(args: argparse.Namespace) -> int:
     with SlideIndex.open(require_index(args), writable=True) as index:
-        index.reindex(args.index_type, args.ivf_lists)
-        print(f"{index.directory}: rebuilt the {args.index_type} index from {index.vectors.ntotal} stored vectors")
+        index.reindex(**vector_index_choice(args, index.settings))
+        print(f"{index.directory}: rebuilt the index from {index.vectors.ntotal} stored vectors: "
+              f"{index.describe_vector_index()}")
     return 0
 
 

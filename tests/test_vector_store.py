@@ -263,9 +263,8 @@ def test_reindex_gives_the_same_vectors_and_the_same_exact_results(tmp_path, cap
         assert vector_index.index_kind(index.vectors) == "hnsw" and index.settings.index_type == "hnsw"
         assert index.vectors.ntotal == index.patch_count()
     # IVF trained on a sample read from the store by id: 3 per list here, not every vector.
-    from histo_retrieval.search import index as index_module
     trained = []
-    monkeypatch.setattr(index_module, "REBUILD_TRAIN_MAX", 4)
+    monkeypatch.setattr(vector_index, "PQ_TRAIN_POINTS", 4)
     monkeypatch.setattr(vector_index, "TRAIN_POINTS_PER_LIST", 3)
     new = vector_index.new_vector_index
     monkeypatch.setattr(vector_index, "new_vector_index", lambda kind, dim, train=None, *a: trained.append(

@@ -509,6 +509,9 @@ class IndexSettings:
     encoder_mpp: float | None = None  # the scale the encoder expects, when its source states one
     mosaic: MosaicSettings | None = None  # each slide's mosaic only (None: all its tissue patches)
     vector_dtype: str = "float32"  # of the stored vectors (vector_store.DTYPES); fixed when the index is created
+    pq_bytes: int = vector_index.DEFAULT_PQ_BYTES  # ivfpq: bytes of each vector's code
+    opq: bool = False  # ivfpq: rotate the vectors (OPQ) before their codes are learnt
+    rerank: int = 0  # ivfpq: candidates per query vector re-scored exactly from the store (0: none)
 
     def __post_init__(self) -> None:
         self.spec = self.spec or self.checkpoint
@@ -519,7 +522,8 @@ class IndexSettings:
     @classmethod
     def for_model(cls, encoder: Encoder, tiling: Tiling, index_type: str = "flat",
                   ivf_lists: int | None = None, mosaic: MosaicSettings | None = None,
-                  vector_dtype: str = "float32") -> IndexSettings:
+                  vector_dtype: str = "float32", pq_bytes: int = vector_index.DEFAULT_PQ_BYTES, opq: bool = False,
+                  rerank: int = 0) -> IndexSettings:
         """The settings of an index of `encoder`'s vectors cut by `tiling`, holding each slide's
         `mosaic` only when one is given, its vectors stored as `vector_dtype`."""
         tiling.check()
@@ -536,7 +540,12 @@ class IndexSettings:
                    encoder.crop_size, encoder.dim, tiling.mpp, tiling.patch_size, tiling.tissue_threshold, index_type,
                    ivf_lists, spec=spec, kind=encoder.kind, input_steps=encoder.input_steps,
                    preprocessing=encoder.preprocessing.to_dict(), pooling=encoder.pooling, encoder_mpp=encoder.mpp,
-                   mosaic=mosaic, vector_dtype=vector_dtype)
+                   mosaic=mosaic, vector_dtype=vector_dtype, pq_bytes=pq_bytes, opq=opq, rerank=rerank)
+
+    def vector_index_record(self) -> dict:
+        """The manifest's "vector_index": the faiss index's type and its settings."""
+        return {"type": self.index_type, "ivf_lists": self.ivf_lists, "hnsw_m": self.hnsw_m,
+                "pq_bytes": self.pq_bytes, "opq": self.opq, "rerank": self.rerank}
 
     @property
     def encoder_identity(self) -> str:
@@ -562,7 +571,7 @@ class IndexSettings:
                       "pooling": self.pooling, "mpp": self.encoder_mpp, "embedding_dim": self.dim, **self.extra})
         return {"format": FORMAT, "model": model,
                 "tiling": {"mpp": self.mpp, "patch_size": self.patch_size, "tissue_threshold": self.tissue_threshold},
-                "vector_index": {"type": self.index_type, "ivf_lists": self.ivf_lists, "hnsw_m": self.hnsw_m},
+                "vector_index": self.vector_index_record(),
                 "vector_store": {"dtype": self.vector_dtype},
                 **({} if self.mosaic is None else {"mosaic": self.mosaic.to_dict()}),  # absent: all tissue patches
                 "created": _now(), "command": command_line()}
@@ -581,7 +590,9 @@ class IndexSettings:
                    preprocessing=model.get("preprocessing"), pooling=model.get("pooling", ""),
                    encoder_mpp=model.get("mpp"),
                    mosaic=MosaicSettings.from_dict(manifest["mosaic"]) if manifest.get("mosaic") else None,
-                   vector_dtype=(manifest.get("vector_store") or {}).get("dtype", "float32"))
+                   vector_dtype=(manifest.get("vector_store") or {}).get("dtype", "float32"),
+                   pq_bytes=vectors.get("pq_bytes", vector_index.DEFAULT_PQ_BYTES), opq=vectors.get("opq", False),
+                   rerank=vectors.get("rerank", 0))
 
     def differences(self, other: IndexSettings) -> list[str]:
         """What `other` (a new run's settings) changes of what the index's vectors share."""
@@ -635,13 +646,9 @@ def format_1_message(directory: Path) -> str:
             f"again) with: python3 retrieve.py upgrade --index {directory}")
 
 
-# Training vectors an ivf index is trained on when rebuilt from the store: every vector up to this
-# many, a sample of at least TRAIN_POINTS_PER_LIST per list beyond (faiss's k-means samples as many
-# itself, so the lists come out as if trained on all).
-REBUILD_TRAIN_MAX = 2 ** 18
 REBUILD_BATCH_ROWS = 2 ** 16
-# Kinds whose lists are trained on a sample of the store (ivfpq once vector_index has it): exact
-# (flat) until the store holds vectors enough to train them, see SlideIndex._kind_for.
+# Kinds trained on a sample of the store: exact (flat) until the store holds vectors enough to
+# train them (vector_index.can_train), see SlideIndex._kind_for.
 TRAINED_KINDS = ("ivf", "ivfpq")
 
 
@@ -669,6 +676,7 @@ class SlideIndex:
             raise
         self._vectors = None
         self._vectors_generation = -1
+        self._trained_on: int | None = None  # training vectors of the faiss index's lists and codes (None: unknown)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -813,10 +821,11 @@ class SlideIndex:
         generation = self.db.generation
         if self._vectors is not None and self._vectors_generation == generation:
             return self._vectors
-        saved = self._saved_generation()
+        sidecar = self._sidecar()
+        saved = sidecar.get("generation")
         loaded = vector_index.load_vector_index(self.directory / VECTORS) if saved == generation else None
         if loaded is not None and vector_index.index_kind(loaded) == self._kind_for(loaded.ntotal):
-            self._vectors = loaded
+            self._vectors, self._trained_on = loaded, sidecar.get("trained_on")
         else:
             if loaded is not None:
                 print(f"note: {self.directory / VECTORS} is a {vector_index.index_kind(loaded)} index, the manifest "
@@ -832,29 +841,30 @@ class SlideIndex:
         self._vectors_generation = generation
         return self._vectors
 
-    def _saved_generation(self) -> int | None:
+    def _sidecar(self) -> dict:
+        """The saved faiss file's record: the database generation it reflects and the number of
+        vectors it was trained on ({} without a readable one)."""
         sidecar = self.directory / (VECTORS + ".json")
         if not (self.directory / VECTORS).is_file() or not sidecar.is_file():
-            return None
+            return {}
         try:
-            return int(json.loads(sidecar.read_text())["generation"])
+            record = json.loads(sidecar.read_text())
+            return {"generation": int(record["generation"]), "trained_on": record.get("trained_on")}
         except (ValueError, KeyError, TypeError):
-            return None
+            return {}
 
     def _kind_for(self, count: int, index_type: str | None = None) -> str:
         """The faiss kind an index of `index_type` (the manifest's) holding `count` vectors has: ivf
         is exact (flat) until there are vectors to train its lists on."""
         kind = index_type or self.settings.index_type
-        # ivfpq will need its own minimum here (vector_index's count a PQ needs), not just one vector.
-        if kind in TRAINED_KINDS and count == 0:
+        if kind in TRAINED_KINDS and not vector_index.can_train(kind, count):
             return "flat"
         return kind
 
     def _training_sample(self, count: int, lists: int | None) -> np.ndarray:
-        """Training vectors for the lists, read from the store: all of them up to REBUILD_TRAIN_MAX, an
-        evenly spread sample of at least TRAIN_POINTS_PER_LIST per list beyond."""
-        lists = lists or vector_index.default_ivf_lists(count)
-        size = min(count, max(REBUILD_TRAIN_MAX, vector_index.TRAIN_POINTS_PER_LIST * lists))
+        """Training vectors for the lists (and the PQ codes), read from the store: an evenly spread
+        sample of vector_index.train_sample_size of them (all of a small store)."""
+        size = vector_index.train_sample_size(count, lists)
         if size == count:
             return np.concatenate([part for _, part in self.iter_vectors()])
         return self.vectors_of(self.store.spread_ids(size))
@@ -868,7 +878,10 @@ class SlideIndex:
         if lists is None and kind in TRAINED_KINDS:
             lists = vector_index.default_ivf_lists(count)
         train = self._training_sample(count, lists) if kind in TRAINED_KINDS else None
-        index = vector_index.new_vector_index(kind, self.settings.dim, train, lists, self.settings.hnsw_m)
+        settings = self.settings
+        index = vector_index.new_vector_index(kind, settings.dim, train, lists, settings.hnsw_m, settings.pq_bytes,
+                                              settings.opq)
+        self._trained_on = 0 if train is None else len(train)
         for ids, vectors in self.iter_vectors():
             vector_index.add_vectors(index, vectors, ids)
         return index
@@ -878,7 +891,8 @@ class SlideIndex:
             return
         vector_index.save_vector_index(self._vectors, self.directory / VECTORS)
         atomic_write_text(self.directory / (VECTORS + ".json"),
-                          json.dumps({"generation": self._vectors_generation}) + "\n")
+                          json.dumps({"generation": self._vectors_generation,
+                                      **({"trained_on": self._trained_on} if self._trained_on else {})}) + "\n")
 
     # ------------------------------------------------------------------ changes
     def add(self, record: SourceRecord) -> int:
@@ -908,7 +922,8 @@ class SlideIndex:
         self._require_writer("compact")
         return self.store.compact()
 
-    def reindex(self, index_type: str, ivf_lists: int | None = None) -> None:
+    def reindex(self, index_type: str, ivf_lists: int | None = None, pq_bytes: int = vector_index.DEFAULT_PQ_BYTES,
+                opq: bool = False, rerank: int = 0) -> None:
         """Rebuild the faiss index as `index_type` from the store (nothing is embedded) and record the
         type in the manifest. The faiss file is written first: killed before the manifest, the file's
         kind differs from the manifest's type and the next open rebuilds it as the manifest says."""
@@ -918,13 +933,19 @@ class SlideIndex:
         if ivf_lists is not None and ivf_lists < 1:
             raise UserError(f"--ivf-lists must be at least 1, got {ivf_lists}")
         generation = self.db.generation
-        self._vectors = self._rebuild(index_type, ivf_lists)
+        previous = self.settings
+        self.settings = replace(previous, index_type=index_type, ivf_lists=ivf_lists, pq_bytes=pq_bytes, opq=opq,
+                                rerank=rerank)
+        try:
+            self._vectors = self._rebuild(index_type, ivf_lists)
+        except BaseException:
+            self.settings = previous
+            raise
         self._vectors_generation = generation
         self.save_vectors()
         crash_point("reindex-saved")
-        self.settings = replace(self.settings, index_type=index_type, ivf_lists=ivf_lists)
         manifest = json.loads((self.directory / MANIFEST).read_text())
-        manifest["vector_index"] = {**manifest.get("vector_index", {}), "type": index_type, "ivf_lists": ivf_lists}
+        manifest["vector_index"] = {**manifest.get("vector_index", {}), **self.settings.vector_index_record()}
         atomic_write_text(self.directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
     def _require_writer(self, what: str) -> None:
@@ -955,8 +976,31 @@ class SlideIndex:
 
     def search(self, queries: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = None,
                nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        return vector_index.search(self.vectors, np.ascontiguousarray(queries, np.float32), k, exclude,
-                                   nprobe, ef_search)
+        """Top-k stored patches per query vector (vector_index.search). An ivfpq index's candidates are
+        re-scored exactly from the store when the index was made with --rerank N: its best max(k, N)
+        by their codes, then the best k of those by their stored vectors."""
+        current = self.vectors
+        rerank = self.settings.rerank if vector_index.index_kind(current) == "ivfpq" else 0
+        return vector_index.search(current, np.ascontiguousarray(queries, np.float32), k, exclude, nprobe, ef_search,
+                                   rerank=rerank or None, vectors_of=self.vectors_of if rerank else None)
+
+    def describe_vector_index(self) -> str:
+        """The faiss index in a line: its type and settings, and for ivf and ivfpq whether it is
+        trained (an untrained one searches exactly until the store holds enough vectors)."""
+        s = self.settings
+        text = s.index_type + (f" ({s.pq_bytes} bytes a vector" + (", OPQ" if s.opq else "")
+                               + (f", re-ranking the best {s.rerank} exactly" if s.rerank else "") + ")"
+                               if s.index_type == "ivfpq" else "")
+        if s.index_type not in TRAINED_KINDS:
+            return text
+        current = self.vectors
+        if vector_index.index_kind(current) == "flat":
+            needed = vector_index.min_train_vectors(s.index_type)
+            return (f"{text}, untrained: searched exactly until it holds {needed} vectors to train on "
+                    f"(it holds {current.ntotal})")
+        lists = vector_index.ivf_list_count(current)
+        trained = f"trained on {self._trained_on} vectors" if self._trained_on else "trained"
+        return f"{text}, {trained}, {lists} lists"
 
 
 def upgrade_index(directory: str | os.PathLike) -> int | None:

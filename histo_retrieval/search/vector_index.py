@@ -374,7 +374,7 @@ def _complete(index: faiss.Index, kind: str, queries: np.ndarray, k: int, banned
     selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(banned)) if len(banned) else None
     todo = np.flatnonzero((ids >= 0).sum(axis=1) < want)
     nprobe, ef_search = _widened(index, kind, k, len(banned), nprobe, ef_search)
-    width, limit = (nprobe, _nlist(index)) if kind in IVF_KINDS else (ef_search, HNSW_MAX_EF_SEARCH)
+    width, limit = (nprobe, ivf_list_count(index)) if kind in IVF_KINDS else (ef_search, HNSW_MAX_EF_SEARCH)
     while len(todo) and width < limit:
         width = min(2 * width, limit)
         found = index.search(queries[todo], k, params=_params(kind, width, width, selector, index))
@@ -443,7 +443,8 @@ def uses_opq(index: faiss.Index) -> bool:
     return index_kind(index) == "ivfpq" and isinstance(index, faiss.IndexPreTransform)
 
 
-def _nlist(index: faiss.Index) -> int:
+def ivf_list_count(index: faiss.Index) -> int:
+    """The lists of an ivf or ivfpq index (through an OPQ transform)."""
     return faiss.extract_index_ivf(index).nlist
 
 
@@ -478,7 +479,7 @@ def _search_widths(index: faiss.Index, kind: str, nprobe: int | None, ef_search:
         if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
             raise UserError(f"{name} must be a positive integer, got {value!r}")
     if kind in IVF_KINDS:
-        nlist = _nlist(index)
+        nlist = ivf_list_count(index)
         if nprobe is None:
             nprobe = max(DEFAULT_MIN_NPROBE, math.ceil(nlist * DEFAULT_NPROBE_FRACTION))
         nprobe = min(nprobe, nlist)
@@ -494,7 +495,7 @@ def _widened(index: faiss.Index, kind: str, k: int, excluded: int, nprobe: int, 
     vectors would fill. IVF needs more than that when the exclusions hold the neighbourhood (1M,
     same case: nprobe 4 of 4000 lists, recall 0.38; 64, 0.99): the default nprobe is chosen for it."""
     if kind in IVF_KINDS and excluded:
-        nlist = _nlist(index)
+        nlist = ivf_list_count(index)
         nprobe = min(nlist, nprobe + round(excluded * nlist / max(1, index.ntotal)))
     if kind == "hnsw" and excluded:
         ef_search = max(ef_search, min(2 * (k + excluded), HNSW_MAX_EF_SEARCH))
