@@ -9,7 +9,7 @@
     python3 retrieve.py evaluate --index DIR [--out-dir DIR] [--exclude patient|slide] [--slide-score votes]
     python3 retrieve.py remove --index DIR SOURCE...
     python3 retrieve.py compact --index DIR                              # give back removed vectors' space
-    python3 retrieve.py reindex --index DIR --index-type flat|ivf|hnsw   # from the stored vectors
+    python3 retrieve.py reindex --index DIR --index-type flat|ivf|hnsw|ivfpq   # from the stored vectors
     python3 retrieve.py upgrade --index DIR                              # an index folder of format 1
     python3 retrieve.py serve --index DIR [--host 127.0.0.1] [--port 8000] [--allowed-hosts HOST[,HOST]]
 
