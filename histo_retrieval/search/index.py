@@ -546,8 +546,8 @@ class IndexSettings:
     pq_bytes: int = vector_index.DEFAULT_PQ_BYTES  # ivfpq: bytes of each vector's code
     opq: bool = False  # ivfpq: rotate the vectors (OPQ) before their codes are learnt
     rerank: int = 0  # ivfpq: candidates per query vector re-scored exactly from the store (0: none)
-    # Where the vectors live: "local" (DIR/vectors/ and a faiss index) or a Milvus location's spec
-    # (milvus_vectors.MilvusLocation.spec); None: not stated (a run adding to an index keeps its own).
+    # Where the vectors live: a Milvus location's spec (milvus_vectors.MilvusLocation.spec), or None or
+    # "local": DIR/vectors/ and a faiss index (a run's None: not stated, an existing index keeps its own).
     vector_store: str | None = None
 
     def __post_init__(self) -> None:
@@ -635,7 +635,7 @@ class IndexSettings:
                    vector_dtype=(manifest.get("vector_store") or {}).get("dtype", "float32"),
                    pq_bytes=vectors.get("pq_bytes", vector_index.DEFAULT_PQ_BYTES), opq=vectors.get("opq", False),
                    rerank=vectors.get("rerank", 0),
-                   vector_store=(manifest.get("vector_store") or {}).get("location", LOCAL))
+                   vector_store=(manifest.get("vector_store") or {}).get("location"))
 
     @property
     def milvus_location(self):
@@ -824,7 +824,9 @@ class SlideIndex:
     def _recover_milvus(self) -> None:
         """A writer's first step with Milvus: delete a killed run's uncommitted rows (every id from
         the record's next patch id on) and carry out the removals a killed `remove` left pending."""
-        self.milvus.open(create=True)
+        # A collection is made only for an index that never held a patch (one whose creator was
+        # killed before making it); an index that did and lost it is refused.
+        self.milvus.open(create=self.db.meta("next_patch_id", 1) == 1)
         self.milvus.delete_from(self.db.meta("next_patch_id", 1))
         pending = self.db.pending_deletions()
         if pending:

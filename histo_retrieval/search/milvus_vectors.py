@@ -257,7 +257,8 @@ class MilvusVectors:
             for start in range(0, len(rows), SEARCH_BATCH):
                 batch = rows[start:start + SEARCH_BATCH]
                 found = self.client.search(self.location.collection, data=[q for q in queries[batch]], limit=k,
-                                           filter=expression, search_params=params, anns_field="vector")
+                                           filter=expression, search_params=params, anns_field="vector",
+                                           output_fields=["id"])  # not the vectors
                 for row, hits in zip(batch, found):
                     pairs = sorted(((float(hit["distance"]), int(hit["id"])) for hit in hits),
                                    key=lambda pair: (-pair[0], pair[1]))[:k]
