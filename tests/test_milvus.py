@@ -279,3 +279,15 @@ def test_an_unreachable_server_is_one_line_and_exit_status_2(tmp_path, make_imag
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "--vector-store milvus://127.0.0.1:1/patches: cannot reach the " \
         "Milvus server" in done.stderr
+
+
+@pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
+def test_milvus_lite_approximate_indexes_find_each_stored_vector_first(tmp_path, index_type):
+    settings = dataclasses.replace(milvus_settings(tmp_path / "lite.db"), index_type=index_type, ivf_lists=4)
+    with SlideIndex.create(tmp_path / "index", settings) as index:
+        for path, vectors in SOURCES.items():
+            index.add(record(path, vectors))
+        ids = np.concatenate([index.patch_ids(row.id) for row in index.sources()])
+        scores, found = index.search(index.vectors_of(ids), 3, nprobe=4)
+        assert np.array_equal(found[:, 0], ids) and np.allclose(scores[:, 0], 1, atol=1e-5)
+        assert f"Milvus Lite {'HNSW' if index_type == 'hnsw' else 'IVF_FLAT'}" in index.describe_vector_index()

@@ -42,7 +42,8 @@ from histo_retrieval.data.datasets import InputSteps
 from histo_retrieval.search import vector_index
 from histo_retrieval.errors import UserError
 from histo_retrieval.files import atomic_write_text, command_line
-from histo_retrieval.search.milvus_vectors import LOCAL, MilvusVectors, check_index_type, parse_vector_store
+from histo_retrieval.search.milvus_vectors import (LOCAL, MilvusLocation, MilvusVectors, check_index_type,
+                                                   parse_vector_store)
 from histo_retrieval.search.vector_store import DTYPES, Block, StoreStats, VectorStore, crash_point
 from histo_retrieval.search.mosaic import MosaicSettings
 from histo_retrieval.search.slides import Slide, SlideError, Tiling, open_slide
@@ -638,7 +639,7 @@ class IndexSettings:
                    vector_store=(manifest.get("vector_store") or {}).get("location"))
 
     @property
-    def milvus_location(self):
+    def milvus_location(self) -> MilvusLocation | None:
         """Where Milvus keeps the vectors (milvus_vectors.MilvusLocation), None for the local store."""
         return parse_vector_store(self.vector_store or LOCAL)
 
@@ -768,7 +769,6 @@ class SlideIndex:
             raise UserError(f"--vector-dtype {settings.vector_dtype}: choose one of {', '.join(DTYPES)}")
         location = settings.milvus_location
         if location is not None:  # refused (in one line) before the folder is made: a new index, a new collection
-            check_index_type(location, settings.index_type)
             probe = MilvusVectors(location, settings.dim, settings.index_type)
             try:
                 probe.refuse_existing()
