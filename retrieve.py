@@ -476,7 +476,8 @@ def vector_index_choice(args: argparse.Namespace, current: IndexSettings | None 
 def run_reindex(args: argparse.Namespace) -> int:
     with SlideIndex.open(require_index(args), writable=True) as index:
         index.reindex(**vector_index_choice(args, index.settings))
-        print(f"{index.directory}: rebuilt the index from {index.vectors.ntotal} stored vectors: "
+        held = index.milvus.count() if index.milvus is not None else index.vectors.ntotal
+        print(f"{index.directory}: rebuilt the index from {held} stored vectors: "
               f"{index.describe_vector_index()}")
     return 0
 

@@ -264,8 +264,8 @@ def test_retrieve_index_with_milvus_lite_queries_as_a_local_index_and_refuses_wh
         run(*base, "--index", str(tmp_path / "pq"), "--vector-store", f"milvus-lite:{lite}", "--index-type", "ivfpq")
     with pytest.raises(UserError, match=r"compact: this index keeps its vectors in Milvus"):
         run("compact", "--index", str(tmp_path / "milvus"))
-    with pytest.raises(UserError, match=r"reindex: this index keeps its vectors in Milvus"):
-        run("reindex", "--index", str(tmp_path / "milvus"), "--index-type", "hnsw")
+    with pytest.raises(UserError, match=r"^--index-type ivfpq: Milvus Lite has no IVF_PQ index"):
+        run("reindex", "--index", str(tmp_path / "milvus"), "--index-type", "ivfpq")
     assert not (tmp_path / "pq").exists()
 
 
@@ -291,3 +291,29 @@ def test_milvus_lite_approximate_indexes_find_each_stored_vector_first(tmp_path,
         scores, found = index.search(index.vectors_of(ids), 3, nprobe=4)
         assert np.array_equal(found[:, 0], ids) and np.allclose(scores[:, 0], 1, atol=1e-5)
         assert f"Milvus Lite {'HNSW' if index_type == 'hnsw' else 'IVF_FLAT'}" in index.describe_vector_index()
+
+
+@pytest.mark.parametrize("crash_at", [None, "reindex-saved"])
+def test_reindex_builds_the_collections_index_again_even_when_killed_before_the_manifest(tmp_path, crash_at,
+                                                                                       capsys):
+    folder = tmp_path / "index"
+    build(folder, milvus_settings(tmp_path / "lite.db"))
+    before = query_suite(folder)
+    if crash_at is None:
+        assert run("reindex", "--index", str(folder), "--index-type", "hnsw") == 0
+        held = sum(len(v) for p, v in SOURCES.items() if p not in ("/s2", "/s5")) + 5
+        assert f"rebuilt the index from {held} stored vectors: hnsw in Milvus Lite HNSW" in capsys.readouterr().out
+    else:  # killed after Milvus built HNSW, before the manifest says so: the next writer builds FLAT again
+        code = PRELUDE + f"""
+from pathlib import Path
+with SlideIndex.open(Path({str(folder)!r}), writable=True) as index:
+    index.reindex("hnsw")
+"""
+        killed = python(code, crash_at=crash_at)
+        assert killed.returncode == -9, killed.stderr
+        with SlideIndex.open(folder, writable=True) as index:
+            assert index.settings.index_type == "flat"
+    with SlideIndex.open(folder) as index:
+        expected = "HNSW" if crash_at is None else "FLAT"
+        assert index.milvus._built_type() == expected and expected in index.describe_vector_index()
+    assert_same_suite(before, query_suite(folder))  # HNSW on 26 vectors finds what FLAT does

@@ -826,7 +826,7 @@ class SlideIndex:
         the record's next patch id on) and carry out the removals a killed `remove` left pending."""
         # A collection is made only for an index that never held a patch (one whose creator was
         # killed before making it); an index that did and lost it is refused.
-        self.milvus.open(create=self.db.meta("next_patch_id", 1) == 1)
+        self.milvus.open(create=self.db.meta("next_patch_id", 1) == 1, writer=True)
         self.milvus.delete_from(self.db.meta("next_patch_id", 1))
         pending = self.db.pending_deletions()
         if pending:
@@ -1062,9 +1062,12 @@ class SlideIndex:
                 opq: bool = False, rerank: int = 0) -> None:
         """Rebuild the faiss index as `index_type` from the store (nothing is embedded) and record the
         type in the manifest. The faiss file is written first: killed before the manifest, the file's
-        kind differs from the manifest's type and the next open rebuilds it as the manifest says."""
+        kind differs from the manifest's type and the next open rebuilds it as the manifest says.
+        With Milvus, the collection's index is built again as that type (MilvusVectors.build_index),
+        and a writer opening the index builds it as the manifest says when the two differ."""
         self._require_writer("reindex")
-        self._require_local("reindex")
+        if self.milvus is not None:
+            check_milvus_choice(self.settings.vector_store, index_type, self.settings.vector_dtype, opq)
         if index_type not in vector_index.INDEX_TYPES:
             raise UserError(f"--index-type {index_type}: choose one of {', '.join(vector_index.INDEX_TYPES)}")
         if ivf_lists is not None and ivf_lists < 1:
@@ -1074,12 +1077,17 @@ class SlideIndex:
         self.settings = replace(previous, index_type=index_type, ivf_lists=ivf_lists, pq_bytes=pq_bytes, opq=opq,
                                 rerank=rerank)
         try:
-            self._vectors = self._rebuild(index_type, ivf_lists)
+            if self.milvus is not None:
+                self.milvus.configure(index_type, ivf_lists, self.settings.hnsw_m, pq_bytes)
+                self.milvus.build_index()
+            else:
+                self._vectors = self._rebuild(index_type, ivf_lists)
         except BaseException:
             self.settings = previous
             raise
-        self._vectors_generation = generation
-        self.save_vectors()
+        if self.milvus is None:
+            self._vectors_generation = generation
+            self.save_vectors()
         crash_point("reindex-saved")
         manifest = json.loads((self.directory / MANIFEST).read_text())
         manifest["vector_index"] = {**manifest.get("vector_index", {}), **self.settings.vector_index_record()}

@@ -42,6 +42,7 @@ DEFAULT_NLIST = 1024  # Milvus trains its lists per segment, on the segment's ow
 SEARCH_BATCH = 1024  # query vectors per request (Milvus takes at most 16,384)
 GET_BATCH = 4096  # ids per get() request
 MAX_TOP_K = 16384  # Milvus's limit on results per query vector
+VECTOR_INDEX = "vector"  # the name of the collection's vector index
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 _SERVER = re.compile(r"milvus://([^/:]+):(\d{1,5})(?:/([^/]*))?")
 
@@ -96,11 +97,15 @@ class MilvusVectors:
 
     def __init__(self, location: MilvusLocation, dim: int, index_type: str = "flat", ivf_lists: int | None = None,
                  hnsw_m: int = 32, pq_bytes: int = 64) -> None:
-        check_index_type(location, index_type)
-        self.location, self.dim, self.index_type = location, int(dim), index_type
-        self.ivf_lists, self.hnsw_m, self.pq_bytes = ivf_lists, hnsw_m, pq_bytes
+        self.location, self.dim = location, int(dim)
+        self.configure(index_type, ivf_lists, hnsw_m, pq_bytes)
         self._client = None
         self._loaded = False
+
+    def configure(self, index_type: str, ivf_lists: int | None = None, hnsw_m: int = 32, pq_bytes: int = 64) -> None:
+        """The vector index the collection should have (build_index makes it so)."""
+        check_index_type(self.location, index_type)
+        self.index_type, self.ivf_lists, self.hnsw_m, self.pq_bytes = index_type, ivf_lists, hnsw_m, pq_bytes
 
     # ------------------------------------------------------------------ connection
     @property
@@ -166,14 +171,14 @@ class MilvusVectors:
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("source_id", DataType.INT64)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
-        params = self.client.prepare_index_params()
-        params.add_index(field_name="vector", index_type=INDEX_TYPES[self.index_type], metric_type="IP",
-                         params=self._index_params())
+        params = self._index_spec()
         # Strong: a search sees every insert and delete made before it (our crash safety relies on it).
         self.client.create_collection(name, schema=schema, index_params=params, consistency_level="Strong")
 
-    def open(self, create: bool = False) -> None:
-        """Load the collection for searching (once); with `create`, make it first when it is not there."""
+    def open(self, create: bool = False, writer: bool = False) -> None:
+        """Load the collection for searching (once); with `create`, make it first when it is not there.
+        A `writer` builds its vector index again when it is not of the configured type (a `reindex`
+        killed before it recorded the new type, or after it dropped the old index)."""
         if self._loaded:
             return
         if create and not self.exists():
@@ -181,8 +186,34 @@ class MilvusVectors:
         if not self.exists():
             raise UserError(f"--vector-store {self.location.spec}: the collection {self.location.collection!r} is "
                             "gone; the index's vectors are lost with it: build the index again")
+        if writer and self._built_type() != INDEX_TYPES[self.index_type]:
+            self.build_index()
         self.client.load_collection(self.location.collection)
         self._loaded = True
+
+    def _built_type(self) -> str | None:
+        name = self.location.collection
+        if VECTOR_INDEX not in self.client.list_indexes(name):
+            return None
+        return self.client.describe_index(name, VECTOR_INDEX)["index_type"]
+
+    def build_index(self) -> None:
+        """Build the collection's vector index again as configured, dropping the one it has (Milvus
+        builds it from the vectors it keeps; nothing is embedded)."""
+        name = self.location.collection
+        self.client.release_collection(name)
+        self._loaded = False
+        if VECTOR_INDEX in self.client.list_indexes(name):
+            self.client.drop_index(name, VECTOR_INDEX)
+        self.client.create_index(name, self._index_spec())
+        self.client.load_collection(name)
+        self._loaded = True
+
+    def _index_spec(self):
+        params = self.client.prepare_index_params()
+        params.add_index(field_name="vector", index_name=VECTOR_INDEX, index_type=INDEX_TYPES[self.index_type],
+                         metric_type="IP", params=self._index_params())
+        return params
 
     def _index_params(self) -> dict:
         lists = self.ivf_lists or DEFAULT_NLIST
