@@ -132,7 +132,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "(default: %(default)s; fixed when the index is created)")
     index.add_argument("--vector-store", default=None, metavar="WHERE",
                        help="where the vectors live: local (the index folder, searched with faiss), "
-                            "milvus-lite:PATH (Milvus Lite, a file) or milvus://HOST:PORT[/COLLECTION] (a Milvus "
+                            "milvus-lite:PATH.db (Milvus Lite, embedded) or milvus://HOST:PORT[/COLLECTION] (a Milvus "
                             "server; collection default: patches); docs/slide_search.md (default: local; fixed when "
                             "the index is created)")
     index.add_argument("--crop-size", type=int, default=None,

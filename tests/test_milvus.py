@@ -224,7 +224,7 @@ with SlideIndex.open(Path({str(folder)!r}), writable=True) as index:
 
 # ----------------------------------------------------------------------------- the flag
 @pytest.mark.parametrize("value", ["milvus://", "milvus://host", "milvus://host:99999", "milvus-lite:",
-                                   "milvus://host:19530/9bad", "faiss"])
+                                   "milvus://host:19530/9bad", "faiss", "milvus-lite:archive"])
 def test_a_bad_vector_store_is_one_line_naming_the_flag(value):
     with pytest.raises(UserError, match=r"^--vector-store") as error:
         parse_vector_store(value)

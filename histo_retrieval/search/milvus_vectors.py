@@ -2,7 +2,7 @@
 
 `retrieve.py index ... --vector-store milvus://HOST:PORT[/COLLECTION]` keeps the vectors in a
 collection of a Milvus server (which shards, replicates and serves them across machines);
-`--vector-store milvus-lite:PATH` in Milvus Lite, the embedded build (`pip install milvus-lite`),
+`--vector-store milvus-lite:PATH.db` in Milvus Lite, the embedded build (`pip install milvus-lite`),
 through the same code. The index folder keeps its SQLite record (sources, patches, labels); the
 collection holds one row per patch: its id (the primary key), its source's id and its vector.
 
@@ -73,6 +73,9 @@ def parse_vector_store(text: str) -> MilvusLocation | None:
         path, _, collection = text.removeprefix("milvus-lite:").partition("#")
         if not path:
             raise UserError(usage)
+        if not path.endswith(".db"):
+            raise UserError(f"--vector-store {text}: Milvus Lite's PATH must end in .db (it is a folder of its "
+                            "data), e.g. milvus-lite:archive.db")
         location = MilvusLocation(os.path.abspath(path), collection or DEFAULT_COLLECTION, lite=True)
     else:
         match = _SERVER.fullmatch(text)
