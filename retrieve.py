@@ -130,6 +130,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     index.add_argument("--vector-dtype", choices=DTYPES, default="float32",
                        help="how the index stores its vectors: float32 as computed, float16 in half the space "
                             "(default: %(default)s; fixed when the index is created)")
+    index.add_argument("--vector-store", default=None, metavar="WHERE",
+                       help="where the vectors live: local (the index folder, searched with faiss), "
+                            "milvus-lite:PATH.db (Milvus Lite, embedded) or milvus://HOST:PORT[/COLLECTION] (a Milvus "
+                            "server; collection default: patches); docs/slide_search.md (default: local; fixed when "
+                            "the index is created)")
     index.add_argument("--crop-size", type=int, default=None,
                        help="model input size (default: the checkpoint's; 224 for a bare reference state_dict)")
     index.add_argument("--replace", action="store_true", help="index sources again that are already indexed "
@@ -258,7 +263,7 @@ def run_index(args: argparse.Namespace, device: torch.device) -> int:
     tiling = Tiling(args.mpp, args.patch_size or encoder.crop_size, args.tissue_threshold)
     choice = vector_index_choice(args)
     settings = IndexSettings.for_model(encoder, tiling, choice.pop("index_type"), choice.pop("ivf_lists"), mosaic,
-                                       args.vector_dtype, **choice)
+                                       args.vector_dtype, **choice, vector_store=args.vector_store)
     if rank == 0:
         print_scale_note(encoder, args.mpp)
     embedder = Embedder(encoder.model, device, args.batch_size, args.amp, args.channels_last, encoder.preprocessing)
@@ -414,6 +419,8 @@ def run_remove(args: argparse.Namespace) -> int:
 
 def describe_store(index: SlideIndex) -> str:
     """One line on the vector store: its dtype, live rows, and the space `compact` would give back."""
+    if index.milvus is not None:
+        return f"vectors: in {index.milvus.describe()}"
     stats = index.store_stats()
     return (f"vectors: {stats.dtype}, {stats.live_rows} live rows in {stats.chunks} chunk file(s); {stats.dead_rows} "
             f"dead rows ({stats.dead_bytes} bytes) reclaimable by `retrieve.py compact --index {index.directory}`")
@@ -469,7 +476,8 @@ def vector_index_choice(args: argparse.Namespace, current: IndexSettings | None 
 def run_reindex(args: argparse.Namespace) -> int:
     with SlideIndex.open(require_index(args), writable=True) as index:
         index.reindex(**vector_index_choice(args, index.settings))
-        print(f"{index.directory}: rebuilt the index from {index.vectors.ntotal} stored vectors: "
+        held = index.milvus.count() if index.milvus is not None else index.vectors.ntotal
+        print(f"{index.directory}: rebuilt the index from {held} stored vectors: "
               f"{index.describe_vector_index()}")
     return 0
 

@@ -43,7 +43,7 @@ LIBRARY = ("base", "data", "encoders", "evaluation", "training", "search", "mode
 # (a) Third-party packages that only one part may import (tests and bench/ use them to check and to
 # time the search package against them).
 CONFINED = {"faiss": "search", "openslide": "search", "tiffslide": "search", "timm": "encoders",
-            "safetensors": "encoders"}
+            "safetensors": "encoders", "pymilvus": "search", "milvus_lite": "search"}
 CONFINEMENT_EXEMPT = ("tests", "bench")
 
 # (b) The parts that may import histo_retrieval.search, besides the package itself: the command that

@@ -9,6 +9,9 @@
     DIR/vectors/        the patch vectors, in append-only chunk files (histo_retrieval.search.vector_store)
     DIR/vectors.faiss   the faiss index of every patch vector, by patch id (histo_retrieval.search.vector_index)
 
+An index made with `--vector-store milvus...` has neither DIR/vectors/ nor DIR/vectors.faiss: its
+vectors live in a Milvus collection (histo_retrieval.search.milvus_vectors), which also searches them.
+
 SQLite is the record: a source, all of its patches and the block of its vectors go in one
 transaction (the vectors themselves are written and synced to the store just before), so a killed
 run leaves each source either complete or absent. The faiss file is derived from the store: it is
@@ -39,6 +42,8 @@ from histo_retrieval.data.datasets import InputSteps
 from histo_retrieval.search import vector_index
 from histo_retrieval.errors import UserError
 from histo_retrieval.files import atomic_write_text, command_line
+from histo_retrieval.search.milvus_vectors import (LOCAL, MilvusLocation, MilvusVectors, check_index_type,
+                                                   parse_vector_store)
 from histo_retrieval.search.vector_store import DTYPES, Block, StoreStats, VectorStore, crash_point
 from histo_retrieval.search.mosaic import MosaicSettings
 from histo_retrieval.search.slides import Slide, SlideError, Tiling, open_slide
@@ -73,6 +78,11 @@ CREATE TABLE IF NOT EXISTS labels (
 BLOB_SCHEMA = """
 CREATE TABLE IF NOT EXISTS vectors (
     source_id INTEGER PRIMARY KEY REFERENCES sources(id) ON DELETE CASCADE, data BLOB NOT NULL);
+"""
+# An index whose vectors are in Milvus: the patch id ranges of removed sources whose rows Milvus may
+# still hold (recorded with the removal, cleared once Milvus deleted them, replayed by the next writer).
+PENDING_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pending_deletions (first_patch INTEGER NOT NULL, patch_count INTEGER NOT NULL);
 """
 
 SOURCE_COLUMNS = ("path", "kind", "file_size", "mtime", "width", "height", "slide_mpp", "backend",
@@ -212,11 +222,13 @@ class PatchDatabase:
     """The SQLite record of sources, patches and vectors (an index's, or a torchrun shard's).
 
     With `store` (a folder), the vectors go to a VectorStore there (`dim` values of `vector_dtype`
-    a row), the database keeping where each source's are; without, to blobs in its `vectors` table
-    (a shard)."""
+    a row), the database keeping where each source's are; with `milvus`, to that collection, inserted
+    inside the transaction that records their source (before its commit); with neither, to blobs in
+    its `vectors` table (a shard)."""
 
     def __init__(self, path: str | os.PathLike, readonly: bool = False, store: str | os.PathLike | None = None,
-                 dim: int | None = None, vector_dtype: str = "float32") -> None:
+                 dim: int | None = None, vector_dtype: str = "float32", milvus: MilvusVectors | None = None) -> None:
+        self.milvus = milvus
         self.path = Path(path)
         if readonly:
             # A reader may be shared by a server's threads, which take turns under the server's lock.
@@ -224,7 +236,8 @@ class PatchDatabase:
                                               check_same_thread=False)
         else:
             self.connection = sqlite3.connect(self.path, timeout=60)
-            self.connection.executescript(SCHEMA + ("" if store is not None else BLOB_SCHEMA))
+            self.connection.executescript(SCHEMA + (PENDING_SCHEMA if milvus is not None else
+                                                    "" if store is not None else BLOB_SCHEMA))
             # WAL: a reader (a query, the search page) never waits for an index run's write.
             self.connection.execute("PRAGMA journal_mode=WAL")
             with self.connection:
@@ -290,6 +303,11 @@ class PatchDatabase:
         with self.connection:
             added = [self._insert_source(record, rows, block, command)
                      for record, rows, block in zip(records, vectors, blocks)]
+            if self.milvus is not None and records:
+                self.milvus.add(np.concatenate([ids for _, ids in added]),
+                                np.concatenate([np.full(len(ids), source_id) for source_id, ids in added]),
+                                np.concatenate(vectors))
+                crash_point("milvus-inserted")  # the vectors are in Milvus, the sources not committed
             self._set_meta("generation", self.generation + 1)
         return added
 
@@ -316,7 +334,7 @@ class PatchDatabase:
              for i, box, t, f, c in zip(ids, record.boxes, tissue, files, classes)))
         if block is not None:
             self.store.record(source_id, block)
-        else:
+        elif self.milvus is None:
             self.connection.execute("INSERT INTO vectors (source_id, data) VALUES (?, ?)",
                                     (source_id, vectors.tobytes()))
         self._set_meta("next_patch_id", first + count)
@@ -335,12 +353,26 @@ class PatchDatabase:
                                         (reason, _now(), path))
 
     def remove_source(self, source_id: int) -> np.ndarray:
-        """Delete a source, its patches and vectors; returns the patch ids it had."""
+        """Delete a source, its patches and vectors; returns the patch ids it had. With Milvus, its id
+        range is recorded as pending in the same transaction: the caller deletes it from Milvus and
+        then clear_pending()s it."""
         ids = self.patch_ids(source_id)
         with self.connection:
+            if self.milvus is not None and len(ids):
+                self.connection.execute("INSERT INTO pending_deletions (first_patch, patch_count) VALUES (?, ?)",
+                                        (int(ids[0]), int(ids[-1] - ids[0] + 1)))
             self.connection.execute("DELETE FROM sources WHERE id = ?", (source_id,))
             self._set_meta("generation", self.generation + 1)
         return ids
+
+    def pending_deletions(self) -> list[tuple[int, int, int]]:
+        """(row id, first patch id, count) of removals Milvus may not have carried out yet."""
+        return [tuple(row) for row in self.connection.execute(
+            "SELECT rowid, first_patch, patch_count FROM pending_deletions ORDER BY rowid")]
+
+    def clear_pending(self, rows: Sequence[int]) -> None:
+        with self.connection:
+            self.connection.executemany("DELETE FROM pending_deletions WHERE rowid = ?", ((int(r),) for r in rows))
 
     # ------------------------------------------------------------------ reads
     def _source_rows(self, where: str, values: tuple, page: str = "") -> list[SourceRow]:
@@ -438,6 +470,9 @@ class PatchDatabase:
         """(patch ids, their vectors) of one source, in patch order (float32)."""
         if self.store is not None:
             return self.patch_ids(source_id), self.store.source_vectors(source_id)
+        if self.milvus is not None:
+            ids = self.patch_ids(source_id)
+            return ids, self.milvus.vectors(ids) if len(ids) else np.zeros((0, dim), np.float32)
         row = self.connection.execute("SELECT data FROM vectors WHERE source_id = ?", (source_id,)).fetchone()
         vectors = np.frombuffer(row[0], dtype=np.float32).reshape(-1, dim) if row else np.zeros((0, dim), np.float32)
         return self.patch_ids(source_id), vectors
@@ -512,6 +547,9 @@ class IndexSettings:
     pq_bytes: int = vector_index.DEFAULT_PQ_BYTES  # ivfpq: bytes of each vector's code
     opq: bool = False  # ivfpq: rotate the vectors (OPQ) before their codes are learnt
     rerank: int = 0  # ivfpq: candidates per query vector re-scored exactly from the store (0: none)
+    # Where the vectors live: a Milvus location's spec (milvus_vectors.MilvusLocation.spec), or None or
+    # "local": DIR/vectors/ and a faiss index (a run's None: not stated, an existing index keeps its own).
+    vector_store: str | None = None
 
     def __post_init__(self) -> None:
         self.spec = self.spec or self.checkpoint
@@ -523,12 +561,15 @@ class IndexSettings:
     def for_model(cls, encoder: Encoder, tiling: Tiling, index_type: str = "flat",
                   ivf_lists: int | None = None, mosaic: MosaicSettings | None = None,
                   vector_dtype: str = "float32", pq_bytes: int = vector_index.DEFAULT_PQ_BYTES, opq: bool = False,
-                  rerank: int = 0) -> IndexSettings:
+                  rerank: int = 0, vector_store: str | None = None) -> IndexSettings:
         """The settings of an index of `encoder`'s vectors cut by `tiling`, holding each slide's
-        `mosaic` only when one is given, its vectors stored as `vector_dtype`."""
+        `mosaic` only when one is given, its vectors stored as `vector_dtype`, in `vector_store`
+        (a --vector-store value; None: local for a new index, the index's own for an existing one)."""
         tiling.check()
         if vector_dtype not in DTYPES:
             raise UserError(f"--vector-dtype {vector_dtype}: choose one of {', '.join(DTYPES)}")
+        if vector_store is not None:
+            vector_store = check_milvus_choice(vector_store, index_type, vector_dtype, opq)
         if mosaic is not None:
             mosaic.check()
         weights = encoder.path
@@ -540,7 +581,8 @@ class IndexSettings:
                    encoder.crop_size, encoder.dim, tiling.mpp, tiling.patch_size, tiling.tissue_threshold, index_type,
                    ivf_lists, spec=spec, kind=encoder.kind, input_steps=encoder.input_steps,
                    preprocessing=encoder.preprocessing.to_dict(), pooling=encoder.pooling, encoder_mpp=encoder.mpp,
-                   mosaic=mosaic, vector_dtype=vector_dtype, pq_bytes=pq_bytes, opq=opq, rerank=rerank)
+                   mosaic=mosaic, vector_dtype=vector_dtype, pq_bytes=pq_bytes, opq=opq, rerank=rerank,
+                   vector_store=vector_store)
 
     def vector_index_record(self) -> dict:
         """The manifest's "vector_index": the faiss index's type and its settings."""
@@ -572,7 +614,8 @@ class IndexSettings:
         return {"format": FORMAT, "model": model,
                 "tiling": {"mpp": self.mpp, "patch_size": self.patch_size, "tissue_threshold": self.tissue_threshold},
                 "vector_index": self.vector_index_record(),
-                "vector_store": {"dtype": self.vector_dtype},
+                "vector_store": {"dtype": self.vector_dtype,
+                                 **({"location": self.vector_store} if self.milvus_location else {})},
                 **({} if self.mosaic is None else {"mosaic": self.mosaic.to_dict()}),  # absent: all tissue patches
                 "created": _now(), "command": command_line()}
 
@@ -592,7 +635,13 @@ class IndexSettings:
                    mosaic=MosaicSettings.from_dict(manifest["mosaic"]) if manifest.get("mosaic") else None,
                    vector_dtype=(manifest.get("vector_store") or {}).get("dtype", "float32"),
                    pq_bytes=vectors.get("pq_bytes", vector_index.DEFAULT_PQ_BYTES), opq=vectors.get("opq", False),
-                   rerank=vectors.get("rerank", 0))
+                   rerank=vectors.get("rerank", 0),
+                   vector_store=(manifest.get("vector_store") or {}).get("location"))
+
+    @property
+    def milvus_location(self) -> MilvusLocation | None:
+        """Where Milvus keeps the vectors (milvus_vectors.MilvusLocation), None for the local store."""
+        return parse_vector_store(self.vector_store or LOCAL)
 
     def differences(self, other: IndexSettings) -> list[str]:
         """What `other` (a new run's settings) changes of what the index's vectors share."""
@@ -603,9 +652,27 @@ class IndexSettings:
                  "--mpp": (self.mpp, other.mpp), "--patch-size": (self.patch_size, other.patch_size),
                  "--tissue-threshold": (self.tissue_threshold, other.tissue_threshold),
                  "--mosaic": (_mosaic(self.mosaic), _mosaic(other.mosaic))}
+        if other.vector_store is not None:  # stated by the run
+            named["--vector-store"] = (self.vector_store or LOCAL, other.vector_store)
         if self.preprocessing is not None:  # an index from before it was recorded: its checkpoint's hash stands
             named["normalisation"] = (self.preprocessing, other.preprocessing)
         return [f"{name} {theirs} (the index has {ours})" for name, (ours, theirs) in named.items() if ours != theirs]
+
+
+def check_milvus_choice(vector_store: str, index_type: str, vector_dtype: str, opq: bool) -> str:
+    """The --vector-store value as the manifest records it (a Milvus location's spec, or local),
+    or a one-line UserError for a choice Milvus cannot keep."""
+    location = parse_vector_store(vector_store)
+    if location is None:
+        return LOCAL
+    check_index_type(location, index_type)
+    if vector_dtype != "float32":
+        raise UserError(f"--vector-dtype {vector_dtype}: with --vector-store {vector_store} the vectors are Milvus's "
+                        "float32; drop --vector-dtype")
+    if opq:
+        raise UserError(f"--opq: Milvus builds its IVF_PQ without an OPQ rotation; drop --opq with --vector-store "
+                        f"{vector_store}")
+    return location.spec
 
 
 def _mosaic(settings: MosaicSettings | None) -> str:
@@ -658,7 +725,9 @@ class SlideIndex:
     Open it with `SlideIndex.create` (a new folder) or `SlideIndex.open`; writers (index, remove,
     compact, reindex) hold an exclusive lock on the folder for as long as it is open, readers take
     none. What the index holds is read through its methods (rows as SourceRow, Patch, Thumbnail;
-    vectors as float32 arrays); `db`, the PatchDatabase, and its `store`, are its own.
+    vectors as float32 arrays); `db`, the PatchDatabase, and its `store`, are its own. An index made
+    with --vector-store milvus... has `milvus` (milvus_vectors.MilvusVectors) instead of a store and
+    a faiss index: it keeps, searches and gives back the vectors.
     """
 
     def __init__(self, directory: Path, settings: IndexSettings, writable: bool) -> None:
@@ -667,10 +736,18 @@ class SlideIndex:
         if not writable and not (directory / DATABASE).is_file():
             raise UserError(f"{directory}: an index with no patches yet (no {DATABASE}); add sources with "
                             "`python3 retrieve.py index CHECKPOINT SOURCE... --index DIR`")
+        location = settings.milvus_location
+        self.milvus = None if location is None else MilvusVectors(
+            location, settings.dim, settings.index_type, settings.ivf_lists, settings.hnsw_m, settings.pq_bytes)
         try:
-            self.db = PatchDatabase(directory / DATABASE, readonly=not writable, store=directory / STORE,
-                                    dim=settings.dim, vector_dtype=settings.vector_dtype)
+            self.db = PatchDatabase(directory / DATABASE, readonly=not writable,
+                                    store=None if self.milvus else directory / STORE, dim=settings.dim,
+                                    vector_dtype=settings.vector_dtype, milvus=self.milvus)
+            if writable and self.milvus is not None:
+                self._recover_milvus()
         except BaseException:
+            if self.milvus is not None:
+                self.milvus.close()
             if self._lock is not None:
                 self._lock.close()
             raise
@@ -690,6 +767,13 @@ class SlideIndex:
             raise UserError(f"--index-type {settings.index_type}: choose one of {', '.join(vector_index.INDEX_TYPES)}")
         if settings.vector_dtype not in DTYPES:
             raise UserError(f"--vector-dtype {settings.vector_dtype}: choose one of {', '.join(DTYPES)}")
+        location = settings.milvus_location
+        if location is not None:  # refused (in one line) before the folder is made: a new index, a new collection
+            probe = MilvusVectors(location, settings.dim, settings.index_type)
+            try:
+                probe.refuse_existing()
+            finally:
+                probe.close()
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_text(directory / MANIFEST, json.dumps(settings.manifest(), indent=2) + "\n")
         return cls(directory, settings, writable=True)
@@ -709,7 +793,9 @@ class SlideIndex:
         return index
 
     def close(self) -> None:
-        if self.writable and self._vectors is not None and self._vectors_generation == self.db.generation:
+        if self.milvus is not None:
+            self.milvus.close()
+        elif self.writable and self._vectors is not None and self._vectors_generation == self.db.generation:
             if vector_index.index_kind(self._vectors) != self._kind_for(self._vectors.ntotal):
                 self._vectors = self._rebuild()  # the first run's vectors are all here: train the lists on them
             self.save_vectors()
@@ -731,9 +817,21 @@ class SlideIndex:
         return self.db.generation
 
     @property
-    def store(self) -> VectorStore:
-        """The store of the patch vectors (histo_retrieval.search.vector_store)."""
+    def store(self) -> VectorStore | None:
+        """The store of the patch vectors (histo_retrieval.search.vector_store); None with Milvus."""
         return self.db.store
+
+    def _recover_milvus(self) -> None:
+        """A writer's first step with Milvus: delete a killed run's uncommitted rows (every id from
+        the record's next patch id on) and carry out the removals a killed `remove` left pending."""
+        # A collection is made only for an index that never held a patch (one whose creator was
+        # killed before making it); an index that did and lost it is refused.
+        self.milvus.open(create=self.db.meta("next_patch_id", 1) == 1, writer=True)
+        self.milvus.delete_from(self.db.meta("next_patch_id", 1))
+        pending = self.db.pending_deletions()
+        if pending:
+            self.milvus.delete_ranges([(first, count) for _, first, count in pending])
+            self.db.clear_pending([row for row, _, _ in pending])
 
     def sources(self, state: SourceState | None = "indexed") -> list[SourceRow]:
         """The sources in `state` (every one with None), by id."""
@@ -788,15 +886,38 @@ class SlideIndex:
     def vectors_of(self, ids: np.ndarray) -> np.ndarray:
         """The stored vectors (float32, len(ids) x dim) of arbitrary patch ids, in the order given; no
         SQL per id (e.g. to re-rank approximate candidates exactly). KeyError for an id not held."""
+        if self.milvus is not None:
+            return self.milvus.vectors(ids)
         return self.store.vectors(ids)
 
     def iter_vectors(self, batch_rows: int = REBUILD_BATCH_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every stored (patch ids, float32 vectors), in id order, about `batch_rows` rows at a time."""
-        return self.store.iter_vectors(batch_rows)
+        if self.milvus is None:
+            return self.store.iter_vectors(batch_rows)
+        return self._iter_milvus(batch_rows)
+
+    def _iter_milvus(self, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """iter_vectors with Milvus: the record's patch ids in batches, their vectors read from Milvus."""
+        ranges = self.db.connection.execute("SELECT first_patch, patch_count FROM sources WHERE state = 'indexed' "
+                                            "AND patch_count > 0 ORDER BY first_patch").fetchall()
+        parts, held = [], 0
+        for position, (first, count) in enumerate(ranges):
+            parts.append(np.arange(first, first + count, dtype=np.int64))
+            held += count
+            if held >= batch_rows or position == len(ranges) - 1:
+                ids = np.concatenate(parts)
+                yield ids, self.milvus.vectors(ids)
+                parts, held = [], 0
 
     def store_stats(self) -> StoreStats:
         """The store's dtype, live rows, and dead rows and bytes `compact` would give back."""
+        self._require_local("the vector store's figures")
         return self.store.stats()
+
+    def _require_local(self, what: str) -> None:
+        if self.milvus is not None:
+            raise UserError(f"{self.directory}: {what}: this index keeps its vectors in Milvus "
+                            f"({self.settings.vector_store}), which manages its own storage and index")
 
     def classes(self) -> set[str]:
         """The classes of the indexed patch images (their first-level folders)."""
@@ -817,7 +938,11 @@ class SlideIndex:
     @property
     def vectors(self):
         """The faiss index, current with the database: loaded from its file when that reflects the
-        database's generation and is of the manifest's kind, else rebuilt from the stored vectors."""
+        database's generation and is of the manifest's kind, else rebuilt from the stored vectors.
+        With Milvus: the MilvusVectors, its collection loaded."""
+        if self.milvus is not None:
+            self.milvus.open()
+            return self.milvus
         generation = self.db.generation
         if self._vectors is not None and self._vectors_generation == generation:
             return self._vectors
@@ -897,6 +1022,8 @@ class SlideIndex:
     # ------------------------------------------------------------------ changes
     def add(self, record: SourceRecord) -> int:
         """Add one source (its patches and vectors); returns its id."""
+        if self.milvus is not None:
+            return self.db.add_source(record, command_line())[0]
         current = self.vectors  # brought up to date before this change
         source_id, ids = self.db.add_source(record, command_line())
         if len(ids):
@@ -908,7 +1035,15 @@ class SlideIndex:
 
     def remove(self, source_id: int) -> int:
         """Remove a source: its record, patches and block go in one transaction; its rows in the store
-        become dead space (`compact` gives it back)."""
+        become dead space (`compact` gives it back). With Milvus: the record and a pending deletion in
+        one transaction, then the rows in Milvus, then the pending deletion is cleared."""
+        if self.milvus is not None:
+            ids = self.db.remove_source(source_id)
+            crash_point("remove-recorded")  # the record is gone, Milvus still holds the rows
+            pending = self.db.pending_deletions()
+            self.milvus.delete_ranges([(first, count) for _, first, count in pending])
+            self.db.clear_pending([row for row, _, _ in pending])
+            return len(ids)
         current = self.vectors
         ids = self.db.remove_source(source_id)
         if len(ids) and not vector_index.remove_ids(current, ids):
@@ -920,14 +1055,19 @@ class SlideIndex:
         """Rewrite the store's live rows into new chunks and delete the old ones (crash-safe: see
         vector_store.VectorStore.compact); returns the stats before. Writers only."""
         self._require_writer("compact")
+        self._require_local("compact")
         return self.store.compact()
 
     def reindex(self, index_type: str, ivf_lists: int | None = None, pq_bytes: int = vector_index.DEFAULT_PQ_BYTES,
                 opq: bool = False, rerank: int = 0) -> None:
         """Rebuild the faiss index as `index_type` from the store (nothing is embedded) and record the
         type in the manifest. The faiss file is written first: killed before the manifest, the file's
-        kind differs from the manifest's type and the next open rebuilds it as the manifest says."""
+        kind differs from the manifest's type and the next open rebuilds it as the manifest says.
+        With Milvus, the collection's index is built again as that type (MilvusVectors.build_index),
+        and a writer opening the index builds it as the manifest says when the two differ."""
         self._require_writer("reindex")
+        if self.milvus is not None:
+            check_milvus_choice(self.settings.vector_store, index_type, self.settings.vector_dtype, opq)
         if index_type not in vector_index.INDEX_TYPES:
             raise UserError(f"--index-type {index_type}: choose one of {', '.join(vector_index.INDEX_TYPES)}")
         if ivf_lists is not None and ivf_lists < 1:
@@ -937,12 +1077,17 @@ class SlideIndex:
         self.settings = replace(previous, index_type=index_type, ivf_lists=ivf_lists, pq_bytes=pq_bytes, opq=opq,
                                 rerank=rerank)
         try:
-            self._vectors = self._rebuild(index_type, ivf_lists)
+            if self.milvus is not None:
+                self.milvus.configure(index_type, ivf_lists, self.settings.hnsw_m, pq_bytes)
+                self.milvus.build_index()
+            else:
+                self._vectors = self._rebuild(index_type, ivf_lists)
         except BaseException:
             self.settings = previous
             raise
-        self._vectors_generation = generation
-        self.save_vectors()
+        if self.milvus is None:
+            self._vectors_generation = generation
+            self.save_vectors()
         crash_point("reindex-saved")
         manifest = json.loads((self.directory / MANIFEST).read_text())
         manifest["vector_index"] = {**manifest.get("vector_index", {}), **self.settings.vector_index_record()}
@@ -978,16 +1123,43 @@ class SlideIndex:
                nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k stored patches per query vector (vector_index.search). An ivfpq index's candidates are
         re-scored exactly from the store when the index was made with --rerank N: its best max(k, N)
-        by their codes, then the best k of those by their stored vectors."""
+        by their codes, then the best k of those by their stored vectors. With Milvus, Milvus searches
+        (MilvusVectors.search), and a hit the record does not hold is never returned."""
+        if self.milvus is not None:
+            return self._search_milvus(np.ascontiguousarray(queries, np.float32), k, exclude, nprobe, ef_search)
         current = self.vectors
         rerank = self.settings.rerank if vector_index.index_kind(current) == "ivfpq" else 0
         return vector_index.search(current, np.ascontiguousarray(queries, np.float32), k, exclude, nprobe, ef_search,
                                    rerank=rerank or None, vectors_of=self.vectors_of if rerank else None)
 
+    def _search_milvus(self, queries: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None,
+                       nprobe: int | None, ef_search: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """search() with Milvus. Hits the record does not hold (rows a concurrent writer has not
+        committed, or a removal still pending) are excluded and the search asked again."""
+        self.milvus.open()
+        exclude = list(exclude) if exclude is not None else [None] * len(queries)
+        rerank = self.settings.rerank if self.settings.index_type == "ivfpq" else 0
+        fetch = max(k, rerank)
+        unknown = np.empty(0, np.int64)
+        for _ in range(4):
+            scores, ids = self.milvus.search(queries, fetch, exclude, nprobe, ef_search)
+            hits = np.unique(ids[ids >= 0])
+            unknown = np.setdiff1d(hits, np.fromiter(self.db.patches(hits), np.int64))
+            if not len(unknown):
+                break
+            exclude = [unknown if given is None else np.concatenate([np.asarray(given, np.int64), unknown])
+                       for given in exclude]
+        scores, ids = vector_index._first_k(scores, ids, ~np.isin(ids, unknown), fetch)
+        if rerank:
+            return vector_index.rerank(queries, ids, self.milvus.vectors, k)
+        return scores[:, :k], ids[:, :k]
+
     def describe_vector_index(self) -> str:
         """The faiss index in a line: its type and settings, and for ivf and ivfpq whether it is
         trained (an untrained one searches exactly until the store holds enough vectors)."""
         s = self.settings
+        if self.milvus is not None:
+            return f"{s.index_type} in {self.milvus.describe()}"
         text = s.index_type + (f" ({s.pq_bytes} bytes a vector" + (", OPQ" if s.opq else "")
                                + (f", re-ranking the best {s.rerank} exactly" if s.rerank else "") + ")"
                                if s.index_type == "ivfpq" else "")
