@@ -367,7 +367,7 @@ def test_ivfpq_with_rerank_finds_the_exact_neighbours(pq_data, pq_trained, opq):
     np.testing.assert_allclose(scores, exact, atol=1e-5, rtol=0)
     assert (np.diff(scores, axis=1) <= 0).all()
     # With every list probed and every vector a candidate, re-ranking is exact search.
-    assert_exact(vi.search(index, queries, 10, nprobe=vi._nlist(index), rerank=len(vectors), vectors_of=vectors_of),
+    assert_exact(vi.search(index, queries, 10, nprobe=vi.ivf_list_count(index), rerank=len(vectors), vectors_of=vectors_of),
                  expected)
 
 
@@ -382,7 +382,7 @@ def test_ivfpq_exclusions_removal_and_reload(pq_data, pq_trained, opq, exclusion
     own = naive_top_k(queries, vectors, ids, 3)[1]  # each query's original and its next two
     exclude = [np.concatenate([own[i, :1 + i % 3], extra]) for i, extra in enumerate(few_ids_per_query(ids, 40))]
     exclude[5:15] = [ids[:3000]] * 10
-    exact = {"nprobe": vi._nlist(index), "rerank": len(vectors), "vectors_of": vectors_of}
+    exact = {"nprobe": vi.ivf_list_count(index), "rerank": len(vectors), "vectors_of": vectors_of}
     assert_exact(vi.search(index, queries, 10, exclude, **exact), naive_top_k(queries, vectors, ids, 10, exclude))
     # The approximate search honours them as well.
     for found, banned in zip(vi.search(index, queries, 10, exclude)[1], exclude):
