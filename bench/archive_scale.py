@@ -277,6 +277,7 @@ def measure_size(size: int, args: argparse.Namespace, source: Mixture, work: Pat
             started = time.perf_counter()
             index.reindex(kind, pq_bytes=args.pq_bytes, opq=args.opq, rerank=args.rerank if kind == "ivfpq" else 0)
             row["build_s"] = time.perf_counter() - started
+        del index  # its faiss index (2 GB of float32 at 1M for flat) before the query process loads its own
         row["disk"] = disk_bytes(directory)
         result = measure_queries(directory, files, args, work)
         row["describe"] = result["describe"]
