@@ -22,7 +22,7 @@ does), timed, and measured:
   store's pages re-ranking read, page cache) and VmHWM (the peak, load included);
 - latency of SlideIndex.search (k = --k, the index's default nprobe / efSearch, ivfpq re-ranking
   its best --rerank exactly) for a 10-patch query and a --mosaic-patch mosaic: median and p95 of
-  --repeats batches of fresh query vectors;
+  --repeats batches of fresh query vectors (at least 3, fewer when they pass --max-seconds);
 - recall@k of --queries query vectors against exact search computed by streaming the store
   (SlideIndex.iter_vectors: every stored vector, a batch at a time).
 
@@ -93,6 +93,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--queries", type=int, default=100, help="query vectors for recall (default: %(default)s)")
     parser.add_argument("--mosaic", type=int, default=100, help="patches of the mosaic query (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=30, help="timed batches per query size (default: %(default)s)")
+    parser.add_argument("--max-seconds", type=float, default=120,
+                        help="stop timing a query size after this long, with at least 3 batches timed: exact "
+                             "search of a 100-patch mosaic over 1M vectors takes seconds a batch (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data (default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help="defaults --sizes 20000 --centres 40 --repeats 10 --full-max 20000: a check that runs in "
@@ -116,6 +119,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--vector-store {args.vector_store}: not measured yet; choose one of {', '.join(VECTOR_STORES)}")
     if args.slides < 1 or min(args.sizes) < args.slides:
         raise UserError(f"--sizes {args.sizes}, --slides {args.slides}: each size must be at least the slides (>= 1)")
+    if args.max_seconds <= 0:
+        raise UserError(f"--max-seconds {args.max_seconds}: must be positive")
     for name in ("centres", "k", "queries", "mosaic", "repeats"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")
@@ -217,8 +222,10 @@ def query_worker(spec_path: str) -> None:
     found = index.search(recall_queries, k)[1]
     latencies = {}
     for name, size in (("query", 10), ("mosaic", spec["mosaic"])):
-        times, start = [], 0
-        for _ in range(spec["repeats"]):
+        times, start, began = [], 0, time.perf_counter()
+        for repeat in range(spec["repeats"]):
+            if repeat >= 3 and time.perf_counter() - began > spec["max_seconds"]:
+                break
             if start + size > len(timed):
                 start = 0
             batch = timed[start:start + size]
@@ -237,7 +244,7 @@ def query_worker(spec_path: str) -> None:
 def measure_queries(directory: Path, files: dict[str, Path], args: argparse.Namespace, work: Path) -> dict:
     spec = work / "query_spec.json"
     spec.write_text(json.dumps({"index": str(directory), "k": args.k, "mosaic": args.mosaic,
-                                "repeats": args.repeats, **{name: str(path) for name, path in files.items()}}))
+                                "repeats": args.repeats, "max_seconds": args.max_seconds, **{name: str(path) for name, path in files.items()}}))
     result = subprocess.run([sys.executable, "-m", "bench.archive_scale", "--query-worker", str(spec)], cwd=REPO,
                             capture_output=True, text=True)
     if result.returncode != 0:
@@ -289,11 +296,18 @@ def measure_size(size: int, args: argparse.Namespace, source: Mixture, work: Pat
         row["hwm"] = after["VmHWM"]
         for name, times in result["latencies"].items():
             row[name] = (statistics.median(times), p95(times))
+            row[name + "_batches"] = len(times)
         rows.append(row)
         print(f"  {kind}: {row['describe']}; build {row['build_s']:.1f} s, disk {sum(row['disk'].values()) / size:,.0f} "
               f"B/patch, RAM {row['ram'] / size:,.1f} B/patch, 10 patches {row['query'][0] * 1e3:.1f} ms, "
               f"mosaic {row['mosaic'][0] * 1e3:.1f} ms, recall@{args.k} {row['recall']:.4f}", flush=True)
     return rows
+
+
+def batches(row: dict, name: str, args: argparse.Namespace) -> str:
+    """A note when --max-seconds cut the timed batches short."""
+    count = row[name + "_batches"]
+    return "" if count >= args.repeats else f" ({count} batches)"
 
 
 def report(rows: list[dict], args: argparse.Namespace, load: tuple[float, float]) -> str:
@@ -321,8 +335,9 @@ def report(rows: list[dict], args: argparse.Namespace, load: tuple[float, float]
             f"{sum(disk.values()) / size:,.0f}: {disk['store'] / size:,.0f} + {disk['record'] / size:,.0f} + "
             f"{disk['faiss'] / size:,.0f} | {row['ram'] / size:,.1f} ({row['ram'] / 2**20:,.0f}) | "
             f"{row['queries_anon'] / 2**20:,.0f} + {row['queries_file'] / 2**20:,.0f} | {row['hwm'] / 2**20:,.0f} | "
-            f"{row['query'][0] * 1e3:.1f} / {row['query'][1] * 1e3:.1f} | "
-            f"{row['mosaic'][0] * 1e3:.1f} / {row['mosaic'][1] * 1e3:.1f} | {row['recall']:.4f} |")
+            f"{row['query'][0] * 1e3:.1f} / {row['query'][1] * 1e3:.1f}{batches(row, 'query', args)} | "
+            f"{row['mosaic'][0] * 1e3:.1f} / {row['mosaic'][1] * 1e3:.1f}{batches(row, 'mosaic', args)} | "
+            f"{row['recall']:.4f} |")
     goals = []
     for row in rows:
         if row["type"] == "ivfpq" and not row.get("skipped"):
@@ -338,7 +353,8 @@ def report(rows: list[dict], args: argparse.Namespace, load: tuple[float, float]
         f"Data: {args.slides:,} slide records, vectors of {DIM} dimensions from bench/search_speed.py's mixture "
         f"({args.centres:,} components), stored as {args.vector_dtype}; {args.queries} fresh query vectors for "
         f"recall against exact search streamed from the store; latencies of SlideIndex.search (k={args.k}, the "
-        f"index's default nprobe / efSearch) over {args.repeats} batches. RAM: in a query process, the growth of its "
+        f"index's default nprobe / efSearch) over {args.repeats} batches (fewer where said: --max-seconds "
+        f"{args.max_seconds:g}). RAM: in a query process, the growth of its "
         f"anonymous resident memory (RssAnon) from before it opened the index to after its first search loaded "
         f"the faiss file (the index's own memory, per patch); then what the queries added: anonymous memory (the "
         f"allocator keeping freed search buffers: a fixed cost, not per patch) and the store's file pages "

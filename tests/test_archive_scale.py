@@ -60,6 +60,7 @@ def test_uneven_sizes_spread_over_the_slides(tmp_path: Path) -> None:
     (["--sizes", "5", "--slides", "10"], "each size must be at least the slides"),
     (["--pq-bytes", "60"], "--pq-bytes 60: must divide the vectors' 512 dimensions"),
     (["--repeats", "0"], "--repeats 0: must be at least 1"),
+    (["--max-seconds", "0"], "--max-seconds 0.0: must be positive"),
 ])
 def test_bad_arguments_are_one_line(argv: list[str], message: str) -> None:
     with pytest.raises(UserError, match=re.escape(message)):
@@ -78,7 +79,7 @@ def test_the_bench_runs_small_and_records_its_table(tmp_path: Path) -> None:
     out = tmp_path / "results.md"
     out.write_text("# Results\n\n## Other\n\nkept\n")
     rows = archive_scale.main(["--sizes", "3000", "4000", "--slides", "20", "--centres", "10", "--types", "flat",
-                               "ivf", "hnsw", "--full-max", "3000", "--repeats", "2", "--queries", "20",
+                               "ivf", "hnsw", "--full-max", "3000", "--repeats", "5", "--max-seconds", "1e-6", "--queries", "20",
                                "--mosaic", "20", "--record", str(out), "--work", str(tmp_path / "work")])
     by = {(row["size"], row["type"]): row for row in rows}
     assert sorted(by) == [(3000, "flat"), (3000, "hnsw"), (3000, "ivf"), (4000, "flat"), (4000, "hnsw"),
@@ -90,11 +91,13 @@ def test_the_bench_runs_small_and_records_its_table(tmp_path: Path) -> None:
     assert flat["disk"]["faiss"] > 3000 * 512 * 4  # the flat index keeps float32 vectors
     # the query process holds the flat index's float32 vectors: at least most of 2 KB a patch
     assert flat["ram"] > 0.8 * 3000 * 512 * 4
+    # --max-seconds cut every timing short, after the 3 batches always timed
+    assert all(row["query_batches"] == row["mosaic_batches"] == 3 for row in rows if not row.get("skipped"))
     assert 0 <= by[3000, "ivf"]["recall"] <= 1 and by[3000, "hnsw"]["recall"] > 0.5
     text = out.read_text()
     assert "## Other\n\nkept" in text and archive_scale.SECTION in text
     assert "| 4,000 | flat | extrapolated from 3,000 (not built) |" in text
-    assert "| 3,000 | flat | flat |" in text and "| 4,000 | ivf | ivf, trained on" in text
+    assert "| 3,000 | flat | flat |" in text and " (3 batches) |" in text and "| 4,000 | ivf | ivf, trained on" in text
     assert (tmp_path / "work" / "archive_3000" / "manifest.json").is_file()  # --work is kept
 
 
