@@ -56,7 +56,7 @@ import numpy as np
 from bench.search_speed import Mixture, recall  # the clustered vectors and recall@k of bench/search_speed.py
 from bench.search_speed import get_args_parser as mixture_defaults
 from bench.search_speed import machine as faiss_machine
-from histo_retrieval.errors import UserError
+from histo_retrieval.errors import UserError, run_script
 from histo_retrieval.search import vector_index
 from histo_retrieval.search.index import IndexSettings, SlideIndex, SourceRecord
 from histo_retrieval.search.vector_store import DTYPES
@@ -392,8 +392,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_script(main, None))

@@ -41,7 +41,7 @@ from PIL import Image
 
 from bench.serve import free_port, machine, record, stop, tail, wait_until_up  # noqa: E402
 from histo_retrieval.encoders.registry import load_encoder  # noqa: E402
-from histo_retrieval.errors import UserError  # noqa: E402
+from histo_retrieval.errors import UserError, run_script  # noqa: E402
 from histo_retrieval.search.index import IndexSettings, SlideIndex, SourceRecord  # noqa: E402
 from histo_retrieval.search.slides import Tiling  # noqa: E402
 
@@ -241,8 +241,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_script(main, None))

@@ -12,30 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("pymilvus")
-pytest.importorskip("milvus_lite")
-
-import retrieve  # noqa: E402
-from histo_retrieval.errors import UserError  # noqa: E402
-from histo_retrieval.search.index import IndexSettings, SlideIndex, SourceRecord  # noqa: E402
-from histo_retrieval.search.milvus_vectors import MilvusLocation, parse_vector_store  # noqa: E402
-from histo_retrieval.search.vector_store import CRASH_ENV  # noqa: E402
+import retrieve
+from histo_retrieval.errors import UserError
+from histo_retrieval.search.index import IndexSettings, SlideIndex
+from histo_retrieval.search.milvus_vectors import MilvusLocation, parse_vector_store
+from histo_retrieval.search.vector_store import CRASH_ENV
+from index_records import SETTINGS, record, unit_rows
 
 REPO = Path(__file__).resolve().parents[1]
-DIM = 8
-SETTINGS = IndexSettings("model.pth", "0" * 64, "m", {}, 32, DIM, 1.0, 32, 0.5)
-
-
-def unit_rows(count: int, seed: int) -> np.ndarray:
-    rows = np.random.default_rng(seed).normal(size=(count, DIM)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
-
-
-def record(path: str, vectors: np.ndarray) -> SourceRecord:
-    boxes = np.array([[64 * i, 0, 64, 64] for i in range(len(vectors))], np.int64).reshape(-1, 4)
-    return SourceRecord(path, "slide", vectors, boxes, file_size=1, mtime=1.0)
-
-
 SOURCES = {f"/s{i}": unit_rows(3 + i % 4, seed=i) for i in range(8)}
 PATIENTS = {"/s0": "p1", "/s3": "p1", "/s6": "p1", "/s1": "p2", "/s4": "p2"}  # the others: their own patient
 
