@@ -1149,7 +1149,7 @@ class SlideIndex:
                 break
             exclude = [unknown if given is None else np.concatenate([np.asarray(given, np.int64), unknown])
                        for given in exclude]
-        scores, ids = vector_index._first_k(scores, ids, ~np.isin(ids, unknown), fetch)
+        scores, ids = vector_index.first_k(scores, ids, ~np.isin(ids, unknown), fetch)
         if rerank:
             return vector_index.rerank(queries, ids, self.milvus.vectors, k)
         return scores[:, :k], ids[:, :k]

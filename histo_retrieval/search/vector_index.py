@@ -260,7 +260,7 @@ def rerank(queries: np.ndarray, ids: np.ndarray, vectors_of: Callable[[np.ndarra
             scores[block] = np.matmul(gathered, queries[block, :, None])[..., 0]
         scores[~held] = -np.inf
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return _first_k(np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1),
+    return first_k(np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1),
                     np.take_along_axis(held, order, axis=1), k)
 
 
@@ -339,7 +339,7 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, exclude: Sequence[np
         selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(banned))  # IDSelectorNot keeps the batch alive
         params = _params(kind, *_widened(index, kind, k, len(banned), nprobe, ef_search), selector, index)
         found = index.search(queries[rows], k, params=params)
-        scores[rows], ids[rows] = _first_k(*found, np.ones(found[1].shape, bool), k)
+        scores[rows], ids[rows] = first_k(*found, np.ones(found[1].shape, bool), k)
     for extra, members in batches.items():
         rows = [row for _, group_rows in members for row in group_rows]
         fetch = min(k + extra, index.ntotal)
@@ -352,7 +352,7 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, exclude: Sequence[np
             if len(banned):
                 keep[block] = ~np.isin(found_ids[block], banned)
             start += len(group_rows)
-        scores[rows], ids[rows] = _first_k(found_scores, found_ids, keep, k)
+        scores[rows], ids[rows] = first_k(found_scores, found_ids, keep, k)
     if kind != "flat":  # flat is exact: a short row there means too few allowed vectors
         for banned, rows in groups.values():
             short = np.asarray(rows)[ids[rows, -1] < 0]
@@ -378,7 +378,7 @@ def _complete(index: faiss.Index, kind: str, queries: np.ndarray, k: int, banned
     while len(todo) and width < limit:
         width = min(2 * width, limit)
         found = index.search(queries[todo], k, params=_params(kind, width, width, selector, index))
-        found_scores, found_ids = _first_k(*found, np.ones(found[1].shape, bool), k)
+        found_scores, found_ids = first_k(*found, np.ones(found[1].shape, bool), k)
         done = (found_ids >= 0).sum(axis=1) >= want
         scores[todo], ids[todo] = found_scores, found_ids  # the widest try so far, even if short
         todo = todo[~done]
@@ -392,7 +392,7 @@ def _complete(index: faiss.Index, kind: str, queries: np.ndarray, k: int, banned
         found_scores, rows = storage.search(queries[todo], k, params=params)
         id_map = faiss.vector_to_array(index.id_map)
         found_ids = np.where(rows >= 0, id_map[np.maximum(rows, 0)], -1)
-        scores[todo], ids[todo] = _first_k(found_scores, found_ids, np.ones(rows.shape, bool), k)
+        scores[todo], ids[todo] = first_k(found_scores, found_ids, np.ones(rows.shape, bool), k)
     return scores, ids
 
 
@@ -521,7 +521,7 @@ def _params(kind: str, nprobe: int, ef_search: int, selector: faiss.IDSelector |
     return params
 
 
-def _first_k(scores: np.ndarray, ids: np.ndarray, keep: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def first_k(scores: np.ndarray, ids: np.ndarray, keep: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the first k entries that are kept and real (id >= 0), padded with -inf / -1."""
     keep = keep & (ids >= 0)
     order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
