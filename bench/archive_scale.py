@@ -26,9 +26,9 @@ does), timed, and measured:
 - recall@k of --queries query vectors against exact search computed by streaming the store
   (SlideIndex.iter_vectors: every stored vector, a batch at a time).
 
-flat and hnsw keep every vector as float32 in memory (and hnsw's build is slow): above --full-max
-vectors they are not built; their rows then say "extrapolated" and scale the largest measured
-size's bytes per patch. --vector-store is the hook for other vector stores (only `local`, the
+flat, ivf and hnsw keep every vector as float32 in memory (20 GB at 10M: more than a 24 GiB machine
+holds beside the build), and hnsw's build is slow: above --full-max vectors they are not built;
+their rows then say "extrapolated" and scale the largest measured size's bytes per patch. --vector-store is the hook for other vector stores (only `local`, the
 chunk store with faiss, so far).
 
 Writes the table (command, machine, date, load) to bench/results.md's "Archive scale" section
@@ -67,6 +67,7 @@ DIM = 512  # the colour histogram's 8 bins per channel: an encoder of 512-d vect
 WRITE_ROWS = 100_000  # vectors per add_sources call while writing the archive
 PATCH_SIDE = 448  # level-0 pixels of a patch's box in the records
 GOALS = {"recall": 0.95, "ram_bytes": 100, "query_ms": 50}  # ivfpq + rerank, from the issue
+FULL_VECTOR_TYPES = ("flat", "ivf", "hnsw")  # float32 vectors in RAM: built up to --full-max only
 VECTOR_STORES = ("local",)  # the lead wires milvus-lite:PATH here once histo_retrieval has it
 
 
@@ -79,7 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--types", nargs="+", default=list(vector_index.INDEX_TYPES),
                         choices=vector_index.INDEX_TYPES, help="index types measured (default: %(default)s)")
     parser.add_argument("--full-max", type=int, default=1_000_000,
-                        help="flat and hnsw are built up to this many vectors, extrapolated above (default: %(default)s)")
+                        help="flat, ivf and hnsw are built up to this many vectors, extrapolated above (default: %(default)s)")
     parser.add_argument("--vector-dtype", default="float16", choices=DTYPES,
                         help="dtype of the stored vectors (default: %(default)s)")
     parser.add_argument("--vector-store", default="local",
@@ -275,7 +276,7 @@ def measure_size(size: int, args: argparse.Namespace, source: Mixture, work: Pat
     rows = []
     for kind in args.types:
         row = {"size": size, "type": kind, "written_s": written_s}
-        if kind in ("flat", "hnsw") and size > args.full_max:
+        if kind in FULL_VECTOR_TYPES and size > args.full_max:
             rows.append({**row, "skipped": True})
             print(f"  {kind}: not built above --full-max {args.full_max:,}", flush=True)
             continue
@@ -361,7 +362,7 @@ def report(rows: list[dict], args: argparse.Namespace, load: tuple[float, float]
         f"re-ranking read (page cache, which the kernel drops under pressure); peak: its VmHWM, Python and its "
         f"libraries included. "
         f"ivfpq: {args.pq_bytes} bytes a vector{', OPQ' if args.opq else ''}, re-ranking the best {args.rerank} "
-        f"exactly. flat and hnsw are built up to {args.full_max:,} vectors; above, their bytes per patch are "
+        f"exactly. flat, ivf and hnsw are built up to {args.full_max:,} vectors; above, their bytes per patch are "
         f"the largest measured size's. {faiss_machine()}. Load average {load[0]:.1f} at the start, "
         f"{load[1]:.1f} at the end: {busy}.\n")
     return text

@@ -75,16 +75,16 @@ def test_a_busy_work_folder_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_bench_runs_small_and_records_its_table(tmp_path: Path) -> None:
-    """flat, ivf and hnsw at 3,000 vectors, and at 4,000 with flat and hnsw above --full-max."""
+    """flat, ivf and hnsw at 3,000 vectors, and at 4,000 above --full-max (extrapolated), ivfpq at both."""
     out = tmp_path / "results.md"
     out.write_text("# Results\n\n## Other\n\nkept\n")
     rows = archive_scale.main(["--sizes", "3000", "4000", "--slides", "20", "--centres", "10", "--types", "flat",
-                               "ivf", "hnsw", "--full-max", "3000", "--repeats", "5", "--max-seconds", "1e-6", "--queries", "20",
+                               "ivf", "hnsw", "ivfpq", "--full-max", "3000", "--repeats", "5", "--max-seconds", "1e-6", "--queries", "20",
                                "--mosaic", "20", "--record", str(out), "--work", str(tmp_path / "work")])
     by = {(row["size"], row["type"]): row for row in rows}
-    assert sorted(by) == [(3000, "flat"), (3000, "hnsw"), (3000, "ivf"), (4000, "flat"), (4000, "hnsw"),
-                          (4000, "ivf")]
-    assert by[4000, "flat"].get("skipped") and by[4000, "hnsw"].get("skipped") and not by[4000, "ivf"].get("skipped")
+    assert sorted(by) == [(3000, "flat"), (3000, "hnsw"), (3000, "ivf"), (3000, "ivfpq"), (4000, "flat"),
+                          (4000, "hnsw"), (4000, "ivf"), (4000, "ivfpq")]
+    assert [kind for kind in ("flat", "ivf", "hnsw", "ivfpq") if by[4000, kind].get("skipped")] == ["flat", "ivf", "hnsw"]
     flat = by[3000, "flat"]
     assert flat["recall"] == 1.0  # the faiss flat index agrees with the exact search streamed from the store
     assert flat["disk"]["store"] == 3000 * 512 * 2  # float16 rows, nothing dead
@@ -97,7 +97,8 @@ def test_the_bench_runs_small_and_records_its_table(tmp_path: Path) -> None:
     text = out.read_text()
     assert "## Other\n\nkept" in text and archive_scale.SECTION in text
     assert "| 4,000 | flat | extrapolated from 3,000 (not built) |" in text
-    assert "| 3,000 | flat | flat |" in text and " (3 batches) |" in text and "| 4,000 | ivf | ivf, trained on" in text
+    assert "| 3,000 | flat | flat |" in text and " (3 batches) |" in text and "| 4,000 | ivf | extrapolated from 3,000" in text
+    assert "| 4,000 | ivfpq | ivfpq (64 bytes a vector" in text
     assert (tmp_path / "work" / "archive_3000" / "manifest.json").is_file()  # --work is kept
 
 
