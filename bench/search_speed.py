@@ -42,10 +42,11 @@ from pathlib import Path
 if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
     sys.exit("error: run it as a module, from the repository root: python3 -m bench.search_speed")
 
-import faiss
 import numpy as np
 
-from histo_retrieval.search import vector_index as vi
+from histo_retrieval.search import vector_index as vi  # before faiss: it picks faiss's BLAS kernels (search/openblas.py)
+
+import faiss  # noqa: E402
 from histo_retrieval.files import atomic_write_text, command_line
 
 REPO = Path(__file__).resolve().parent.parent

@@ -6,6 +6,8 @@ import contextlib
 import pytest
 import torch
 
+import histo_retrieval.search  # noqa: F401  before any test imports faiss: it picks faiss's BLAS kernels (search/openblas.py)
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
