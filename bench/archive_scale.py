@@ -28,11 +28,17 @@ does), timed, and measured:
 
 flat, ivf and hnsw keep every vector as float32 in memory (20 GB at 10M: more than a 24 GiB machine
 holds beside the build), and hnsw's build is slow: above --full-max vectors they are not built;
-their rows then say "extrapolated" and scale the largest measured size's bytes per patch. --vector-store is the hook for other vector stores (only `local`, the
-chunk store with faiss, so far).
+their rows then say "extrapolated" and scale the largest measured size's bytes per patch.
 
-Writes the table (command, machine, date, load) to bench/results.md's "Archive scale" section
-(--record PATH elsewhere; --no-record or --quick without --record: never); main() returns the rows.
+--vector-store milvus-lite measures the same archive kept in a Milvus Lite database in the index
+folder (`retrieve.py index --vector-store milvus-lite:DIR/milvus.db`): float32 vectors (Milvus's),
+its FLAT, IVF_FLAT and HNSW indexes (Milvus Lite has no IVF_PQ), built by SlideIndex.reindex as
+`retrieve.py reindex` builds them; disk is then Milvus Lite's files, RAM the query process's with
+Milvus Lite inside it.
+
+Writes the table (command, machine, date, load) to bench/results.md's "Archive scale" section, or
+"Archive scale with Milvus Lite" (--record PATH elsewhere; --no-record or --quick without --record:
+never); main() returns the rows.
 Exit status 2 on bad arguments.
 """
 from __future__ import annotations
@@ -59,16 +65,20 @@ from bench.search_speed import machine as faiss_machine
 from histo_retrieval.errors import UserError, run_script
 from histo_retrieval.search import vector_index
 from histo_retrieval.search.index import IndexSettings, SlideIndex, SourceRecord
+from histo_retrieval.search.milvus_vectors import LITE_INDEX_TYPES
 from histo_retrieval.search.vector_store import DTYPES
 
 REPO = Path(__file__).resolve().parent.parent
-SECTION = "## Archive scale (bench/archive_scale.py)"
+SECTIONS = {"local": "## Archive scale (bench/archive_scale.py)",
+            "milvus-lite": "## Archive scale with Milvus Lite (bench/archive_scale.py --vector-store milvus-lite)"}
 DIM = 512  # the colour histogram's 8 bins per channel: an encoder of 512-d vectors for the index's record
 WRITE_ROWS = 100_000  # vectors per add_sources call while writing the archive
 PATCH_SIDE = 448  # level-0 pixels of a patch's box in the records
 GOALS = {"recall": 0.95, "ram_bytes": 100, "query_ms": 50}  # ivfpq + rerank, from the issue
 FULL_VECTOR_TYPES = ("flat", "ivf", "hnsw")  # float32 vectors in RAM: built up to --full-max only
-VECTOR_STORES = ("local",)  # the lead wires milvus-lite:PATH here once histo_retrieval has it
+# --vector-store: its index types, its vector dtype (None: --vector-dtype's) and its data's name in the folder
+VECTOR_STORES = {"local": (vector_index.INDEX_TYPES, None), "milvus-lite": (LITE_INDEX_TYPES, "float32")}
+MILVUS_LITE_FILE = "milvus.db"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -77,14 +87,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="patches (vectors) in each archive measured (default: %(default)s)")
     parser.add_argument("--slides", type=int, default=2000, help="slide records the patches belong to (default: %(default)s)")
     parser.add_argument("--centres", type=int, default=4000, help="mixture components (default: %(default)s)")
-    parser.add_argument("--types", nargs="+", default=list(vector_index.INDEX_TYPES),
-                        choices=vector_index.INDEX_TYPES, help="index types measured (default: %(default)s)")
+    parser.add_argument("--types", nargs="+", default=None, choices=vector_index.INDEX_TYPES,
+                        help="index types measured (default: every one the --vector-store has: "
+                             f"{' '.join(vector_index.INDEX_TYPES)}; with milvus-lite {' '.join(LITE_INDEX_TYPES)})")
     parser.add_argument("--full-max", type=int, default=1_000_000,
                         help="flat, ivf and hnsw are built up to this many vectors, extrapolated above (default: %(default)s)")
-    parser.add_argument("--vector-dtype", default="float16", choices=DTYPES,
-                        help="dtype of the stored vectors (default: %(default)s)")
-    parser.add_argument("--vector-store", default="local",
-                        help="where the vectors live: local (the index folder's chunk store, faiss) (default: %(default)s)")
+    parser.add_argument("--vector-dtype", default=None, choices=DTYPES,
+                        help="dtype of the stored vectors (default: float16 locally, float32 with milvus-lite)")
+    parser.add_argument("--vector-store", default="local", choices=VECTOR_STORES,
+                        help="where the vectors live: local (the index folder's chunk store, faiss) or milvus-lite "
+                             "(a Milvus Lite database in the index folder) (default: %(default)s)")
     parser.add_argument("--pq-bytes", type=int, default=vector_index.DEFAULT_PQ_BYTES,
                         help="ivfpq code bytes per vector (default: %(default)s)")
     parser.add_argument("--opq", action="store_true", help="ivfpq with an OPQ rotation (default: off)")
@@ -116,8 +128,16 @@ def check_args(args: argparse.Namespace) -> None:
         for name, value in {"sizes": [20_000], "centres": 40, "repeats": 10, "full_max": 20_000}.items():
             if getattr(args, name) == parser.get_default(name):
                 setattr(args, name, value)
-    if args.vector_store not in VECTOR_STORES:
-        raise UserError(f"--vector-store {args.vector_store}: not measured yet; choose one of {', '.join(VECTOR_STORES)}")
+    types, dtype = VECTOR_STORES[args.vector_store]
+    args.types = args.types or list(types)
+    refused = [kind for kind in args.types if kind not in types]
+    if refused:
+        raise UserError(f"--types {' '.join(refused)}: --vector-store {args.vector_store} has no such index; "
+                        f"choose among {' '.join(types)}")
+    if dtype and args.vector_dtype not in (None, dtype):
+        raise UserError(f"--vector-dtype {args.vector_dtype}: --vector-store {args.vector_store} keeps {dtype}; "
+                        "drop --vector-dtype")
+    args.vector_dtype = args.vector_dtype or dtype or "float16"
     if args.slides < 1 or min(args.sizes) < args.slides:
         raise UserError(f"--sizes {args.sizes}, --slides {args.slides}: each size must be at least the slides (>= 1)")
     if args.max_seconds <= 0:
@@ -146,7 +166,9 @@ def write_archive(directory: Path, size: int, args: argparse.Namespace, source: 
     from histo_retrieval.search.slides import Tiling
 
     encoder = load_encoder("histogram", "cpu", options={"bins": round(DIM ** (1 / 3))})
-    settings = IndexSettings.for_model(encoder, Tiling(0.5, 224, 0.5), vector_dtype=args.vector_dtype)
+    store = None if args.vector_store == "local" else f"{args.vector_store}:{directory / MILVUS_LITE_FILE}"
+    settings = IndexSettings.for_model(encoder, Tiling(0.5, 224, 0.5), vector_dtype=args.vector_dtype,
+                                       vector_store=store)
     counts = np.full(args.slides, size // args.slides)
     counts[:size % args.slides] += 1
     rng = np.random.default_rng(args.seed + 10)
@@ -191,10 +213,12 @@ def exact_top_k(directory: Path, queries: np.ndarray, k: int) -> np.ndarray:
 
 
 def disk_bytes(directory: Path) -> dict[str, int]:
-    """Bytes on disk of the store's chunk files, the SQLite record (with its WAL) and the faiss file."""
+    """Bytes on disk of the store (the chunk files, or Milvus Lite's files), the SQLite record (with
+    its WAL) and the faiss file."""
     def size(paths) -> int:
         return sum(p.stat().st_size for p in paths if p.is_file())
-    return {"store": size((directory / "vectors").glob("*")),
+    return {"store": size((directory / "vectors").glob("*")) + size(directory.glob(MILVUS_LITE_FILE + "*"))
+            + size((directory / MILVUS_LITE_FILE).rglob("*")),
             "record": size(directory.glob("patches.sqlite*")),
             "faiss": size(directory.glob("vectors.faiss"))}
 
@@ -260,7 +284,8 @@ def p95(values: list[float]) -> float:
 
 def measure_size(size: int, args: argparse.Namespace, source: Mixture, work: Path) -> list[dict]:
     directory = work / f"archive_{size}"
-    print(f"archive of {size:,} vectors over {args.slides:,} slides ({args.vector_dtype} store) ...", flush=True)
+    print(f"archive of {size:,} vectors over {args.slides:,} slides ({args.vector_dtype}, {args.vector_store} store) ...",
+          flush=True)
     started = time.perf_counter()
     write_archive(directory, size, args, source)
     written_s = time.perf_counter() - started
@@ -352,7 +377,7 @@ def report(rows: list[dict], args: argparse.Namespace, load: tuple[float, float]
         f"Goals for ivfpq with re-ranking (recall@{args.k} >= {GOALS['recall']}, under {GOALS['ram_bytes']} bytes of "
         f"RAM per patch, a 10-patch query under {GOALS['query_ms']} ms): " + ("; ".join(goals) or "not measured") + ".\n\n"
         f"Data: {args.slides:,} slide records, vectors of {DIM} dimensions from bench/search_speed.py's mixture "
-        f"({args.centres:,} components), stored as {args.vector_dtype}; {args.queries} fresh query vectors for "
+        f"({args.centres:,} components), stored as {args.vector_dtype} ({args.vector_store} store); {args.queries} fresh query vectors for "
         f"recall against exact search streamed from the store; latencies of SlideIndex.search (k={args.k}, the "
         f"index's default nprobe / efSearch) over {args.repeats} batches (fewer where said: --max-seconds "
         f"{args.max_seconds:g}). RAM: in a query process, the growth of its "
@@ -388,7 +413,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     path = args.record or (None if args.quick else str(REPO / "bench" / "results.md"))
     if path and not args.no_record:
         from bench.serve import record
-        record(path, text, SECTION)
+        record(path, text, SECTIONS[args.vector_store])
     return rows
 
 

@@ -19,6 +19,7 @@ def small_args(**changes) -> argparse.Namespace:
     args.slides, args.centres = 7, 5
     for name, value in changes.items():
         setattr(args, name, value)
+    archive_scale.check_args(args)
     return args
 
 
@@ -56,7 +57,10 @@ def test_uneven_sizes_spread_over_the_slides(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--vector-store", "milvus-lite:/tmp/x.db"], "--vector-store milvus-lite:/tmp/x.db: not measured yet"),
+    (["--vector-store", "milvus-lite", "--types", "hnsw", "ivfpq"],
+     "--types ivfpq: --vector-store milvus-lite has no such index; choose among flat ivf hnsw"),
+    (["--vector-store", "milvus-lite", "--vector-dtype", "float16"],
+     "--vector-dtype float16: --vector-store milvus-lite keeps float32; drop --vector-dtype"),
     (["--sizes", "5", "--slides", "10"], "each size must be at least the slides"),
     (["--pq-bytes", "60"], "--pq-bytes 60: must divide the vectors' 512 dimensions"),
     (["--repeats", "0"], "--repeats 0: must be at least 1"),
@@ -95,11 +99,41 @@ def test_the_bench_runs_small_and_records_its_table(tmp_path: Path) -> None:
     assert all(row["query_batches"] == row["mosaic_batches"] == 3 for row in rows if not row.get("skipped"))
     assert 0 <= by[3000, "ivf"]["recall"] <= 1 and by[3000, "hnsw"]["recall"] > 0.5
     text = out.read_text()
-    assert "## Other\n\nkept" in text and archive_scale.SECTION in text
+    assert "## Other\n\nkept" in text and archive_scale.SECTIONS["local"] in text
     assert "| 4,000 | flat | extrapolated from 3,000 (not built) |" in text
     assert "| 3,000 | flat | flat |" in text and " (3 batches) |" in text and "| 4,000 | ivf | extrapolated from 3,000" in text
     assert "| 4,000 | ivfpq | ivfpq (64 bytes a vector" in text
     assert (tmp_path / "work" / "archive_3000" / "manifest.json").is_file()  # --work is kept
+
+
+def test_a_milvus_lite_archive_holds_the_same_and_exact_search_matches_numpy(tmp_path: Path) -> None:
+    args = small_args(vector_store="milvus-lite")
+    source = archive_scale.mixture(args)
+    directory = tmp_path / "archive"
+    archive_scale.write_archive(directory, 700, args, source)
+    assert (directory / archive_scale.MILVUS_LITE_FILE).exists() and not (directory / "vectors").exists()
+    with SlideIndex.open(directory) as index:
+        assert index.settings.vector_dtype == "float32" and index.settings.vector_store.startswith("milvus-lite:")
+        assert index.patch_count() == 700 and len(index.sources()) == 7
+        ids, vectors = map(np.concatenate, zip(*(index.source_vectors(row.id) for row in index.sources())))
+    queries = source.sample(5, np.random.default_rng(5))[0]
+    expected = ids[np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :10]]
+    assert np.array_equal(archive_scale.exact_top_k(directory, queries, 10), expected)
+    assert archive_scale.disk_bytes(directory)["store"] > 700 * 512 * 4  # Milvus Lite's files: float32 rows
+
+
+@pytest.mark.slow
+def test_the_milvus_lite_bench_records_its_own_section(tmp_path: Path) -> None:
+    out = tmp_path / "results.md"
+    out.write_text(f"# Results\n\n{archive_scale.SECTIONS['local']}\n\nthe local table\n")
+    rows = archive_scale.main(["--sizes", "3000", "--slides", "20", "--centres", "10", "--vector-store", "milvus-lite",
+                               "--repeats", "3", "--queries", "20", "--mosaic", "20", "--record", str(out)])
+    assert [row["type"] for row in rows] == ["flat", "ivf", "hnsw"]  # Milvus Lite's index types
+    assert rows[0]["recall"] == 1.0  # Milvus's FLAT agrees with the exact search streamed from it
+    assert all(row["disk"]["faiss"] == 0 and row["disk"]["store"] > 3000 * 512 * 4 for row in rows)
+    text = out.read_text()
+    assert "the local table" in text and archive_scale.SECTIONS["milvus-lite"] in text
+    assert "| 3,000 | hnsw | hnsw in Milvus Lite HNSW" in text
 
 
 @pytest.mark.slow
