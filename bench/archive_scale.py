@@ -33,8 +33,8 @@ their rows then say "extrapolated" and scale the largest measured size's bytes p
 --vector-store milvus-lite measures the same archive kept in a Milvus Lite database in the index
 folder (`retrieve.py index --vector-store milvus-lite:DIR/milvus.db`): float32 vectors (Milvus's),
 its FLAT, IVF_FLAT and HNSW indexes (Milvus Lite has no IVF_PQ), built by SlideIndex.reindex as
-`retrieve.py reindex` builds them; disk is then Milvus Lite's files, RAM the query process's with
-Milvus Lite inside it.
+`retrieve.py reindex` builds them; disk is then Milvus Lite's files, and RAM the query process's
+with Milvus Lite's engine started inside it (a fixed few hundred MB included).
 
 Writes the table (command, machine, date, load) to bench/results.md's "Archive scale" section, or
 "Archive scale with Milvus Lite" (--record PATH elsewhere; --no-record or --quick without --record:
@@ -76,9 +76,9 @@ WRITE_ROWS = 100_000  # vectors per add_sources call while writing the archive
 PATCH_SIDE = 448  # level-0 pixels of a patch's box in the records
 GOALS = {"recall": 0.95, "ram_bytes": 100, "query_ms": 50}  # ivfpq + rerank, from the issue
 FULL_VECTOR_TYPES = ("flat", "ivf", "hnsw")  # float32 vectors in RAM: built up to --full-max only
-# --vector-store: its index types, its vector dtype (None: --vector-dtype's) and its data's name in the folder
+# --vector-store: its index types and its vector dtype (None: --vector-dtype's)
 VECTOR_STORES = {"local": (vector_index.INDEX_TYPES, None), "milvus-lite": (LITE_INDEX_TYPES, "float32")}
-MILVUS_LITE_FILE = "milvus.db"
+MILVUS_LITE_FILE = "milvus.db"  # Milvus Lite's data folder inside the index folder
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -217,8 +217,7 @@ def disk_bytes(directory: Path) -> dict[str, int]:
     its WAL) and the faiss file."""
     def size(paths) -> int:
         return sum(p.stat().st_size for p in paths if p.is_file())
-    return {"store": size((directory / "vectors").glob("*")) + size(directory.glob(MILVUS_LITE_FILE + "*"))
-            + size((directory / MILVUS_LITE_FILE).rglob("*")),
+    return {"store": size((directory / "vectors").glob("*")) + size((directory / MILVUS_LITE_FILE).rglob("*")),
             "record": size(directory.glob("patches.sqlite*")),
             "faiss": size(directory.glob("vectors.faiss"))}
 
