@@ -21,7 +21,7 @@ BENCH_MODULES = sorted(p.stem for p in (REPO / "bench").glob("*.py") if 'if __na
 def test_every_benchmark_is_listed() -> None:
     assert BENCH_MODULES == ["archive_scale", "blas_kernels", "data_process_speed", "encoder_speed", "evaluate_memory", "evaluate_speed", "frozen_head",
                              "gpu", "index_speed", "loss_speed", "model_speed", "page_scale", "real_data", "run_all",
-                             "search_speed", "serve", "slide_retrieval"]
+                             "search_speed", "serve", "slide_retrieval", "store_reads"]
 
 
 @pytest.mark.parametrize("name", BENCH_MODULES)

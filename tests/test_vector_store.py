@@ -90,6 +90,38 @@ def test_vectors_of_any_ids_and_the_chunked_iteration_match_a_naive_concatenatio
             index.vectors_of(np.array([1, 8]))
 
 
+def map_flags(path: Path) -> list[set[str]]:
+    """The VmFlags of each of this process's maps of `path`, from Linux's /proc/self/smaps ("rr": the
+    map is advised MADV_RANDOM, the kernel reads no more than the page a fault asks for)."""
+    flags, mine = [], False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+            mine = len(fields) >= 6 and fields[5] == str(path)
+        elif mine and line.startswith("VmFlags:"):
+            flags.append(set(fields[1:]))
+    return flags
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads the maps' flags from Linux's /proc/self/smaps")
+def test_rows_read_far_apart_go_through_a_map_without_read_ahead(tmp_path):
+    folder = tmp_path / "index"
+    build(folder)
+    with SlideIndex.open(folder) as index:
+        ids = np.concatenate([index.patch_ids(row.id) for row in index.sources()])
+        naive = np.concatenate(list(SOURCES.values()))
+        chunk = folder / "vectors" / "000001.vec"
+        index.store.scattered_gap_bytes = 4 * DIM * 4  # 4 rows of float32: this small store's "far apart"
+        assert map_flags(chunk) == []
+        far = np.array([0, len(ids) // 2, len(ids) - 1])  # 3 of 36 rows: 12 rows apart on average
+        assert np.array_equal(index.vectors_of(ids[far]), naive[far])
+        assert [("rr" in flags) for flags in map_flags(chunk)] == [True]
+        assert np.array_equal(index.vectors_of(ids), naive)  # every row: 1 row apart, read-ahead serves it
+        assert sorted("rr" in flags for flags in map_flags(chunk)) == [False, True]
+        assert np.array_equal(index.vectors_of(ids[far]), naive[far])  # each map is made once
+        assert len(map_flags(chunk)) == 2
+
+
 def test_float16_halves_the_store_and_searches_its_rounded_vectors(tmp_path):
     import dataclasses
 
