@@ -62,6 +62,7 @@ import numpy as np
 from bench.search_speed import Mixture, recall  # the clustered vectors and recall@k of bench/search_speed.py
 from bench.search_speed import get_args_parser as mixture_defaults
 from bench.search_speed import machine as faiss_machine
+from bench.timing import load_note, results_file
 from histo_retrieval.errors import UserError, run_script
 from histo_retrieval.search import vector_index
 from histo_retrieval.search.index import IndexSettings, SlideIndex, SourceRecord
@@ -371,7 +372,6 @@ def report(rows: list[dict], args: argparse.Namespace, load: tuple[float, float]
             goals.append(f"{row['size']:,}: recall@{args.k} {row['recall']:.3f} ({'met' if met['recall'] else 'NOT met'}), "
                          f"{row['ram'] / row['size']:.1f} B/patch ({'met' if met['ram'] else 'NOT met'}), "
                          f"{row['query'][0] * 1e3:.1f} ms ({'met' if met['query'] else 'NOT met'})")
-    busy = "other jobs shared the machine" if max(load) > (os.cpu_count() or 1) else "a quiet machine"
     text = "\n".join(lines) + "\n\n" + (
         f"Goals for ivfpq with re-ranking (recall@{args.k} >= {GOALS['recall']}, under {GOALS['ram_bytes']} bytes of "
         f"RAM per patch, a 10-patch query under {GOALS['query_ms']} ms): " + ("; ".join(goals) or "not measured") + ".\n\n"
@@ -387,8 +387,7 @@ def report(rows: list[dict], args: argparse.Namespace, load: tuple[float, float]
         f"libraries included. "
         f"ivfpq: {args.pq_bytes} bytes a vector{', OPQ' if args.opq else ''}, re-ranking the best {args.rerank} "
         f"exactly. flat, ivf and hnsw are built up to {args.full_max:,} vectors; above, their bytes per patch are "
-        f"the largest measured size's. {faiss_machine()}. Load average {load[0]:.1f} at the start, "
-        f"{load[1]:.1f} at the end: {busy}.\n")
+        f"the largest measured size's. {faiss_machine()}. {load_note(load)}\n")
     return text
 
 
@@ -409,8 +408,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             shutil.rmtree(work, ignore_errors=True)
     text = report(rows, args, (load_before, os.getloadavg()[0]))
     print("\n" + text, flush=True)
-    path = args.record or (None if args.quick else str(REPO / "bench" / "results.md"))
-    if path and not args.no_record:
+    path = results_file(args)
+    if path:
         from bench.serve import record
         record(path, text, SECTIONS[args.vector_store])
     return rows

@@ -33,6 +33,7 @@ from pathlib import Path
 if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
     sys.exit("error: run it as a module, from the repository root: python3 -m bench.blas_kernels")
 
+from bench.timing import load_note, results_file
 from histo_retrieval.errors import UserError, run_script
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,13 +118,12 @@ def report(rows: list[dict], args: argparse.Namespace, load: tuple[float, float]
     for row in rows:
         lines.append(f"| {row['order']} | {row['kernels']} | {row['search']:.2f} | {row['train']:.1f} | {row['add']:.1f} |")
     own, chosen = rows
-    busy = "other jobs shared the machine" if max(load) > (os.cpu_count() or 1) else "a quiet machine"
     return "\n".join(lines) + "\n\n" + (
         f"Speed-up: {own['search'] / chosen['search']:.1f}x on the flat search, {own['train'] / chosen['train']:.1f}x "
         f"on the k-means, {own['add'] / chosen['add']:.1f}x on adding. Flat search: {args.queries:,} random unit vectors of "
         f"{args.dim} dimensions against {args.lists:,} centroids, k=1. IVF: {args.vectors:,} vectors, "
         f"{chosen['lists']:,} lists, k-means on vector_index's training sample. Best of {args.repeats}. "
-        f"{machine()}. Load average {load[0]:.1f} at the start, {load[1]:.1f} at the end: {busy}.\n")
+        f"{machine()}. {load_note(load)}\n")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(measure(order, args))
     text = report(rows, args, (load_before, os.getloadavg()[0]))
     print("\n" + text, flush=True)
-    path = args.record or (None if args.quick else str(REPO / "bench" / "results.md"))
-    if path and not args.no_record:
+    path = results_file(args)
+    if path:
         from bench.serve import record
         record(path, text, SECTION)
     return rows

@@ -71,7 +71,7 @@ if not __package__:  # run by path: the repository root, whose packages it impor
 import numpy as np
 import torch
 
-from bench.timing import Meter, write_checkpoint
+from bench.timing import Meter, results_file, write_checkpoint
 from histo_retrieval.encoders.project import load_model
 from histo_retrieval.evaluation.embedder import Embedder
 from histo_retrieval.files import atomic_write_text, command_line
@@ -81,7 +81,6 @@ from histo_retrieval.search.index import IndexSettings, SlideIndex, SourceRecord
 from histo_retrieval.search.slides import Tiling, open_slide, read_scaled
 from KIMIA_data import synthetic
 
-REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Indexing throughput (bench/index_speed.py)"
 TARGET = 0.85  # the issue's: indexing at least 85% of the model-bound rate
 
@@ -468,8 +467,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Run, record the full (not --quick) run or any run given --record, and return the rows."""
     args = apply_defaults(get_args_parser().parse_args(argv))
     rows, text = run(args)
-    path = args.record or (None if args.quick else str(REPO / "bench" / "results.md"))
-    if path and not args.no_record:
+    path = results_file(args)
+    if path:
         precision = "bfloat16 autocast" if args.amp == "bf16" else "float32"
         layout = "channels_last" if args.channels_last else "contiguous"
         workers = "" if args.workers == [2, 1] else f", --workers {' '.join(map(str, args.workers))}"

@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from bench.serve import free_port, machine, record, stop, tail, wait_until_up  # noqa: E402
+from bench.timing import load_note  # noqa: E402
 from histo_retrieval.encoders.registry import load_encoder  # noqa: E402
 from histo_retrieval.errors import UserError, run_script  # noqa: E402
 from histo_retrieval.search.index import IndexSettings, SlideIndex, SourceRecord  # noqa: E402
@@ -215,9 +216,7 @@ def report(rows: list[dict], args: argparse.Namespace, browser_note: str | None,
               "the page's 250 ms typing pause before it asks the server."]
     if browser_note:
         lines.append(f"The page itself was not measured: {browser_note}.")
-    busy = "other jobs shared the machine" if max(load) > (os.cpu_count() or 1) else "a quiet machine"
-    lines.append(f"Load average {load[0]:.1f} at the start, {load[1]:.1f} at the end, on {os.cpu_count()} cores: "
-                 f"{busy}.")
+    lines.append(load_note(load))
     return "\n".join(lines) + "\n"
 
 

@@ -47,9 +47,9 @@ import numpy as np
 from histo_retrieval.search import vector_index as vi  # before faiss: it picks faiss's BLAS kernels (search/openblas.py)
 
 import faiss  # noqa: E402
+from bench.timing import results_file  # noqa: E402
 from histo_retrieval.files import atomic_write_text, command_line
 
-REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Vector search (bench/search_speed.py)"
 
 
@@ -436,8 +436,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Run, record the full (not --quick) run or any run given --record, and return the rows."""
     args = get_args_parser().parse_args(argv)
     rows, text = run(args)
-    path = args.record or (None if args.quick else str(REPO / "bench" / "results.md"))
-    if path and not args.no_record:
+    path = results_file(args)
+    if path:
         record(path, text)
     return rows
 

@@ -38,11 +38,11 @@ if not __package__:  # run by path: the repository root, whose packages it impor
 import numpy as np
 
 from bench import archive_scale
+from bench.timing import load_note, results_file
 from histo_retrieval.errors import UserError, run_script
 from histo_retrieval.search.index import SlideIndex
 from histo_retrieval.search.vector_store import DTYPES, SCATTERED_GAP_BYTES
 
-REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Store reads on a cold cache (bench/store_reads.py)"
 MAPS = {"plain map (the kernel's read-around)": math.inf,
         "advised MADV_RANDOM (the store's, rows far apart)": SCATTERED_GAP_BYTES}
@@ -166,15 +166,13 @@ def report(rows: list[dict], args: argparse.Namespace, directory: Path, load: tu
                      f"{row['read_mib'] * 2 ** 20 / row['rows']:,.0f} |")
     plain, advised = rows
     row_bytes = 512 * np.dtype(args.vector_dtype).itemsize
-    busy = "other jobs shared the machine" if max(load) > (os.cpu_count() or 1) else "a quiet machine"
     return "\n".join(lines) + "\n\n" + (
         f"{args.queries} reads of {plain['rows']:,} random patch ids each (a 10-patch query re-ranking its best "
         f"100 a patch reads 1,000) from a store of {args.rows:,} vectors of {row_bytes:,} bytes ({args.vector_dtype}), "
         f"its pages dropped from the page cache before each read. The advised map read "
         f"{plain['read_mib'] / max(advised['read_mib'], 1e-9):.0f}x fewer bytes, "
         f"{plain['median_ms'] / max(advised['median_ms'], 1e-9):.1f}x faster (median). The disk's read_ahead_kb: "
-        f"{read_ahead_kb(directory)}. {machine()}. Load average {load[0]:.1f} at the start, {load[1]:.1f} "
-        f"at the end: {busy}.\n")
+        f"{read_ahead_kb(directory)}. {machine()}. {load_note(load)}\n")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -192,8 +190,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     print("\n" + text, flush=True)
-    path = args.record or (None if args.quick else str(REPO / "bench" / "results.md"))
-    if path and not args.no_record:
+    path = results_file(args)
+    if path:
         from bench.serve import record
         record(path, text, SECTION)
     return rows

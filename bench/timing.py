@@ -1,6 +1,8 @@
-"""Timing, the machine's load during a measurement, and the random checkpoint, shared by the benchmarks."""
+"""Timing, the machine's load during a measurement, where a table is recorded, and the random
+checkpoint, shared by the benchmarks."""
 from __future__ import annotations
 
+import argparse
 import os
 import resource
 import statistics
@@ -9,6 +11,8 @@ from pathlib import Path
 from typing import Callable, Self
 
 import torch
+
+RESULTS = Path(__file__).resolve().parent / "results.md"
 
 
 def median_seconds(step: Callable[[], None], device: torch.device, iterations: int, warmup: int) -> float:
@@ -64,6 +68,20 @@ def system_busy() -> float:
         return float("nan")
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def load_note(load: tuple[float, float]) -> str:
+    """The load average at a measurement's start and end, and whether other jobs shared the cores."""
+    busy = "other jobs shared the machine" if max(load) > (os.cpu_count() or 1) else "a quiet machine"
+    return f"Load average {load[0]:.1f} at the start, {load[1]:.1f} at the end, on {os.cpu_count()} cores: {busy}."
+
+
+def results_file(args: argparse.Namespace) -> str | None:
+    """Where a bench records its table: --record, else bench/results.md unless --quick; with
+    --no-record nowhere."""
+    if args.no_record:
+        return None
+    return args.record or (None if args.quick else str(RESULTS))
 
 
 class Meter:

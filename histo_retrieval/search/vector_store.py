@@ -17,7 +17,7 @@ their map whenever the database changed (PRAGMA data_version), so a compact unde
 a file deleted after the switch stays readable through a map made before it. Rows read by id far
 apart (re-ranking's candidates) go through a second map of the chunk advised MADV_RANDOM: on a
 plain map every page fault makes the kernel read up to the disk's read_ahead_kb around the row
-(8 MiB on some virtual disks) for one row of 1 KiB, which is what a store larger than memory pays.
+(often megabytes) for one row of 1 KiB, which is what a store larger than memory pays.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ __all__ = ["CHUNK_ROWS", "DTYPES", "SCATTERED_GAP_BYTES", "STORE_SCHEMA", "Block
 
 DTYPES = ("float32", "float16")
 # A chunk takes sources until it passes this many rows (a source is never split): 2**20 rows of 512
-# float32 values is 2 GiB, a size every file system and mmap handle.
+# float32 values is 2 GiB, a size every file system and memory map handles.
 CHUNK_ROWS = 2 ** 20
 # Rows read by id further apart than this on average are read through the chunk's MADV_RANDOM map;
 # closer ones (a training sample, a whole source) keep the kernel's read-ahead: reading the pages
