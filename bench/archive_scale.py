@@ -62,7 +62,7 @@ import numpy as np
 from bench.search_speed import Mixture, recall  # the clustered vectors and recall@k of bench/search_speed.py
 from bench.search_speed import get_args_parser as mixture_defaults
 from bench.search_speed import machine as faiss_machine
-from bench.timing import load_note, results_file
+from bench.timing import apply_quick_defaults, load_note, results_file
 from histo_retrieval.errors import UserError, run_script
 from histo_retrieval.search import vector_index
 from histo_retrieval.search.index import IndexSettings, SlideIndex, SourceRecord
@@ -124,11 +124,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.quick:  # smaller defaults; options given explicitly stay
-        parser = get_args_parser()
-        for name, value in {"sizes": [20_000], "centres": 40, "repeats": 10, "full_max": 20_000}.items():
-            if getattr(args, name) == parser.get_default(name):
-                setattr(args, name, value)
+    apply_quick_defaults(args, get_args_parser(), {"sizes": [20_000], "centres": 40, "repeats": 10, "full_max": 20_000})
     types, dtype = VECTOR_STORES[args.vector_store]
     args.types = args.types or list(types)
     refused = [kind for kind in args.types if kind not in types]

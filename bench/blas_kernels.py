@@ -33,7 +33,7 @@ from pathlib import Path
 if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
     sys.exit("error: run it as a module, from the repository root: python3 -m bench.blas_kernels")
 
-from bench.timing import load_note, results_file
+from bench.timing import apply_quick_defaults, load_note, results_file
 from histo_retrieval.errors import UserError, run_script
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,11 +84,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.quick:  # smaller defaults; options given explicitly stay
-        parser = get_args_parser()
-        for name, value in {"queries": 5000, "lists": 500, "vectors": 20_000, "repeats": 1}.items():
-            if getattr(args, name) == parser.get_default(name):
-                setattr(args, name, value)
+    apply_quick_defaults(args, get_args_parser(), {"queries": 5000, "lists": 500, "vectors": 20_000, "repeats": 1})
     for name in ("dim", "queries", "lists", "vectors", "repeats"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")

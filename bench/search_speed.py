@@ -47,7 +47,7 @@ import numpy as np
 from histo_retrieval.search import vector_index as vi  # before faiss: it picks faiss's BLAS kernels (search/openblas.py)
 
 import faiss  # noqa: E402
-from bench.timing import results_file  # noqa: E402
+from bench.timing import apply_quick_defaults, results_file  # noqa: E402
 from histo_retrieval.files import atomic_write_text, command_line
 
 SECTION = "## Vector search (bench/search_speed.py)"
@@ -293,11 +293,7 @@ def exclusion_rows(kind: str, index, queries, cases, widths: dict, args) -> list
 
 def run(args: argparse.Namespace) -> tuple[list[dict], str]:
     """The measurements: rows for bench/run_all.py and the Markdown text."""
-    if args.quick:  # smaller defaults; options given explicitly stay
-        parser = get_args_parser()
-        for name, value in {"n": 50_000, "queries": 200, "repeats": 10, "hnsw_m": [32]}.items():
-            if getattr(args, name) == parser.get_default(name):
-                setattr(args, name, value)
+    apply_quick_defaults(args, get_args_parser(), {"n": 50_000, "queries": 200, "repeats": 10, "hnsw_m": [32]})
     args.centres = args.centres or max(20, args.n // 500)
     args.nlist = args.nlist or sorted({vi.default_ivf_lists(args.n) // 4, vi.default_ivf_lists(args.n)})
     args.queries = max(args.queries, args.batch)

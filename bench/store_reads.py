@@ -38,7 +38,7 @@ if not __package__:  # run by path: the repository root, whose packages it impor
 import numpy as np
 
 from bench import archive_scale
-from bench.timing import load_note, results_file
+from bench.timing import apply_quick_defaults, load_note, results_file
 from histo_retrieval.errors import UserError, run_script
 from histo_retrieval.search.index import SlideIndex
 from histo_retrieval.search.vector_store import DTYPES, SCATTERED_GAP_BYTES
@@ -69,11 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.quick:  # smaller defaults; options given explicitly stay
-        parser = get_args_parser()
-        for name, value in {"rows": 100_000, "slides": 100, "reads": 200, "queries": 3}.items():
-            if getattr(args, name) == parser.get_default(name):
-                setattr(args, name, value)
+    apply_quick_defaults(args, get_args_parser(), {"rows": 100_000, "slides": 100, "reads": 200, "queries": 3})
     for name in ("rows", "slides", "reads", "queries"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")

@@ -76,6 +76,15 @@ def load_note(load: tuple[float, float]) -> str:
     return f"Load average {load[0]:.1f} at the start, {load[1]:.1f} at the end, on {os.cpu_count()} cores: {busy}."
 
 
+def apply_quick_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser, quick: dict) -> None:
+    """With --quick, give each option of `quick` left at its default the smaller value there; an
+    option given explicitly stays."""
+    if args.quick:
+        for name, value in quick.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
+
+
 def results_file(args: argparse.Namespace) -> str | None:
     """Where a bench records its table: --record, else bench/results.md unless --quick; with
     --no-record nowhere."""
