@@ -8,7 +8,7 @@ map advised MADV_RANDOM that histo_retrieval.search.vector_store uses for rows r
 Data: bench/archive_scale.py's archive (clustered vectors over --slides slide records) of --rows
 vectors in a new index folder in --work. Each of --queries reads gets --reads patch ids drawn at
 random (a 10-patch query re-ranking its best 100 each reads 1,000), and reads them twice, once per
-map, in a freshly opened read-only index (SlideIndex.open, as `retrieve.py search` opens it) after
+map, in a freshly opened read-only index (SlideIndex.open, as `retrieve.py query` opens it) after
 the store's chunk files were dropped from the page cache (posix_fadvise POSIX_FADV_DONTNEED; the
 index's SQLite record stays cached). Measured: wall time of SlideIndex.vectors_of and the bytes the
 process read from the disk meanwhile (/proc/self/io read_bytes); both reads must give the same rows.
