@@ -62,7 +62,7 @@ import numpy as np
 from bench.search_speed import Mixture, recall  # the clustered vectors and recall@k of bench/search_speed.py
 from bench.search_speed import get_args_parser as mixture_defaults
 from bench.search_speed import machine as faiss_machine
-from bench.timing import apply_quick_defaults, load_note, results_file
+from bench.timing import apply_quick_defaults, load_note, print_and_record
 from histo_retrieval.errors import UserError, run_script
 from histo_retrieval.search import vector_index
 from histo_retrieval.search.index import IndexSettings, SlideIndex, SourceRecord
@@ -403,11 +403,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     text = report(rows, args, (load_before, os.getloadavg()[0]))
-    print("\n" + text, flush=True)
-    path = results_file(args)
-    if path:
-        from bench.serve import record
-        record(path, text, SECTIONS[args.vector_store])
+    print_and_record(args, text, SECTIONS[args.vector_store])
     return rows
 
 

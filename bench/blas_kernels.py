@@ -33,7 +33,7 @@ from pathlib import Path
 if not __package__:  # run by path: the repository root, whose packages it imports, is not importable
     sys.exit("error: run it as a module, from the repository root: python3 -m bench.blas_kernels")
 
-from bench.timing import apply_quick_defaults, load_note, results_file
+from bench.timing import apply_quick_defaults, load_note, print_and_record
 from histo_retrieval.errors import UserError, run_script
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,11 +131,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{order} kernels ...", flush=True)
         rows.append(measure(order, args))
     text = report(rows, args, (load_before, os.getloadavg()[0]))
-    print("\n" + text, flush=True)
-    path = results_file(args)
-    if path:
-        from bench.serve import record
-        record(path, text, SECTION)
+    print_and_record(args, text, SECTION)
     return rows
 
 

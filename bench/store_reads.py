@@ -38,7 +38,7 @@ if not __package__:  # run by path: the repository root, whose packages it impor
 import numpy as np
 
 from bench import archive_scale
-from bench.timing import apply_quick_defaults, load_note, results_file
+from bench.timing import apply_quick_defaults, load_note, print_and_record
 from histo_retrieval.errors import UserError, run_script
 from histo_retrieval.search.index import SlideIndex
 from histo_retrieval.search.vector_store import DTYPES, SCATTERED_GAP_BYTES
@@ -185,11 +185,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    print("\n" + text, flush=True)
-    path = results_file(args)
-    if path:
-        from bench.serve import record
-        record(path, text, SECTION)
+    print_and_record(args, text, SECTION)
     return rows
 
 

@@ -93,6 +93,16 @@ def results_file(args: argparse.Namespace) -> str | None:
     return args.record or (None if args.quick else str(RESULTS))
 
 
+def print_and_record(args: argparse.Namespace, text: str, section: str) -> None:
+    """Print a bench's table and put it under `section` of its results file (results_file)."""
+    print("\n" + text, flush=True)
+    path = results_file(args)
+    if path:
+        from bench.serve import record  # bench.serve imports this module
+
+        record(path, text, section)
+
+
 class Meter:
     """Wall time, this process's CPU, its joined children's CPU (the DataLoader's readers) and the
     CPU of everything else on the machine (other programs, the hypervisor's steal) over a block."""
